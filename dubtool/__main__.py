@@ -1,0 +1,3 @@
+from dubtool.cli import run
+
+run()

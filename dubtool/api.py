@@ -1,0 +1,112 @@
+"""dubtool's library API: every CLI command is one call here.
+
+>>> import dubtool
+>>> result = dubtool.landmarks("talk.mp4", output="debug.mp4", json_path="points.json")
+>>> result.track.faces_found, result.track.ms_per_frame
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dubtool.errors import OutputError
+from dubtool.face.draw import draw_face
+from dubtool.face.indices import NUM_POSE, ORDER
+from dubtool.media.frames import VideoWriter, check_output_path, read_frames
+from dubtool.pipeline.cache import RunSummary, StageRecord, clean_runs, list_runs
+from dubtool.pipeline.extract import Extracted
+from dubtool.pipeline.landmarks import FaceTrack
+from dubtool.pipeline.run import Inputs, StageProgress, run_front
+
+
+@dataclass
+class LandmarksResult:
+    extracted: Extracted
+    track: FaceTrack
+    output: Path | None
+    json_path: Path | None
+    stages: list[StageRecord] = field(default_factory=list)
+    cache_dir: Path | None = None
+
+
+def landmarks(video: str | Path, output: str | Path | None = None,
+              json_path: str | Path | None = None, *, detector: str = "mediapipe",
+              cache_dir: str | Path | None = None, force: bool = False,
+              progress: StageProgress | None = None) -> LandmarksResult:
+    """Detect the face in every frame; optionally draw a debugging video and write the points.
+
+    The video at ``output`` shows the 131 points (pose and lip/jaw in two colours) and the crop
+    box on every frame, with the original audio. ``json_path`` gets the points per frame.
+    """
+    inputs = Inputs.of(video)
+    targets = [p for p in (output, json_path) if p is not None]
+    checked = [check_output_path(p, [inputs.video]) for p in targets]
+    if len(set(checked)) < len(checked):
+        raise OutputError("the video and JSON outputs must be different files", checked[0])
+    with inputs.open_cache(cache_dir) as cache:
+        front = run_front(cache, inputs, detector=detector, force=force, progress=progress)
+    result = LandmarksResult(front.extracted, front.track,
+                             None if output is None else check_output_path(output),
+                             None if json_path is None else check_output_path(json_path),
+                             cache.records, cache.dir)
+    if result.output is not None:
+        _write_debug_video(result, progress)
+    if result.json_path is not None:
+        _write_points_json(result)
+    return result
+
+
+def _write_debug_video(result: LandmarksResult, progress: StageProgress | None) -> None:
+    video, track = result.extracted.video, result.track
+    with VideoWriter(result.output, video.width, video.height, video.fps,
+                     audio=video.path if video.has_audio else None) as writer:
+        for i, frame in enumerate(read_frames(video)):
+            found = bool(track.detected[i])
+            label = None if found else f"frame {i}: no face"
+            writer.write(draw_face(frame, track.points[i] if found else None,
+                                   track.box(i) if track.detected.any() else None, label))
+            if progress is not None:
+                progress("draw", i + 1, video.frame_count)
+
+
+def _write_points_json(result: LandmarksResult) -> None:
+    video, track = result.extracted.video, result.track
+    frames = []
+    for i in range(track.frames):
+        found = bool(track.detected[i])
+        frames.append({
+            "index": i,
+            "time": round(i / float(video.fps), 4),
+            "face": found,
+            "box": [int(v) for v in track.boxes[i]] if found else None,
+            "points": [[round(float(x), 2), round(float(y), 2)] for x, y in track.points[i]]
+            if found else None,
+        })
+    data = {
+        "video": video.path, "width": video.width, "height": video.height,
+        "fps": float(video.fps), "frame_count": track.frames, "detector": track.detector,
+        "points": "131 MediaPipe FaceMesh points in pixels, smoothed; the first "
+                  f"{NUM_POSE} are pose points, the rest lip/jaw",
+        "mediapipe_indices": list(ORDER), "frames": frames,
+    }
+    tmp = result.json_path.with_name(f".{result.json_path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, result.json_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cache_list(cache_dir: str | Path | None = None) -> list[RunSummary]:
+    """The cached runs, most recently used first."""
+    return list_runs(cache_dir)
+
+
+def cache_clean(cache_dir: str | Path | None = None, keys: Sequence[str] | None = None,
+                older_than_days: float | None = None) -> list[RunSummary]:
+    """Remove cached runs (all, by key prefix, or unused for some days); returns them."""
+    return clean_runs(cache_dir, list(keys) if keys else None, older_than_days)

@@ -1,0 +1,182 @@
+"""The ``dubtool`` command: parse arguments, call dubtool.api, show progress and results."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from dubtool import api
+from dubtool.errors import EXIT_INTERRUPTED, DubtoolError
+from dubtool.face.detect import DETECTORS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Visual dubbing: re-generate the lower face of a talking video to follow "
+                       "new speech.")
+cache_app = typer.Typer(no_args_is_help=True, help="List and clean cached runs.")
+app.add_typer(cache_app, name="cache")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+_state = {"debug": bool(os.environ.get("DUBTOOL_DEBUG"))}
+
+T = TypeVar("T")
+
+CacheDir = Annotated[Path | None, typer.Option("--cache-dir", help="Cache folder "
+                     "(default: $DUBTOOL_CACHE_DIR or ~/.cache/dubtool).")]
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and native "
+                                             "library logs.")] = False) -> None:
+    if debug:
+        _state["debug"] = True
+        os.environ["DUBTOOL_NATIVE_LOGS"] = "1"
+
+
+def _call(fn: Callable[[], T]) -> T:
+    """Run a library call; turn its failures into one line on stderr and an exit code."""
+    try:
+        return fn()
+    except DubtoolError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing half-written was kept; run the same command again to "
+                  "resume from the cache", soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+                  "(run with --debug for the traceback)", markup=True, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@contextmanager
+def _stage_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar per stage, with frames/s and ETA, fed by api progress callbacks."""
+    bars = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=out, transient=False, disable=not out.is_terminal)
+    tasks: dict[str, tuple[TaskID, float]] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = (bars.add_task(stage, total=total, rate=""), time.perf_counter())
+        task, start = tasks[stage]
+        elapsed = time.perf_counter() - start
+        rate = f"{done / elapsed:6.1f} fr/s" if elapsed > 0 else ""
+        bars.update(task, completed=done, total=total, rate=rate)
+
+    with bars:
+        yield update
+
+
+@app.command("landmarks")
+def landmarks_cmd(
+    video: Annotated[Path, typer.Argument(help="Video (or still image) to analyse.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Debugging video to "
+                      "write: points and crop box drawn on every frame.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the points of every "
+                         "frame as JSON.")] = None,
+    detector: Annotated[str, typer.Option(help=f"Landmark detector: {', '.join(DETECTORS)}.")]
+    = "mediapipe",
+    cache_dir: CacheDir = None,
+    force: Annotated[bool, typer.Option("--force", help="Recompute every stage.")] = False,
+) -> None:
+    """Detect the 131 face landmarks in every frame; draw them into a debugging video."""
+    if detector not in DETECTORS:
+        raise typer.BadParameter(f"choose one of {', '.join(DETECTORS)}", param_hint="--detector")
+    start = time.perf_counter()
+    with _stage_progress() as progress:
+        result = _call(lambda: api.landmarks(video, output, json_path, detector=detector,
+                                             cache_dir=cache_dir, force=force,
+                                             progress=progress))
+    track = result.track
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("video", f"{result.extracted.video.path}")
+    table.add_row("frames", f"{track.frames} ({result.extracted.video.width}x"
+                            f"{result.extracted.video.height} at "
+                            f"{float(result.extracted.video.fps):.3f} fps)")
+    table.add_row("faces found", f"{track.faces_found}")
+    missing = track.frames - track.faces_found
+    table.add_row("without face", f"[yellow]{missing}[/]" if missing else "0")
+    table.add_row("detector", f"{track.detector}, {track.ms_per_frame:.1f} ms/frame")
+    table.add_row("stages", ", ".join(f"{r.stage} {r.status}" for r in result.stages))
+    for label, path in (("video out", result.output), ("json out", result.json_path)):
+        if path is not None:
+            table.add_row(label, str(path))
+    table.add_row("wall time", f"{time.perf_counter() - start:.1f} s")
+    out.print(table)
+    if track.faces_found == 0:
+        err.print(f"warning: no face found in any frame of {result.extracted.video.path}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@cache_app.command("list")
+def cache_list_cmd(cache_dir: CacheDir = None) -> None:
+    """List cached runs, most recently used first."""
+    runs = _call(lambda: api.cache_list(cache_dir))
+    if not runs:
+        out.print("no cached runs")
+        return
+    table = Table("key", "video", "speech", "stages", "size", "last used")
+    for run in runs:
+        table.add_row(run.key[:12], Path(run.description.get("video", "?")).name,
+                      Path(run.description.get("speech") or "-").name, ", ".join(run.stages),
+                      _size(run.size_bytes), time.strftime("%Y-%m-%d %H:%M",
+                                                           time.localtime(run.used)))
+    out.print(table)
+    out.print(f"{len(runs)} runs, {_size(sum(r.size_bytes for r in runs))}")
+
+
+@cache_app.command("clean")
+def cache_clean_cmd(
+    keys: Annotated[list[str] | None, typer.Argument(help="Key prefixes of the runs to remove "
+                    "(default: all).")] = None,
+    older_than: Annotated[float | None, typer.Option("--older-than", help="Only runs unused "
+                          "for this many days.")] = None,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Remove cached runs. Runs in use by another dubtool process are left alone."""
+    removed = _call(lambda: api.cache_clean(cache_dir, keys, older_than))
+    out.print(f"removed {len(removed)} runs, {_size(sum(r.size_bytes for r in removed))}")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,55 @@
+"""User-facing failures. Each carries the exit code the CLI returns for it.
+
+Exit codes (documented in the README):
+    0  success
+    1  unexpected internal error (a bug: run with --debug for the traceback)
+    2  bad command-line usage (Typer's own code)
+    3  an input file is missing or unreadable
+    4  an input file is not usable media (not a video, no video stream, no audio stream, ...)
+    5  the output cannot be written (missing or read-only folder, output equals an input, ...)
+    6  a model folder is missing, incomplete or inconsistent
+    7  an optional dependency or its weights are not installed
+    8  the cache is busy (another run holds its lock) or damaged
+    130 interrupted (Ctrl-C); the cache stays consistent and the run can be resumed
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DubtoolError(Exception):
+    """Base class: a failure the user can act on, shown as one line."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class InputNotFound(DubtoolError):
+    exit_code = 3
+
+
+class InvalidMedia(DubtoolError):
+    exit_code = 4
+
+
+class OutputError(DubtoolError):
+    exit_code = 5
+
+
+class ModelError(DubtoolError):
+    exit_code = 6
+
+
+class MissingDependency(DubtoolError):
+    exit_code = 7
+
+
+class CacheError(DubtoolError):
+    exit_code = 8
+
+
+EXIT_INTERRUPTED = 130

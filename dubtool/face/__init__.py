@@ -1,0 +1,1 @@
+"""Faces: the 131 landmark indices, detectors, crops and drawing."""

@@ -1,0 +1,148 @@
+"""Frames through ffmpeg pipes: decode a video as RGB frames, encode RGB frames into a video.
+
+Frames are streamed one at a time, so memory stays flat however long the video is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from dubtool.errors import InvalidMedia, MissingDependency, OutputError
+from dubtool.media.probe import VideoInfo
+
+
+def _popen(cmd: list[str], **kwargs) -> subprocess.Popen:
+    try:
+        return subprocess.Popen(cmd, **kwargs)
+    except FileNotFoundError as exc:
+        raise MissingDependency("ffmpeg not found: apt-get install ffmpeg") from exc
+
+
+def _tail(log) -> str:
+    log.seek(0)
+    lines = log.read().decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "ffmpeg failed"
+
+
+def read_frames(info: VideoInfo) -> Iterator[np.ndarray]:
+    """Yield exactly ``info.frame_count`` frames of shape (height, width, 3), uint8 RGB.
+
+    ffmpeg applies the rotation metadata, so frames come out upright. A decoder that stops
+    short (a damaged tail) has its last good frame repeated, so frame indices stay aligned with
+    the plan made from the probe; a file that decodes no frame at all is an InvalidMedia error.
+    """
+    frame_bytes = info.width * info.height * 3
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", info.path, "-map", "0:v:0",
+           "-fps_mode", "passthrough", "-frames:v", str(info.frame_count),
+           "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
+    with tempfile.TemporaryFile() as log:
+        proc = _popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+        last = None
+        produced = 0
+        try:
+            while produced < info.frame_count:
+                buf = proc.stdout.read(frame_bytes)
+                if len(buf) < frame_bytes:
+                    break
+                last = np.frombuffer(buf, np.uint8).reshape(info.height, info.width, 3)
+                produced += 1
+                yield last
+        finally:
+            proc.stdout.close()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        if last is None:
+            raise InvalidMedia(f"no frame could be decoded ({_tail(log)})", info.path)
+        for _ in range(info.frame_count - produced):
+            yield last
+
+
+def check_output_path(output: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
+    """The absolute output path; OutputError if it cannot be written or would clobber an input."""
+    output = Path(output).resolve()
+    for given in inputs:
+        if Path(given).resolve() == output:
+            raise OutputError("output path is the same as an input; refusing to overwrite it",
+                              output)
+    if output.is_dir():
+        raise OutputError("output path is a folder", output)
+    parent = output.parent
+    if not parent.is_dir():
+        raise OutputError("output folder does not exist", parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError("output folder is not writable", parent)
+    return output
+
+
+class VideoWriter:
+    """Encode RGB frames to H.264 (yuv420p) at a given rate, muxed with an optional audio track.
+
+    The video is written under a temporary name beside the output and renamed only when ffmpeg
+    finished without error, so the output path never holds a half-written file.
+
+    >>> with VideoWriter("out.mp4", 640, 480, Fraction(25), audio="speech.wav") as w:
+    ...     w.write(frame)                       # (480, 640, 3) uint8 RGB
+    """
+
+    def __init__(self, output: str | Path, width: int, height: int, fps: Fraction,
+                 audio: str | Path | None = None, crf: int = 18, preset: str = "veryfast") -> None:
+        self.output = Path(output)
+        self.width, self.height = width, height
+        self.partial = self.output.with_name(f".{self.output.stem}.partial-{os.getpid()}"
+                                             f"{self.output.suffix or '.mp4'}")
+        cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+               "-r", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0"]
+        if audio is not None:
+            cmd += ["-i", str(Path(audio).resolve()), "-map", "0:v:0", "-map", "1:a:0?",
+                    "-c:a", "aac", "-b:a", "160k"]
+        # yuv420p needs even sides: pad odd sizes by one pixel rather than rescaling.
+        cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-preset", preset,
+                "-crf", str(crf), "-pix_fmt", "yuv420p", "-movflags", "+faststart"]
+        if self.output.suffix.lower() not in (".mp4", ".mov", ".mkv", ".m4v"):
+            cmd += ["-f", "mp4"]
+        cmd.append(str(self.partial))
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
+        self._proc = _popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=self._log)
+        self.frames_written = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
+            raise ValueError(f"frame of shape {frame.shape} {frame.dtype}, expected "
+                             f"({self.height}, {self.width}, 3) uint8")
+        try:
+            self._proc.stdin.write(np.ascontiguousarray(frame).tobytes())
+        except BrokenPipeError:
+            self._proc.wait()
+            raise OutputError(f"encoding failed ({_tail(self._log)})", self.output) from None
+        self.frames_written += 1
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if exc_type is not None:
+                self._proc.kill()
+                self._proc.wait()
+                return
+            with contextlib.suppress(BrokenPipeError):
+                self._proc.stdin.close()
+            if self._proc.wait() != 0 or self.frames_written == 0:
+                raise OutputError(f"encoding failed ({_tail(self._log)})", self.output)
+            os.replace(self.partial, self.output)
+        finally:
+            self._log.close()
+            self.partial.unlink(missing_ok=True)

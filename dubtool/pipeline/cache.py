@@ -1,0 +1,263 @@
+"""The run cache: one folder per (video content, speech content), one sub-folder per stage.
+
+A run folder's ``manifest.json`` records, for every finished stage, the fingerprint of what it
+was computed from (its settings and the fingerprints of the stages it read). A stage whose
+fingerprint is unchanged is skipped; one whose fingerprint changed is recomputed, and since the
+stages after it include its fingerprint in theirs, they are recomputed too.
+
+Writes are atomic: a stage computes into a temporary folder that is renamed into place, and the
+manifest is rewritten through a temporary file, so a run killed at any point leaves either the
+old result or the new one, never half of one. A lock file keeps two processes out of one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dubtool.errors import CacheError
+
+MANIFEST = "manifest.json"
+LOCK = "lock"
+FORMAT = "dubtool-run-cache/1"
+_TMP_MARK = ".tmp-"
+
+
+def default_cache_dir() -> Path:
+    """$DUBTOOL_CACHE_DIR, else $XDG_CACHE_HOME/dubtool, else ~/.cache/dubtool."""
+    if os.environ.get("DUBTOOL_CACHE_DIR"):
+        return Path(os.environ["DUBTOOL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dubtool"
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hash of a file's content (not its name or time)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(*parts: object) -> str:
+    """A stable hash of JSON-serialisable parts (settings, upstream fingerprints, digests)."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What one stage call did: 'ran' or 'cached', and how long it took."""
+
+    stage: str
+    status: str
+    seconds: float
+
+
+class RunCache:
+    """One run folder. Use as a context manager: entering takes the run's lock."""
+
+    def __init__(self, root: str | Path, key: str, description: dict | None = None,
+                 lock_timeout: float = 0.0) -> None:
+        self.root = Path(root)
+        self.key = key
+        self.dir = self.root / key
+        self.description = description or {}
+        self.lock_timeout = lock_timeout
+        self._lock_file = None
+        self.records: list[StageRecord] = []
+
+    # -- lifetime -------------------------------------------------------------------------
+    def __enter__(self) -> RunCache:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create the cache folder ({exc.strerror})", self.dir) from exc
+        self._lock_file = open(self.dir / LOCK, "a+")
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self._lock_file.close()
+                    self._lock_file = None
+                    raise CacheError("another dubtool run is using this cache entry; wait for "
+                                     "it to finish or use another --cache-dir", self.dir) from None
+                time.sleep(0.2)
+        self._remove_leftovers()
+        manifest = self.manifest()
+        manifest.setdefault("created", time.time())
+        manifest["used"] = time.time()
+        manifest["description"] = {**manifest.get("description", {}), **self.description}
+        self._write_manifest(manifest)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _remove_leftovers(self) -> None:
+        # Temporary files of a run that was killed: safe to remove while we hold the lock.
+        for entry in self.dir.iterdir():
+            if _TMP_MARK in entry.name:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+    # -- manifest -------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        path = self.dir / MANIFEST
+        if not path.exists():
+            return {"format": FORMAT, "key": self.key, "stages": {}}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CacheError("cache manifest is unreadable; remove this folder or run "
+                             "'dubtool cache clean'", path) from exc
+        if data.get("format") != FORMAT:
+            raise CacheError("not a dubtool cache folder of this version", self.dir)
+        return data
+
+    def _write_manifest(self, data: dict) -> None:
+        write_json_atomic(self.dir / MANIFEST, data)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.dir / stage
+
+    def is_done(self, stage: str, stage_fingerprint: str) -> bool:
+        entry = self.manifest()["stages"].get(stage)
+        return (entry is not None and entry.get("fingerprint") == stage_fingerprint
+                and self.stage_dir(stage).is_dir())
+
+    # -- running stages -------------------------------------------------------------------
+    def run_stage(self, stage: str, stage_fingerprint: str, compute: Callable[[Path], None],
+                  force: bool = False) -> Path:
+        """Make sure ``stage``'s folder holds a result for ``stage_fingerprint``.
+
+        ``compute(folder)`` writes the stage's files into an empty folder; it runs only when
+        the manifest has no result for this fingerprint (or ``force``). Returns the folder.
+        """
+        if self._lock_file is None:
+            raise RuntimeError("RunCache must be entered (locked) before running stages")
+        start = time.perf_counter()
+        final = self.stage_dir(stage)
+        if not force and self.is_done(stage, stage_fingerprint):
+            self.records.append(StageRecord(stage, "cached", time.perf_counter() - start))
+            return final
+        # Forget the old result first: if we die below, the manifest never claims a stale one.
+        manifest = self.manifest()
+        if manifest["stages"].pop(stage, None) is not None:
+            self._write_manifest(manifest)
+        tmp = self.dir / f"{stage}{_TMP_MARK}{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            compute(tmp)
+            if final.exists():
+                trash = self.dir / f"{stage}.old{_TMP_MARK}{os.getpid()}"
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        manifest = self.manifest()
+        manifest["stages"][stage] = {"fingerprint": stage_fingerprint, "finished": time.time()}
+        self._write_manifest(manifest)
+        self.records.append(StageRecord(stage, "ran", time.perf_counter() - start))
+        return final
+
+
+# -- listing and cleaning -----------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSummary:
+    key: str
+    path: Path
+    size_bytes: int
+    created: float
+    used: float
+    stages: tuple[str, ...]
+    description: dict
+
+
+def _folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def list_runs(root: str | Path | None = None) -> list[RunSummary]:
+    """Every run folder under the cache root, most recently used first."""
+    root = Path(root) if root is not None else default_cache_dir()
+    runs = []
+    if not root.is_dir():
+        return runs
+    for manifest_path in root.glob(f"*/{MANIFEST}"):
+        try:
+            data = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("format") != FORMAT:
+            continue
+        folder = manifest_path.parent
+        runs.append(RunSummary(folder.name, folder, _folder_size(folder), data.get("created", 0),
+                               data.get("used", 0), tuple(data.get("stages", {})),
+                               data.get("description", {})))
+    return sorted(runs, key=lambda r: r.used, reverse=True)
+
+
+@contextlib.contextmanager
+def _try_lock(folder: Path) -> Iterator[bool]:
+    with open(folder / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def clean_runs(root: str | Path | None = None, keys: list[str] | None = None,
+               older_than_days: float | None = None) -> list[RunSummary]:
+    """Remove run folders (all, those whose key starts with one of ``keys``, or those unused
+    for ``older_than_days``). Only folders with a dubtool manifest are touched, and runs in use
+    by another process are left alone. Returns what was removed."""
+    removed = []
+    now = time.time()
+    for run in list_runs(root):
+        if keys and not any(run.key.startswith(k) for k in keys):
+            continue
+        if older_than_days is not None and now - run.used < older_than_days * 86400:
+            continue
+        with _try_lock(run.path) as locked:
+            if not locked:
+                continue
+            # Drop the manifest first: a half-removed folder is then no longer a run.
+            (run.path / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(run.path, ignore_errors=True)
+        removed.append(run)
+    return removed

@@ -1,0 +1,144 @@
+"""Stage ``landmarks``: a face track over every source frame of the video.
+
+Per frame: the detector's raw points, the 131 ordered points (smoothed in time), a detection
+flag and a square crop box that is stable over time. Frames without a face are flagged and
+their points and box are interpolated from the neighbouring frames, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import gaussian_filter1d
+
+from dubtool.face.crop import CropBox, face_box
+from dubtool.face.detect import Detector
+from dubtool.face.indices import CONTENT_SLICE, NUM_POINTS, POSE_SLICE, select_points
+from dubtool.media.frames import read_frames
+from dubtool.media.probe import VideoInfo
+
+VERSION = 1
+
+# Smoothing widths (Gaussian sigma) in seconds: the crop box moves slowly so that the face does
+# not shake inside the crop; pose points a little; lips and jaw barely: speech moves them fast.
+BOX_CENTRE_SIGMA_S = 0.08
+BOX_SIZE_SIGMA_S = 0.4
+POSE_SIGMA_S = 0.04
+CONTENT_SIGMA_S = 0.02
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class FaceTrack:
+    """A face over F frames.
+
+    mesh      (F, 478, 3) float32  raw detector points in pixels, NaN where no face was found
+    detected  (F,) bool            whether the detector found the face in the frame
+    points    (F, 131, 2) float32  the ordered points in pixels, smoothed, gaps interpolated
+    boxes     (F, 3) int32         crop box per frame: x0, y0, size (pixels)
+    """
+
+    detector: str
+    mesh: np.ndarray
+    detected: np.ndarray
+    points: np.ndarray
+    boxes: np.ndarray
+    ms_per_frame: float
+
+    @property
+    def frames(self) -> int:
+        return len(self.detected)
+
+    @property
+    def faces_found(self) -> int:
+        return int(self.detected.sum())
+
+    def box(self, frame: int) -> CropBox:
+        x0, y0, size = (int(v) for v in self.boxes[frame])
+        return CropBox(x0, y0, size)
+
+    def crop_points(self, frame: int) -> np.ndarray:
+        """The 131 points of a frame normalised to its crop box: (131, 2) in [0, 1]."""
+        return self.box(frame).to_crop(self.points[frame])
+
+    def save(self, folder: Path) -> None:
+        np.savez(folder / "track.npz", mesh=self.mesh, detected=self.detected,
+                 points=self.points, boxes=self.boxes)
+        (folder / "track.json").write_text(json.dumps(
+            {"detector": self.detector, "ms_per_frame": self.ms_per_frame}))
+
+    @classmethod
+    def load(cls, folder: Path) -> FaceTrack:
+        meta = json.loads((folder / "track.json").read_text())
+        with np.load(folder / "track.npz", allow_pickle=False) as data:
+            return cls(meta["detector"], data["mesh"], data["detected"], data["points"],
+                       data["boxes"], meta["ms_per_frame"])
+
+
+def _fill_gaps(series: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Linear interpolation over frames where ``valid`` is False; ends hold the nearest value."""
+    if valid.all():
+        return series.copy()
+    t = np.arange(len(series))
+    flat = series.reshape(len(series), -1)
+    filled = np.empty_like(flat)
+    for c in range(flat.shape[1]):
+        filled[:, c] = np.interp(t, t[valid], flat[valid, c])
+    return filled.reshape(series.shape)
+
+
+def _smooth(series: np.ndarray, sigma_frames: float) -> np.ndarray:
+    if sigma_frames < 0.3 or len(series) < 2:
+        return series
+    return gaussian_filter1d(series, sigma_frames, axis=0, mode="nearest")
+
+
+def smooth_track(points: np.ndarray, detected: np.ndarray,
+                 fps: Fraction | float) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth raw 131-point tracks and derive stable crop boxes.
+
+    points (F, 131, 2) px with anything where ``detected`` is False -> (points (F, 131, 2)
+    float32, boxes (F, 3) int32). With no face in any frame, both are all zeros.
+    """
+    frames = len(detected)
+    if not detected.any():
+        return (np.zeros((frames, NUM_POINTS, 2), np.float32), np.zeros((frames, 3), np.int32))
+    fps = float(fps)
+    filled = _fill_gaps(points.astype(np.float64), detected)
+    smoothed = filled.copy()
+    smoothed[:, POSE_SLICE] = _smooth(filled[:, POSE_SLICE], POSE_SIGMA_S * fps)
+    smoothed[:, CONTENT_SLICE] = _smooth(filled[:, CONTENT_SLICE], CONTENT_SIGMA_S * fps)
+    raw_boxes = np.stack([face_box(p) for p in filled])
+    centre = _smooth(raw_boxes[:, :2], BOX_CENTRE_SIGMA_S * fps)
+    size = _smooth(raw_boxes[:, 2], BOX_SIZE_SIGMA_S * fps)
+    boxes = np.stack([CropBox.from_centre(cx, cy, s).as_array()
+                      for (cx, cy), s in zip(centre, size, strict=True)])
+    return smoothed.astype(np.float32), boxes.astype(np.int32)
+
+
+def track_faces(video: VideoInfo, detector: Detector,
+                progress: Progress | None = None) -> FaceTrack:
+    """Detect the face in every frame of ``video`` (frames streamed, one at a time)."""
+    total = video.frame_count
+    mesh = np.full((total, 478, 3), np.nan, np.float32)
+    detected = np.zeros(total, bool)
+    spent = 0.0
+    with detector:
+        for i, frame in enumerate(read_frames(video)):
+            start = time.perf_counter()
+            found = detector.detect(frame)
+            spent += time.perf_counter() - start
+            if found is not None:
+                mesh[i] = found
+                detected[i] = True
+            if progress is not None:
+                progress(i + 1, total)
+    points, boxes = smooth_track(select_points(mesh)[..., :2], detected, video.fps)
+    return FaceTrack(detector.name, mesh, detected, points, boxes, 1000 * spent / max(total, 1))

@@ -1,0 +1,44 @@
+"""The frame plan: which source frame each output frame is made from.
+
+The output lasts as long as the speech. A longer video is cut; a shorter one is played back and
+forth (``pingpong``, no jump at the seam), from the start again (``loop``), or the speech is cut
+to the video (``cut``). A still image is a one-frame video repeated.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+
+LOOP_MODES = ("pingpong", "loop", "cut")
+
+
+def output_frame_count(speech_seconds: float, fps: Fraction | float, source_frames: int,
+                       mode: str = "pingpong") -> int:
+    """Frames in the output: the speech's length at the video's rate (at least one)."""
+    if mode not in LOOP_MODES:
+        raise ValueError(f"unknown loop mode {mode!r}; choose one of {', '.join(LOOP_MODES)}")
+    wanted = max(1, math.ceil(speech_seconds * float(fps) - 1e-6))
+    if mode == "cut" and source_frames > 1:
+        return min(wanted, source_frames)
+    return wanted
+
+
+def frame_plan(source_frames: int, output_frames: int, mode: str = "pingpong") -> np.ndarray:
+    """Source frame index of every output frame, shape (output_frames,), int64."""
+    if source_frames < 1 or output_frames < 0:
+        raise ValueError("a plan needs at least one source frame")
+    if mode not in LOOP_MODES:
+        raise ValueError(f"unknown loop mode {mode!r}; choose one of {', '.join(LOOP_MODES)}")
+    i = np.arange(output_frames, dtype=np.int64)
+    if source_frames == 1:
+        return np.zeros(output_frames, np.int64)
+    if mode == "loop":
+        return i % source_frames
+    if mode == "cut":
+        return np.minimum(i, source_frames - 1)
+    period = 2 * (source_frames - 1)  # 0 1 .. n-1 n-2 .. 1 | 0 1 ..
+    phase = i % period
+    return np.where(phase < source_frames, phase, period - phase)

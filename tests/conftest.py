@@ -1,0 +1,54 @@
+"""Shared fixtures: small media made on the fly with ffmpeg, the shipped real face clip."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *args], check=True)
+
+
+def make_video(path: Path, seconds: float = 1.0, size: str = "64x48", rate: str = "25",
+               audio: bool = True, extra: tuple[str, ...] = ()) -> Path:
+    """A test-pattern video (with a 440 Hz tone unless audio=False)."""
+    args = ["-f", "lavfi", "-i", f"testsrc=size={size}:rate={rate}:duration={seconds}"]
+    if audio:
+        args += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
+                 "-c:a", "aac", "-shortest"]
+    ffmpeg(*args, "-pix_fmt", "yuv420p", *extra, str(path))
+    return path
+
+
+def make_tone(path: Path, seconds: float = 1.0, rate: int = 44100, channels: int = 1,
+              extra: tuple[str, ...] = ()) -> Path:
+    layout = {1: "mono", 2: "stereo", 6: "5.1"}[channels]
+    ffmpeg("-f", "lavfi", "-i", f"sine=frequency=300:duration={seconds}:sample_rate={rate}",
+           "-af", f"aformat=channel_layouts={layout}", *extra, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def face_clip() -> Path:
+    """2 s of a real person talking (256x256, 25 fps, 50 frames, with her speech)."""
+    return DATA / "face_2s.mp4"
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def espeak() -> str:
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        pytest.skip("espeak-ng is not installed")
+    return exe

@@ -1,0 +1,114 @@
+"""The command line: exit codes, one-line errors, outputs, through Typer and as a real process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_tone
+from typer.testing import CliRunner
+
+from dubtool.cli import app
+from dubtool.media.probe import probe_video
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("content, code, words", [
+    (None, 3, "no such file"),
+    (b"", 4, "file is empty"),
+    (b"plain text, not a video\n" * 20, 4, "not readable as media"),
+])
+def test_bad_video_inputs(tmp_path: Path, cache_dir: Path, content: bytes | None, code: int,
+                          words: str) -> None:
+    video = tmp_path / "clip with spaces.mp4"
+    if content is not None:
+        video.write_bytes(content)
+    result = invoke("landmarks", video, "--cache-dir", cache_dir)
+    assert result.exit_code == code
+    line = one_line_error(result)
+    assert str(video) in line and words in line
+
+
+def test_audio_file_given_as_video(tmp_path: Path, cache_dir: Path) -> None:
+    speech = make_tone(tmp_path / "speech.wav")
+    result = invoke("landmarks", speech, "--cache-dir", cache_dir)
+    assert result.exit_code == 4
+    assert "has no video stream" in one_line_error(result)
+
+
+def test_output_problems(face_clip: Path, tmp_path: Path, cache_dir: Path) -> None:
+    result = invoke("landmarks", face_clip, "-o", tmp_path / "missing" / "out.mp4",
+                    "--cache-dir", cache_dir)
+    assert result.exit_code == 5 and "output folder does not exist" in one_line_error(result)
+    result = invoke("landmarks", face_clip, "-o", face_clip, "--cache-dir", cache_dir)
+    assert result.exit_code == 5 and "same as an input" in one_line_error(result)
+    assert not (cache_dir.exists() and any(cache_dir.iterdir()))  # refused before any work
+
+
+def test_unknown_detector_is_a_usage_error(face_clip: Path) -> None:
+    result = invoke("landmarks", face_clip, "--detector", "magic")
+    assert result.exit_code == 2
+
+
+def test_face_alignment_without_weights_exits_7(face_clip: Path, cache_dir: Path) -> None:
+    result = invoke("landmarks", face_clip, "--detector", "face-alignment", "--cache-dir",
+                    cache_dir)
+    assert result.exit_code == 7 and "face-alignment" in one_line_error(result)
+
+
+def test_landmarks_writes_debug_video_and_json(face_clip: Path, tmp_path: Path,
+                                               cache_dir: Path) -> None:
+    out, points = tmp_path / "debug.mp4", tmp_path / "points.json"
+    result = invoke("landmarks", face_clip, "-o", out, "--json", points, "--cache-dir", cache_dir)
+    assert result.exit_code == 0, result.output
+    assert "faces found" in result.stdout and "50" in result.stdout
+    info = probe_video(out)
+    assert (info.width, info.height, info.frame_count) == (256, 256, 50)
+    assert info.has_audio  # the original audio is kept
+    data = json.loads(points.read_text())
+    assert data["frame_count"] == 50 and len(data["mediapipe_indices"]) == 131
+    frame = data["frames"][10]
+    assert frame["face"] and len(frame["points"]) == 131 and len(frame["box"]) == 3
+    # Second run: everything from the cache.
+    again = invoke("landmarks", face_clip, "--cache-dir", cache_dir)
+    assert "extract cached, landmarks cached" in again.stdout
+
+
+def test_cache_list_and_clean(face_clip: Path, cache_dir: Path) -> None:
+    assert "no cached runs" in invoke("cache", "list", "--cache-dir", cache_dir).stdout
+    assert invoke("landmarks", face_clip, "--cache-dir", cache_dir).exit_code == 0
+    listing = invoke("cache", "list", "--cache-dir", cache_dir)
+    assert "face_2s.mp4" in listing.stdout and "1 runs" in listing.stdout
+    cleaned = invoke("cache", "clean", "--cache-dir", cache_dir)
+    assert cleaned.exit_code == 0 and "removed 1 runs" in cleaned.stdout
+    assert list(cache_dir.iterdir()) == []
+
+
+def test_real_process_output_is_clean(face_clip: Path, tmp_path: Path, cache_dir: Path) -> None:
+    # A leading dash and unicode in the name, MediaPipe's native logs kept off the terminal.
+    video = tmp_path / "-caf\u00e9 'clip'.mp4"
+    video.write_bytes(face_clip.read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "dubtool", "landmarks", "--cache-dir",
+                           str(cache_dir), "--", str(video)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "faces found" in proc.stdout
+
+
+def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dubtool", "--debug", "landmarks",
+                           str(tmp_path / "missing.mp4")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "InputNotFound" in proc.stderr

@@ -1,0 +1,175 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dubtool.errors import MissingDependency
+from dubtool.face import indices
+from dubtool.face.crop import CropBox, face_box
+from dubtool.face.detect import FaceAlignmentDetector, FaceMeshDetector, ibug68_to_points131
+from dubtool.media.frames import read_frames
+from dubtool.media.probe import probe_video
+
+# -- the 131 indices --------------------------------------------------------------------
+
+
+def test_index_order_and_groups() -> None:
+    assert indices.NUM_POINTS == 131 and indices.NUM_POSE == 74 and indices.NUM_CONTENT == 57
+    assert len(set(indices.ORDER)) == 131
+    assert all(0 <= i < 478 for i in indices.ORDER)
+    # Fixed order from DESIGN.md: pose (cheeks, brows, nose, eyes) then jaw and lips.
+    assert indices.ORDER[:8] == (162, 127, 234, 93, 389, 356, 454, 323)
+    assert indices.ORDER[74:91] == (132, 58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378,
+                                    379, 365, 397, 288, 361)
+    assert indices.ORDER[91] == 61 and indices.ORDER[-1] == 95
+    assert indices.ORDER[indices.LIPS_SLICE] == indices.LIPS_OUTER + indices.LIPS_INNER
+    mesh = np.arange(478 * 3, dtype=np.float32).reshape(478, 3)
+    assert np.array_equal(indices.select_points(mesh)[:, 0], np.array(indices.ORDER) * 3)
+
+
+def test_mirror_map_is_an_involution_within_groups() -> None:
+    m = indices.MIRROR
+    assert np.array_equal(m[m], np.arange(131))
+    assert set(m[indices.POSE_SLICE]) == set(range(74))
+    assert set(m[indices.CONTENT_SLICE]) == set(range(74, 131))
+    # Points on the mid-line (chin, lip centres, nose ridge) are their own twins.
+    for mp_index in (152, 0, 17, 13, 14, 168, 4):
+        k = indices.ORDER.index(mp_index)
+        assert m[k] == k
+    points = np.random.default_rng(0).random((3, 131, 2))
+    assert np.allclose(indices.mirror_points(indices.mirror_points(points)), points)
+
+
+# -- crops ------------------------------------------------------------------------------
+
+
+def test_crop_then_paste_is_exact_at_scale_one() -> None:
+    frame = np.random.default_rng(1).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    box = CropBox(30, 10, 64)
+    face_crop = box.crop(frame, 64)
+    assert np.array_equal(face_crop, frame[10:74, 30:94])
+    assert np.array_equal(box.paste(np.zeros_like(frame), face_crop)[10:74, 30:94], face_crop)
+    assert np.array_equal(box.paste(frame, face_crop), frame)
+
+
+def test_crop_past_the_edge_repeats_edge_pixels_and_pastes_back_inside() -> None:
+    frame = np.random.default_rng(2).integers(0, 256, (50, 60, 3), dtype=np.uint8)
+    box = CropBox(-10, 20, 40)  # sticks out left and bottom
+    face_crop = box.crop(frame, 40)
+    assert face_crop.shape == (40, 40, 3)
+    assert np.array_equal(face_crop[:30, 10:], frame[20:50, 0:30])
+    assert np.array_equal(face_crop[:30, 0], frame[20:50, 0])  # replicated left edge
+    assert np.array_equal(box.paste(frame, face_crop), frame)
+
+
+def test_scaled_round_trip_is_close_and_mask_limits_the_change() -> None:
+    # A smooth image survives downscale + upscale; pixels where the mask is 0 do not change.
+    y, x = np.mgrid[0:200, 0:200]
+    frame = np.stack([x, y, (x + y) // 2], -1).astype(np.uint8)
+    box = CropBox(20, 30, 128)
+    face_crop = box.crop(frame, 64)
+    pasted = box.paste(frame, face_crop)
+    region = pasted[30:158, 20:148].astype(int) - frame[30:158, 20:148]
+    assert np.abs(region).mean() < 1.0
+    mask = np.zeros((64, 64), np.float32)
+    mask[32:] = 1.0
+    half = box.paste(frame, np.zeros_like(face_crop), mask)
+    assert np.array_equal(half[:90], frame[:90])  # upper half of the box and above untouched
+    assert (half[100:150, 30:140] == 0).all()
+    assert np.array_equal(half[:, 150:], frame[:, 150:])
+
+
+def test_box_coordinates_round_trip() -> None:
+    box = CropBox.from_centre(100.0, 80.0, 50.4)
+    assert (box.x0, box.y0, box.size) == (75, 55, 50)
+    pts = np.array([[75.0, 55.0], [125.0, 105.0], [90.5, 70.25]], np.float32)
+    assert np.allclose(box.to_crop(pts)[:2], [[0, 0], [1, 1]])
+    assert np.allclose(box.to_frame(box.to_crop(pts)), pts)
+    cx, cy, size = face_box(pts)
+    assert (cx, cy) == (100.0, 80.0) and size > 50
+
+
+# -- detection on a real face -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def first_frames(face_clip: Path) -> list[np.ndarray]:
+    return [f.copy() for _, f in zip(range(5), read_frames(probe_video(face_clip)), strict=False)]
+
+
+def test_facemesh_finds_the_face_and_its_parts(first_frames: list[np.ndarray]) -> None:
+    with FaceMeshDetector() as detector:
+        found = [detector.detect(f) for f in first_frames]
+    assert all(f is not None and f.shape == (478, 3) for f in found)
+    pts = indices.select_points(found[0])[:, :2]
+    h, w = first_frames[0].shape[:2]
+    assert (pts >= 0).all() and (pts[:, 0] < w).all() and (pts[:, 1] < h).all()
+    eyes_y = pts[[indices.ORDER.index(i) for i in indices.EYES], 1].mean()
+    lips_y = pts[indices.LIPS_SLICE, 1].mean()
+    chin_y = pts[indices.ORDER.index(152), 1]
+    assert eyes_y < lips_y < chin_y
+    face_width = np.ptp(pts[:, 0])
+    assert 0.25 * w < face_width < 0.9 * w
+
+
+def test_facemesh_finds_nothing_in_a_test_pattern() -> None:
+    y, x = np.mgrid[0:128, 0:128]
+    pattern = np.stack([x * 2, y * 2, (x ^ y) * 2], -1).astype(np.uint8)
+    with FaceMeshDetector(static_images=True) as detector:
+        assert detector.detect(pattern) is None
+
+
+def test_mirror_map_matches_a_flipped_face(first_frames: list[np.ndarray]) -> None:
+    frame = first_frames[0]
+    w = frame.shape[1]
+    with FaceMeshDetector(static_images=True) as detector:
+        pts = indices.select_points(detector.detect(frame))[:, :2]
+        flipped = indices.select_points(detector.detect(np.ascontiguousarray(frame[:, ::-1])))
+    unflipped = indices.mirror_points(flipped[:, :2], width=w)
+    error = np.linalg.norm(unflipped - pts, axis=1)
+    wrong = np.linalg.norm(flipped[:, :2] * [-1, 1] + [w, 0] - pts, axis=1)  # twins not swapped
+    face_width = np.ptp(pts[:, 0])
+    assert error.max() < 0.05 * face_width
+    assert wrong.mean() > 5 * error.mean()
+
+
+# -- face-alignment backend -------------------------------------------------------------
+
+
+def _ibug_like_face() -> np.ndarray:
+    """68 iBUG points of a schematic frontal face, 200 px wide, image-left side first."""
+    t = np.linspace(np.pi, 0, 17)
+    jaw = np.stack([100 + 100 * np.cos(t), 100 + 110 * np.sin(t)], 1)  # ear -> chin -> ear
+    brow_l = np.stack([np.linspace(30, 85, 5), np.full(5, 50)], 1)
+    brow_r = np.stack([np.linspace(115, 170, 5), np.full(5, 50)], 1)
+    bridge = np.stack([np.full(4, 100), np.linspace(70, 120, 4)], 1)
+    base = np.stack([np.linspace(85, 115, 5), np.full(5, 130)], 1)
+
+    def ring(cx: float, cy: float, rx: float, ry: float, n: int) -> np.ndarray:
+        a = np.linspace(np.pi, -np.pi, n, endpoint=False)  # left corner, upper side first
+        return np.stack([cx + rx * np.cos(a), cy - ry * np.sin(a)], 1)
+
+    parts = [jaw, brow_l, brow_r, bridge, base, ring(60, 75, 15, 6, 6), ring(140, 75, 15, 6, 6),
+             ring(100, 165, 35, 12, 12), ring(100, 165, 25, 4, 8)]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def test_ibug68_to_131_puts_each_part_in_place() -> None:
+    p68 = _ibug_like_face()
+    assert p68.shape == (68, 2)
+    p131 = ibug68_to_points131(p68)
+    assert p131.shape == (131, 2)
+    at = {mp: p131[k] for k, mp in enumerate(indices.ORDER)}
+    assert np.allclose(at[61], p68[48]) and np.allclose(at[78], p68[60])  # lip corners
+    assert np.allclose(at[291], p68[54], atol=1e-3)
+    assert at[0][1] < at[17][1]  # upper lip above lower lip
+    assert np.allclose(at[152], p68[8], atol=1.0)  # chin tip mid oval
+    assert at[33][0] < 100 < at[263][0]  # eyes on their own side
+    lips = p131[indices.LIPS_SLICE]
+    assert (lips[:, 1] > 140).all()
+
+
+def test_face_alignment_backend_without_package_or_weights_is_a_clear_error() -> None:
+    with pytest.raises(MissingDependency, match="face-alignment") as info, FaceAlignmentDetector():
+        pass
+    assert info.value.exit_code == 7

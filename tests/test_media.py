@@ -1,0 +1,171 @@
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ffmpeg, make_tone, make_video
+
+from dubtool.errors import InputNotFound, InvalidMedia, OutputError
+from dubtool.media.audio import (
+    MEL_FLOOR_DB,
+    N_MELS,
+    SAMPLE_RATE,
+    load_speech,
+    mel_spectrogram,
+    mel_window,
+)
+from dubtool.media.frames import VideoWriter, check_output_path, read_frames
+from dubtool.media.probe import probe_audio, probe_video
+
+# -- probe ------------------------------------------------------------------------------
+
+
+def test_probe_plain_video(tmp_path: Path) -> None:
+    info = probe_video(make_video(tmp_path / "v.mp4", seconds=1.0, size="64x48"))
+    assert (info.width, info.height, info.fps, info.frame_count) == (64, 48, Fraction(25), 25)
+    assert info.rotation == 0 and not info.is_image and info.has_audio
+    assert info.audio[0].codec == "aac"
+    assert info.duration == pytest.approx(1.0)
+
+
+def test_probe_ntsc_rate_kept_exact(tmp_path: Path) -> None:
+    info = probe_video(make_video(tmp_path / "ntsc.mp4", seconds=1.0, rate="30000/1001"))
+    assert info.fps == Fraction(30000, 1001)
+    assert info.frame_count == 30
+
+
+def test_probe_odd_rate_and_odd_size_in_mkv(tmp_path: Path) -> None:
+    # Matroska stores no frame count: it has to be counted.
+    info = probe_video(make_video(tmp_path / "odd.mkv", seconds=1.0, size="33x21", rate="12.5",
+                                  extra=("-c:v", "ffv1")))
+    assert (info.width, info.height) == (33, 21)
+    assert info.fps == Fraction(25, 2)
+    assert info.frame_count == 13  # ceil(12.5)
+    frames = list(read_frames(info))
+    assert len(frames) == info.frame_count and frames[0].shape == (21, 33, 3)
+
+
+def test_rotation_metadata_gives_upright_frames(tmp_path: Path) -> None:
+    plain = make_video(tmp_path / "plain.mp4", seconds=0.4, size="64x48", audio=False)
+    rotated = tmp_path / "phone.mp4"
+    ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(rotated))
+    info = probe_video(rotated)
+    assert info.rotation == 90 and (info.width, info.height) == (48, 64)
+    frame = next(read_frames(info))
+    original = next(read_frames(probe_video(plain)))
+    assert frame.shape == (64, 48, 3)
+    assert np.array_equal(frame, np.rot90(original, 1))
+
+
+def test_still_image_is_one_frame(tmp_path: Path) -> None:
+    image = tmp_path / "face.png"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=40x30", "-frames:v", "1", str(image))
+    info = probe_video(image)
+    assert info.is_image and info.frame_count == 1 and (info.width, info.height) == (40, 30)
+    assert len(list(read_frames(info))) == 1
+
+
+@pytest.mark.parametrize("name, content, error, words", [
+    ("missing.mp4", None, InputNotFound, "no such file"),
+    ("empty.mp4", b"", InvalidMedia, "empty"),
+    ("notes.mp4", b"this is a text file, not a video\n" * 10, InvalidMedia, "not readable"),
+])
+def test_probe_bad_files(tmp_path: Path, name: str, content: bytes | None, error: type,
+                         words: str) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(error, match=words) as info:
+        probe_video(path)
+    assert str(path.name) in str(info.value)
+
+
+def test_audio_only_file_is_not_a_video(tmp_path: Path) -> None:
+    with pytest.raises(InvalidMedia, match="no video stream"):
+        probe_video(make_tone(tmp_path / "speech.wav"))
+
+
+def test_video_without_audio_is_not_speech(tmp_path: Path) -> None:
+    silent = make_video(tmp_path / "silent.mp4", audio=False)
+    with pytest.raises(InvalidMedia, match="no audio stream"):
+        probe_audio(silent)
+    with pytest.raises(InvalidMedia, match="no audio stream"):
+        load_speech(silent)
+
+
+# -- audio ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, rate, channels", [
+    ("a.wav", 8000, 1), ("b.wav", 44100, 2), ("c.flac", 48000, 6), ("d.mp3", 22050, 2),
+    ("e.m4a", 32000, 1), ("f.opus", 48000, 2),
+])
+def test_speech_any_format_to_16k_mono(tmp_path: Path, name: str, rate: int,
+                                       channels: int) -> None:
+    path = make_tone(tmp_path / name, seconds=1.5, rate=rate, channels=channels)
+    assert probe_audio(path).channels == channels
+    samples = load_speech(path)
+    assert samples.dtype == np.float32 and samples.ndim == 1
+    # Encoders pad a little (mp3, aac, opus priming): within 60 ms of 1.5 s.
+    assert abs(len(samples) / SAMPLE_RATE - 1.5) < 0.06
+    assert 0.05 < np.abs(samples).max() <= 1.0
+
+
+def test_mel_shape_and_frame_alignment() -> None:
+    # A 1 kHz burst from 1.00 s to 1.04 s in 2 s of silence: at 25 fps that is video frame 25.
+    t = np.arange(2 * SAMPLE_RATE) / SAMPLE_RATE
+    samples = np.where((t >= 1.0) & (t < 1.04), np.sin(2 * np.pi * 1000 * t), 0.0)
+    mel = mel_spectrogram(samples.astype(np.float32))
+    assert mel.shape == (N_MELS, 1 + len(samples) // 200)
+    # The loudest mel column sits at 1.02 s * 80 steps/s.
+    assert abs(int(mel.max(axis=0).argmax()) - round(1.02 * 80)) <= 1
+    window = mel_window(mel, 25, 25)
+    assert window.shape == (N_MELS, 16)
+    loud = window.max(axis=0)
+    assert abs(int(loud.argmax()) - 8) <= 1  # centred in the frame's window
+    # Frames far from the burst see only silence.
+    assert mel_window(mel, 5, 25).max() < loud.max() - 40
+
+
+def test_mel_window_outside_speech_is_silence() -> None:
+    mel = np.zeros((N_MELS, 10), np.float32)
+    before = mel_window(mel, 0, 25)
+    assert (before[:, :5] == MEL_FLOOR_DB).all() and (before[:, 6:] == 0).all()
+    assert (mel_window(mel, 100, 25) == MEL_FLOOR_DB).all()
+
+
+# -- frames -----------------------------------------------------------------------------
+
+
+def test_writer_round_trip_with_audio_and_odd_size(tmp_path: Path) -> None:
+    speech = make_tone(tmp_path / "s.wav", seconds=1.0)
+    out = tmp_path / "out.mp4"
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (21, 33, 3), dtype=np.uint8)
+    with VideoWriter(out, 33, 21, Fraction(30000, 1001), audio=speech) as writer:
+        for _ in range(30):
+            writer.write(base)
+    info = probe_video(out)
+    assert info.fps == Fraction(30000, 1001) and info.frame_count == 30
+    assert (info.width, info.height) == (34, 22)  # padded to even sides for yuv420p
+    assert info.has_audio
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_writer_leaves_no_file_when_interrupted(tmp_path: Path) -> None:
+    out = tmp_path / "out.mp4"
+    with pytest.raises(KeyboardInterrupt), VideoWriter(out, 16, 16, Fraction(25)) as writer:
+        writer.write(np.zeros((16, 16, 3), np.uint8))
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_checks(tmp_path: Path) -> None:
+    video = make_video(tmp_path / "in.mp4")
+    with pytest.raises(OutputError, match="same as an input"):
+        check_output_path(video, [video])
+    with pytest.raises(OutputError, match="does not exist"):
+        check_output_path(tmp_path / "nope" / "out.mp4")
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output_path(tmp_path)
+    assert check_output_path(tmp_path / "fine.mp4") == (tmp_path / "fine.mp4").resolve()

@@ -1,0 +1,309 @@
+"""The stage cache and the extract + landmarks stages, on real and synthetic media."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_tone, make_video
+
+from dubtool.errors import CacheError
+from dubtool.media.frames import VideoWriter, read_frames
+from dubtool.media.probe import probe_video
+from dubtool.pipeline.cache import RunCache, clean_runs, fingerprint, list_runs
+from dubtool.pipeline.extract import extract
+from dubtool.pipeline.landmarks import smooth_track
+from dubtool.pipeline.plan import frame_plan, output_frame_count
+from dubtool.pipeline.run import Inputs, run_front
+
+# -- frame plan -------------------------------------------------------------------------
+
+
+def test_pingpong_plan_has_no_jump() -> None:
+    plan = frame_plan(4, 12, "pingpong")
+    assert plan.tolist() == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3, 2, 1]
+    assert np.abs(np.diff(plan)).max() == 1
+
+
+def test_loop_cut_and_still_plans() -> None:
+    assert frame_plan(3, 7, "loop").tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert frame_plan(10, 4, "pingpong").tolist() == [0, 1, 2, 3]  # longer video is cut
+    assert frame_plan(1, 5, "pingpong").tolist() == [0] * 5  # still image
+    assert output_frame_count(2.0, 25, 10, "cut") == 10  # speech cut to the video
+    assert output_frame_count(2.0, 25, 10, "loop") == 50
+    assert output_frame_count(1.01, Fraction(30000, 1001), 100) == 31
+    assert output_frame_count(1.001, Fraction(30000, 1001), 100) == 30
+    assert output_frame_count(0.01, 25, 100) == 1
+    with pytest.raises(ValueError, match="loop mode"):
+        frame_plan(3, 3, "bounce")
+
+
+def test_extract_plans_the_speech_length(tmp_path: Path) -> None:
+    video = make_video(tmp_path / "v.mp4", seconds=1.0)
+    speech = make_tone(tmp_path / "s.wav", seconds=2.2)
+    result = extract(video, speech, "pingpong")
+    assert len(result.plan) == 55 and result.plan.max() == 24
+    assert result.mel.shape[0] == 80 and abs(result.mel.shape[1] - 2.2 * 80) <= 2
+    assert result.output_seconds == pytest.approx(2.2)
+    result.save(tmp_path)
+    again = type(result).load(tmp_path)
+    assert again.video == result.video and np.array_equal(again.plan, result.plan)
+
+
+# -- the stage cache --------------------------------------------------------------------
+
+
+def _statuses(cache: RunCache) -> dict[str, str]:
+    return {r.stage: r.status for r in cache.records}
+
+
+def test_second_run_skips_done_stages(face_clip: Path, tmp_path: Path, cache_dir: Path) -> None:
+    speech = make_tone(tmp_path / "speech.wav", seconds=1.0)
+    inputs = Inputs.of(face_clip, speech)
+    with inputs.open_cache(cache_dir) as cache:
+        first = run_front(cache, inputs)
+    assert _statuses(cache) == {"extract": "ran", "landmarks": "ran"}
+    with inputs.open_cache(cache_dir) as cache:
+        second = run_front(cache, inputs)
+    assert _statuses(cache) == {"extract": "cached", "landmarks": "cached"}
+    assert np.array_equal(first.track.points, second.track.points)
+    with inputs.open_cache(cache_dir) as cache:
+        run_front(cache, inputs, force=True)
+    assert _statuses(cache) == {"extract": "ran", "landmarks": "ran"}
+
+
+def test_changed_speech_content_with_same_name_recomputes(face_clip: Path, tmp_path: Path,
+                                                          cache_dir: Path) -> None:
+    speech = make_tone(tmp_path / "speech.wav", seconds=1.0)
+    inputs = Inputs.of(face_clip, speech)
+    with inputs.open_cache(cache_dir) as cache:
+        assert len(run_front(cache, inputs).extracted.plan) == 25
+    make_tone(speech, seconds=1.6)  # same name, new content
+    inputs = Inputs.of(face_clip, speech)
+    with inputs.open_cache(cache_dir) as cache:
+        front = run_front(cache, inputs)
+    assert _statuses(cache)["extract"] == "ran"
+    assert len(front.extracted.plan) == 40
+
+
+def test_changed_setting_recomputes_that_stage_and_keeps_independent_ones(
+        face_clip: Path, tmp_path: Path, cache_dir: Path) -> None:
+    speech = make_tone(tmp_path / "speech.wav", seconds=3.0)
+    inputs = Inputs.of(face_clip, speech)
+    with inputs.open_cache(cache_dir) as cache:
+        assert run_front(cache, inputs, loop="pingpong").extracted.plan[60] == 38
+    with inputs.open_cache(cache_dir) as cache:
+        front = run_front(cache, inputs, loop="loop")
+    # The loop mode changes the plan, not the face track (which depends on the video only).
+    assert _statuses(cache) == {"extract": "ran", "landmarks": "cached"}
+    assert front.extracted.plan[60] == 10
+
+
+def test_downstream_stage_reruns_when_upstream_changes(tmp_path: Path) -> None:
+    calls = []
+
+    def stage(name: str, value: str):
+        def compute(folder: Path) -> None:
+            calls.append(name)
+            (folder / "out.txt").write_text(value)
+        return compute
+
+    for setting in ("a", "a", "b"):
+        with RunCache(tmp_path, "run") as cache:
+            fp1 = fingerprint("first", setting)
+            cache.run_stage("first", fp1, stage("first", setting))
+            cache.run_stage("second", fingerprint("second", fp1), stage("second", setting))
+    assert calls == ["first", "second", "first", "second"]
+    assert (tmp_path / "run" / "second" / "out.txt").read_text() == "b"
+
+
+def test_interrupted_stage_leaves_no_half_result(tmp_path: Path) -> None:
+    def broken(folder: Path) -> None:
+        (folder / "part.npy").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with RunCache(tmp_path, "run") as cache:
+        cache.run_stage("first", "fp1", lambda f: (f / "x").write_text("1"))
+        with pytest.raises(KeyboardInterrupt):
+            cache.run_stage("first", "fp2", broken)
+        assert "first" not in cache.manifest()["stages"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["first", "lock",
+                                                                    "manifest.json"]
+    with RunCache(tmp_path, "run") as cache:
+        cache.run_stage("first", "fp2", lambda f: (f / "x").write_text("2"))
+        assert _statuses(cache) == {"first": "ran"}
+    assert (tmp_path / "run" / "first" / "x").read_text() == "2"
+
+
+def test_run_killed_during_landmarks_resumes(face_clip: Path, cache_dir: Path) -> None:
+    # A real SIGKILL in the middle of the landmarks stage, in a child process.
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from dubtool.face.detect import FaceMeshDetector
+        from dubtool.pipeline import run
+
+        class DiesAtFrame10(FaceMeshDetector):
+            seen = 0
+            def detect(self, frame):
+                DiesAtFrame10.seen += 1
+                if DiesAtFrame10.seen == 10:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return super().detect(frame)
+
+        run.make_detector = lambda name: DiesAtFrame10()
+        inputs = run.Inputs.of(sys.argv[1])
+        with inputs.open_cache(sys.argv[2]) as cache:
+            run.run_front(cache, inputs)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(face_clip), str(cache_dir)],
+                          capture_output=True)
+    assert proc.returncode == -9
+    (run_dir,) = cache_dir.iterdir()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"extract"}
+    assert any(".tmp-" in p.name for p in run_dir.iterdir())  # the dead run's scratch
+    inputs = Inputs.of(face_clip)
+    with inputs.open_cache(cache_dir) as cache:
+        front = run_front(cache, inputs)
+    assert _statuses(cache) == {"extract": "cached", "landmarks": "ran"}
+    assert front.track.faces_found == 50
+    assert not any(".tmp-" in p.name for p in run_dir.iterdir())
+
+
+def test_second_process_on_same_run_is_refused(tmp_path: Path) -> None:
+    with RunCache(tmp_path, "run"):
+        with (pytest.raises(CacheError, match="another dubtool run") as info,
+              RunCache(tmp_path, "run", lock_timeout=0.3)):
+            pass
+        assert info.value.exit_code == 8
+    with RunCache(tmp_path, "run"):
+        pass  # free again
+
+
+def test_damaged_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheError, match="unreadable"), RunCache(tmp_path, "run"):
+        pass
+
+
+def test_list_and_clean(tmp_path: Path) -> None:
+    for key in ("aaa1", "bbb2"):
+        with RunCache(tmp_path, key, {"video": f"/x/{key}.mp4"}) as cache:
+            cache.run_stage("s", "fp", lambda f: (f / "data").write_bytes(b"x" * 1000))
+    (tmp_path / "not-a-run").mkdir()  # a stranger's folder is never touched
+    runs = list_runs(tmp_path)
+    assert {r.key for r in runs} == {"aaa1", "bbb2"}
+    assert all(r.size_bytes >= 1000 and r.stages == ("s",) for r in runs)
+    assert [r.key for r in clean_runs(tmp_path, keys=["aa"])] == ["aaa1"]
+    assert clean_runs(tmp_path, older_than_days=1) == []
+    assert [r.key for r in clean_runs(tmp_path)] == ["bbb2"]
+    assert [p.name for p in tmp_path.iterdir()] == ["not-a-run"]
+
+
+# -- landmarks stage --------------------------------------------------------------------
+
+
+def test_landmarks_on_a_real_face(face_clip: Path, cache_dir: Path) -> None:
+    inputs = Inputs.of(face_clip)
+    with inputs.open_cache(cache_dir) as cache:
+        track = run_front(cache, inputs).track
+    assert track.frames == 50 and track.faces_found == 50
+    assert track.points.shape == (50, 131, 2) and track.mesh.shape == (50, 478, 3)
+    sizes = track.boxes[:, 2]
+    assert sizes.min() > 80 and sizes.max() < 256 and np.ptp(sizes) <= 6  # stable box
+    inside = track.crop_points(25)
+    assert (inside > 0).all() and (inside < 1).all()
+    # The mouth moves while she talks: lip opening varies over the clip.
+    from dubtool.face.indices import ORDER
+    opening = track.points[:, ORDER.index(14), 1] - track.points[:, ORDER.index(13), 1]
+    assert np.ptp(opening) > 2.0
+
+
+def test_frames_without_face_are_flagged_not_fatal(face_clip: Path, tmp_path: Path,
+                                                   cache_dir: Path) -> None:
+    blank = make_video(tmp_path / "pattern.mp4", seconds=0.4, size="256x256", audio=False)
+    joined = tmp_path / "face_then_pattern.mp4"
+    with VideoWriter(joined, 256, 256, Fraction(25)) as writer:
+        for path in (face_clip, blank):
+            for frame in read_frames(probe_video(path)):
+                writer.write(frame)
+    inputs = Inputs.of(joined)
+    with inputs.open_cache(cache_dir) as cache:
+        track = run_front(cache, inputs).track
+    assert track.frames == 60
+    assert track.detected[:45].all() and not track.detected[52:].any()
+    # Boxes of the faceless frames hold (within smoothing) the last face's box.
+    last_face = track.detected.nonzero()[0][-1]
+    assert np.abs(track.boxes[-1] - track.boxes[last_face]).max() <= 2
+
+    only_pattern = Inputs.of(blank)
+    with only_pattern.open_cache(cache_dir) as cache:
+        none = run_front(cache, only_pattern).track
+    assert none.faces_found == 0 and none.frames == 10
+
+
+def test_smoothing_fills_gaps_and_removes_jitter() -> None:
+    rng = np.random.default_rng(0)
+    frames = 100
+    truth = np.zeros((frames, 131, 2))
+    truth[..., 0] = np.linspace(100, 140, frames)[:, None] + np.linspace(-50, 50, 131)
+    truth[..., 1] = 200 + np.linspace(-60, 60, 131)
+    noisy = truth + rng.normal(0, 1.5, truth.shape)
+    detected = np.ones(frames, bool)
+    detected[40:45] = False
+    noisy[40:45] = 0.0  # garbage where nothing was found
+    points, boxes = smooth_track(noisy, detected, 25)
+    assert np.abs(points[40:45] - truth[40:45]).max() < 6
+    jitter_in = np.abs(np.diff(noisy[:30, :74], axis=0)).mean()
+    jitter_out = np.abs(np.diff(points[:30, :74], axis=0)).mean()
+    assert jitter_out < 0.6 * jitter_in
+    assert np.abs(np.diff(boxes[:, 2])).max() <= 1
+
+
+def test_native_logs_stay_out_of_stderr(face_clip: Path) -> None:
+    script = ("import sys; from dubtool.face.detect import FaceMeshDetector\n"
+              "from dubtool.media.frames import read_frames\n"
+              "from dubtool.media.probe import probe_video\n"
+              "with FaceMeshDetector() as d:\n"
+              "    frames = read_frames(probe_video(sys.argv[1]))\n"
+              "    n = sum(d.detect(f) is not None for f in frames)\n"
+              "print(n)\n")
+    env = {k: v for k, v in os.environ.items() if k != "DUBTOOL_NATIVE_LOGS"}
+    proc = subprocess.run([sys.executable, "-c", script, str(face_clip)], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "50"
+    assert proc.stderr == ""
+
+
+def test_cache_dir_is_created_and_reused(face_clip: Path, tmp_path: Path) -> None:
+    nested = tmp_path / "a" / "b"
+    inputs = Inputs.of(face_clip)
+    with inputs.open_cache(nested) as cache:
+        run_front(cache, inputs)
+    assert (nested / cache.key / "landmarks" / "track.npz").is_file()
+    shutil.rmtree(nested / cache.key / "landmarks")  # a stage folder lost by hand
+    with inputs.open_cache(nested) as cache:
+        run_front(cache, inputs)
+    assert _statuses(cache)["landmarks"] == "ran"
+
+
+
+@pytest.mark.shared
+def test_landmarks_on_the_shared_news_clip(tmp_path: Path) -> None:
+    from conftest import SHARED
+
+    from dubtool.api import landmarks
+
+    clip = SHARED / "train" / "clips" / "German_20s.mp4"
+    if not clip.exists():
+        pytest.skip("../shared/data is not beside the repository")
+    result = landmarks(clip, output=tmp_path / "debug.mp4", cache_dir=tmp_path / "cache")
+    assert result.track.frames == 500 and result.track.faces_found == 500
+    assert probe_video(tmp_path / "debug.mp4").frame_count == 500
