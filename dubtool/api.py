@@ -3,6 +3,8 @@
 >>> import dubtool
 >>> result = dubtool.landmarks("talk.mp4", output="debug.mp4", json_path="points.json")
 >>> result.track.faces_found, result.track.ms_per_frame
+>>> dubtool.prepare("videos/", "dataset/")
+>>> dubtool.train("autoencoder", "cpu-128", "dataset/", "runs/ae", steps=2000)
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dubtool.errors import OutputError
+from dubtool.errors import InputNotFound, OutputError
 from dubtool.face.draw import draw_face
 from dubtool.face.indices import NUM_POSE, ORDER
 from dubtool.media.frames import VideoWriter, check_output_path, read_frames
@@ -21,6 +24,10 @@ from dubtool.pipeline.cache import RunSummary, StageRecord, clean_runs, list_run
 from dubtool.pipeline.extract import Extracted
 from dubtool.pipeline.landmarks import FaceTrack
 from dubtool.pipeline.run import Inputs, StageProgress, run_front
+
+if TYPE_CHECKING:
+    from dubtool.training.dataset import ClipReport
+    from dubtool.training.loop import TrainProgress, TrainResult
 
 
 @dataclass
@@ -110,3 +117,48 @@ def cache_clean(cache_dir: str | Path | None = None, keys: Sequence[str] | None 
                 older_than_days: float | None = None) -> list[RunSummary]:
     """Remove cached runs (all, by key prefix, or unused for some days); returns them."""
     return clean_runs(cache_dir, list(keys) if keys else None, older_than_days)
+
+
+def prepare(videos: str | Path, output: str | Path, *, crop_size: int = 128,
+            min_face_fraction: float = 0.9, validation_fraction: float = 0.1,
+            cache_dir: str | Path | None = None,
+            progress: StageProgress | None = None) -> list[ClipReport]:
+    """Turn a folder of talking-head videos into a training set (see training.dataset)."""
+    from dubtool.training.dataset import prepare as prepare_dataset
+
+    source = Path(videos)
+    if not source.is_dir():
+        raise InputNotFound("not a folder of videos", source)
+    target = Path(output).resolve()
+    if target == source.resolve() or source.resolve() in target.parents:
+        raise OutputError("the data set must be written outside the videos folder", target)
+    return prepare_dataset(source, target, crop_size, min_face_fraction, validation_fraction,
+                           cache_dir, progress)
+
+
+def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
+          steps: int, autoencoder: str | Path | None = None, end2end: bool = True,
+          device: str = "auto", resume: bool = False, epoch_steps: int = 200,
+          checkpoint_every: int = 50, seed: int = 0,
+          progress: TrainProgress | None = None) -> TrainResult:
+    """Train ``part`` ("autoencoder", then "dubber" on top of a trained autoencoder)."""
+    # torch and diffusers are imported only by the commands that need them: start-up stays fast.
+    from dubtool.nets.config import ModelConfig
+
+    model_config = ModelConfig.named(config)
+    if part == "autoencoder":
+        from dubtool.training.autoencoder import train_autoencoder
+
+        return train_autoencoder(model_config, data, out, steps, device=device, resume=resume,
+                                 epoch_steps=epoch_steps, checkpoint_every=checkpoint_every,
+                                 seed=seed, progress=progress)
+    if part == "dubber":
+        if autoencoder is None:
+            raise InputNotFound("training the dubber needs --autoencoder: the model folder "
+                                "of a trained autoencoder (RUN/model)")
+        from dubtool.training.dubber import train_dubber
+
+        return train_dubber(model_config, data, autoencoder, out, steps, end2end=end2end,
+                            device=device, resume=resume, epoch_steps=epoch_steps,
+                            checkpoint_every=checkpoint_every, seed=seed, progress=progress)
+    raise ValueError(f"unknown part {part!r}: autoencoder or dubber")

@@ -132,6 +132,89 @@ def landmarks_cmd(
         err.print(f"warning: no face found in any frame of {result.extracted.video.path}")
 
 
+@app.command("prepare")
+def prepare_cmd(
+    videos: Annotated[Path, typer.Argument(help="Folder of talking-head videos (searched "
+                  "recursively; one sub-folder per person, or a PEOPLE.tsv beside the clips).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Data set folder to write.")],
+    crop_size: Annotated[int, typer.Option(help="Side of the face crops in pixels.")] = 128,
+    min_face: Annotated[float, typer.Option(help="Keep clips with a face in at least this "
+                        "fraction of frames.")] = 0.9,
+    validation: Annotated[float, typer.Option(help="Fraction of the people kept for "
+                          "validation.")] = 0.1,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Turn videos into a training set: face crops, landmarks and mel per clip, split by person."""
+    with _stage_progress() as progress:
+        reports = _call(lambda: api.prepare(
+            videos, output, crop_size=crop_size, min_face_fraction=min_face,
+            validation_fraction=validation, cache_dir=cache_dir,
+            progress=lambda clip, done, total: progress("prepare", done, total)))
+    table = Table("clip", "person", "frames", "faces", "split")
+    for r in reports:
+        style = "yellow" if r.status.startswith("skipped") else ""
+        table.add_row(r.clip, r.person, str(r.frames), str(r.faces), r.status, style=style)
+    out.print(table)
+    kept = [r for r in reports if r.status in ("train", "val")]
+    for split in ("train", "val"):
+        rows = [r for r in kept if r.status == split]
+        out.print(f"{split}: {len(rows)} clips, {len({r.person for r in rows})} people, "
+                  f"{sum(r.faces for r in rows)} frames")
+    out.print(f"skipped: {len(reports) - len(kept)} clips; data set in {output}")
+    if not kept:
+        err.print(f"error: {videos}: no usable clip found")
+        raise typer.Exit(4)
+
+
+@app.command("train")
+def train_cmd(
+    part: Annotated[str, typer.Argument(help="autoencoder (first) or dubber.")],
+    config: Annotated[str, typer.Option("--config", help="cpu-128, paper-256 or a config.json "
+                      "path.")] = "cpu-128",
+    data: Annotated[Path, typer.Option("--data", help="Folder made by 'dubtool prepare'.")]
+    = Path("dataset"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, log, "
+                       "model/).")] = Path("runs/train"),
+    steps: Annotated[int, typer.Option(help="Optimisation steps in all (a resumed run "
+                     "continues up to this).")] = 1000,
+    autoencoder: Annotated[Path | None, typer.Option(help="For dubber: the trained "
+                           "autoencoder's model folder (RUN/model).")] = None,
+    end2end: Annotated[bool, typer.Option("--end2end/--no-end2end", help="Let L_ldm train "
+                       "the landmark completion (the paper's method) or train it on L1 "
+                       "alone (its ablation).")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's "
+                      "checkpoint.")] = False,
+    epoch_steps: Annotated[int, typer.Option(help="Steps between validations.")] = 200,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
+    seed: int = 0,
+) -> None:
+    """Train the autoencoder, or the landmark completion + denoiser on top of it."""
+    if part not in ("autoencoder", "dubber"):
+        raise typer.BadParameter("autoencoder or dubber", param_hint="PART")
+    bars = Progress(TextColumn("train {task.fields[part]}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[losses]}"), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=out, disable=not out.is_terminal)
+    with bars:
+        task = bars.add_task("train", total=steps, part=part, losses="")
+
+        def progress(step: int, total: int, losses: dict[str, float]) -> None:
+            text = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+            bars.update(task, completed=step, total=total, losses=text)
+
+        result = _call(lambda: api.train(
+            part, config, data, out_dir, steps=steps, autoencoder=autoencoder, end2end=end2end,
+            device=device, resume=resume, epoch_steps=epoch_steps,
+            checkpoint_every=checkpoint_every, seed=seed, progress=progress))
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("steps", str(result.steps))
+    table.add_row("parameters", f"{result.parameters / 1e6:.2f} M")
+    table.add_row("s/step", f"{result.seconds_per_step:.2f}")
+    table.add_row("validation", ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items()))
+    table.add_row("model", str(result.model))
+    out.print(table)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":

@@ -1,0 +1,1 @@
+"""Networks: configs, landmark completion, autoencoder, appearance encoder, denoiser, sampling."""

@@ -1,0 +1,185 @@
+"""Model dimensions and settings: dataclasses saved with the weights as config.json.
+
+One ModelConfig describes a whole dubbing model: the autoencoder, the landmark completion
+transformer, the denoiser U-Net (with its appearance encoder), the diffusion schedule and the
+training settings, plus the crop size and the landmark order the weights were trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dubtool.errors import ModelError
+from dubtool.face.indices import NUM_CONTENT, NUM_POINTS, NUM_POSE, ORDER
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "models" / "configs"
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """KL autoencoder on face crops; each entry of ``channels`` after the first halves the side."""
+
+    image_size: int = 128
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    norm_groups: int = 16
+    # Latents are multiplied by this before diffusion (1 / their standard deviation, measured
+    # on the training crops once the autoencoder is trained).
+    scaling_factor: float = 1.0
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.downsampling
+
+
+@dataclass(frozen=True)
+class CompletionConfig:
+    """Audio -> lip/jaw landmarks transformer (paper III-B)."""
+
+    frames: int = 5          # L successive frames predicted together
+    references: int = 5      # N reference full-face landmark sets
+    d_model: int = 128
+    layers: int = 3
+    heads: int = 4
+    ff_dim: int = 512
+    dropout: float = 0.1
+    mel_bins: int = 80
+    mel_window: int = 16     # mel steps per frame (0.2 s)
+    pose_points: int = NUM_POSE
+    content_points: int = NUM_CONTENT
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """Lower-half inpainting U-Net with TalkFormer blocks at scales 2..I (paper III-C)."""
+
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (64, 128, 128)   # one entry per scale: I = len(channels)
+    layers_per_scale: int = 1
+    norm_groups: int = 16
+    head_dim: int = 32
+    landmark_dim: int = 128      # size of the landmark embeddings used as keys/values
+    landmark_points: int = NUM_POINTS
+    temporal_attention: bool = True
+    motion_frames: int = 2       # frames of the previous chunk seen by temporal attention
+
+    @property
+    def scales(self) -> int:
+        return len(self.channels)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    train_steps: int = 1000      # T
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    sample_steps: int = 25       # DDIM steps at inference
+    eta: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    learning_rate: float = 2e-4
+    autoencoder_learning_rate: float = 2e-4
+    batch_size: int = 4          # samples of L frames each
+    autoencoder_batch_size: int = 16
+    l1_weight: float = 10.0      # lambda of L_total = L_ldm + lambda * L1
+    kl_weight: float = 1e-6
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (CUDA only)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cpu-128"
+    crop_size: int = 128
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    completion: CompletionConfig = field(default_factory=CompletionConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    landmark_order: tuple[int, ...] = ORDER
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.autoencoder.image_size != self.crop_size:
+            problems.append("autoencoder.image_size must equal crop_size")
+        if self.denoiser.latent_channels != self.autoencoder.latent_channels:
+            problems.append("denoiser.latent_channels must equal autoencoder.latent_channels")
+        if self.autoencoder.latent_size % 2 ** (self.denoiser.scales - 1):
+            problems.append("the latent side must halve evenly at every denoiser scale")
+        if tuple(self.landmark_order) != ORDER:
+            problems.append("landmark_order differs from this version's 131-point order")
+        for c in self.denoiser.channels:
+            if c % self.denoiser.norm_groups or c % self.denoiser.head_dim:
+                problems.append(f"denoiser channel count {c} must divide by norm_groups and "
+                                "head_dim")
+        if problems:
+            raise ModelError("invalid model config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        parts = {"autoencoder": AutoencoderConfig, "completion": CompletionConfig,
+                 "denoiser": DenoiserConfig, "diffusion": DiffusionConfig,
+                 "training": TrainingConfig}
+        try:
+            kwargs: dict[str, Any] = {}
+            for key, value in data.items():
+                if key in parts:
+                    kwargs[key] = _build(parts[key], value)
+                elif key == "landmark_order":
+                    kwargs[key] = tuple(value)
+                else:
+                    kwargs[key] = value
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ModelError(f"invalid model config: {exc}") from exc
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ModelError("config not found", path) from exc
+        except ValueError as exc:
+            raise ModelError(f"config is not valid JSON ({exc})", path) from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def named(cls, name_or_path: str | Path) -> ModelConfig:
+        """A config from models/configs by name (``cpu-128``, ``paper-256``) or from a path."""
+        path = Path(name_or_path)
+        if not path.suffix and not path.exists():
+            path = CONFIGS_DIR / f"{name_or_path}.json"
+        if not path.exists():
+            known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.json")))
+            raise ModelError(f"no such config (known: {known})", name_or_path)
+        return cls.load(path)
+
+
+def _build(kind: type, value: dict[str, Any]) -> Any:
+    names = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(value) - set(names)
+    if unknown:
+        raise TypeError(f"{kind.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})

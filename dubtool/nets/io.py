@@ -1,0 +1,124 @@
+"""Model folders: config.json + safetensors weights (+ MODEL_CARD.md). Nothing else is loaded.
+
+A model folder holds ``config.json`` (a ModelConfig), ``autoencoder.safetensors`` and, once the
+dubbing model is trained, ``dubber.safetensors``. Weights are read with safetensors only: no
+pickle, so a model folder from an untrusted source cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dubtool.errors import ModelError
+from dubtool.nets.autoencoder import FaceAutoencoder
+from dubtool.nets.config import ModelConfig
+from dubtool.nets.dubber import DubbingModel
+
+CONFIG_FILE = "config.json"
+AUTOENCODER_FILE = "autoencoder.safetensors"
+DUBBER_FILE = "dubber.safetensors"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+
+
+def save_weights(module: nn.Module, path: str | Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """A module's state dict as safetensors, written atomically."""
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata or {})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_weights(module: nn.Module, path: str | Path) -> None:
+    """Fill ``module`` from a safetensors file whose names and shapes must match exactly."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ModelError("only .safetensors weight files are loaded", path)
+    if not path.is_file():
+        raise ModelError("weights file not found", path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"not a readable safetensors file ({exc})", path) from exc
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors)
+                   if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    if missing or unexpected or wrong:
+        details = []
+        for label, names in (("missing", missing), ("unexpected", unexpected),
+                             ("wrong shape", wrong)):
+            if names:
+                details.append(f"{len(names)} {label} (e.g. {names[0]})")
+        raise ModelError("weights do not match the config: " + ", ".join(details), path)
+    module.load_state_dict(tensors, strict=True)
+
+
+@dataclass
+class LoadedModel:
+    folder: Path
+    config: ModelConfig
+    autoencoder: FaceAutoencoder
+    dubber: DubbingModel | None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+        self.autoencoder.to(device, dtype)
+        if self.dubber is not None:
+            self.dubber.to(device, dtype)
+        return self
+
+
+def resolve_model_folder(name_or_path: str | Path) -> Path:
+    """A model folder given by path, or by name under the repository's models/."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    named = MODELS_DIR / str(name_or_path)
+    if (named / CONFIG_FILE).is_file():
+        return named
+    raise ModelError("no such model folder", name_or_path)
+
+
+def save_model(folder: str | Path, config: ModelConfig, autoencoder: FaceAutoencoder,
+               dubber: DubbingModel | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save(folder / CONFIG_FILE)
+    save_weights(autoencoder, folder / AUTOENCODER_FILE, {"config": config.name})
+    if dubber is not None:
+        save_weights(dubber, folder / DUBBER_FILE, {"config": config.name})
+    return folder
+
+
+def load_model(name_or_path: str | Path, need_dubber: bool = True) -> LoadedModel:
+    """Build the networks from the folder's config and fill them from its safetensors."""
+    folder = resolve_model_folder(name_or_path)
+    for entry in folder.iterdir():
+        if entry.suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
+            raise ModelError(f"holds pickle-format weights ({entry.name}); only safetensors "
+                             "are loaded", folder)
+    config = ModelConfig.load(folder / CONFIG_FILE)
+    autoencoder = FaceAutoencoder(config.autoencoder)
+    load_weights(autoencoder, folder / AUTOENCODER_FILE)
+    autoencoder.eval().requires_grad_(False)
+    dubber = None
+    if (folder / DUBBER_FILE).exists():
+        dubber = DubbingModel(config)
+        load_weights(dubber, folder / DUBBER_FILE)
+        dubber.eval()
+    elif need_dubber:
+        raise ModelError("has no trained dubbing model (dubber.safetensors): train one with "
+                         "'dubtool train dubber'", folder)
+    return LoadedModel(folder, config, autoencoder, dubber)

@@ -1,0 +1,54 @@
+"""Diffusion schedule, lower-half mask, and DDIM inpainting of the lower half of a latent."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler
+
+from dubtool.nets.config import DiffusionConfig
+from dubtool.nets.denoiser import Conditioning, Denoiser
+
+
+def make_scheduler(config: DiffusionConfig) -> DDIMScheduler:
+    return DDIMScheduler(num_train_timesteps=config.train_steps, beta_start=config.beta_start,
+                         beta_end=config.beta_end, beta_schedule=config.beta_schedule,
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                         prediction_type="epsilon")
+
+
+def lower_half_mask(size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(1, 1, size, size): 1 on the lower half of the rows (diffused), 0 on the upper half."""
+    mask = torch.zeros(1, 1, size, size, device=device)
+    mask[:, :, size // 2:] = 1.0
+    return mask
+
+
+def noised_lower_half(latent: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                      scheduler: DDIMScheduler) -> torch.Tensor:
+    """z_t for training: the lower half diffused to step t, the upper half kept clean."""
+    mask = lower_half_mask(latent.shape[-1], latent.device)
+    return mask * scheduler.add_noise(latent, noise, timesteps) + (1 - mask) * latent
+
+
+@torch.inference_mode()
+def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioning,
+                       scheduler: DDIMScheduler, steps: int, eta: float = 0.0,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Generate the lower half of ``known`` (B*L, C, h, w) by DDIM in ``steps`` steps.
+
+    Only the lower half is diffused: after every step the upper half is reset to the known
+    latent, so the result's upper half equals the input's exactly. The same generator seed
+    gives the same result.
+    """
+    mask = lower_half_mask(known.shape[-1], known.device).to(known.dtype)
+    masked = known * (1 - mask)
+    noise = torch.randn(known.shape, generator=generator, dtype=torch.float32,
+                        device=generator.device if generator is not None else "cpu")
+    latent = noise.to(known.device, known.dtype) * mask + masked
+    scheduler.set_timesteps(steps, device=known.device)
+    batch_mask = mask.expand(known.shape[0], -1, -1, -1)
+    for t in scheduler.timesteps:
+        eps = denoiser(latent, masked, batch_mask, t.expand(known.shape[0]), cond)
+        latent = scheduler.step(eps, t, latent, eta=eta, generator=generator).prev_sample
+        latent = latent * mask + masked
+    return latent

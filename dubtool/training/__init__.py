@@ -1,0 +1,1 @@
+"""Training: data preparation, the autoencoder, and the joint dubbing model."""

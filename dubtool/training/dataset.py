@@ -1,0 +1,355 @@
+"""Training data: ``dubtool prepare`` turns videos into face-crop clips; samplers draw from them.
+
+A prepared data set is a folder with ``dataset.json`` (crop size, clips, people, split) and one
+folder per clip holding
+    crops.npy     (F, S, S, 3) uint8   face crops at the stable crop box of each frame
+    points.npy    (F, 131, 2) float32  the 131 points normalised to the crop
+    detected.npy  (F,) bool            whether the face was found in the frame
+    mel.npy       (80, T) float32      log-mel of the clip's own speech
+    meta.json                          fps, source video, person
+Crops are stored uncompressed so that training memory-maps them instead of loading all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dubtool.errors import InputNotFound
+from dubtool.face.indices import MIRROR
+from dubtool.media.audio import mel_window
+from dubtool.media.frames import read_frames
+from dubtool.pipeline.run import Inputs, run_front
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".m4v"}
+PEOPLE_FILE = "PEOPLE.tsv"
+DATASET_FILE = "dataset.json"
+
+PrepareProgress = Callable[[str, int, int], None]
+
+
+def find_videos(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+
+
+def person_of(video: Path, root: Path) -> str:
+    """Who is in a clip: a PEOPLE.tsv (clip<TAB>person) beside it, else the first folder under
+    the root (VoxCeleb/HDTF layout: one folder per person), else the clip itself."""
+    table = video.parent / PEOPLE_FILE
+    if table.is_file():
+        for line in table.read_text().splitlines():
+            parts = line.strip().split("\t")
+            if len(parts) >= 2 and parts[0] in (video.name, video.stem):
+                return parts[1]
+    relative = video.relative_to(root)
+    return relative.parts[0] if len(relative.parts) > 1 else video.stem
+
+
+@dataclass
+class ClipReport:
+    clip: str
+    person: str
+    frames: int
+    faces: int
+    status: str  # "train", "val" or "skipped: <reason>"
+
+
+def _clip_name(video: Path, root: Path) -> str:
+    relative = str(video.relative_to(root).with_suffix(""))
+    return relative.replace(os.sep, "__").replace(" ", "_")
+
+
+def _write_clip(folder: Path, video: Path, person: str, front, crop_size: int) -> None:
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    track, extracted = front.track, front.extracted
+    frames = track.frames
+    crops = np.lib.format.open_memmap(tmp / "crops.npy", mode="w+", dtype=np.uint8,
+                                      shape=(frames, crop_size, crop_size, 3))
+    points = np.zeros((frames, 131, 2), np.float32)
+    for i, frame in enumerate(read_frames(extracted.video)):
+        box = track.box(i)
+        crops[i] = box.crop(frame, crop_size)
+        points[i] = box.to_crop(track.points[i])
+    crops.flush()
+    del crops
+    np.save(tmp / "points.npy", points)
+    np.save(tmp / "detected.npy", track.detected)
+    np.save(tmp / "mel.npy", extracted.mel.astype(np.float32))
+    fps = extracted.video.fps
+    (tmp / "meta.json").write_text(json.dumps({
+        "fps": f"{fps.numerator}/{fps.denominator}", "video": str(video), "person": person,
+        "frames": frames, "faces": track.faces_found}))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _validation_people(frames_by_person: dict[str, int], fraction: float) -> set[str]:
+    """A deterministic choice of about ``fraction`` of the people, never the one with the most
+    footage (it would take a large share of the training data with it)."""
+    people = sorted(frames_by_person, key=lambda p: hashlib.sha1(p.encode()).hexdigest())
+    largest = max(frames_by_person, key=frames_by_person.get)
+    count = max(1, round(fraction * len(people))) if len(people) > 1 else 0
+    return set([p for p in people if p != largest][:count])
+
+
+def prepare(videos: str | Path, output: str | Path, crop_size: int = 128,
+            min_face_fraction: float = 0.9, validation_fraction: float = 0.1,
+            cache_dir: str | Path | None = None,
+            progress: PrepareProgress | None = None) -> list[ClipReport]:
+    """Prepare every video under ``videos`` (its own audio is its speech) into ``output``."""
+    root = Path(videos).resolve()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    reports: list[ClipReport] = []
+    kept: list[tuple[str, str, int]] = []
+    all_videos = find_videos(root)
+    for n, video in enumerate(all_videos):
+        name = _clip_name(video, root)
+        person = person_of(video, root)
+        if progress is not None:
+            progress(name, n, len(all_videos))
+        try:
+            inputs = Inputs.of(video, video)
+            with inputs.open_cache(cache_dir) as cache:
+                front = run_front(cache, inputs, loop="cut")
+        except Exception as exc:  # one bad clip never stops the others
+            reports.append(ClipReport(name, person, 0, 0, f"skipped: {exc}"))
+            continue
+        track = front.track
+        if track.faces_found < min_face_fraction * track.frames:
+            reports.append(ClipReport(name, person, track.frames, track.faces_found,
+                                      f"skipped: face in {track.faces_found}/{track.frames} "
+                                      "frames"))
+            continue
+        folder = output / name
+        meta = folder / "meta.json"
+        if not (meta.exists() and json.loads(meta.read_text()).get("frames") == track.frames
+                and np.load(folder / "crops.npy", mmap_mode="r").shape[1] == crop_size):
+            _write_clip(folder, video, person, front, crop_size)
+        kept.append((name, person, track.faces_found))
+        reports.append(ClipReport(name, person, track.frames, track.faces_found, "train"))
+    if progress is not None:
+        progress("", len(all_videos), len(all_videos))
+    frames_by_person: dict[str, int] = {}
+    for _, person, faces in kept:
+        frames_by_person[person] = frames_by_person.get(person, 0) + faces
+    val_people = _validation_people(frames_by_person, validation_fraction) if kept else set()
+    for report in reports:
+        if report.status == "train" and report.person in val_people:
+            report.status = "val"
+    split = {"train": [r.clip for r in reports if r.status == "train"],
+             "val": [r.clip for r in reports if r.status == "val"]}
+    (output / DATASET_FILE).write_text(json.dumps({
+        "crop_size": crop_size, "source": str(root), "split": split,
+        "people": {r.clip: r.person for r in reports if r.status in ("train", "val")},
+    }, indent=1))
+    return reports
+
+
+# -- reading a prepared data set -----------------------------------------------------------
+
+
+@dataclass
+class Clip:
+    name: str
+    person: str
+    fps: Fraction
+    crops: np.ndarray      # (F, S, S, 3) uint8, memory-mapped
+    points: np.ndarray     # (F, 131, 2)
+    detected: np.ndarray   # (F,)
+    mel: np.ndarray        # (80, T)
+
+    @classmethod
+    def load(cls, folder: Path) -> Clip:
+        meta = json.loads((folder / "meta.json").read_text())
+        return cls(folder.name, meta["person"], Fraction(meta["fps"]),
+                   np.load(folder / "crops.npy", mmap_mode="r"), np.load(folder / "points.npy"),
+                   np.load(folder / "detected.npy"), np.load(folder / "mel.npy"))
+
+    def runs(self, length: int, before: int = 0) -> np.ndarray:
+        """Start indices s such that frames s-before .. s+length-1 all hold a face."""
+        ok = self.detected.astype(np.int64)
+        span = length + before
+        if len(ok) < span:
+            return np.zeros(0, np.int64)
+        window = np.convolve(ok, np.ones(span, np.int64), mode="valid")
+        return np.nonzero(window == span)[0] + before
+
+
+class PreparedData:
+    """The clips of one split, with a sampler that picks people evenly."""
+
+    def __init__(self, folder: str | Path, split: str) -> None:
+        self.folder = Path(folder)
+        info_path = self.folder / DATASET_FILE
+        if not info_path.is_file():
+            raise InputNotFound("not a prepared data set (no dataset.json): run "
+                                "'dubtool prepare' first", self.folder)
+        info = json.loads(info_path.read_text())
+        self.crop_size = info["crop_size"]
+        self.clips = [Clip.load(self.folder / name) for name in info["split"][split]]
+        self.by_person: dict[str, list[int]] = {}
+        for i, clip in enumerate(self.clips):
+            self.by_person.setdefault(clip.person, []).append(i)
+        self.people = sorted(self.by_person)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    @property
+    def frames(self) -> int:
+        return sum(len(c.detected) for c in self.clips)
+
+    def pick_clip(self, rng: np.random.Generator, usable: Callable[[Clip], bool] = lambda c: True
+                  ) -> Clip:
+        """A clip of a person drawn uniformly (so one long-recorded speaker cannot dominate)."""
+        for _ in range(100):
+            person = self.people[rng.integers(len(self.people))]
+            clips = self.by_person[person]
+            clip = self.clips[clips[rng.integers(len(clips))]]
+            if usable(clip):
+                return clip
+        raise ValueError("no clip in the data set has enough frames with a face")
+
+
+# -- augmentation ---------------------------------------------------------------------------
+
+
+@dataclass
+class Augment:
+    """One random augmentation, applied alike to every image and point set of a sample."""
+
+    flip: bool
+    scale: float
+    shift: tuple[float, float]
+    brightness: float
+    contrast: float
+    saturation: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, strength: float = 1.0) -> Augment:
+        s = strength
+        return cls(flip=bool(rng.random() < 0.5 * s), scale=float(1 + rng.uniform(-0.05, 0.05) * s),
+                   shift=(float(rng.uniform(-0.03, 0.03) * s), float(rng.uniform(-0.03, 0.03) * s)),
+                   brightness=float(rng.uniform(-0.1, 0.1) * s),
+                   contrast=float(1 + rng.uniform(-0.15, 0.15) * s),
+                   saturation=float(1 + rng.uniform(-0.2, 0.2) * s))
+
+    @classmethod
+    def none(cls) -> Augment:
+        return cls(False, 1.0, (0.0, 0.0), 0.0, 1.0, 1.0)
+
+    def _matrix(self, size: int) -> np.ndarray:
+        # Scale about the centre, then shift; in pixel units of the crop.
+        c = size / 2
+        return np.array([[self.scale, 0, c - self.scale * c + self.shift[0] * size],
+                         [0, self.scale, c - self.scale * c + self.shift[1] * size]], np.float64)
+
+    def images(self, crops: np.ndarray) -> np.ndarray:
+        """(K, S, S, 3) uint8 -> (K, 3, S, S) float32 in [-1, 1]."""
+        size = crops.shape[1]
+        out = np.empty((len(crops), 3, size, size), np.float32)
+        m = self._matrix(size)
+        for k, crop in enumerate(crops):
+            img = crop[:, ::-1] if self.flip else crop
+            if self.scale != 1.0 or self.shift != (0.0, 0.0):
+                img = cv2.warpAffine(np.ascontiguousarray(img), m, (size, size),
+                                     flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+            x = img.astype(np.float32) / 127.5 - 1.0
+            grey = x.mean(axis=2, keepdims=True)
+            x = grey + (x - grey) * self.saturation
+            x = (x - x.mean()) * self.contrast + x.mean() + self.brightness
+            out[k] = np.clip(x, -1, 1).transpose(2, 0, 1)
+        return out
+
+    def points(self, points: np.ndarray) -> np.ndarray:
+        """(..., 131, 2) crop-normalised points moved like the images."""
+        p = points[..., MIRROR, :].copy() if self.flip else points.copy()
+        if self.flip:
+            p[..., 0] = 1.0 - p[..., 0]
+        p = (p - 0.5) * self.scale + 0.5 + np.array(self.shift, np.float32)
+        return p.astype(np.float32)
+
+
+# -- samples --------------------------------------------------------------------------------
+
+
+def autoencoder_batch(data: PreparedData, batch: int, rng: np.random.Generator,
+                      augment: bool = True) -> np.ndarray:
+    """(batch, 3, S, S) face crops in [-1, 1], people drawn evenly."""
+    out = []
+    for _ in range(batch):
+        clip = data.pick_clip(rng, lambda c: bool(c.detected.any()))
+        frame = rng.choice(np.nonzero(clip.detected)[0])
+        aug = Augment.draw(rng) if augment else Augment.none()
+        out.append(aug.images(clip.crops[frame:frame + 1])[0])
+    return np.stack(out)
+
+
+@dataclass
+class DubberSample:
+    """One batched-sequential sample: L successive frames of one clip.
+
+    frames (L, 3, S, S); points (L, 131, 2); references (N, 131, 2); mel (L, 80, 16);
+    reference_image (3, S, S); motion (M, 3, S, S), M may be 0.
+    """
+
+    frames: np.ndarray
+    points: np.ndarray
+    references: np.ndarray
+    mel: np.ndarray
+    reference_image: np.ndarray
+    motion: np.ndarray
+
+
+def dubber_sample(data: PreparedData, frames: int, references: int, motion_frames: int,
+                  rng: np.random.Generator, augment: bool = True) -> DubberSample:
+    """Draw one sample of ``frames`` successive frames, with the ``motion_frames`` before them.
+
+    The reference image comes from the frame farthest in time among a few random candidates,
+    so that the model cannot copy the target's mouth from it.
+    """
+    clip = data.pick_clip(rng, lambda c: len(c.runs(frames, motion_frames)) > 0)
+    start = int(rng.choice(clip.runs(frames, motion_frames)))
+    span = np.arange(start, start + frames)
+    faces = np.nonzero(clip.detected)[0]
+    others = np.setdiff1d(faces, span)
+    if len(others) == 0:
+        others = faces
+    candidates = rng.choice(others, size=min(8, len(others)), replace=False)
+    reference_frame = int(candidates[np.argmax(np.abs(candidates - start))])
+    reference_sets = rng.choice(others, size=references, replace=len(others) < references)
+    aug = Augment.draw(rng) if augment else Augment.none()
+    mel = np.stack([mel_window(clip.mel, int(i), clip.fps) for i in span])
+    return DubberSample(
+        frames=aug.images(clip.crops[span[0]:span[-1] + 1]),
+        points=aug.points(clip.points[span]),
+        references=aug.points(clip.points[reference_sets]),
+        mel=mel.astype(np.float32),
+        reference_image=aug.images(clip.crops[reference_frame:reference_frame + 1])[0],
+        motion=aug.images(clip.crops[start - motion_frames:start]),
+    )
+
+
+def dubber_batch(data: PreparedData, batch_size: int, frames: int, references: int,
+                 motion_frames: int, rng: np.random.Generator, augment: bool = True,
+                 motion_probability: float = 0.5) -> dict[str, np.ndarray]:
+    """A batch of samples stacked on a new first axis. Half of the batches (by default) carry
+    motion frames, so that the model learns both the first chunk of a video and the next ones.
+    """
+    motion = motion_frames if rng.random() < motion_probability else 0
+    samples = [dubber_sample(data, frames, references, motion, rng, augment)
+               for _ in range(batch_size)]
+    return {name: np.stack([getattr(s, name) for s in samples])
+            for name in ("frames", "points", "references", "mel", "reference_image", "motion")}

@@ -1,0 +1,139 @@
+"""Joint training of landmark completion + denoiser (paper III-D): L_ldm + lambda * L1.
+
+Each sample is L successive frames of one clip (batched sequential training). The landmark
+completion module predicts their lip/jaw points from the speech; joined with the frames' pose
+points they condition the denoiser, which learns to predict the noise added to the lower half
+of the frames' latents. End to end, the gradient of L_ldm flows back into the completion
+module through the predicted landmarks; with ``end2end=False`` (the paper's ablation) the
+denoiser sees the detected landmarks and the completion module learns from L1 alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dubtool.errors import ModelError
+from dubtool.face.indices import CONTENT_SLICE
+from dubtool.nets.autoencoder import FaceAutoencoder
+from dubtool.nets.config import AutoencoderConfig, ModelConfig
+from dubtool.nets.dubber import DubbingModel
+from dubtool.nets.io import load_model, save_model
+from dubtool.nets.sampling import lower_half_mask, make_scheduler, noised_lower_half
+from dubtool.training.dataset import PreparedData, dubber_batch
+from dubtool.training.loop import (
+    RunFolder,
+    TrainProgress,
+    TrainResult,
+    TrainState,
+    evaluating,
+    load_splits,
+    optimise,
+    resolve_device,
+)
+
+
+def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
+                  batch: dict[str, torch.Tensor], scheduler, l1_weight: float,
+                  end2end: bool = True,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The training objective on one batch (tensors as made by ``dubber_batch``)."""
+    frames = batch["frames"]
+    b, length = frames.shape[:2]
+    with torch.no_grad():  # the autoencoder is frozen
+        latents = autoencoder.encode(frames.flatten(0, 1))
+        reference_latent = autoencoder.encode(batch["reference_image"])
+        motion = batch.get("motion")
+        motion_latents = None
+        if motion is not None and motion.shape[1] > 0:
+            motion_latents = autoencoder.encode(motion.flatten(0, 1)).unflatten(0, motion.shape[:2])
+    target = batch["points"]
+    landmarks = model.complete(target, batch["references"], batch["mel"])
+    l1 = (landmarks[:, :, CONTENT_SLICE] - target[:, :, CONTENT_SLICE]).abs().mean()
+    condition_points = landmarks if end2end else target
+    cond = model.conditioning(condition_points, reference_latent, motion_latents)
+
+    # One diffusion time per sample, shared by its L frames (they are denoised together).
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator,
+                              device=generator.device if generator is not None else "cpu")
+    timesteps = timesteps.to(latents.device).repeat_interleave(length)
+    noise = torch.randn(latents.shape, generator=generator,
+                        device=generator.device if generator is not None else "cpu")
+    noise = noise.to(latents.device, latents.dtype)
+    mask = lower_half_mask(latents.shape[-1], latents.device).expand(latents.shape[0], -1, -1, -1)
+    noisy = noised_lower_half(latents, noise, timesteps, scheduler)
+    predicted = model.denoiser(noisy, latents * (1 - mask), mask, timesteps, cond)
+    ldm = ((predicted - noise) ** 2 * mask).sum() / (mask.sum() * latents.shape[1])
+    return {"total": ldm + l1_weight * l1, "ldm": ldm, "l1": l1}
+
+
+def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+
+
+def _validate(model: DubbingModel, autoencoder: FaceAutoencoder, data: PreparedData,
+              config: ModelConfig, scheduler, device: torch.device, batches: int,
+              end2end: bool) -> dict[str, float]:
+    rng = np.random.default_rng(4321)  # same samples, noise and times at every validation
+    generator = torch.Generator().manual_seed(4321)
+    c = config.completion
+    totals = {"total": 0.0, "ldm": 0.0, "l1": 0.0}
+    with evaluating(model):
+        for _ in range(batches):
+            batch = dubber_batch(data, config.training.batch_size, c.frames, c.references,
+                                 config.denoiser.motion_frames, rng, augment=False)
+            losses = dubber_losses(model, autoencoder, to_tensors(batch, device), scheduler,
+                                   config.training.l1_weight, end2end, generator)
+            for k in totals:
+                totals[k] += float(losses[k])
+    return {k: v / batches for k, v in totals.items()}
+
+
+def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: str | Path,
+                 run_dir: str | Path, steps: int, *, end2end: bool = True,
+                 device: str = "auto", resume: bool = False, epoch_steps: int = 200,
+                 checkpoint_every: int = 50, validation_batches: int = 4, seed: int = 0,
+                 progress: TrainProgress | None = None) -> TrainResult:
+    """Train the dubbing model on top of a trained autoencoder (a model folder)."""
+    dev = resolve_device(device)
+    trained = load_model(autoencoder_model, need_dubber=False)
+    ae = trained.config.autoencoder
+    if _autoencoder_sizes(ae) != _autoencoder_sizes(config.autoencoder):
+        raise ModelError("the autoencoder was trained with other sizes than this config's",
+                         trained.folder)
+    config = config.replace(autoencoder=ae)  # keeps the measured latent scaling
+    train, val = load_splits(data_dir, config)
+    run = RunFolder(run_dir, config, resume)
+    torch.manual_seed(seed)
+    autoencoder = trained.autoencoder.to(dev)
+    model = DubbingModel(config).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.learning_rate)
+    state = (run.load({"dubber": model}, optimizer) if resume
+             else TrainState(0, np.random.default_rng(seed)))
+    scheduler = make_scheduler(config.diffusion)
+    c = config.completion
+
+    def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        batch = dubber_batch(train, config.training.batch_size, c.frames, c.references,
+                             config.denoiser.motion_frames, rng)
+        return dubber_losses(model, autoencoder, to_tensors(batch, dev), scheduler,
+                             config.training.l1_weight, end2end)
+
+    seconds, validation = optimise(
+        run, {"dubber": model}, optimizer, state, steps, step_losses,
+        lambda: _validate(model, autoencoder, val, config, scheduler, dev, validation_batches,
+                          end2end),
+        device=dev, mixed_precision=config.training.mixed_precision,
+        grad_clip=config.training.grad_clip, epoch_steps=epoch_steps,
+        checkpoint_every=checkpoint_every, progress=progress)
+    model_dir = save_model(run.folder / "model", config, autoencoder, model)
+    return TrainResult(run.folder, model_dir, state.step, seconds, validation,
+                       sum(p.numel() for p in model.parameters()))
+
+
+def _autoencoder_sizes(config: AutoencoderConfig) -> tuple:
+    """An autoencoder config's sizes, ignoring the measured latent scaling."""
+    return (config.image_size, config.latent_channels, tuple(config.channels),
+            config.layers_per_block, config.norm_groups)

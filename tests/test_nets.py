@@ -1,0 +1,234 @@
+"""The networks on tiny sizes: shapes, the paper's structural claims, sampling, save/load."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dubtool.errors import ModelError
+from dubtool.nets.autoencoder import FaceAutoencoder
+from dubtool.nets.config import (
+    AutoencoderConfig,
+    CompletionConfig,
+    DenoiserConfig,
+    DiffusionConfig,
+    ModelConfig,
+    TrainingConfig,
+)
+from dubtool.nets.dubber import DubbingModel
+from dubtool.nets.io import load_model, load_weights, save_model, save_weights
+from dubtool.nets.sampling import inpaint_lower_half, lower_half_mask, make_scheduler
+from dubtool.nets.talkformer import TalkFormer
+from dubtool.training.dubber import dubber_losses
+
+
+def tiny_config(temporal: bool = True) -> ModelConfig:
+    return ModelConfig(
+        name="tiny", crop_size=32,
+        autoencoder=AutoencoderConfig(image_size=32, channels=(8, 16, 16), norm_groups=4),
+        completion=CompletionConfig(frames=3, references=2, d_model=32, layers=1, heads=2,
+                                    ff_dim=64, dropout=0.0),
+        denoiser=DenoiserConfig(channels=(16, 32), norm_groups=4, head_dim=8, landmark_dim=16,
+                                temporal_attention=temporal),
+        diffusion=DiffusionConfig(train_steps=100, sample_steps=4),
+        training=TrainingConfig(batch_size=2, autoencoder_batch_size=4))
+
+
+def tiny_batch(config: ModelConfig, batch: int = 2, motion: int = 2, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    frames, refs, size = config.completion.frames, config.completion.references, config.crop_size
+    points = 0.2 + 0.6 * torch.rand(batch, frames, 131, 2, generator=g)
+    return {
+        "frames": torch.rand(batch, frames, 3, size, size, generator=g) * 2 - 1,
+        "points": points,
+        "references": 0.2 + 0.6 * torch.rand(batch, refs, 131, 2, generator=g),
+        "mel": torch.randn(batch, frames, 80, 16, generator=g) * 20 - 40,
+        "reference_image": torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
+        "motion": torch.rand(batch, motion, 3, size, size, generator=g) * 2 - 1,
+    }
+
+
+@pytest.fixture
+def models() -> tuple[ModelConfig, FaceAutoencoder, DubbingModel]:
+    torch.manual_seed(0)
+    config = tiny_config()
+    return config, FaceAutoencoder(config.autoencoder).eval(), DubbingModel(config)
+
+
+def test_shapes_through_every_module(models) -> None:
+    config, ae, model = models
+    batch = tiny_batch(config)
+    latents = ae.encode(batch["frames"].flatten(0, 1))
+    assert latents.shape == (6, 4, 8, 8)
+    assert ae.decode(latents).shape == (6, 3, 32, 32)
+    content = model.completion(batch["points"][:, :, :74], batch["references"], batch["mel"])
+    assert content.shape == (2, 3, 57, 2)
+    landmarks = model.complete(batch["points"], batch["references"], batch["mel"])
+    assert landmarks.shape == (2, 3, 131, 2)
+    assert torch.equal(landmarks[:, :, :74], batch["points"][:, :, :74])
+    features = model.appearance(latents[:2])
+    assert [tuple(f.shape) for f in features] == [(2, 16, 8, 8), (2, 32, 4, 4)]
+    motion = ae.encode(batch["motion"].flatten(0, 1)).unflatten(0, (2, 2))
+    mask = lower_half_mask(8).expand(6, -1, -1, -1)
+    t = torch.full((6,), 10)
+    for motion_latents in (motion, None):
+        cond = model.conditioning(landmarks, latents[:2], motion_latents)
+        assert cond.landmarks.shape == (6, 131, 2) and cond.reference[1].shape == (6, 32, 4, 4)
+        out = model.denoiser(latents, latents * (1 - mask), mask, t, cond)
+        assert out.shape == latents.shape
+
+
+def test_fresh_talkformer_is_the_identity() -> None:
+    torch.manual_seed(0)
+    block = TalkFormer(16, landmark_dim=8, head_dim=8, groups=4, temporal=True)
+    hidden = torch.randn(6, 16, 4, 4)
+    out = block(hidden, torch.randn(6, 131, 8), torch.randn(6, 16, 4, 4), frames=3,
+                motion=torch.randn(4, 16, 4, 4))
+    assert torch.equal(out, hidden)
+    # ... and stops being one once its zero-initialised outputs move.
+    torch.nn.init.normal_(block.motion_alignment.out.weight)
+    assert not torch.equal(block(hidden, torch.randn(6, 131, 8), torch.randn(6, 16, 4, 4), 3),
+                           hidden)
+
+
+def _completion_grads(model: DubbingModel) -> float:
+    return sum(float(p.grad.abs().sum()) for p in model.completion.parameters()
+               if p.grad is not None)
+
+
+@pytest.mark.parametrize("end2end", [True, False])
+def test_ldm_gradient_reaches_landmark_completion_only_end_to_end(models, end2end) -> None:
+    config, ae, model = models
+    scheduler = make_scheduler(config.diffusion)
+    batch = tiny_batch(config)
+
+    def losses() -> dict:
+        return dubber_losses(model, ae, batch, scheduler, config.training.l1_weight,
+                             end2end=end2end, generator=torch.Generator().manual_seed(0))
+
+    # One training step first: at initialisation the zero convs of TalkFormer (and the zero
+    # head of the completion module) block every path, in both modes.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses()["total"].backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    losses()["ldm"].backward()
+    grads = _completion_grads(model)
+    assert (grads > 0) == end2end
+    if end2end:
+        # Deep inside the module too, not only at its output layer.
+        audio = model.completion.audio_embed.convs[0].weight.grad
+        assert audio is not None and float(audio.abs().sum()) > 0
+    assert float(model.denoiser.conv_in.weight.grad.abs().sum()) > 0
+
+
+def test_l1_trains_completion_in_both_modes(models) -> None:
+    config, ae, model = models
+    losses = dubber_losses(model, ae, tiny_batch(config), make_scheduler(config.diffusion),
+                           config.training.l1_weight, end2end=False)
+    losses["l1"].backward()
+    assert _completion_grads(model) > 0
+
+
+def test_ddim_same_seed_same_sample_and_upper_half_kept(models) -> None:
+    config, ae, model = models
+    model.eval()
+    batch = tiny_batch(config)
+    known = ae.encode(batch["frames"].flatten(0, 1))
+    cond = model.conditioning(batch["points"], known[:2])
+    torch.nn.init.normal_(model.denoiser.conv_out.weight, std=0.1)
+    scheduler = make_scheduler(config.diffusion)
+
+    def sample(seed: int, eta: float = 0.0) -> torch.Tensor:
+        return inpaint_lower_half(model.denoiser, known, cond, scheduler, steps=4, eta=eta,
+                                  generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = sample(7), sample(7), sample(8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(sample(3, eta=1.0), sample(3, eta=1.0))
+    assert torch.equal(a[:, :, :4], known[:, :, :4])  # upper half exactly the input's
+    assert not torch.allclose(a[:, :, 4:], known[:, :, 4:])
+
+
+def test_tiny_model_overfits_a_fixed_batch(models) -> None:
+    config, ae, model = models
+    batch = tiny_batch(config, batch=1, motion=0)
+    scheduler = make_scheduler(config.diffusion)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(60):
+        losses = dubber_losses(model, ae, batch, scheduler, config.training.l1_weight,
+                               generator=torch.Generator().manual_seed(0))
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+        history.append(losses["total"].item())
+    assert history[-1] < history[0] / 5, history[::20]
+
+
+def test_save_load_gives_bit_identical_outputs(models, tmp_path: Path) -> None:
+    config, ae, model = models
+    model.eval()
+    torch.nn.init.normal_(model.denoiser.conv_out.weight, std=0.1)
+    folder = save_model(tmp_path / "m", config, ae, model)
+    loaded = load_model(folder)
+    assert loaded.config == config
+    batch = tiny_batch(config)
+    images = batch["frames"].flatten(0, 1)
+    assert torch.equal(loaded.autoencoder.decode(loaded.autoencoder.encode(images)),
+                       ae.decode(ae.encode(images)))
+    known = ae.encode(images)
+
+    def generate(m: DubbingModel) -> torch.Tensor:
+        with torch.no_grad():
+            landmarks = m.complete(batch["points"], batch["references"], batch["mel"])
+        cond = m.conditioning(landmarks, known[:2])
+        return inpaint_lower_half(m.denoiser, known, cond, make_scheduler(config.diffusion), 3,
+                                  generator=torch.Generator().manual_seed(1))
+
+    assert torch.equal(generate(loaded.dubber), generate(model))
+
+
+def test_only_matching_safetensors_are_loaded(models, tmp_path: Path) -> None:
+    config, ae, model = models
+    pickle_file = tmp_path / "weights.pt"
+    torch.save(ae.state_dict(), pickle_file)
+    with pytest.raises(ModelError, match=r"only \.safetensors"):
+        load_weights(ae, pickle_file)
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(pickle_file.read_bytes())
+    with pytest.raises(ModelError, match="not a readable safetensors"):
+        load_weights(ae, fake)
+    folder = save_model(tmp_path / "m", config, ae, model)
+    torch.save({"x": torch.zeros(1)}, folder / "extra.pth")
+    with pytest.raises(ModelError, match="pickle-format"):
+        load_model(folder)
+    (folder / "extra.pth").unlink()
+    # Weights of other sizes than the config says.
+    bigger = tiny_config().replace(denoiser=DenoiserConfig(channels=(16, 48), norm_groups=4,
+                                                           head_dim=8, landmark_dim=16))
+    bigger.save(folder / "config.json")
+    with pytest.raises(ModelError, match="do not match the config"):
+        load_model(folder)
+    save_weights(ae, tmp_path / "ae.safetensors")
+    with pytest.raises(ModelError, match="missing"):
+        load_weights(model, tmp_path / "ae.safetensors")
+
+
+def test_shipped_configs() -> None:
+    paper = ModelConfig.named("paper-256")
+    assert paper.crop_size == 256 and paper.autoencoder.latent_size == 64
+    assert paper.denoiser.scales == 4
+    assert (paper.completion.frames, paper.completion.references) == (5, 5)
+    assert paper.training.l1_weight == 10 and paper.training.learning_rate == 4e-5
+    assert paper.diffusion.train_steps == 1000
+    cpu = ModelConfig.named("cpu-128")
+    assert cpu.crop_size == 128 and cpu.autoencoder.latent_size == 32
+    assert ModelConfig.from_dict(cpu.to_dict()) == cpu
+    with pytest.raises(ModelError, match="no field"):
+        ModelConfig.from_dict({**cpu.to_dict(), "denoiser": {"channelz": [1]}})
+    with pytest.raises(ModelError, match="no such config"):
+        ModelConfig.named("gpu-9000")
+    with pytest.raises(ModelError, match="crop_size"):
+        cpu.replace(crop_size=64)
+

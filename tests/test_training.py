@@ -1,0 +1,148 @@
+"""Data preparation, samplers, augmentation and short training runs (tiny sizes)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_video
+from test_nets import tiny_config
+from typer.testing import CliRunner
+
+from dubtool import api
+from dubtool.cli import app
+from dubtool.errors import InputNotFound, OutputError
+from dubtool.face.indices import MIRROR, ORDER
+from dubtool.training.dataset import Augment, PreparedData, dubber_batch, person_of
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory, face_clip: Path) -> Path:
+    root = tmp_path_factory.mktemp("videos")
+    for person in ("anna", "bert", "carl"):
+        (root / person).mkdir()
+        shutil.copy(face_clip, root / person / f"{person}_1.mp4")
+    make_video(root / "carl" / "no_face.mp4", seconds=0.5, size="128x128")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(videos: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    reports = api.prepare(videos, out, crop_size=32, validation_fraction=0.34,
+                          cache_dir=tmp_path_factory.mktemp("cache"))
+    status = {r.clip: r.status for r in reports}
+    assert status["carl__no_face"].startswith("skipped: face in 0/")
+    return out
+
+
+def test_prepare_splits_by_person(dataset: Path) -> None:
+    info = json.loads((dataset / "dataset.json").read_text())
+    assert info["crop_size"] == 32
+    train, val = info["split"]["train"], info["split"]["val"]
+    assert len(train) == 2 and len(val) == 1
+    people = info["people"]
+    assert not {people[c] for c in train} & {people[c] for c in val}
+    clip = PreparedData(dataset, "train").clips[0]
+    assert clip.crops.shape == (50, 32, 32, 3) and clip.crops.dtype == np.uint8
+    assert clip.points.shape == (50, 131, 2) and clip.detected.all()
+    assert ((clip.points > 0) & (clip.points < 1)).all()
+    assert clip.mel.shape[0] == 80 and abs(clip.mel.shape[1] - 160) <= 5  # AAC pads a little
+
+
+def test_people_file_names_the_person(tmp_path: Path) -> None:
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "PEOPLE.tsv").write_text("clip\tperson\nx.mp4\tMay\n")
+    assert person_of(tmp_path / "clips" / "x.mp4", tmp_path) == "May"
+    assert person_of(tmp_path / "clips" / "y.mp4", tmp_path) == "clips"
+    assert person_of(tmp_path / "z.mp4", tmp_path) == "z"
+
+
+def test_prepare_refuses_bad_folders(tmp_path: Path, videos: Path) -> None:
+    with pytest.raises(InputNotFound):
+        api.prepare(tmp_path / "nope", tmp_path / "out")
+    with pytest.raises(OutputError, match="outside"):
+        api.prepare(videos, videos / "data")
+
+
+def test_sampler_draws_successive_frames_and_a_distant_reference(dataset: Path) -> None:
+    data = PreparedData(dataset, "train")
+    rng = np.random.default_rng(0)
+    batch = dubber_batch(data, 3, frames=5, references=4, motion_frames=2, rng=rng,
+                         augment=False, motion_probability=1.0)
+    assert batch["frames"].shape == (3, 5, 3, 32, 32)
+    assert batch["points"].shape == (3, 5, 131, 2)
+    assert batch["references"].shape == (3, 4, 131, 2)
+    assert batch["mel"].shape == (3, 5, 80, 16)
+    assert batch["reference_image"].shape == (3, 3, 32, 32)
+    assert batch["motion"].shape == (3, 2, 3, 32, 32)
+    assert batch["frames"].min() >= -1 and batch["frames"].max() <= 1
+    no_motion = dubber_batch(data, 2, 5, 4, 2, rng, motion_probability=0.0)
+    assert no_motion["motion"].shape == (2, 0, 3, 32, 32)
+
+
+def test_flip_moves_points_with_the_image() -> None:
+    # A bright dot drawn at the left mouth corner must land on the flipped left-corner point.
+    crop = np.zeros((1, 64, 64, 3), np.uint8)
+    points = np.full((131, 2), 0.5, np.float32)
+    corner = ORDER.index(61)
+    points[corner] = (0.25, 0.75)
+    crop[0, 48, 16] = 255
+    aug = Augment(True, 1.0, (0.0, 0.0), 0.0, 1.0, 1.0)
+    image = aug.images(crop)[0].mean(axis=0)
+    moved = aug.points(points)
+    y, x = np.unravel_index(np.argmax(image), image.shape)
+    twin = MIRROR[corner]
+    assert np.allclose(moved[twin] * 64, (x + 0.5, y), atol=1.0)
+    assert np.allclose(aug.points(moved), points)
+
+
+def test_scale_and_shift_move_points_with_the_image() -> None:
+    crop = np.zeros((1, 64, 64, 3), np.uint8)
+    crop[0, 20, 40] = 255
+    points = np.full((131, 2), 0.5, np.float32)
+    points[0] = (40 / 64, 20 / 64)
+    aug = Augment(False, 1.05, (0.03, -0.02), 0.0, 1.0, 1.0)
+    image = aug.images(crop)[0].mean(axis=0)
+    y, x = np.unravel_index(np.argmax(image), image.shape)
+    assert np.allclose(aug.points(points)[0] * 64, (x, y), atol=1.0)
+
+
+def test_training_runs_checkpoint_and_resume(dataset: Path, tmp_path: Path) -> None:
+    from dubtool.training.autoencoder import train_autoencoder
+    from dubtool.training.dubber import train_dubber
+
+    config = tiny_config()
+    ae = train_autoencoder(config, dataset, tmp_path / "ae", steps=3, epoch_steps=2,
+                           checkpoint_every=2, validation_batches=1)
+    assert ae.steps == 3 and (ae.model / "autoencoder.safetensors").is_file()
+    assert {"l1", "psnr"} <= set(ae.validation)
+    saved = json.loads((ae.model / "config.json").read_text())
+    assert saved["autoencoder"]["scaling_factor"] != 1.0  # measured on the crops
+    first = train_dubber(config, dataset, ae.model, tmp_path / "dub", steps=2, epoch_steps=2,
+                         checkpoint_every=1, validation_batches=1)
+    assert first.steps == 2 and {"ldm", "l1", "total"} <= set(first.validation)
+    with pytest.raises(OutputError, match="--resume"):
+        train_dubber(config, dataset, ae.model, tmp_path / "dub", steps=4)
+    resumed = train_dubber(config, dataset, ae.model, tmp_path / "dub", steps=4, resume=True,
+                           epoch_steps=2, checkpoint_every=1, validation_batches=1)
+    assert resumed.steps == 4
+    log = [json.loads(line) for line in (tmp_path / "dub" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if "validation" in e] == [2, 4]
+    assert (resumed.model / "dubber.safetensors").is_file()
+
+
+def test_cli_prepare_and_train(videos: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    data = tmp_path / "data"
+    result = runner.invoke(app, ["prepare", str(videos), "-o", str(data), "--crop-size", "128",
+                                 "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "skipped: 1 clips" in result.stdout
+    result = runner.invoke(app, ["train", "dubber", "--data", str(data), "--out",
+                                 str(tmp_path / "run")])
+    assert result.exit_code == 3 and "--autoencoder" in result.stderr
+    result = runner.invoke(app, ["train", "autoencoder", "--data", str(data), "--out",
+                                 str(tmp_path / "run"), "--config", "paper-256", "--steps", "1"])
+    assert result.exit_code == 4 and "--crop-size 256" in result.stderr
