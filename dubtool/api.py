@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,73 @@ def _write_points_json(result: LandmarksResult) -> None:
         os.replace(tmp, result.json_path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+DEFAULT_MODEL = "dubtool-cpu-128"
+
+
+@dataclass
+class DubResult:
+    output: Path
+    seconds_of_video: float
+    frames: int
+    dubbed_frames: int
+    passed_through: int
+    wall_seconds: float
+    reference_frame: int
+    stages: list[StageRecord] = field(default_factory=list)
+
+    @property
+    def real_time_factor(self) -> float:
+        """Processing seconds per second of video."""
+        return self.wall_seconds / max(self.seconds_of_video, 1e-9)
+
+
+def dub(video: str | Path, speech: str | Path, output: str | Path | None = None, *,
+        model: str | Path = DEFAULT_MODEL, steps: int | None = None, seed: int = 0,
+        eta: float = 0.0, device: str = "auto", reference_frame: int | None = None,
+        loop: str = "pingpong", cache_dir: str | Path | None = None, force: bool = False,
+        keep_cache: bool = True, progress: StageProgress | None = None) -> DubResult:
+    """Dub ``video`` with ``speech``: the lower face follows the new speech.
+
+    The output (default: ``<video name>.dubbed.mp4`` in the current folder) has the video's
+    size and frame rate, lasts as long as the speech, and carries the speech as AAC. It is
+    written under a temporary name and appears only when complete.
+    """
+    from dubtool.nets.io import load_model, model_digest
+    from dubtool.pipeline.blend import blended_frames, write_video
+    from dubtool.pipeline.diffuse import DiffusionSettings
+    from dubtool.pipeline.run import generated_crops, run_dub_stages
+    from dubtool.training.loop import resolve_device
+
+    start = time.perf_counter()
+    inputs = Inputs.of(video, speech)
+    target = Path(output) if output is not None else Path(f"{inputs.video.stem}.dubbed.mp4")
+    target = check_output_path(target, [inputs.video, inputs.speech])
+    loaded = load_model(model)
+    dev = resolve_device(device)
+    loaded.to(dev)
+    settings = DiffusionSettings(steps or loaded.config.diffusion.sample_steps, eta, seed)
+    with inputs.open_cache(cache_dir) as cache:
+        stages = run_dub_stages(cache, inputs, loaded, model_digest(loaded.folder), settings,
+                                loop=loop, reference_frame=reference_frame, device=dev,
+                                force=force, progress=progress)
+        front = stages.front
+        plan = front.extracted.plan
+        chunks = -(-len(plan) // loaded.config.completion.frames)
+        frames = blended_frames(front.extracted.video, front.track, plan,
+                                stages.completion.target, stages.crops,
+                                generated_crops(stages.generated_dir, chunks),
+                                cache.dir / f"frames.tmp-{os.getpid()}.npy")
+        dubbed = write_video(frames, front.extracted.video, len(plan), target, inputs.speech,
+                             None if progress is None else
+                             lambda done, total: progress("blend", done, total))
+        records = list(cache.records)
+    if not keep_cache:
+        clean_runs(cache.root, [cache.key])
+    return DubResult(target, front.extracted.output_seconds, len(plan), dubbed,
+                     len(plan) - dubbed, time.perf_counter() - start, stages.reference_frame,
+                     records)
 
 
 def cache_list(cache_dir: str | Path | None = None) -> list[RunSummary]:

@@ -26,6 +26,7 @@ from rich.table import Table
 from dubtool import api
 from dubtool.errors import EXIT_INTERRUPTED, DubtoolError
 from dubtool.face.detect import DETECTORS
+from dubtool.pipeline.plan import LOOP_MODES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Visual dubbing: re-generate the lower face of a talking video to follow "
@@ -90,6 +91,44 @@ def _stage_progress() -> Iterator[Callable[[str, int, int], None]]:
 
     with bars:
         yield update
+
+
+@app.command("dub")
+def dub_cmd(
+    video: Annotated[Path, typer.Argument(help="Video (or still image) of the person.")],
+    speech: Annotated[Path, typer.Argument(help="New speech: any audio file, or a video's "
+                      "audio.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output video (default: "
+                      "VIDEO_NAME.dubbed.mp4 here).")] = None,
+    model: Annotated[str, typer.Option(help="Model name (under models/) or folder.")]
+    = api.DEFAULT_MODEL,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the model's).")]
+    = None,
+    seed: Annotated[int, typer.Option(help="Seed of the diffusion noise.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    reference_frame: Annotated[int | None, typer.Option(help="Source frame used as the "
+                               "appearance reference (default: a typical one).")] = None,
+    loop: Annotated[str, typer.Option(help="Video shorter than the speech: pingpong, loop or "
+                    "cut (the speech).")] = "pingpong",
+    cache_dir: CacheDir = None,
+    force: Annotated[bool, typer.Option("--force", help="Recompute every stage.")] = False,
+    keep_cache: Annotated[bool, typer.Option("--keep-cache/--clean-cache", help="Keep the "
+                          "run's cache for a later rerun, or remove it at the end.")] = True,
+) -> None:
+    """Dub VIDEO with SPEECH: re-generate the lower face so that it follows the speech."""
+    if loop not in LOOP_MODES:
+        raise typer.BadParameter(f"choose one of {', '.join(LOOP_MODES)}", param_hint="--loop")
+    with _stage_progress() as progress:
+        result = _call(lambda: api.dub(
+            video, speech, output, model=model, steps=steps, seed=seed, device=device,
+            reference_frame=reference_frame, loop=loop, cache_dir=cache_dir, force=force,
+            keep_cache=keep_cache, progress=progress))
+    out.print(", ".join(f"{r.stage} {r.status} ({r.seconds:.1f} s)" for r in result.stages))
+    passed = (f", [yellow]{result.passed_through} passed through without a face[/]"
+              if result.passed_through else "")
+    out.print(f"[bold green]{result.output}[/]: {result.seconds_of_video:.2f} s, "
+              f"{result.dubbed_frames} frames dubbed{passed}; wall {result.wall_seconds:.1f} s, "
+              f"RTF {result.real_time_factor:.2f}")
 
 
 @app.command("landmarks")

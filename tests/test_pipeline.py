@@ -218,7 +218,7 @@ def test_landmarks_on_a_real_face(face_clip: Path, cache_dir: Path) -> None:
     assert track.points.shape == (50, 131, 2) and track.mesh.shape == (50, 478, 3)
     sizes = track.boxes[:, 2]
     assert sizes.min() > 80 and sizes.max() < 256 and np.ptp(sizes) <= 6  # stable box
-    inside = track.crop_points(25)
+    inside = track.crop_points()[25]
     assert (inside > 0).all() and (inside < 1).all()
     # The mouth moves while she talks: lip opening varies over the clip.
     from dubtool.face.indices import ORDER

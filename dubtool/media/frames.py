@@ -67,6 +67,37 @@ def read_frames(info: VideoInfo) -> Iterator[np.ndarray]:
             yield last
 
 
+def read_frames_in_order(info: VideoInfo, order: np.ndarray, scratch: Path) -> Iterator[np.ndarray]:
+    """Yield frame ``order[i]`` for every i.
+
+    An order that never goes back (a video cut to the speech) is served from one decoding
+    pass. One that does (ping-pong, loop) means the video is no longer than the speech: its
+    frames are decoded once into a memory-mapped file at ``scratch`` and served from there.
+    """
+    if len(order) == 0:
+        return
+    if np.all(np.diff(order) >= 0):
+        frames = read_frames(info)
+        current, frame = -1, None
+        for wanted in order:
+            while current < wanted:
+                frame = next(frames)
+                current += 1
+            yield frame
+        frames.close()
+        return
+    store = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8,
+                                      shape=(info.frame_count, info.height, info.width, 3))
+    try:
+        for i, frame in enumerate(read_frames(info)):
+            store[i] = frame
+        for wanted in order:
+            yield store[wanted]
+    finally:
+        del store
+        scratch.unlink(missing_ok=True)
+
+
 def check_output_path(output: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
     """The absolute output path; OutputError if it cannot be written or would clobber an input."""
     output = Path(output).resolve()

@@ -7,6 +7,7 @@ pickle, so a model folder from an untrusted source cannot run code.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from dubtool.errors import ModelError
 from dubtool.nets.autoencoder import FaceAutoencoder
 from dubtool.nets.config import ModelConfig
 from dubtool.nets.dubber import DubbingModel
+from dubtool.pipeline.cache import file_digest
 
 CONFIG_FILE = "config.json"
 AUTOENCODER_FILE = "autoencoder.safetensors"
@@ -89,6 +91,16 @@ def resolve_model_folder(name_or_path: str | Path) -> Path:
     if (named / CONFIG_FILE).is_file():
         return named
     raise ModelError("no such model folder", name_or_path)
+
+
+def model_digest(folder: Path) -> str:
+    """A hash of the model folder's config and weights: what the cache keys model stages by."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in (CONFIG_FILE, AUTOENCODER_FILE, DUBBER_FILE):
+        if (folder / name).is_file():
+            h.update(name.encode())
+            h.update(file_digest(folder / name).encode())
+    return h.hexdigest()
 
 
 def save_model(folder: str | Path, config: ModelConfig, autoencoder: FaceAutoencoder,

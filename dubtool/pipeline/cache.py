@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from dubtool.errors import CacheError
 
 MANIFEST = "manifest.json"
@@ -120,7 +122,7 @@ class RunCache:
 
     def _remove_leftovers(self) -> None:
         # Temporary files of a run that was killed: safe to remove while we hold the lock.
-        for entry in self.dir.iterdir():
+        for entry in [*self.dir.iterdir(), *self.dir.glob(f"*.chunks/*{_TMP_MARK}*")]:
             if _TMP_MARK in entry.name:
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
@@ -184,11 +186,72 @@ class RunCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self._finish(stage, stage_fingerprint, "ran", start)
+        return final
+
+    def _finish(self, stage: str, stage_fingerprint: str, status: str, start: float) -> None:
         manifest = self.manifest()
         manifest["stages"][stage] = {"fingerprint": stage_fingerprint, "finished": time.time()}
         self._write_manifest(manifest)
-        self.records.append(StageRecord(stage, "ran", time.perf_counter() - start))
+        self.records.append(StageRecord(stage, status, time.perf_counter() - start))
+
+    def run_chunked_stage(self, stage: str, stage_fingerprint: str, chunks: int,
+                          compute_chunk: Callable[[int, dict | None], dict[str, np.ndarray]],
+                          force: bool = False) -> Path:
+        """Like run_stage, for a stage made of ``chunks`` pieces computed in order.
+
+        ``compute_chunk(k, previous)`` returns chunk k's arrays, given chunk k-1's (None for
+        the first). Each chunk is written atomically as soon as it is done, into a work folder
+        that outlives a killed run: the next run with the same fingerprint starts at the first
+        missing chunk. Returns the stage folder, whose chunk files ``load_chunk`` reads.
+        """
+        if self._lock_file is None:
+            raise RuntimeError("RunCache must be entered (locked) before running stages")
+        start = time.perf_counter()
+        final = self.stage_dir(stage)
+        if not force and self.is_done(stage, stage_fingerprint):
+            self.records.append(StageRecord(stage, "cached", time.perf_counter() - start))
+            return final
+        manifest = self.manifest()
+        if manifest["stages"].pop(stage, None) is not None:
+            self._write_manifest(manifest)
+        work = self.dir / f"{stage}.chunks"
+        marker = work / "fingerprint"
+        if force or not marker.is_file() or marker.read_text() != stage_fingerprint:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            marker.write_text(stage_fingerprint)
+        resumed = 0
+        previous = None
+        for k in range(chunks):
+            path = work / chunk_name(k)
+            if path.is_file():
+                resumed += 1
+                previous = None  # loaded lazily below if chunk k+1 needs computing
+                continue
+            if previous is None and k > 0:
+                previous = load_chunk(work, k - 1)
+            arrays = compute_chunk(k, previous)
+            tmp = work / f"{chunk_name(k)}{_TMP_MARK}{os.getpid()}.npz"
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+            previous = arrays
+        marker.unlink()
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(work, final)
+        self._finish(stage, stage_fingerprint, f"resumed at chunk {resumed}" if resumed else "ran",
+                     start)
         return final
+
+
+def chunk_name(k: int) -> str:
+    return f"chunk_{k:06d}.npz"
+
+
+def load_chunk(folder: Path, k: int) -> dict[str, np.ndarray]:
+    with np.load(folder / chunk_name(k), allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
 
 
 # -- listing and cleaning -----------------------------------------------------------------

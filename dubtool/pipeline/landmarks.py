@@ -64,9 +64,10 @@ class FaceTrack:
         x0, y0, size = (int(v) for v in self.boxes[frame])
         return CropBox(x0, y0, size)
 
-    def crop_points(self, frame: int) -> np.ndarray:
-        """The 131 points of a frame normalised to its crop box: (131, 2) in [0, 1]."""
-        return self.box(frame).to_crop(self.points[frame])
+    def crop_points(self) -> np.ndarray:
+        """Every frame's 131 points normalised to its own crop box: (F, 131, 2), [0, 1] inside."""
+        offset = self.boxes[:, None, :2].astype(np.float32)
+        return (self.points - offset) / self.boxes[:, None, 2:3].astype(np.float32)
 
     def save(self, folder: Path) -> None:
         np.savez(folder / "track.npz", mesh=self.mesh, detected=self.detected,

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from dubtool.errors import InvalidMedia
 from dubtool.face.detect import make_detector
+from dubtool.face.indices import ORDER
 from dubtool.media.probe import check_readable
+from dubtool.nets.io import LoadedModel
+from dubtool.pipeline import complete as complete_stage
+from dubtool.pipeline import diffuse as diffuse_stage
 from dubtool.pipeline import extract as extract_stage
 from dubtool.pipeline import landmarks as landmarks_stage
-from dubtool.pipeline.cache import RunCache, default_cache_dir, file_digest, fingerprint
+from dubtool.pipeline.cache import RunCache, default_cache_dir, file_digest, fingerprint, load_chunk
+from dubtool.pipeline.complete import Completion
+from dubtool.pipeline.diffuse import DiffusionSettings
 from dubtool.pipeline.extract import Extracted
 from dubtool.pipeline.landmarks import FaceTrack
 
@@ -45,6 +55,8 @@ class Inputs:
 class FrontResult:
     extracted: Extracted
     track: FaceTrack
+    extract_fp: str
+    landmarks_fp: str
 
 
 def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
@@ -70,4 +82,74 @@ def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
     # The face track depends on the video alone: a new speech or loop mode keeps it.
     landmarks_fp = fingerprint("landmarks", landmarks_stage.VERSION, inputs.video_digest, detector)
     folder = cache.run_stage("landmarks", landmarks_fp, detect, force=force)
-    return FrontResult(extracted, FaceTrack.load(folder))
+    return FrontResult(extracted, FaceTrack.load(folder), extract_fp, landmarks_fp)
+
+
+@dataclass
+class DubStages:
+    front: FrontResult
+    completion: Completion
+    crops: np.ndarray
+    generated_dir: Path
+    reference_frame: int
+
+
+def pick_reference_frame(track: FaceTrack) -> int:
+    """A source frame with a face and a typical mouth: the median lip opening."""
+    faces = np.nonzero(track.detected)[0]
+    if len(faces) == 0:
+        return 0
+    top, bottom = ORDER.index(13), ORDER.index(14)  # inner lip centres
+    opening = track.points[faces, bottom, 1] - track.points[faces, top, 1]
+    return int(faces[np.argsort(opening)[len(faces) // 2]])
+
+
+def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_digest: str,
+                   settings: DiffusionSettings, *, loop: str = "pingpong",
+                   reference_frame: int | None = None, device: torch.device | None = None,
+                   force: bool = False, progress: StageProgress | None = None) -> DubStages:
+    """extract, landmarks, crops, complete and diffuse, each through the cache."""
+    device = device or torch.device("cpu")
+    front = run_front(cache, inputs, loop=loop, force=force, progress=progress)
+    video, track, plan = front.extracted.video, front.track, front.extracted.plan
+    size = model.config.crop_size
+    crops_fp = fingerprint("crops", diffuse_stage.VERSION, front.landmarks_fp, size)
+    folder = cache.run_stage("crops", crops_fp,
+                             lambda out: diffuse_stage.write_crops(video, track, size, out),
+                             force=force)
+    crops = diffuse_stage.load_crops(folder)
+
+    complete_fp = fingerprint("complete", complete_stage.VERSION, front.extract_fp,
+                              front.landmarks_fp, model_digest)
+    folder = cache.run_stage(
+        "complete", complete_fp,
+        lambda out: complete_stage.complete(model.dubber, track, plan, front.extracted.mel,
+                                            video.fps, device).save(out),
+        force=force)
+    completion = Completion.load(folder)
+
+    if reference_frame is None:
+        reference_frame = pick_reference_frame(track)
+    elif not 0 <= reference_frame < video.frame_count:
+        raise InvalidMedia(f"--reference-frame {reference_frame} is outside the video's "
+                           f"{video.frame_count} frames", video.path)
+    generator = diffuse_stage.LowerFaceGenerator(model, crops, plan, completion.target,
+                                                 reference_frame, settings, device)
+    diffuse_fp = fingerprint("diffuse", diffuse_stage.VERSION, complete_fp, crops_fp,
+                             model_digest, settings.steps, settings.eta, settings.seed,
+                             reference_frame)
+
+    def chunk(k: int, previous: dict | None) -> dict:
+        result = generator(k, previous)
+        if progress is not None:
+            progress("diffuse", min((k + 1) * generator.chunk_frames, len(plan)), len(plan))
+        return result
+
+    folder = cache.run_chunked_stage("diffuse", diffuse_fp, generator.chunks, chunk, force=force)
+    return DubStages(front, completion, crops, folder, reference_frame)
+
+
+def generated_crops(folder: Path, chunks: int) -> Iterator[np.ndarray]:
+    """The diffuse stage's crops, one per output frame, read chunk by chunk."""
+    for k in range(chunks):
+        yield from load_chunk(folder, k)["crops"]

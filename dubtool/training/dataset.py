@@ -76,14 +76,11 @@ def _write_clip(folder: Path, video: Path, person: str, front, crop_size: int) -
     frames = track.frames
     crops = np.lib.format.open_memmap(tmp / "crops.npy", mode="w+", dtype=np.uint8,
                                       shape=(frames, crop_size, crop_size, 3))
-    points = np.zeros((frames, 131, 2), np.float32)
     for i, frame in enumerate(read_frames(extracted.video)):
-        box = track.box(i)
-        crops[i] = box.crop(frame, crop_size)
-        points[i] = box.to_crop(track.points[i])
+        crops[i] = track.box(i).crop(frame, crop_size)
     crops.flush()
     del crops
-    np.save(tmp / "points.npy", points)
+    np.save(tmp / "points.npy", track.crop_points())
     np.save(tmp / "detected.npy", track.detected)
     np.save(tmp / "mel.npy", extracted.mel.astype(np.float32))
     fps = extracted.video.fps
