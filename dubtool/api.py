@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dubtool.errors import InputNotFound, OutputError
+from dubtool.errors import DubtoolError, InputNotFound, OutputError
 from dubtool.face.draw import draw_face
 from dubtool.face.indices import NUM_POSE, ORDER
 from dubtool.media.frames import VideoWriter, check_output_path, read_frames
@@ -27,6 +27,7 @@ from dubtool.pipeline.landmarks import FaceTrack
 from dubtool.pipeline.run import Inputs, StageProgress, run_front
 
 if TYPE_CHECKING:
+    from dubtool.nets.io import LoadedModel
     from dubtool.training.dataset import ClipReport
     from dubtool.training.loop import TrainProgress, TrainResult
 
@@ -130,7 +131,7 @@ class DubResult:
 
 
 def dub(video: str | Path, speech: str | Path, output: str | Path | None = None, *,
-        model: str | Path = DEFAULT_MODEL, steps: int | None = None, seed: int = 0,
+        model: str | Path | LoadedModel = DEFAULT_MODEL, steps: int | None = None, seed: int = 0,
         eta: float = 0.0, device: str = "auto", reference_frame: int | None = None,
         loop: str = "pingpong", cache_dir: str | Path | None = None, force: bool = False,
         keep_cache: bool = True, progress: StageProgress | None = None) -> DubResult:
@@ -138,9 +139,10 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
 
     The output (default: ``<video name>.dubbed.mp4`` in the current folder) has the video's
     size and frame rate, lasts as long as the speech, and carries the speech as AAC. It is
-    written under a temporary name and appears only when complete.
+    written under a temporary name and appears only when complete. ``model`` is a model
+    name or folder, or a model already loaded (``dubtool.nets.io.load_model``) to reuse it.
     """
-    from dubtool.nets.io import load_model, model_digest
+    from dubtool.nets.io import LoadedModel, load_model, model_digest
     from dubtool.pipeline.blend import blended_frames, write_video
     from dubtool.pipeline.diffuse import DiffusionSettings
     from dubtool.pipeline.run import generated_crops, run_dub_stages
@@ -150,9 +152,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     inputs = Inputs.of(video, speech)
     target = Path(output) if output is not None else Path(f"{inputs.video.stem}.dubbed.mp4")
     target = check_output_path(target, [inputs.video, inputs.speech])
-    loaded = load_model(model)
     dev = resolve_device(device)
-    loaded.to(dev)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model).to(dev)
     settings = DiffusionSettings(steps or loaded.config.diffusion.sample_steps, eta, seed)
     with inputs.open_cache(cache_dir) as cache:
         stages = run_dub_stages(cache, inputs, loaded, model_digest(loaded.folder), settings,
@@ -230,3 +231,91 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
                             device=device, resume=resume, epoch_steps=epoch_steps,
                             checkpoint_every=checkpoint_every, seed=seed, progress=progress)
     raise ValueError(f"unknown part {part!r}: autoencoder or dubber")
+
+
+AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus", ".wma"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".m4v", ".png",
+                  ".jpg", ".jpeg"}
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    video: Path
+    speech: Path
+    output: Path
+
+
+@dataclass
+class BatchOutcome:
+    item: BatchItem
+    status: str  # "done", "skipped" (output exists) or "failed"
+    seconds: float
+    reason: str = ""
+
+
+def batch_items(folder: str | Path | None = None, *, speech: str | Path | None = None,
+                manifest: str | Path | None = None, out_dir: str | Path = "dubbed",
+                shard: tuple[int, int] = (1, 1)) -> list[BatchItem]:
+    """The jobs of a batch: videos of ``folder`` paired with the speech file of the same name
+    (or one ``speech`` for all), or the rows video,speech[,output] of a CSV ``manifest``
+    (paths relative to it). ``shard`` (k, n) keeps every n-th job starting at the k-th."""
+    import csv
+
+    out_dir = Path(out_dir)
+    items: list[BatchItem] = []
+    if manifest is not None:
+        manifest = Path(manifest)
+        if not manifest.is_file():
+            raise InputNotFound("no such manifest", manifest)
+        with open(manifest, newline="") as f:
+            for row in csv.reader(f):
+                if not row or row[0].strip().lower() in ("video", "") or row[0].startswith("#"):
+                    continue
+                video, voice = (manifest.parent / row[0].strip(), manifest.parent / row[1].strip())
+                output = (manifest.parent / row[2].strip() if len(row) > 2 and row[2].strip()
+                          else out_dir / f"{video.stem}.dubbed.mp4")
+                items.append(BatchItem(video, voice, output))
+    else:
+        if folder is None or not Path(folder).is_dir():
+            raise InputNotFound("not a folder", folder or "")
+        files = sorted(p for p in Path(folder).iterdir() if p.is_file())
+        voices = {p.stem: p for p in files if p.suffix.lower() in AUDIO_SUFFIXES}
+        for video in (p for p in files if p.suffix.lower() in VIDEO_SUFFIXES):
+            voice = Path(speech) if speech is not None else voices.get(video.stem)
+            if voice is None:
+                continue
+            items.append(BatchItem(video, voice, out_dir / f"{video.stem}.dubbed.mp4"))
+    k, n = shard
+    if not 1 <= k <= n:
+        raise ValueError(f"shard {k}/{n}: K must be between 1 and N")
+    return items[k - 1::n]
+
+
+def batch(items: list[BatchItem], *, model: str | Path = DEFAULT_MODEL, force: bool = False,
+          device: str = "auto", on_done: Callable[[BatchOutcome], None] | None = None,
+          **dub_options: object) -> list[BatchOutcome]:
+    """Dub every item with one loaded model. A failing item is recorded and the batch goes on;
+    an existing output is skipped unless ``force``."""
+    from dubtool.nets.io import load_model
+    from dubtool.training.loop import resolve_device
+
+    loaded = None
+    outcomes = []
+    for item in items:
+        start = time.perf_counter()
+        if item.output.exists() and not force:
+            outcome = BatchOutcome(item, "skipped", 0.0, "output exists (use --force)")
+        else:
+            try:
+                if loaded is None:
+                    loaded = load_model(model).to(resolve_device(device))
+                item.output.parent.mkdir(parents=True, exist_ok=True)
+                dub(item.video, item.speech, item.output, model=loaded, device=device,
+                    force=force, **dub_options)
+                outcome = BatchOutcome(item, "done", time.perf_counter() - start)
+            except DubtoolError as exc:
+                outcome = BatchOutcome(item, "failed", time.perf_counter() - start, str(exc))
+        outcomes.append(outcome)
+        if on_done is not None:
+            on_done(outcome)
+    return outcomes

@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.table import Table
 
 from dubtool import api
-from dubtool.errors import EXIT_INTERRUPTED, DubtoolError
+from dubtool.errors import EXIT_BATCH_FAILURES, EXIT_INTERRUPTED, DubtoolError
 from dubtool.face.detect import DETECTORS
 from dubtool.pipeline.plan import LOOP_MODES
 
@@ -129,6 +129,67 @@ def dub_cmd(
     out.print(f"[bold green]{result.output}[/]: {result.seconds_of_video:.2f} s, "
               f"{result.dubbed_frames} frames dubbed{passed}; wall {result.wall_seconds:.1f} s, "
               f"RTF {result.real_time_factor:.2f}")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise typer.BadParameter("K/N, e.g. 2/4", param_hint="--shard") from None
+    if not 1 <= k <= n:
+        raise typer.BadParameter("K/N with 1 <= K <= N", param_hint="--shard")
+    return k, n
+
+
+@app.command("batch")
+def batch_cmd(
+    folder: Annotated[Path | None, typer.Argument(help="Folder of videos, each paired with the "
+                      "speech file of the same name (or --speech for all).")] = None,
+    speech: Annotated[Path | None, typer.Option(help="One speech file for every video.")]
+    = None,
+    manifest: Annotated[Path | None, typer.Option(help="CSV of video,speech[,output] rows "
+                        "instead of a folder.")] = None,
+    out_dir: Annotated[Path, typer.Option("-o", "--out-dir", help="Folder for the outputs.")]
+    = Path("dubbed"),
+    model: Annotated[str, typer.Option(help="Model name or folder.")] = api.DEFAULT_MODEL,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    loop: Annotated[str, typer.Option(help="pingpong, loop or cut.")] = "pingpong",
+    shard: Annotated[str, typer.Option(help="K/N: do every N-th job starting at the K-th, to "
+                     "split a batch over processes or machines.")] = "1/1",
+    cache_dir: CacheDir = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo outputs that exist.")] = False,
+) -> None:
+    """Dub many videos; a failure never stops the others. Exits 9 if any failed."""
+    if loop not in LOOP_MODES:
+        raise typer.BadParameter(f"choose one of {', '.join(LOOP_MODES)}", param_hint="--loop")
+    if (folder is None) == (manifest is None):
+        raise typer.BadParameter("give a FOLDER or --manifest, not both")
+    items = _call(lambda: api.batch_items(folder, speech=speech, manifest=manifest,
+                                          out_dir=out_dir, shard=_shard(shard)))
+    if not items:
+        err.print("error: no (video, speech) pair found")
+        raise typer.Exit(3)
+    bars = Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn(
+        "{task.fields[last]}"), TimeElapsedColumn(), console=out, disable=not out.is_terminal)
+    with bars:
+        task = bars.add_task("batch", total=len(items), last="")
+        outcomes = _call(lambda: api.batch(
+            items, model=model, force=force, device=device, steps=steps, seed=seed, loop=loop,
+            cache_dir=cache_dir,
+            on_done=lambda o: bars.update(task, advance=1, last=f"{o.item.video.name} {o.status}")))
+    table = Table("video", "speech", "status", "seconds", "output / reason")
+    colours = {"done": "green", "skipped": "yellow", "failed": "red"}
+    for o in outcomes:
+        table.add_row(o.item.video.name, o.item.speech.name,
+                      f"[{colours[o.status]}]{o.status}[/]", f"{o.seconds:.1f}",
+                      o.reason or str(o.item.output))
+    out.print(table)
+    counts = {s: sum(o.status == s for o in outcomes) for s in colours}
+    out.print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    if counts["failed"]:
+        raise typer.Exit(EXIT_BATCH_FAILURES)
 
 
 @app.command("landmarks")

@@ -10,6 +10,7 @@ Exit codes (documented in the README):
     6  a model folder is missing, incomplete or inconsistent
     7  an optional dependency or its weights are not installed
     8  the cache is busy (another run holds its lock) or damaged
+    9  dubtool batch: at least one item failed (the others were done)
     130 interrupted (Ctrl-C); the cache stays consistent and the run can be resumed
 """
 
@@ -52,4 +53,5 @@ class CacheError(DubtoolError):
     exit_code = 8
 
 
+EXIT_BATCH_FAILURES = 9
 EXIT_INTERRUPTED = 130

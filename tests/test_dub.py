@@ -112,3 +112,41 @@ def test_model_without_dubber_is_refused(tiny_model: Path, face_clip: Path,
     with pytest.raises(ModelError, match="no trained dubbing model"):
         api.dub(face_clip, speech, tmp_path / "o.mp4", model=folder, cache_dir=tmp_path / "c")
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_batch_goes_on_past_a_corrupt_file(face_clip: Path, tiny_model: Path,
+                                           tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dubtool.cli import app
+
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    for name in ("anna", "bert"):
+        ffmpeg("-i", str(face_clip), "-t", "0.4", "-c:v", "libx264", "-an",
+               str(jobs / f"{name}.mp4"))
+        make_tone(jobs / f"{name}.wav", seconds=0.4)
+    (jobs / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
+    make_tone(jobs / "broken.wav", seconds=0.4)
+    make_tone(jobs / "lonely.wav", seconds=0.4)  # no video of that name: not a job
+    args = ["batch", str(jobs), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
+            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 9, result.output
+    assert "2 done, 0 skipped, 1 failed" in result.stdout
+    assert "broken.mp4" in result.stdout and "not readable as media" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["anna.dubbed.mp4",
+                                                                  "bert.dubbed.mp4"]
+    again = CliRunner().invoke(app, args)
+    assert "0 done, 2 skipped, 1 failed" in again.stdout
+
+
+def test_batch_manifest_and_shards(tmp_path: Path) -> None:
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text("video,speech,output\na.mp4,a.wav,x/a_out.mp4\nb.mp4,s.wav,\n"
+                        "c.mp4,s.wav,\n")
+    items = api.batch_items(manifest=manifest, out_dir=tmp_path / "o")
+    assert [i.video.name for i in items] == ["a.mp4", "b.mp4", "c.mp4"]
+    assert items[0].output == tmp_path / "x" / "a_out.mp4"
+    assert items[1].output == tmp_path / "o" / "b.dubbed.mp4"
+    assert [i.video.name for i in api.batch_items(manifest=manifest, shard=(2, 2))] == ["b.mp4"]
