@@ -319,3 +319,52 @@ def batch(items: list[BatchItem], *, model: str | Path = DEFAULT_MODEL, force: b
         if on_done is not None:
             on_done(outcome)
     return outcomes
+
+
+@dataclass
+class EvalReport:
+    clips: list  # list[ClipEvaluation]
+    summary: dict
+    settings: dict
+    files: list[Path] = field(default_factory=list)
+
+
+def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
+             steps: int | None = None, seed: int = 0, device: str = "auto",
+             work_dir: str | Path = "eval", report: str | Path | None = None,
+             strips: bool = True, cache_dir: str | Path | None = None,
+             progress: StageProgress | None = None) -> EvalReport:
+    """Reconstruction protocol over ``clips``: each is dubbed from its own speech (loop "cut")
+    into ``work_dir`` and compared with the original, beside the original and static-mouth
+    references. Writes ``report`` (.json or .md) and strip images into ``work_dir``."""
+    from dubtool.evaluation.evaluate import evaluate_clip, summarise
+    from dubtool.evaluation.report import write_report, write_strips
+    from dubtool.nets.io import load_model
+    from dubtool.training.loop import resolve_device
+
+    if not clips:
+        raise InputNotFound("no clips to evaluate")
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    loaded = load_model(model).to(dev)
+    results = []
+    for n, clip in enumerate(clips):
+        if progress is not None:
+            progress("eval", n, len(clips))
+        dubbed = dub(clip, clip, work / f"{Path(clip).stem}.dubbed.mp4", model=loaded,
+                     steps=steps, seed=seed, device=device, loop="cut", cache_dir=cache_dir)
+        inputs = Inputs.of(clip, clip)
+        with inputs.open_cache(cache_dir) as cache:
+            track = run_front(cache, inputs, loop="cut").track
+        results.append(evaluate_clip(clip, dubbed.output, track, dubbed.reference_frame))
+    if progress is not None:
+        progress("eval", len(clips), len(clips))
+    settings = {"model": str(loaded.folder), "steps": steps or loaded.config.diffusion.sample_steps,
+                "seed": seed, "device": str(dev)}
+    summary = summarise(results)
+    files = write_strips(work / "strips", results) if strips else []
+    if report is not None:
+        write_report(Path(report), results, summary, settings)
+        files.append(Path(report))
+    return EvalReport(results, summary, settings, files)

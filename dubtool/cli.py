@@ -255,8 +255,8 @@ def prepare_cmd(
         style = "yellow" if r.status.startswith("skipped") else ""
         table.add_row(r.clip, r.person, str(r.frames), str(r.faces), r.status, style=style)
     out.print(table)
-    kept = [r for r in reports if r.status in ("train", "val")]
-    for split in ("train", "val"):
+    kept = [r for r in reports if not r.status.startswith("skipped")]
+    for split in ("train", "val", "heldout"):
         rows = [r for r in kept if r.status == split]
         out.print(f"{split}: {len(rows)} clips, {len({r.person for r in rows})} people, "
                   f"{sum(r.faces for r in rows)} frames")
@@ -313,6 +313,52 @@ def train_cmd(
     table.add_row("validation", ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items()))
     table.add_row("model", str(result.model))
     out.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    clips: Annotated[list[Path] | None, typer.Argument(help="Talking clips (each is dubbed "
+                     "from its own speech and compared with itself).")] = None,
+    list_file: Annotated[Path | None, typer.Option("--list", help="A file with one clip path "
+                         "per line.")] = None,
+    model: Annotated[str, typer.Option(help="Model name or folder.")] = api.DEFAULT_MODEL,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    report: Annotated[Path | None, typer.Option("-o", "--report", help="Write the report: "
+                      ".json or .md.")] = None,
+    work_dir: Annotated[Path, typer.Option(help="Folder for the dubs and strip images.")]
+    = Path("eval"),
+    cache_dir: CacheDir = None,
+) -> None:
+    """Quality against ground truth: the model beside the original and a static mouth."""
+    paths = list(clips or [])
+    if list_file is not None:
+        if not list_file.is_file():
+            err.print(f"error: {list_file}: no such file")
+            raise typer.Exit(3)
+        base = list_file.parent
+        paths += [base / line.strip() for line in list_file.read_text().splitlines()
+                  if line.strip() and not line.startswith("#")]
+    with _stage_progress() as progress:
+        result = _call(lambda: api.evaluate(paths, model=model, steps=steps, seed=seed,
+                                            device=device, work_dir=work_dir, report=report,
+                                            cache_dir=cache_dir, progress=progress))
+    from dubtool.evaluation.evaluate import METRICS, VARIANTS
+
+    table = Table("variant", *METRICS, title=f"{len(result.clips)} clips, mean ± 95% interval")
+    for variant in VARIANTS:
+        cells = []
+        for m in METRICS:
+            v = result.summary[variant][m]
+            cells.append("inf" if v["mean"] == float("inf") else
+                         f"{v['mean']:.3f} ± {v['ci95']:.3f}")
+        table.add_row(variant, *cells)
+    out.print(table)
+    out.print("lmd: lip/jaw landmark distance / eye distance (lower is better); sync: our "
+              "mouth-opening vs loudness correlation, not SyncNet's LSE")
+    for path in result.files:
+        out.print(f"wrote {path}")
 
 
 def _size(n: int) -> str:

@@ -150,3 +150,18 @@ def test_batch_manifest_and_shards(tmp_path: Path) -> None:
     assert items[0].output == tmp_path / "x" / "a_out.mp4"
     assert items[1].output == tmp_path / "o" / "b.dubbed.mp4"
     assert [i.video.name for i in api.batch_items(manifest=manifest, shard=(2, 2))] == ["b.mp4"]
+
+
+def test_eval_runs_the_reconstruction_protocol(face_clip: Path, tiny_model: Path,
+                                               tmp_path: Path) -> None:
+    report = tmp_path / "report.md"
+    result = api.evaluate([face_clip], model=tiny_model, work_dir=tmp_path / "eval",
+                          report=report, cache_dir=tmp_path / "cache", device="cpu")
+    (clip,) = result.clips
+    assert clip.frames == 50
+    original, static = clip.metrics["original"], clip.metrics["static"]
+    assert original["lmd"] == 0.0 and original["psnr"] == float("inf")
+    assert original["stability"] == 1.0
+    assert static["lmd"] > 0 and static["psnr"] < 60
+    assert "| model |" in report.read_text()
+    assert (tmp_path / "eval" / "strips" / "face_2s.png").is_file()

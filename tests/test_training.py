@@ -146,3 +146,19 @@ def test_cli_prepare_and_train(videos: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "autoencoder", "--data", str(data), "--out",
                                  str(tmp_path / "run"), "--config", "paper-256", "--steps", "1"])
     assert result.exit_code == 4 and "--crop-size 256" in result.stderr
+
+
+def test_split_by_person_with_heldout_clips_of_training_people() -> None:
+    from dubtool.training.dataset import HELDOUT_EVERY, ClipReport, assign_splits
+
+    reports = [ClipReport(f"grid{i}", "grid", 75, 75, "train") for i in range(30)]
+    reports += [ClipReport(f"p{i}", f"person{i}", 100, 100, "train") for i in range(9)]
+    reports.append(ClipReport("bad", "x", 10, 0, "skipped: face in 0/10 frames"))
+    assign_splits(reports, validation_fraction=0.2)
+    status = {r.clip: r.status for r in reports}
+    assert status["bad"].startswith("skipped")
+    val_people = {r.person for r in reports if r.status == "val"}
+    assert len(val_people) == 2 and "grid" not in val_people  # the largest stays in training
+    heldout = [r.clip for r in reports if r.status == "heldout"]
+    assert len(heldout) == 30 // HELDOUT_EVERY and all(c.startswith("grid") for c in heldout)
+    assert {r.person for r in reports if r.status == "train"}.isdisjoint(val_people)

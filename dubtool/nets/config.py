@@ -90,9 +90,10 @@ class DiffusionConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     learning_rate: float = 2e-4
-    autoencoder_learning_rate: float = 2e-4
+    autoencoder_learning_rate: float = 5e-4
     batch_size: int = 4          # samples of L frames each
     autoencoder_batch_size: int = 16
+    autoencoder_patch: int = 64  # side of the random patches it trains on (0: whole crops)
     l1_weight: float = 10.0      # lambda of L_total = L_ldm + lambda * L1
     kl_weight: float = 1e-6
     grad_clip: float = 1.0

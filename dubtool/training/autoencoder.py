@@ -75,8 +75,16 @@ def train_autoencoder(config: ModelConfig, data_dir: str | Path, run_dir: str | 
              else TrainState(0, np.random.default_rng(seed)))
     batch = config.training.autoencoder_batch_size
 
+    patch = config.training.autoencoder_patch
+
     def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        images = torch.from_numpy(autoencoder_batch(train, batch, rng)).to(dev)
+        images = autoencoder_batch(train, batch, rng)
+        if patch and patch < images.shape[-1]:
+            # The autoencoder is fully convolutional: training on random patches costs a
+            # fraction of full crops per step, and it still runs on full crops afterwards.
+            y, x = rng.integers(0, images.shape[-1] - patch + 1, size=2)
+            images = images[:, :, y:y + patch, x:x + patch]
+        images = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
         return autoencoder_losses(model, images, config.training.kl_weight)
 
     seconds, validation = optimise(

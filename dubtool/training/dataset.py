@@ -33,6 +33,7 @@ from dubtool.pipeline.run import Inputs, run_front
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".m4v"}
 PEOPLE_FILE = "PEOPLE.tsv"
 DATASET_FILE = "dataset.json"
+HELDOUT_EVERY = 10
 
 PrepareProgress = Callable[[str, int, int], None]
 
@@ -60,7 +61,7 @@ class ClipReport:
     person: str
     frames: int
     faces: int
-    status: str  # "train", "val" or "skipped: <reason>"
+    status: str  # "train", "val", "heldout" or "skipped: <reason>"
 
 
 def _clip_name(video: Path, root: Path) -> str:
@@ -100,6 +101,30 @@ def _validation_people(frames_by_person: dict[str, int], fraction: float) -> set
     return set([p for p in people if p != largest][:count])
 
 
+def assign_splits(reports: list[ClipReport], validation_fraction: float) -> None:
+    """Turn the "train" status of kept clips into train, val or heldout.
+
+    About ``validation_fraction`` of the people go to validation (never the one with the most
+    footage). Of every other person with more than two clips, every HELDOUT_EVERY-th clip is
+    held out: known faces with unheard speech, to measure a model on its own speakers.
+    """
+    kept = [r for r in reports if r.status == "train"]
+    frames_by_person: dict[str, int] = {}
+    clips_by_person: dict[str, int] = {}
+    for r in kept:
+        frames_by_person[r.person] = frames_by_person.get(r.person, 0) + r.faces
+        clips_by_person[r.person] = clips_by_person.get(r.person, 0) + 1
+    val_people = _validation_people(frames_by_person, validation_fraction) if kept else set()
+    seen: dict[str, int] = {}
+    for r in kept:
+        if r.person in val_people:
+            r.status = "val"
+            continue
+        seen[r.person] = seen.get(r.person, 0) + 1
+        if clips_by_person[r.person] > 2 and seen[r.person] % HELDOUT_EVERY == 0:
+            r.status = "heldout"
+
+
 def prepare(videos: str | Path, output: str | Path, crop_size: int = 128,
             min_face_fraction: float = 0.9, validation_fraction: float = 0.1,
             cache_dir: str | Path | None = None,
@@ -109,7 +134,6 @@ def prepare(videos: str | Path, output: str | Path, crop_size: int = 128,
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     reports: list[ClipReport] = []
-    kept: list[tuple[str, str, int]] = []
     all_videos = find_videos(root)
     for n, video in enumerate(all_videos):
         name = _clip_name(video, root)
@@ -134,22 +158,15 @@ def prepare(videos: str | Path, output: str | Path, crop_size: int = 128,
         if not (meta.exists() and json.loads(meta.read_text()).get("frames") == track.frames
                 and np.load(folder / "crops.npy", mmap_mode="r").shape[1] == crop_size):
             _write_clip(folder, video, person, front, crop_size)
-        kept.append((name, person, track.faces_found))
         reports.append(ClipReport(name, person, track.frames, track.faces_found, "train"))
     if progress is not None:
         progress("", len(all_videos), len(all_videos))
-    frames_by_person: dict[str, int] = {}
-    for _, person, faces in kept:
-        frames_by_person[person] = frames_by_person.get(person, 0) + faces
-    val_people = _validation_people(frames_by_person, validation_fraction) if kept else set()
-    for report in reports:
-        if report.status == "train" and report.person in val_people:
-            report.status = "val"
-    split = {"train": [r.clip for r in reports if r.status == "train"],
-             "val": [r.clip for r in reports if r.status == "val"]}
+    assign_splits(reports, validation_fraction)
+    split = {name: [r.clip for r in reports if r.status == name]
+             for name in ("train", "val", "heldout")}
     (output / DATASET_FILE).write_text(json.dumps({
         "crop_size": crop_size, "source": str(root), "split": split,
-        "people": {r.clip: r.person for r in reports if r.status in ("train", "val")},
+        "people": {r.clip: r.person for r in reports if r.status in split},
     }, indent=1))
     return reports
 
@@ -195,7 +212,7 @@ class PreparedData:
                                 "'dubtool prepare' first", self.folder)
         info = json.loads(info_path.read_text())
         self.crop_size = info["crop_size"]
-        self.clips = [Clip.load(self.folder / name) for name in info["split"][split]]
+        self.clips = [Clip.load(self.folder / name) for name in info["split"].get(split, [])]
         self.by_person: dict[str, list[int]] = {}
         for i, clip in enumerate(self.clips):
             self.by_person.setdefault(clip.person, []).append(i)

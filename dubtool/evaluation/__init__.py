@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the reconstruction protocol, reports."""

@@ -1,0 +1,161 @@
+"""The reconstruction protocol: dub each clip with its own speech and compare with the original.
+
+Three variants of every clip are measured the same way:
+  model     the dub (lower face regenerated from the clip's own speech)
+  original  the clip itself (the upper bound: sync and stability of real footage)
+  static    the reference frame's lower face pasted on every frame (a mouth that never moves)
+A model that does not beat ``static`` on LMD and sync is not working.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dubtool.evaluation import metrics
+from dubtool.face.detect import FaceMeshDetector
+from dubtool.face.indices import select_points
+from dubtool.media.audio import load_speech
+from dubtool.media.frames import read_frames
+from dubtool.media.probe import probe_video
+from dubtool.pipeline.blend import lower_face_mask
+from dubtool.pipeline.landmarks import FaceTrack
+
+VARIANTS = ("model", "original", "static")
+METRICS = ("psnr", "ssim", "lmd", "sync_offset", "sync_confidence", "stability")
+EVAL_CROP = 128
+
+
+@dataclass
+class ClipEvaluation:
+    clip: str
+    frames: int
+    reference_frame: int
+    metrics: dict[str, dict[str, float]]   # variant -> metric -> value
+    strip: np.ndarray | None = field(default=None, repr=False)
+
+
+def detect_points(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FaceMesh on each frame: (F, 131, 2) pixel points (NaN where none) and (F,) found."""
+    points = np.full((len(frames), 131, 2), np.nan, np.float32)
+    found = np.zeros(len(frames), bool)
+    with FaceMeshDetector() as detector:
+        for i, frame in enumerate(frames):
+            mesh = detector.detect(frame)
+            if mesh is not None:
+                points[i] = select_points(mesh)[:, :2]
+                found[i] = True
+    return points, found
+
+
+def static_mouth(frames: np.ndarray, track: FaceTrack, reference_frame: int,
+                 reference_image: np.ndarray) -> np.ndarray:
+    """Every frame with the reference frame's lower face pasted in (the no-motion baseline)."""
+    size = EVAL_CROP
+    reference_crop = track.box(reference_frame).crop(reference_image, size)
+    crop_points = track.crop_points()
+    out = frames.copy()
+    for i in range(len(frames)):
+        if track.detected[i]:
+            mask = lower_face_mask([crop_points[i], crop_points[reference_frame]], size)
+            out[i] = track.box(i).paste(frames[i], reference_crop, mask)
+    return out
+
+
+def _lower_halves(frames: np.ndarray, track: FaceTrack) -> np.ndarray:
+    return np.stack([track.box(i).crop(f, EVAL_CROP)[EVAL_CROP // 2:]
+                     for i, f in enumerate(frames)])
+
+
+def _mouths(frames: np.ndarray, track: FaceTrack) -> np.ndarray:
+    c = EVAL_CROP
+    return np.stack([track.box(i).crop(f, c)[c // 2 + c // 8:c - c // 8, c // 4:3 * c // 4]
+                     for i, f in enumerate(frames)])
+
+
+def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTrack,
+            speech: np.ndarray, fps: float) -> dict[str, dict[str, float]]:
+    """Every metric for every variant (F frames each, aligned with ``original``)."""
+    frames = len(original)
+    loudness = metrics.speech_loudness(speech, fps, frames)
+    original_points, original_found = detect_points(original)
+    original_halves, original_mouths = _lower_halves(original, track), _mouths(original, track)
+    faces = track.detected[:frames]
+    results = {}
+    for name, video in variants.items():
+        points, found = ((original_points, original_found) if video is original
+                         else detect_points(video))
+        both = found & original_found & faces
+        halves = _lower_halves(video, track)
+        offset, _, confidence = metrics.sync_score(
+            np.nan_to_num(metrics.mouth_opening(points)), loudness)
+        results[name] = {
+            "psnr": float(np.mean([metrics.psnr(a, b) for a, b in
+                                   zip(halves[faces], original_halves[faces], strict=True)])),
+            "ssim": float(np.mean([metrics.ssim(a, b) for a, b in
+                                   zip(halves[faces], original_halves[faces], strict=True)])),
+            "lmd": metrics.lmd(points[both], original_points[both]) if both.any() else math.nan,
+            "sync_offset": float(offset),
+            "sync_confidence": confidence,
+            "stability": metrics.stability(_mouths(video, track)[faces], original_mouths[faces]),
+        }
+    return results
+
+
+def strip_image(variants: dict[str, np.ndarray], track: FaceTrack, count: int = 4,
+                size: int = 160) -> np.ndarray:
+    """Rows original | model | static, ``count`` evenly spaced frames each (face crops)."""
+    frames = len(next(iter(variants.values())))
+    picks = np.linspace(0, frames - 1, count).round().astype(int)
+    rows = []
+    for name in ("original", "model", "static"):
+        tiles = [track.box(i).crop(variants[name][i], size) for i in picks]
+        row = np.concatenate(tiles, axis=1)
+        cv2.putText(row, name, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 0), 1,
+                    cv2.LINE_AA)
+        rows.append(row)
+    return np.concatenate(rows, axis=0)
+
+
+def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
+                  reference_frame: int) -> ClipEvaluation:
+    """Measure a clip's dub (made from the clip's own speech with loop 'cut') and the two
+    reference variants. ``track`` is the clip's face track, ``reference_frame`` the dub's."""
+    info = probe_video(clip)
+    dub_info = probe_video(dubbed)
+    frames = min(info.frame_count, dub_info.frame_count)
+    original = np.stack([f.copy() for f, _ in zip(read_frames(info), range(frames),
+                                                  strict=False)])
+    generated = np.stack([f.copy() for f, _ in zip(read_frames(dub_info), range(frames),
+                                                   strict=False)])
+    if generated.shape != original.shape:
+        raise ValueError(f"{dubbed}: frames of {generated.shape[1:]} differ from the clip's "
+                         f"{original.shape[1:]}")
+    static = static_mouth(original, track, reference_frame, original[reference_frame])
+    variants = {"model": generated, "original": original, "static": static}
+    speech = load_speech(clip)
+    results = measure(variants, original, track, speech, float(info.fps))
+    return ClipEvaluation(Path(clip).name, frames, reference_frame, results,
+                          strip_image(variants, track))
+
+
+def summarise(clips: list[ClipEvaluation]) -> dict[str, dict[str, dict[str, float]]]:
+    """variant -> metric -> {mean, ci95} over clips (ci95: half-width of the 95% interval of
+    the mean, normal approximation; 0 with one clip)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for variant in VARIANTS:
+        out[variant] = {}
+        for metric in METRICS:
+            values = np.array([c.metrics[variant][metric] for c in clips], np.float64)
+            values = values[~np.isnan(values)]
+            if len(values) == 0 or np.isinf(values).any():  # no value, or PSNR of identity
+                value = math.inf if len(values) else math.nan
+                out[variant][metric] = {"mean": value, "ci95": 0.0 if len(values) else math.nan}
+                continue
+            half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+            out[variant][metric] = {"mean": float(values.mean()), "ci95": float(half)}
+    return out

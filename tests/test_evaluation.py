@@ -1,0 +1,99 @@
+"""Metrics on cases with known answers, and the report files."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from dubtool.evaluation import metrics
+from dubtool.evaluation.evaluate import METRICS, VARIANTS, ClipEvaluation, summarise
+from dubtool.evaluation.report import write_report, write_strips
+from dubtool.face.indices import CONTENT_SLICE, ORDER
+
+
+def face_points(frames: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    points = rng.uniform(100, 200, (frames, 131, 2))
+    points[:, ORDER.index(33)] = (100, 120)
+    points[:, ORDER.index(263)] = (160, 120)  # eye distance 60 px
+    return points
+
+
+def test_identical_images_and_points() -> None:
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert metrics.psnr(image, image) == math.inf
+    assert metrics.ssim(image, image) == 1.0
+    points = face_points(5)
+    assert metrics.lmd(points, points) == 0.0
+
+
+def test_known_differences() -> None:
+    a = np.zeros((8, 8, 3), np.uint8)
+    b = a + 10
+    assert metrics.psnr(a, b) == 10 * math.log10(255**2 / 100)
+    assert metrics.ssim(a, b) < 1
+    original = face_points(3)
+    moved = original.copy()
+    moved[:, CONTENT_SLICE, 0] += 6.0  # every lip/jaw point 6 px to the right
+    assert math.isclose(metrics.lmd(moved, original), 6 / 60)
+    moved_pose = original.copy()
+    moved_pose[:, :74] += 30.0  # pose points do not count
+    assert metrics.lmd(moved_pose, original) == 0.0
+
+
+def test_sync_finds_a_known_lag_and_ignores_a_static_mouth() -> None:
+    rng = np.random.default_rng(2)
+    loudness = np.convolve(rng.normal(size=200), np.ones(4) / 4, mode="same")
+    opening = np.zeros(200)
+    opening[2:] = 0.02 * loudness[:-2]  # the mouth opens 2 frames after the sound
+    offset, in_sync, confidence = metrics.sync_score(opening, loudness)
+    assert offset == 2 and in_sync > 0.5 and confidence > 0.5
+    early = np.zeros(200)
+    early[:-10] = 0.02 * loudness[10:]  # 10 frames early: outside natural offsets
+    offset, in_sync, _ = metrics.sync_score(early, loudness)
+    assert offset == -10 and in_sync < 0.3
+    still = 1e-4 * rng.normal(size=200)  # a still mouth with detection noise
+    assert abs(metrics.sync_score(still, loudness)[1]) < 0.05
+
+
+def test_speech_loudness_follows_the_signal() -> None:
+    samples = np.zeros(16000, np.float32)
+    samples[8000:9600] = 0.5  # loud from 0.5 s to 0.6 s
+    loud = metrics.speech_loudness(samples, 25, 25)
+    assert loud.argmax() in (12, 13, 14) and loud[0] < loud[13] - 5
+
+
+def test_stability() -> None:
+    rng = np.random.default_rng(3)
+    original = np.repeat(rng.integers(0, 255, (1, 16, 16, 3)), 10, 0).astype(np.uint8)
+    original[5:] += 4
+    assert metrics.stability(original, original) == 1.0
+    flicker = original.copy()
+    flicker[::2] = np.clip(flicker[::2].astype(int) + 30, 0, 255)
+    assert metrics.stability(flicker, original) > 3
+
+
+def _clip(name: str, lmd: float) -> ClipEvaluation:
+    values = {v: {m: 1.0 for m in METRICS} for v in VARIANTS}
+    values["model"]["lmd"] = lmd
+    values["original"]["psnr"] = math.inf
+    return ClipEvaluation(name, 10, 3, values, np.zeros((32, 64, 3), np.uint8))
+
+
+def test_summary_and_reports(tmp_path: Path) -> None:
+    clips = [_clip("a.mp4", 0.1), _clip("b.mp4", 0.3)]
+    summary = summarise(clips)
+    assert math.isclose(summary["model"]["lmd"]["mean"], 0.2)
+    assert summary["model"]["lmd"]["ci95"] > 0
+    assert summary["original"]["psnr"]["mean"] == math.inf
+    settings = {"model": "m", "steps": 5}
+    write_report(tmp_path / "r.json", clips, summary, settings)
+    data = json.loads((tmp_path / "r.json").read_text().replace("Infinity", "1e999"))
+    assert data["settings"]["steps"] == 5 and len(data["clips"]) == 2
+    assert "LMD" in data["definitions"]
+    write_report(tmp_path / "r.md", clips, summary, settings)
+    text = (tmp_path / "r.md").read_text()
+    assert "| model |" in text and "| static |" in text and "a.mp4" in text
+    strips = write_strips(tmp_path / "strips", clips)
+    assert [p.name for p in strips] == ["a.png", "b.png"] and strips[0].stat().st_size > 0
