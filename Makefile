@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEMO_VIDEO := tests/data/face_2s.mp4
+DEMO_VIDEO := tests/data/may_5s.mp4
+DEMO_SPEECH := tests/data/demo_speech.m4a
 
 .PHONY: install system-deps test lint demo clean
 
@@ -30,10 +31,10 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q
 
-# Until `dubtool dub` lands, the demo runs the landmark stage on the bundled clip.
+# Dubs the bundled clip with the bundled speech, using the shipped model.
 demo: install
-	$(VENV)/bin/dubtool landmarks $(DEMO_VIDEO) -o demo_landmarks.mp4 --json demo_landmarks.json
-	@echo "demo written: $(CURDIR)/demo_landmarks.mp4 (points drawn on every frame)"
+	$(VENV)/bin/dubtool dub $(DEMO_VIDEO) $(DEMO_SPEECH) -o demo_out.mp4
+	@echo "demo written: $(CURDIR)/demo_out.mp4"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo_landmarks.mp4 demo_landmarks.json
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo_out.mp4

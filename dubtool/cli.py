@@ -361,6 +361,31 @@ def eval_cmd(
         out.print(f"wrote {path}")
 
 
+@app.command("bench")
+def bench_cmd(
+    clip: Annotated[Path | None, typer.Argument(help="Clip to dub (default: the bundled 5 s "
+                    "clip); its own audio is the speech unless --speech.")] = None,
+    speech: Annotated[Path | None, typer.Option(help="Speech to dub with.")] = None,
+    model: Annotated[str, typer.Option(help="Model name or folder.")] = api.DEFAULT_MODEL,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    repeat: Annotated[int, typer.Option(help="Warm (cached) runs after the cold one.")] = 1,
+    report: Annotated[Path | None, typer.Option("-o", "--report", help="Write JSON.")] = None,
+) -> None:
+    """Speed per stage (ms/frame), real-time factor, peak memory, beside ffmpeg's floor."""
+    result = _call(lambda: api.bench(clip, speech, model=model, steps=steps, device=device,
+                                     repeat=repeat, report=report))
+    stages = list(result.runs[0].stage_seconds)
+    table = Table("run", *[f"{s} ms/fr" for s in stages], "wall s", "RTF",
+                  title=f"{result.clip}: {result.frames} frames, {result.video_seconds:.1f} s")
+    for run in result.runs:
+        table.add_row(run.kind, *[f"{run.stage_ms_per_frame[s]:.1f}" for s in stages],
+                      f"{run.wall_seconds:.1f}", f"{run.real_time_factor:.2f}")
+    out.print(table)
+    out.print(f"ffmpeg floor (decode + H.264 encode): {result.ffmpeg_floor_seconds:.2f} s; "
+              f"peak RSS {result.peak_rss_mb:.0f} MB; {result.settings}")
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":

@@ -165,3 +165,22 @@ def test_eval_runs_the_reconstruction_protocol(face_clip: Path, tiny_model: Path
     assert static["lmd"] > 0 and static["psnr"] < 60
     assert "| model |" in report.read_text()
     assert (tmp_path / "eval" / "strips" / "face_2s.png").is_file()
+
+
+def test_bench_reports_cold_and_warm_runs(face_clip: Path, tiny_model: Path,
+                                          tmp_path: Path) -> None:
+    import json
+
+    report = tmp_path / "bench.json"
+    result = api.bench(face_clip, model=tiny_model, device="cpu", repeat=1, report=report)
+    assert [r.kind for r in result.runs] == ["cold", "warm"]
+    assert result.frames == 50 and result.video_seconds == 2.0
+    cold, warm = result.runs
+    assert set(cold.stage_seconds) == {"extract", "landmarks", "crops", "complete", "diffuse",
+                                       "blend"}
+    assert all(v >= 0 for v in cold.stage_ms_per_frame.values())
+    assert set(cold.stage_status.values()) == {"ran"}
+    assert set(warm.stage_status.values()) == {"cached"}  # only blend + encode run again
+    assert result.ffmpeg_floor_seconds > 0 and result.peak_rss_mb > 50
+    data = json.loads(report.read_text())
+    assert data["runs"][1]["kind"] == "warm" and data["settings"]["device"] == "cpu"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from dubtool.errors import InvalidMedia, MissingDependency
-from dubtool.media.probe import check_readable, probe_audio
+from dubtool.errors import InvalidMedia
+from dubtool.media.probe import check_readable, probe_audio, run_tool
 
 SAMPLE_RATE = 16_000
 N_MELS = 80
@@ -29,15 +28,8 @@ def load_speech(path: str | Path) -> np.ndarray:
     probe_audio(path)  # a clear error for files without an audio stream
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
            "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "pipe:1"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, check=False)
-    except FileNotFoundError as exc:
-        raise MissingDependency("ffmpeg not found: apt-get install ffmpeg") from exc
-    if proc.returncode != 0:
-        lines = proc.stderr.decode(errors="replace").strip().splitlines()
-        reason = lines[-1] if lines else "ffmpeg failed"
-        raise InvalidMedia(f"audio could not be decoded ({reason})", path)
-    samples = np.frombuffer(proc.stdout, np.float32)
+    raw = run_tool(cmd, path, "audio could not be decoded")
+    samples = np.frombuffer(raw, np.float32)
     if samples.size == 0:
         raise InvalidMedia("audio stream holds no samples", path)
     return samples.copy()

@@ -76,19 +76,24 @@ def check_readable(path: str | Path) -> Path:
     return path.resolve()
 
 
+def run_tool(cmd: list[str], path: Path, failure: str) -> bytes:
+    """Run ffmpeg or ffprobe to completion and return its stdout; on failure, InvalidMedia
+    saying ``failure`` with the tool's last line of complaint."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, check=False)
+    except FileNotFoundError as exc:
+        raise MissingDependency(f"{cmd[0]} not found: apt-get install ffmpeg") from exc
+    if proc.returncode != 0:
+        lines = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise InvalidMedia(f"{failure} ({lines[-1] if lines else cmd[0] + ' failed'})", path)
+    return proc.stdout
+
+
 def ffprobe(path: Path, *extra: str) -> dict:
     """ffprobe's JSON description of the file's format and streams."""
     cmd = ["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
            *extra, str(path)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, check=False)
-    except FileNotFoundError as exc:
-        raise MissingDependency("ffprobe not found: apt-get install ffmpeg") from exc
-    if proc.returncode != 0:
-        reason = proc.stderr.decode(errors="replace").strip().splitlines()
-        detail = reason[-1] if reason else "ffprobe failed"
-        raise InvalidMedia(f"not readable as media ({detail})", path)
-    return json.loads(proc.stdout)
+    return json.loads(run_tool(cmd, path, "not readable as media"))
 
 
 def _fraction(text: str | None) -> Fraction | None:

@@ -162,17 +162,10 @@ class RunCache:
         ``compute(folder)`` writes the stage's files into an empty folder; it runs only when
         the manifest has no result for this fingerprint (or ``force``). Returns the folder.
         """
-        if self._lock_file is None:
-            raise RuntimeError("RunCache must be entered (locked) before running stages")
         start = time.perf_counter()
         final = self.stage_dir(stage)
-        if not force and self.is_done(stage, stage_fingerprint):
-            self.records.append(StageRecord(stage, "cached", time.perf_counter() - start))
+        if self._reuse(stage, stage_fingerprint, force, start):
             return final
-        # Forget the old result first: if we die below, the manifest never claims a stale one.
-        manifest = self.manifest()
-        if manifest["stages"].pop(stage, None) is not None:
-            self._write_manifest(manifest)
         tmp = self.dir / f"{stage}{_TMP_MARK}{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -188,6 +181,19 @@ class RunCache:
             raise
         self._finish(stage, stage_fingerprint, "ran", start)
         return final
+
+    def _reuse(self, stage: str, stage_fingerprint: str, force: bool, start: float) -> bool:
+        """True if the stage's recorded result can be used as it is. Otherwise the manifest
+        forgets it first: if the run dies while recomputing, it never claims a stale one."""
+        if self._lock_file is None:
+            raise RuntimeError("RunCache must be entered (locked) before running stages")
+        if not force and self.is_done(stage, stage_fingerprint):
+            self.records.append(StageRecord(stage, "cached", time.perf_counter() - start))
+            return True
+        manifest = self.manifest()
+        if manifest["stages"].pop(stage, None) is not None:
+            self._write_manifest(manifest)
+        return False
 
     def _finish(self, stage: str, stage_fingerprint: str, status: str, start: float) -> None:
         manifest = self.manifest()
@@ -205,16 +211,10 @@ class RunCache:
         that outlives a killed run: the next run with the same fingerprint starts at the first
         missing chunk. Returns the stage folder, whose chunk files ``load_chunk`` reads.
         """
-        if self._lock_file is None:
-            raise RuntimeError("RunCache must be entered (locked) before running stages")
         start = time.perf_counter()
         final = self.stage_dir(stage)
-        if not force and self.is_done(stage, stage_fingerprint):
-            self.records.append(StageRecord(stage, "cached", time.perf_counter() - start))
+        if self._reuse(stage, stage_fingerprint, force, start):
             return final
-        manifest = self.manifest()
-        if manifest["stages"].pop(stage, None) is not None:
-            self._write_manifest(manifest)
         work = self.dir / f"{stage}.chunks"
         marker = work / "fingerprint"
         if force or not marker.is_file() or marker.read_text() != stage_fingerprint:
