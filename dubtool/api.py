@@ -134,13 +134,16 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         model: str | Path | LoadedModel = DEFAULT_MODEL, steps: int | None = None, seed: int = 0,
         eta: float = 0.0, device: str = "auto", reference_frame: int | None = None,
         loop: str = "pingpong", cache_dir: str | Path | None = None, force: bool = False,
-        keep_cache: bool = True, progress: StageProgress | None = None) -> DubResult:
+        keep_cache: bool = True, lock_timeout: float = 0.0,
+        progress: StageProgress | None = None) -> DubResult:
     """Dub ``video`` with ``speech``: the lower face follows the new speech.
 
     The output (default: ``<video name>.dubbed.mp4`` in the current folder) has the video's
     size and frame rate, lasts as long as the speech, and carries the speech as AAC. It is
     written under a temporary name and appears only when complete. ``model`` is a model
     name or folder, or a model already loaded (``dubtool.nets.io.load_model``) to reuse it.
+    If another process is dubbing the same video with the same speech, wait up to
+    ``lock_timeout`` seconds for it (then reuse its cached stages) before failing.
     """
     from dubtool.nets.io import LoadedModel, load_model, model_digest
     from dubtool.pipeline.blend import blended_frames, write_video
@@ -155,7 +158,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     dev = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model).to(dev)
     settings = DiffusionSettings(steps or loaded.config.diffusion.sample_steps, eta, seed)
-    with inputs.open_cache(cache_dir) as cache:
+    with inputs.open_cache(cache_dir, lock_timeout) as cache:
         stages = run_dub_stages(cache, inputs, loaded, model_digest(loaded.folder), settings,
                                 loop=loop, reference_frame=reference_frame, device=dev,
                                 force=force, progress=progress)
@@ -292,33 +295,76 @@ def batch_items(folder: str | Path | None = None, *, speech: str | Path | None =
 
 
 def batch(items: list[BatchItem], *, model: str | Path = DEFAULT_MODEL, force: bool = False,
-          device: str = "auto", on_done: Callable[[BatchOutcome], None] | None = None,
+          device: str = "auto", jobs: int = 1,
+          on_done: Callable[[BatchOutcome], None] | None = None,
           **dub_options: object) -> list[BatchOutcome]:
-    """Dub every item with one loaded model. A failing item is recorded and the batch goes on;
-    an existing output is skipped unless ``force``."""
-    from dubtool.nets.io import load_model
-    from dubtool.training.loop import resolve_device
-
-    loaded = None
+    """Dub every item, loading the model once per process. A failing item is recorded and the
+    batch goes on; an existing output is skipped unless ``force``. ``jobs`` > 1 runs that
+    many worker processes, sharing the CPU threads between them."""
     outcomes = []
-    for item in items:
-        start = time.perf_counter()
-        if item.output.exists() and not force:
-            outcome = BatchOutcome(item, "skipped", 0.0, "output exists (use --force)")
-        else:
-            try:
-                if loaded is None:
-                    loaded = load_model(model).to(resolve_device(device))
-                item.output.parent.mkdir(parents=True, exist_ok=True)
-                dub(item.video, item.speech, item.output, model=loaded, device=device,
-                    force=force, **dub_options)
-                outcome = BatchOutcome(item, "done", time.perf_counter() - start)
-            except DubtoolError as exc:
-                outcome = BatchOutcome(item, "failed", time.perf_counter() - start, str(exc))
-        outcomes.append(outcome)
-        if on_done is not None:
-            on_done(outcome)
+    if jobs <= 1:
+        worker = _BatchWorker(model, device, force, dub_options)
+        for item in items:
+            outcomes.append(worker(item))
+            if on_done is not None:
+                on_done(outcomes[-1])
+        return outcomes
+    import multiprocessing
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch state
+    with context.Pool(jobs, initializer=_start_worker,
+                      initargs=(model, device, force, dub_options, threads)) as pool:
+        for outcome in pool.imap(_run_worker, items):
+            outcomes.append(outcome)
+            if on_done is not None:
+                on_done(outcome)
     return outcomes
+
+
+BATCH_LOCK_TIMEOUT = 6 * 3600.0
+
+
+class _BatchWorker:
+    def __init__(self, model: str | Path, device: str, force: bool, dub_options: dict) -> None:
+        self.model, self.device, self.force, self.dub_options = model, device, force, dub_options
+        self.loaded = None
+
+    def __call__(self, item: BatchItem) -> BatchOutcome:
+        from dubtool.nets.io import load_model
+        from dubtool.training.loop import resolve_device
+
+        start = time.perf_counter()
+        if item.output.exists() and not self.force:
+            return BatchOutcome(item, "skipped", 0.0, "output exists (use --force)")
+        try:
+            if self.loaded is None:
+                self.loaded = load_model(self.model).to(resolve_device(self.device))
+            item.output.parent.mkdir(parents=True, exist_ok=True)
+            # Two jobs with the same inputs share a cache entry: the second waits for the first.
+            dub(item.video, item.speech, item.output, model=self.loaded, device=self.device,
+                force=self.force, lock_timeout=BATCH_LOCK_TIMEOUT, **self.dub_options)
+            return BatchOutcome(item, "done", time.perf_counter() - start)
+        except DubtoolError as exc:
+            return BatchOutcome(item, "failed", time.perf_counter() - start, str(exc))
+
+
+_worker: _BatchWorker | None = None
+
+
+def _start_worker(model: str | Path, device: str, force: bool, dub_options: dict,
+                  threads: int) -> None:
+    import torch
+
+    global _worker
+    torch.set_num_threads(threads)
+    _worker = _BatchWorker(model, device, force, dub_options)
+
+
+def _run_worker(item: BatchItem) -> BatchOutcome:
+    return _worker(item)
 
 
 @dataclass
@@ -332,11 +378,14 @@ class EvalReport:
 def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
              steps: int | None = None, seed: int = 0, device: str = "auto",
              work_dir: str | Path = "eval", report: str | Path | None = None,
-             strips: bool = True, cache_dir: str | Path | None = None,
+             strips: bool = True, seconds: float | None = None,
+             cache_dir: str | Path | None = None,
              progress: StageProgress | None = None) -> EvalReport:
     """Reconstruction protocol over ``clips``: each is dubbed from its own speech (loop "cut")
     into ``work_dir`` and compared with the original, beside the original and static-mouth
-    references. Writes ``report`` (.json or .md) and strip images into ``work_dir``."""
+    references. ``seconds`` keeps only the first seconds of each clip (re-encoded nearly
+    losslessly into ``work_dir``, and that copy is the original compared with). Writes
+    ``report`` (.json or .md) and strip images into ``work_dir``."""
     from dubtool.evaluation.evaluate import evaluate_clip, summarise
     from dubtool.evaluation.report import write_report, write_strips
     from dubtool.nets.io import load_model
@@ -352,6 +401,8 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     for n, clip in enumerate(clips):
         if progress is not None:
             progress("eval", n, len(clips))
+        if seconds is not None:
+            clip = _first_seconds(Path(clip), seconds, work / "clips")
         dubbed = dub(clip, clip, work / f"{Path(clip).stem}.dubbed.mp4", model=loaded,
                      steps=steps, seed=seed, device=device, loop="cut", cache_dir=cache_dir)
         inputs = Inputs.of(clip, clip)
@@ -361,13 +412,26 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     if progress is not None:
         progress("eval", len(clips), len(clips))
     settings = {"model": str(loaded.folder), "steps": steps or loaded.config.diffusion.sample_steps,
-                "seed": seed, "device": str(dev)}
+                "seed": seed, "device": str(dev), "seconds": seconds}
     summary = summarise(results)
     files = write_strips(work / "strips", results) if strips else []
     if report is not None:
         write_report(Path(report), results, summary, settings)
         files.append(Path(report))
     return EvalReport(results, summary, settings, files)
+
+
+def _first_seconds(clip: Path, seconds: float, folder: Path) -> Path:
+    from dubtool.media.probe import check_readable, run_tool
+
+    clip = check_readable(clip)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{clip.stem}.first{seconds:g}s.mp4"
+    run_tool(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(clip), "-t", f"{seconds}",
+              "-map", "0:v:0", "-map", "0:a:0", "-c:v", "libx264", "-crf", "10", "-preset",
+              "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "192k", str(out)],
+             clip, "could not be cut")
+    return out
 
 
 BUNDLED_CLIP = Path(__file__).resolve().parents[1] / "tests" / "data" / "may_5s.mp4"

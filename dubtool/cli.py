@@ -157,7 +157,8 @@ def batch_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     loop: Annotated[str, typer.Option(help="pingpong, loop or cut.")] = "pingpong",
     shard: Annotated[str, typer.Option(help="K/N: do every N-th job starting at the K-th, to "
-                     "split a batch over processes or machines.")] = "1/1",
+                     "split a batch over machines.")] = "1/1",
+    jobs: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
     cache_dir: CacheDir = None,
     force: Annotated[bool, typer.Option("--force", help="Redo outputs that exist.")] = False,
 ) -> None:
@@ -176,8 +177,8 @@ def batch_cmd(
     with bars:
         task = bars.add_task("batch", total=len(items), last="")
         outcomes = _call(lambda: api.batch(
-            items, model=model, force=force, device=device, steps=steps, seed=seed, loop=loop,
-            cache_dir=cache_dir,
+            items, model=model, force=force, device=device, jobs=jobs, steps=steps, seed=seed,
+            loop=loop, cache_dir=cache_dir,
             on_done=lambda o: bars.update(task, advance=1, last=f"{o.item.video.name} {o.status}")))
     table = Table("video", "speech", "status", "seconds", "output / reason")
     colours = {"done": "green", "skipped": "yellow", "failed": "red"}
@@ -329,6 +330,8 @@ def eval_cmd(
                       ".json or .md.")] = None,
     work_dir: Annotated[Path, typer.Option(help="Folder for the dubs and strip images.")]
     = Path("eval"),
+    seconds: Annotated[float | None, typer.Option(help="Evaluate only the first seconds of "
+                       "each clip.")] = None,
     cache_dir: CacheDir = None,
 ) -> None:
     """Quality against ground truth: the model beside the original and a static mouth."""
@@ -343,7 +346,8 @@ def eval_cmd(
     with _stage_progress() as progress:
         result = _call(lambda: api.evaluate(paths, model=model, steps=steps, seed=seed,
                                             device=device, work_dir=work_dir, report=report,
-                                            cache_dir=cache_dir, progress=progress))
+                                            seconds=seconds, cache_dir=cache_dir,
+                                            progress=progress))
     from dubtool.evaluation.evaluate import METRICS, VARIANTS
 
     table = Table("variant", *METRICS, title=f"{len(result.clips)} clips, mean ± 95% interval")

@@ -216,4 +216,6 @@ def optimise(run: RunFolder, modules: dict[str, nn.Module], optimizer: torch.opt
             run.log(step=state.step, validation=validation)
         if state.step % checkpoint_every == 0 or state.step == steps:
             run.save(modules, optimizer, state)
+    if not validation:  # a resumed run that had no step left to do
+        validation = validate()
     return timer.mean, validation
