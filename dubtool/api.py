@@ -132,7 +132,8 @@ class DubResult:
 
 def dub(video: str | Path, speech: str | Path, output: str | Path | None = None, *,
         model: str | Path | LoadedModel = DEFAULT_MODEL, steps: int | None = None, seed: int = 0,
-        eta: float = 0.0, device: str = "auto", reference_frame: int | None = None,
+        eta: float = 0.0, strength: float | None = None, device: str = "auto",
+        reference_frame: int | None = None,
         loop: str = "pingpong", cache_dir: str | Path | None = None, force: bool = False,
         keep_cache: bool = True, lock_timeout: float = 0.0,
         progress: StageProgress | None = None) -> DubResult:
@@ -157,7 +158,9 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     target = check_output_path(target, [inputs.video, inputs.speech])
     dev = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model).to(dev)
-    settings = DiffusionSettings(steps or loaded.config.diffusion.sample_steps, eta, seed)
+    diffusion = loaded.config.diffusion
+    settings = DiffusionSettings(steps or diffusion.sample_steps, eta, seed,
+                                 diffusion.strength if strength is None else strength)
     with inputs.open_cache(cache_dir, lock_timeout) as cache:
         stages = run_dub_stages(cache, inputs, loaded, model_digest(loaded.folder), settings,
                                 loop=loop, reference_frame=reference_frame, device=dev,

@@ -105,6 +105,9 @@ def dub_cmd(
     steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the model's).")]
     = None,
     seed: Annotated[int, typer.Option(help="Seed of the diffusion noise.")] = 0,
+    strength: Annotated[float | None, typer.Option(help="1: generate the lower face from "
+                        "noise; less: start from the reference's, noised this far (default: "
+                        "the model's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     reference_frame: Annotated[int | None, typer.Option(help="Source frame used as the "
                                "appearance reference (default: a typical one).")] = None,
@@ -120,9 +123,9 @@ def dub_cmd(
         raise typer.BadParameter(f"choose one of {', '.join(LOOP_MODES)}", param_hint="--loop")
     with _stage_progress() as progress:
         result = _call(lambda: api.dub(
-            video, speech, output, model=model, steps=steps, seed=seed, device=device,
-            reference_frame=reference_frame, loop=loop, cache_dir=cache_dir, force=force,
-            keep_cache=keep_cache, progress=progress))
+            video, speech, output, model=model, steps=steps, seed=seed, strength=strength,
+            device=device, reference_frame=reference_frame, loop=loop, cache_dir=cache_dir,
+            force=force, keep_cache=keep_cache, progress=progress))
     out.print(", ".join(f"{r.stage} {r.status} ({r.seconds:.1f} s)" for r in result.stages))
     passed = (f", [yellow]{result.passed_through} passed through without a face[/]"
               if result.passed_through else "")

@@ -232,3 +232,39 @@ def test_shipped_configs() -> None:
     with pytest.raises(ModelError, match="crop_size"):
         cpu.replace(crop_size=64)
 
+
+
+def test_half_precision_model_folder_loads_close(models, tmp_path: Path) -> None:
+    config, ae, model = models
+    full = save_model(tmp_path / "full", config, ae, model)
+    half = save_model(tmp_path / "half", config, ae, model, half=True)
+    size = lambda f: sum(p.stat().st_size for p in f.glob("*.safetensors"))  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    loaded = load_model(half)
+    assert next(loaded.dubber.parameters()).dtype == torch.float32
+    images = tiny_batch(config)["frames"].flatten(0, 1)
+    assert torch.allclose(loaded.autoencoder.encode(images), ae.encode(images), atol=1e-2)
+
+
+def test_partial_strength_starts_from_the_init_latent(models) -> None:
+    config, ae, model = models
+    model.eval()
+    batch = tiny_batch(config)
+    known = ae.encode(batch["frames"].flatten(0, 1))
+    init = ae.encode(batch["reference_image"][:1])
+    cond = model.conditioning(batch["points"], known[:2])
+    scheduler = make_scheduler(config.diffusion)
+
+    def sample(strength: float, steps: int = 10) -> torch.Tensor:
+        return inpaint_lower_half(model.denoiser, known, cond, scheduler, steps,
+                                  generator=torch.Generator().manual_seed(0), init=init,
+                                  strength=strength)
+
+    light, full = sample(0.1), sample(1.0)
+    assert torch.equal(light[:, :, :4], known[:, :, :4])
+    assert torch.equal(sample(0.1), light)
+    # A light touch stays near the init's lower half; from pure noise it does not.
+    near = (light[:, :, 4:] - init[:, :, 4:]).abs().mean()
+    assert near < (full[:, :, 4:] - init[:, :, 4:]).abs().mean()
+    with pytest.raises(ValueError, match="init"):
+        inpaint_lower_half(model.denoiser, known, cond, scheduler, 4, strength=0.5)

@@ -29,11 +29,14 @@ DUBBER_FILE = "dubber.safetensors"
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 
-def save_weights(module: nn.Module, path: str | Path,
-                 metadata: dict[str, str] | None = None) -> None:
-    """A module's state dict as safetensors, written atomically."""
+def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None,
+                 half: bool = False) -> None:
+    """A module's state dict as safetensors, written atomically; ``half`` stores float
+    tensors as float16 (half the size; loading converts them back to the module's dtype)."""
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata or {})
@@ -104,13 +107,14 @@ def model_digest(folder: Path) -> str:
 
 
 def save_model(folder: str | Path, config: ModelConfig, autoencoder: FaceAutoencoder,
-               dubber: DubbingModel | None = None) -> Path:
+               dubber: DubbingModel | None = None, half: bool = False) -> Path:
+    """Write a model folder (``half``: float16 weights, for shipping)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config.save(folder / CONFIG_FILE)
-    save_weights(autoencoder, folder / AUTOENCODER_FILE, {"config": config.name})
+    save_weights(autoencoder, folder / AUTOENCODER_FILE, {"config": config.name}, half)
     if dubber is not None:
-        save_weights(dubber, folder / DUBBER_FILE, {"config": config.name})
+        save_weights(dubber, folder / DUBBER_FILE, {"config": config.name}, half)
     return folder
 
 

@@ -33,21 +33,35 @@ def noised_lower_half(latent: torch.Tensor, noise: torch.Tensor, timesteps: torc
 @torch.inference_mode()
 def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioning,
                        scheduler: DDIMScheduler, steps: int, eta: float = 0.0,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None,
+                       init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """Generate the lower half of ``known`` (B*L, C, h, w) by DDIM in ``steps`` steps.
 
     Only the lower half is diffused: after every step the upper half is reset to the known
     latent, so the result's upper half equals the input's exactly. The same generator seed
-    gives the same result.
+    gives the same result. With ``strength`` < 1 the lower half starts from ``init`` (e.g. the
+    reference face's latent, broadcast over the batch) noised to ``strength`` x T and only the
+    last part of the schedule runs: the image-to-image trade of fidelity to the conditioning
+    for stability, useful while a model is weak at the highest noise levels.
     """
     mask = lower_half_mask(known.shape[-1], known.device).to(known.dtype)
     masked = known * (1 - mask)
     noise = torch.randn(known.shape, generator=generator, dtype=torch.float32,
                         device=generator.device if generator is not None else "cpu")
-    latent = noise.to(known.device, known.dtype) * mask + masked
+    noise = noise.to(known.device, known.dtype)
     scheduler.set_timesteps(steps, device=known.device)
+    timesteps = scheduler.timesteps
+    if strength < 1.0:
+        if init is None:
+            raise ValueError("strength < 1 needs an init latent")
+        keep = max(1, round(steps * strength))
+        timesteps = timesteps[len(timesteps) - keep:]
+        start = timesteps[:1].expand(known.shape[0])
+        latent = scheduler.add_noise(init.expand_as(known), noise, start) * mask + masked
+    else:
+        latent = noise * mask + masked
     batch_mask = mask.expand(known.shape[0], -1, -1, -1)
-    for t in scheduler.timesteps:
+    for t in timesteps:
         eps = denoiser(latent, masked, batch_mask, t.expand(known.shape[0]), cond)
         latent = scheduler.step(eps, t, latent, eta=eta, generator=generator).prev_sample
         latent = latent * mask + masked

@@ -56,6 +56,7 @@ class DiffusionSettings:
     steps: int
     eta: float = 0.0
     seed: int = 0
+    strength: float = 1.0
 
 
 def chunk_count(output_frames: int, chunk_frames: int) -> int:
@@ -101,6 +102,8 @@ class LowerFaceGenerator:
         cond = dubber.conditioning(landmarks, self.reference_latent, motion)
         generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + k)
         latents = inpaint_lower_half(dubber.denoiser, known, cond, self.scheduler,
-                                     self.settings.steps, self.settings.eta, generator)
+                                     self.settings.steps, self.settings.eta, generator,
+                                     init=self.reference_latent,
+                                     strength=self.settings.strength)
         crops = to_images(ae.decode(latents))
         return {"crops": crops[:count], "latents": latents[:count].float().cpu().numpy()}

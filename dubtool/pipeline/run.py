@@ -137,7 +137,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                                                  reference_frame, settings, device)
     diffuse_fp = fingerprint("diffuse", diffuse_stage.VERSION, complete_fp, crops_fp,
                              model_digest, settings.steps, settings.eta, settings.seed,
-                             reference_frame)
+                             settings.strength, reference_frame)
 
     def chunk(k: int, previous: dict | None) -> dict:
         result = generator(k, previous)
