@@ -212,11 +212,13 @@ def prepare(videos: str | Path, output: str | Path, *, crop_size: int = 128,
 
 
 def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
-          steps: int, autoencoder: str | Path | None = None, end2end: bool = True,
+          steps: int, autoencoder: str | Path | None = None,
+          completion: str | Path | None = None, end2end: bool = True,
           device: str = "auto", resume: bool = False, epoch_steps: int = 200,
           checkpoint_every: int = 50, seed: int = 0,
           progress: TrainProgress | None = None) -> TrainResult:
-    """Train ``part`` ("autoencoder", then "dubber" on top of a trained autoencoder)."""
+    """Train ``part``: "autoencoder" first; optionally "completion" (the landmark completion
+    alone, fast); then "dubber" on top of the trained autoencoder (and completion)."""
     # torch and diffusers are imported only by the commands that need them: start-up stays fast.
     from dubtool.nets.config import ModelConfig
 
@@ -234,9 +236,16 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
         from dubtool.training.dubber import train_dubber
 
         return train_dubber(model_config, data, autoencoder, out, steps, end2end=end2end,
-                            device=device, resume=resume, epoch_steps=epoch_steps,
-                            checkpoint_every=checkpoint_every, seed=seed, progress=progress)
-    raise ValueError(f"unknown part {part!r}: autoencoder or dubber")
+                            completion=completion, device=device, resume=resume,
+                            epoch_steps=epoch_steps, checkpoint_every=checkpoint_every,
+                            seed=seed, progress=progress)
+    if part == "completion":
+        from dubtool.training.dubber import train_completion
+
+        return train_completion(model_config, data, out, steps, device=device, resume=resume,
+                                epoch_steps=epoch_steps, checkpoint_every=checkpoint_every,
+                                seed=seed, progress=progress)
+    raise ValueError(f"unknown part {part!r}: autoencoder, completion or dubber")
 
 
 AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus", ".wma"}

@@ -272,7 +272,8 @@ def prepare_cmd(
 
 @app.command("train")
 def train_cmd(
-    part: Annotated[str, typer.Argument(help="autoencoder (first) or dubber.")],
+    part: Annotated[str, typer.Argument(help="autoencoder (first), completion (optional "
+                    "pre-training of the landmark completion) or dubber.")],
     config: Annotated[str, typer.Option("--config", help="cpu-128, paper-256 or a config.json "
                       "path.")] = "cpu-128",
     data: Annotated[Path, typer.Option("--data", help="Folder made by 'dubtool prepare'.")]
@@ -283,6 +284,8 @@ def train_cmd(
                      "continues up to this).")] = 1000,
     autoencoder: Annotated[Path | None, typer.Option(help="For dubber: the trained "
                            "autoencoder's model folder (RUN/model).")] = None,
+    completion: Annotated[Path | None, typer.Option(help="For dubber: start from a "
+                          "pre-trained completion (RUN/model/completion.safetensors).")] = None,
     end2end: Annotated[bool, typer.Option("--end2end/--no-end2end", help="Let L_ldm train "
                        "the landmark completion (the paper's method) or train it on L1 "
                        "alone (its ablation).")] = True,
@@ -294,8 +297,8 @@ def train_cmd(
     seed: int = 0,
 ) -> None:
     """Train the autoencoder, or the landmark completion + denoiser on top of it."""
-    if part not in ("autoencoder", "dubber"):
-        raise typer.BadParameter("autoencoder or dubber", param_hint="PART")
+    if part not in ("autoencoder", "completion", "dubber"):
+        raise typer.BadParameter("autoencoder, completion or dubber", param_hint="PART")
     bars = Progress(TextColumn("train {task.fields[part]}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[losses]}"), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=out, disable=not out.is_terminal)
@@ -307,7 +310,8 @@ def train_cmd(
             bars.update(task, completed=step, total=total, losses=text)
 
         result = _call(lambda: api.train(
-            part, config, data, out_dir, steps=steps, autoencoder=autoencoder, end2end=end2end,
+            part, config, data, out_dir, steps=steps, autoencoder=autoencoder,
+            completion=completion, end2end=end2end,
             device=device, resume=resume, epoch_steps=epoch_steps,
             checkpoint_every=checkpoint_every, seed=seed, progress=progress))
     table = Table(show_header=False, box=None, pad_edge=False)

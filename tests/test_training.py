@@ -133,6 +133,33 @@ def test_training_runs_checkpoint_and_resume(dataset: Path, tmp_path: Path) -> N
     assert (resumed.model / "dubber.safetensors").is_file()
 
 
+def test_completion_pretraining_feeds_the_dubber(dataset: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from dubtool.nets.io import load_model, load_weights
+    from dubtool.nets.landmark_completion import LandmarkCompletion
+    from dubtool.training.autoencoder import train_autoencoder
+    from dubtool.training.dubber import COMPLETION_FILE, train_completion, train_dubber
+
+    config = tiny_config()
+    config = config.replace(training=dataclasses.replace(config.training,
+                                                         completion_batch_size=4))
+    pre = train_completion(config, dataset, tmp_path / "completion", steps=3, epoch_steps=3,
+                           validation_batches=1)
+    assert pre.steps == 3 and "l1" in pre.validation
+    weights = pre.model / COMPLETION_FILE
+    ae = train_autoencoder(config, dataset, tmp_path / "ae", steps=1, validation_batches=1)
+    dub = train_dubber(config, dataset, ae.model, tmp_path / "dub", steps=1,
+                       completion=weights, validation_batches=1)
+    trained = load_model(dub.model).dubber.completion
+    reference = LandmarkCompletion(config.completion)
+    load_weights(reference, weights)
+    # One joint step moved it a little from the pre-trained weights, not from a random start.
+    drift = [float((a - b).detach().abs().max()) for a, b in
+             zip(trained.parameters(), reference.parameters(), strict=True)]
+    assert max(drift) < 0.05
+
+
 def test_cli_prepare_and_train(videos: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     data = tmp_path / "data"

@@ -96,6 +96,8 @@ class TrainingConfig:
     autoencoder_batch_size: int = 16
     autoencoder_patch: int = 64  # side of the random patches it trains on (0: whole crops)
     l1_weight: float = 10.0      # lambda of L_total = L_ldm + lambda * L1
+    completion_learning_rate: float = 5e-4  # pre-training the landmark completion alone
+    completion_batch_size: int = 64
     kl_weight: float = 1e-6
     grad_clip: float = 1.0
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (CUDA only)

@@ -316,7 +316,8 @@ class DubberSample:
     """One batched-sequential sample: L successive frames of one clip.
 
     frames (L, 3, S, S); points (L, 131, 2); references (N, 131, 2); mel (L, 80, 16);
-    reference_image (3, S, S); motion (M, 3, S, S), M may be 0.
+    reference_image (1, 3, S, S); motion (M, 3, S, S), M may be 0. Without images, the three
+    picture arrays are empty.
     """
 
     frames: np.ndarray
@@ -328,11 +329,13 @@ class DubberSample:
 
 
 def dubber_sample(data: PreparedData, frames: int, references: int, motion_frames: int,
-                  rng: np.random.Generator, augment: bool = True) -> DubberSample:
+                  rng: np.random.Generator, augment: bool = True,
+                  images: bool = True) -> DubberSample:
     """Draw one sample of ``frames`` successive frames, with the ``motion_frames`` before them.
 
     The reference image comes from the frame farthest in time among a few random candidates,
-    so that the model cannot copy the target's mouth from it.
+    so that the model cannot copy the target's mouth from it. ``images=False`` leaves out
+    the pictures (empty arrays), for training the landmark completion alone.
     """
     clip = data.pick_clip(rng, lambda c: len(c.runs(frames, motion_frames)) > 0)
     start = int(rng.choice(clip.runs(frames, motion_frames)))
@@ -346,24 +349,29 @@ def dubber_sample(data: PreparedData, frames: int, references: int, motion_frame
     reference_sets = rng.choice(others, size=references, replace=len(others) < references)
     aug = Augment.draw(rng) if augment else Augment.none()
     mel = np.stack([mel_window(clip.mel, int(i), clip.fps) for i in span])
+    pictures = (lambda first, stop: aug.images(clip.crops[first:stop])) if images else (
+        lambda first, stop: np.zeros((0, 3, data.crop_size, data.crop_size), np.float32))
     return DubberSample(
-        frames=aug.images(clip.crops[span[0]:span[-1] + 1]),
+        frames=pictures(span[0], span[-1] + 1),
         points=aug.points(clip.points[span]),
         references=aug.points(clip.points[reference_sets]),
         mel=mel.astype(np.float32),
-        reference_image=aug.images(clip.crops[reference_frame:reference_frame + 1])[0],
-        motion=aug.images(clip.crops[start - motion_frames:start]),
+        reference_image=pictures(reference_frame, reference_frame + 1),
+        motion=pictures(start - motion_frames, start),
     )
 
 
 def dubber_batch(data: PreparedData, batch_size: int, frames: int, references: int,
                  motion_frames: int, rng: np.random.Generator, augment: bool = True,
-                 motion_probability: float = 0.5) -> dict[str, np.ndarray]:
+                 motion_probability: float = 0.5, images: bool = True) -> dict[str, np.ndarray]:
     """A batch of samples stacked on a new first axis. Half of the batches (by default) carry
     motion frames, so that the model learns both the first chunk of a video and the next ones.
     """
     motion = motion_frames if rng.random() < motion_probability else 0
-    samples = [dubber_sample(data, frames, references, motion, rng, augment)
+    samples = [dubber_sample(data, frames, references, motion, rng, augment, images)
                for _ in range(batch_size)]
-    return {name: np.stack([getattr(s, name) for s in samples])
-            for name in ("frames", "points", "references", "mel", "reference_image", "motion")}
+    batch = {name: np.stack([getattr(s, name) for s in samples])
+             for name in ("frames", "points", "references", "mel", "reference_image", "motion")}
+    if images:  # one reference picture per sample: (B, 3, S, S)
+        batch["reference_image"] = batch["reference_image"][:, 0]
+    return batch

@@ -20,7 +20,7 @@ from dubtool.face.indices import CONTENT_SLICE
 from dubtool.nets.autoencoder import FaceAutoencoder
 from dubtool.nets.config import AutoencoderConfig, ModelConfig
 from dubtool.nets.dubber import DubbingModel
-from dubtool.nets.io import load_model, save_model
+from dubtool.nets.io import load_model, load_weights, save_model, save_weights
 from dubtool.nets.sampling import lower_half_mask, make_scheduler, noised_lower_half
 from dubtool.training.dataset import PreparedData, dubber_batch
 from dubtool.training.loop import (
@@ -34,6 +34,7 @@ from dubtool.training.loop import (
     resolve_device,
 )
 
+COMPLETION_FILE = "completion.safetensors"
 
 def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
                   batch: dict[str, torch.Tensor], scheduler, l1_weight: float,
@@ -69,6 +70,13 @@ def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
     return {"total": ldm + l1_weight * l1, "ldm": ldm, "l1": l1}
 
 
+def completion_loss(model: DubbingModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L1 between predicted and detected lip/jaw points (crop units)."""
+    target = batch["points"]
+    predicted = model.complete(target, batch["references"], batch["mel"])
+    return (predicted[:, :, CONTENT_SLICE] - target[:, :, CONTENT_SLICE]).abs().mean()
+
+
 def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
 
@@ -93,10 +101,13 @@ def _validate(model: DubbingModel, autoencoder: FaceAutoencoder, data: PreparedD
 
 def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: str | Path,
                  run_dir: str | Path, steps: int, *, end2end: bool = True,
+                 completion: str | Path | None = None,
                  device: str = "auto", resume: bool = False, epoch_steps: int = 200,
                  checkpoint_every: int = 50, validation_batches: int = 4, seed: int = 0,
                  progress: TrainProgress | None = None) -> TrainResult:
-    """Train the dubbing model on top of a trained autoencoder (a model folder)."""
+    """Train the dubbing model on top of a trained autoencoder (a model folder), optionally
+    with a pre-trained landmark completion (``completion``: its safetensors), loaded at the
+    start of a new run or over the completion module of a resumed one."""
     dev = resolve_device(device)
     trained = load_model(autoencoder_model, need_dubber=False)
     ae = trained.config.autoencoder
@@ -112,6 +123,10 @@ def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: s
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.learning_rate)
     state = (run.load({"dubber": model}, optimizer) if resume
              else TrainState(0, np.random.default_rng(seed)))
+    if completion is not None:
+        # A pre-trained landmark completion (train_completion): the start of a new run, or a
+        # replacement for the completion module of a resumed one.
+        load_weights(model.completion, completion)
     scheduler = make_scheduler(config.diffusion)
     c = config.completion
 
@@ -137,3 +152,52 @@ def _autoencoder_sizes(config: AutoencoderConfig) -> tuple:
     """An autoencoder config's sizes, ignoring the measured latent scaling."""
     return (config.image_size, config.latent_channels, tuple(config.channels),
             config.layers_per_block, config.norm_groups)
+
+
+def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | Path,
+                     steps: int, *, device: str = "auto", resume: bool = False,
+                     epoch_steps: int = 200, checkpoint_every: int = 100,
+                     validation_batches: int = 8, seed: int = 0,
+                     progress: TrainProgress | None = None) -> TrainResult:
+    """Pre-train the landmark completion module on L1 alone (no images: fast), so that the
+    joint training starts from a module that already follows the speech. Writes
+    RUN/model/completion.safetensors for ``train_dubber(completion=...)``."""
+    dev = resolve_device(device)
+    train, val = load_splits(data_dir, config)
+    run = RunFolder(run_dir, config, resume)
+    torch.manual_seed(seed)
+    model = DubbingModel(config).to(dev)
+    completion = model.completion
+    optimizer = torch.optim.AdamW(completion.parameters(),
+                                  lr=config.training.completion_learning_rate)
+    state = (run.load({"completion": completion}, optimizer) if resume
+             else TrainState(0, np.random.default_rng(seed)))
+    c, batch_size = config.completion, config.training.completion_batch_size
+
+    def landmarks(data: PreparedData, rng: np.random.Generator, augment: bool) -> dict:
+        batch = dubber_batch(data, batch_size, c.frames, c.references, 0, rng, augment,
+                             images=False)
+        return to_tensors({k: batch[k] for k in ("points", "references", "mel")}, dev)
+
+    def validate() -> dict[str, float]:
+        rng = np.random.default_rng(4321)
+        with evaluating(completion):
+            losses = [float(completion_loss(model, landmarks(val, rng, False)))
+                      for _ in range(validation_batches)]
+        return {"l1": float(np.mean(losses))}
+
+    def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        l1 = completion_loss(model, landmarks(train, rng, True))
+        return {"total": l1, "l1": l1}
+
+    seconds, validation = optimise(
+        run, {"completion": completion}, optimizer, state, steps, step_losses, validate,
+        device=dev, mixed_precision=config.training.mixed_precision,
+        grad_clip=config.training.grad_clip, epoch_steps=epoch_steps,
+        checkpoint_every=checkpoint_every, progress=progress)
+    model_dir = run.folder / "model"
+    model_dir.mkdir(exist_ok=True)
+    config.save(model_dir / "config.json")
+    save_weights(completion, model_dir / COMPLETION_FILE)
+    return TrainResult(run.folder, model_dir, state.step, seconds, validation,
+                       sum(p.numel() for p in completion.parameters()))
