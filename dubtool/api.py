@@ -148,7 +148,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     """
     from dubtool.nets.io import LoadedModel, load_model, model_digest
     from dubtool.pipeline.blend import blended_frames, write_video
-    from dubtool.pipeline.diffuse import DiffusionSettings
+    from dubtool.pipeline.diffuse import DiffusionSettings, chunk_count
     from dubtool.pipeline.run import generated_crops, run_dub_stages
     from dubtool.training.loop import resolve_device
 
@@ -167,7 +167,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
                                 force=force, progress=progress)
         front = stages.front
         plan = front.extracted.plan
-        chunks = -(-len(plan) // loaded.config.completion.frames)
+        chunks = chunk_count(len(plan), loaded.config.completion.frames)
         frames = blended_frames(front.extracted.video, front.track, plan,
                                 stages.completion.target, stages.crops,
                                 generated_crops(stages.generated_dir, chunks),

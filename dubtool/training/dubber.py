@@ -36,6 +36,20 @@ from dubtool.training.loop import (
 
 COMPLETION_FILE = "completion.safetensors"
 
+def completed_landmarks(model: DubbingModel,
+                        batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target landmarks predicted from the speech (B, L, 131, 2), and their L1 to the
+    detected lip/jaw points (crop units)."""
+    target = batch["points"]
+    predicted = model.complete(target, batch["references"], batch["mel"])
+    l1 = (predicted[:, :, CONTENT_SLICE] - target[:, :, CONTENT_SLICE]).abs().mean()
+    return predicted, l1
+
+
+def completion_loss(model: DubbingModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return completed_landmarks(model, batch)[1]
+
+
 def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
                   batch: dict[str, torch.Tensor], scheduler, l1_weight: float,
                   end2end: bool = True,
@@ -50,10 +64,8 @@ def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
         motion_latents = None
         if motion is not None and motion.shape[1] > 0:
             motion_latents = autoencoder.encode(motion.flatten(0, 1)).unflatten(0, motion.shape[:2])
-    target = batch["points"]
-    landmarks = model.complete(target, batch["references"], batch["mel"])
-    l1 = (landmarks[:, :, CONTENT_SLICE] - target[:, :, CONTENT_SLICE]).abs().mean()
-    condition_points = landmarks if end2end else target
+    landmarks, l1 = completed_landmarks(model, batch)
+    condition_points = landmarks if end2end else batch["points"]
     cond = model.conditioning(condition_points, reference_latent, motion_latents)
 
     # One diffusion time per sample, shared by its L frames (they are denoised together).
@@ -68,13 +80,6 @@ def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
     predicted = model.denoiser(noisy, latents * (1 - mask), mask, timesteps, cond)
     ldm = ((predicted - noise) ** 2 * mask).sum() / (mask.sum() * latents.shape[1])
     return {"total": ldm + l1_weight * l1, "ldm": ldm, "l1": l1}
-
-
-def completion_loss(model: DubbingModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """L1 between predicted and detected lip/jaw points (crop units)."""
-    target = batch["points"]
-    predicted = model.complete(target, batch["references"], batch["mel"])
-    return (predicted[:, :, CONTENT_SLICE] - target[:, :, CONTENT_SLICE]).abs().mean()
 
 
 def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
