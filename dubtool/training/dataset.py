@@ -27,7 +27,7 @@ import numpy as np
 from dubtool.errors import InputNotFound
 from dubtool.face.indices import MIRROR
 from dubtool.media.audio import mel_window
-from dubtool.media.frames import read_frames
+from dubtool.pipeline.diffuse import load_crops, write_crops
 from dubtool.pipeline.run import Inputs, run_front
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".m4v"}
@@ -75,12 +75,7 @@ def _write_clip(folder: Path, video: Path, person: str, front, crop_size: int) -
     tmp.mkdir(parents=True)
     track, extracted = front.track, front.extracted
     frames = track.frames
-    crops = np.lib.format.open_memmap(tmp / "crops.npy", mode="w+", dtype=np.uint8,
-                                      shape=(frames, crop_size, crop_size, 3))
-    for i, frame in enumerate(read_frames(extracted.video)):
-        crops[i] = track.box(i).crop(frame, crop_size)
-    crops.flush()
-    del crops
+    write_crops(extracted.video, track, crop_size, tmp)  # the dub pipeline's crops, same file
     np.save(tmp / "points.npy", track.crop_points())
     np.save(tmp / "detected.npy", track.detected)
     np.save(tmp / "mel.npy", extracted.mel.astype(np.float32))
@@ -156,7 +151,7 @@ def prepare(videos: str | Path, output: str | Path, crop_size: int = 128,
         folder = output / name
         meta = folder / "meta.json"
         if not (meta.exists() and json.loads(meta.read_text()).get("frames") == track.frames
-                and np.load(folder / "crops.npy", mmap_mode="r").shape[1] == crop_size):
+                and load_crops(folder).shape[1] == crop_size):
             _write_clip(folder, video, person, front, crop_size)
         reports.append(ClipReport(name, person, track.frames, track.faces_found, "train"))
     if progress is not None:
@@ -188,7 +183,7 @@ class Clip:
     def load(cls, folder: Path) -> Clip:
         meta = json.loads((folder / "meta.json").read_text())
         return cls(folder.name, meta["person"], Fraction(meta["fps"]),
-                   np.load(folder / "crops.npy", mmap_mode="r"), np.load(folder / "points.npy"),
+                   load_crops(folder), np.load(folder / "points.npy"),
                    np.load(folder / "detected.npy"), np.load(folder / "mel.npy"))
 
     def runs(self, length: int, before: int = 0) -> np.ndarray:
@@ -217,13 +212,6 @@ class PreparedData:
         for i, clip in enumerate(self.clips):
             self.by_person.setdefault(clip.person, []).append(i)
         self.people = sorted(self.by_person)
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-    @property
-    def frames(self) -> int:
-        return sum(len(c.detected) for c in self.clips)
 
     def pick_clip(self, rng: np.random.Generator, usable: Callable[[Clip], bool] = lambda c: True
                   ) -> Clip:
