@@ -213,8 +213,8 @@ def prepare(videos: str | Path, output: str | Path, *, crop_size: int = 128,
 
 def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
           steps: int, autoencoder: str | Path | None = None,
-          completion: str | Path | None = None, end2end: bool = True,
-          device: str = "auto", resume: bool = False, epoch_steps: int = 200,
+          completion: str | Path | None = None, init: str | Path | None = None,
+          end2end: bool = True, device: str = "auto", resume: bool = False, epoch_steps: int = 200,
           checkpoint_every: int = 50, seed: int = 0,
           progress: TrainProgress | None = None) -> TrainResult:
     """Train ``part``: "autoencoder" first; optionally "completion" (the landmark completion
@@ -236,7 +236,7 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
         from dubtool.training.dubber import train_dubber
 
         return train_dubber(model_config, data, autoencoder, out, steps, end2end=end2end,
-                            completion=completion, device=device, resume=resume,
+                            completion=completion, init=init, device=device, resume=resume,
                             epoch_steps=epoch_steps, checkpoint_every=checkpoint_every,
                             seed=seed, progress=progress)
     if part == "completion":

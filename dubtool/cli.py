@@ -286,6 +286,9 @@ def train_cmd(
                            "autoencoder's model folder (RUN/model).")] = None,
     completion: Annotated[Path | None, typer.Option(help="For dubber: start from a "
                           "pre-trained completion (RUN/model/completion.safetensors).")] = None,
+    init: Annotated[Path | None, typer.Option(help="For dubber: start a new run from this "
+                    "model folder's dubbing model (parts the config adds start at zero).")]
+    = None,
     end2end: Annotated[bool, typer.Option("--end2end/--no-end2end", help="Let L_ldm train "
                        "the landmark completion (the paper's method) or train it on L1 "
                        "alone (its ablation).")] = True,
@@ -311,7 +314,7 @@ def train_cmd(
 
         result = _call(lambda: api.train(
             part, config, data, out_dir, steps=steps, autoencoder=autoencoder,
-            completion=completion, end2end=end2end,
+            completion=completion, init=init, end2end=end2end,
             device=device, resume=resume, epoch_steps=epoch_steps,
             checkpoint_every=checkpoint_every, seed=seed, progress=progress))
     table = Table(show_header=False, box=None, pad_edge=False)

@@ -9,7 +9,7 @@ import numpy as np
 from dubtool.evaluation import metrics
 from dubtool.evaluation.evaluate import METRICS, VARIANTS, ClipEvaluation, summarise
 from dubtool.evaluation.report import write_report, write_strips
-from dubtool.face.indices import CONTENT_SLICE, ORDER
+from dubtool.face.indices import CONTENT_SLICE, ORDER, mouth_opening
 
 
 def face_points(frames: int = 1) -> np.ndarray:
@@ -44,24 +44,57 @@ def test_known_differences() -> None:
 
 def test_sync_finds_a_known_lag_and_ignores_a_static_mouth() -> None:
     rng = np.random.default_rng(2)
-    loudness = np.convolve(rng.normal(size=200), np.ones(4) / 4, mode="same")
+    envelope = np.convolve(rng.normal(size=200), np.ones(4) / 4, mode="same")
     opening = np.zeros(200)
-    opening[2:] = 0.02 * loudness[:-2]  # the mouth opens 2 frames after the sound
-    offset, in_sync, confidence = metrics.sync_score(opening, loudness)
+    opening[2:] = 0.05 * envelope[:-2]  # the mouth opens 2 frames after the sound
+    offset, in_sync, confidence = metrics.sync_score(opening, envelope, 25)
     assert offset == 2 and in_sync > 0.5 and confidence > 0.5
     early = np.zeros(200)
-    early[:-10] = 0.02 * loudness[10:]  # 10 frames early: outside natural offsets
-    offset, in_sync, _ = metrics.sync_score(early, loudness)
+    early[:-10] = 0.05 * envelope[10:]  # 10 frames early: outside natural offsets
+    offset, in_sync, _ = metrics.sync_score(early, envelope, 25)
     assert offset == -10 and in_sync < 0.3
-    still = 1e-4 * rng.normal(size=200)  # a still mouth with detection noise
-    assert abs(metrics.sync_score(still, loudness)[1]) < 0.05
+    still = 1e-3 * rng.normal(size=200)  # a still mouth with detection noise
+    assert abs(metrics.sync_score(still, envelope, 25)[1]) < 0.05
+    gaps = opening.copy()
+    gaps[50:60] = np.nan  # frames without a face are interpolated over
+    assert metrics.sync_score(gaps, envelope, 25)[0] == 2
 
 
-def test_speech_loudness_follows_the_signal() -> None:
-    samples = np.zeros(16000, np.float32)
-    samples[8000:9600] = 0.5  # loud from 0.5 s to 0.6 s
-    loud = metrics.speech_loudness(samples, 25, 25)
-    assert loud.argmax() in (12, 13, 14) and loud[0] < loud[13] - 5
+def test_speech_envelope_follows_the_signal() -> None:
+    rng = np.random.default_rng(1)
+    samples = 1e-3 * rng.normal(size=16000).astype(np.float32)
+    t = np.arange(1600) / 16000
+    samples[8000:9600] += 0.5 * np.sin(2 * np.pi * 600 * t)  # a 600 Hz tone from 0.5 to 0.6 s
+    envelope = metrics.speech_envelope(samples, 25, 25)
+    assert envelope.shape == (25,)
+    assert envelope.argmax() in (12, 13, 14) and envelope[0] < envelope[13] - 5
+
+
+def test_sync_score_separates_real_speech_from_shifted_speech_and_a_still_mouth() -> None:
+    """The validation asked of the score, on a real talking clip (tests/data/may_5s.mp4, 5 s):
+    the original scores well above its audio shifted by 0.5 s either way and a still mouth."""
+    from dubtool.evaluation.evaluate import detect_points
+    from dubtool.media.audio import load_speech
+    from dubtool.media.frames import read_frames
+    from dubtool.media.probe import probe_video
+
+    clip = Path(__file__).parent / "data" / "may_5s.mp4"
+    info = probe_video(clip)
+    points, found = detect_points(np.stack(list(read_frames(info))))
+    assert found.mean() > 0.95
+    fps, speech, shift = float(info.fps), load_speech(clip), 8000  # 0.5 s at 16 kHz
+    opening = mouth_opening(points)
+
+    def confidence(opening: np.ndarray, samples: np.ndarray) -> float:
+        return metrics.sync_score(opening, metrics.speech_envelope(samples, fps, len(points)),
+                                  fps)[2]
+
+    original = confidence(opening, speech)
+    late = confidence(opening, np.concatenate([np.zeros(shift, np.float32), speech[:-shift]]))
+    early = confidence(opening, np.concatenate([speech[shift:], np.zeros(shift, np.float32)]))
+    still = confidence(np.full_like(opening, opening[0]), speech)
+    assert original > 0.2
+    assert original > 2 * max(late, early, still)
 
 
 def test_stability() -> None:

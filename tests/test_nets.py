@@ -1,5 +1,6 @@
 """The networks on tiny sizes: shapes, the paper's structural claims, sampling, save/load."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,47 @@ def test_partial_strength_starts_from_the_init_latent(models) -> None:
     assert near < (full[:, :, 4:] - init[:, :, 4:]).abs().mean()
     with pytest.raises(ValueError, match="init"):
         inpaint_lower_half(model.denoiser, known, cond, scheduler, 4, strength=0.5)
+
+
+def test_sketch_draws_each_line_in_its_channel() -> None:
+    from dubtool.nets.sketch import SKETCH_LINES, sketch
+
+    points = torch.full((1, 131, 2), 0.1)  # everything in the top-left corner...
+    jaw_start, jaw_end = (int(i) for i in SKETCH_LINES[0][0])
+    points[0, jaw_start] = torch.tensor([0.25, 0.75])  # ...but one jaw segment, horizontal
+    points[0, jaw_end] = torch.tensor([0.75, 0.75])
+    drawing = sketch(points, 32)
+    assert drawing.shape == (1, 3, 32, 32)
+    row = round(0.75 * 32 - 0.5)
+    assert drawing[0, 0, row, 10:22].min() > 0.8          # on the segment
+    assert drawing[0, 0, row - 4:row + 5:8, 8:14].max() < 0.01  # 4 pixels off it
+    assert drawing[0, 1:, 16:, :].max() < 1e-3             # the lips stayed in the corner
+
+
+def test_sketch_encoder_starts_at_zero_and_a_plain_model_grows_into_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    plain = tiny_config()
+    sketched = plain.replace(denoiser=dataclasses.replace(plain.denoiser, sketch_scale=2))
+    base, grown = DubbingModel(plain).eval(), DubbingModel(sketched).eval()
+    save_weights(base, tmp_path / "base.safetensors")
+    with pytest.raises(ModelError, match="missing"):
+        load_weights(grown, tmp_path / "base.safetensors")
+    load_weights(grown, tmp_path / "base.safetensors", new_modules=("denoiser.sketch.",))
+    torch.nn.init.normal_(base.denoiser.conv_out.weight, std=0.1)
+    grown.denoiser.conv_out.load_state_dict(base.denoiser.conv_out.state_dict())
+    batch = tiny_batch(sketched)
+    latents = torch.randn(6, 4, 8, 8)
+    mask = lower_half_mask(8).expand(6, -1, -1, -1)
+    t = torch.full((6,), 10)
+
+    def predict(model: DubbingModel) -> torch.Tensor:
+        cond = model.conditioning(batch["points"], latents[:2])
+        return model.denoiser(latents, latents * (1 - mask), mask, t, cond)
+
+    assert torch.equal(predict(grown), predict(base))  # zero-initialised: same function
+    torch.nn.init.normal_(grown.denoiser.sketch.layers[-1].weight, std=0.1)
+    moved = batch["points"].clone()
+    moved[:, :, 74:] += 0.1  # other lips, same cross-attention input otherwise
+    first = predict(grown)
+    batch["points"] = moved
+    assert not torch.allclose(predict(grown), first)

@@ -18,7 +18,7 @@ import numpy as np
 
 from dubtool.evaluation import metrics
 from dubtool.face.detect import FaceMeshDetector
-from dubtool.face.indices import select_points
+from dubtool.face.indices import mouth_opening, select_points
 from dubtool.media.audio import load_speech
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import probe_video
@@ -81,7 +81,7 @@ def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTr
             speech: np.ndarray, fps: float) -> dict[str, dict[str, float]]:
     """Every metric for every variant (F frames each, aligned with ``original``)."""
     frames = len(original)
-    loudness = metrics.speech_loudness(speech, fps, frames)
+    envelope = metrics.speech_envelope(speech, fps, frames)
     original_points, original_found = detect_points(original)
     original_halves, original_mouths = _lower_halves(original, track), _mouths(original, track)
     faces = track.detected[:frames]
@@ -91,8 +91,7 @@ def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTr
                          else detect_points(video))
         both = found & original_found & faces
         halves = _lower_halves(video, track)
-        offset, _, confidence = metrics.sync_score(
-            np.nan_to_num(metrics.mouth_opening(points)), loudness)
+        offset, _, confidence = metrics.sync_score(mouth_opening(points), envelope, fps)
         results[name] = {
             "psnr": float(np.mean([metrics.psnr(a, b) for a, b in
                                    zip(halves[faces], original_halves[faces], strict=True)])),

@@ -5,12 +5,14 @@ Definitions (also printed in reports):
 - LMD: mean Euclidean distance between the 57 lip/jaw FaceMesh points of the generated and
   original frames, divided by the inter-ocular distance (outer eye corners 33-263) of the
   original frame.
-- mouth sync: covariance between the mouth opening (inner lip gap 13-14 over the inter-ocular
-  distance, x 100) and the z-scored speech loudness per frame, at offsets of +-15 frames.
-  Reported: the best offset, and a confidence = the best value at natural offsets (mouth
-  leading the sound by 0-3 frames, or lagging by 1) minus the median over all offsets. It is
-  our own score, in the spirit of SyncNet's LSE-C but not it (SyncNet cannot be installed
-  here); higher is better, a static mouth scores about 0.
+- mouth sync: Pearson correlation between the mouth opening (mean of the inner 13-14 and
+  outer 0-17 lip gaps over the inter-ocular distance) and the speech envelope (log energy of
+  the 80-5000 Hz band per video frame), both with their 1 s moving average removed, at
+  offsets of +-15 frames. Reported: the best offset, and a confidence = the best value at
+  natural offsets (mouth leading the sound by 0-3 frames, or lagging by 1) minus the median
+  over all offsets. The mouth's spread is floored at FaceMesh's jitter (0.01 eye distances),
+  so a still mouth scores about 0. It is our own score, in the spirit of SyncNet's LSE-C but
+  not it (SyncNet cannot be installed here); higher is better.
 - stability: mean absolute frame-to-frame change of the mouth region, relative to the
   original's (1.0 = as steady as the original; higher = flicker).
 """
@@ -18,14 +20,16 @@ Definitions (also printed in reports):
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import uniform_filter1d
 
-from dubtool.face.indices import CONTENT_SLICE, ORDER
+from dubtool.face.indices import CONTENT_SLICE, interocular
 from dubtool.media.audio import SAMPLE_RATE
 
-_EYE_LEFT, _EYE_RIGHT = ORDER.index(33), ORDER.index(263)
-_LIP_TOP, _LIP_BOTTOM = ORDER.index(13), ORDER.index(14)
 MAX_SYNC_OFFSET = 15
 SYNC_WINDOW = range(-3, 2)
+SYNC_DETREND_S = 1.0
+SPEECH_BAND_HZ = (250.0, 2800.0)
+MOUTH_JITTER = 0.01  # eye distances: FaceMesh's frame-to-frame noise on a still mouth
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -40,62 +44,65 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
 
 
-def interocular(points: np.ndarray) -> np.ndarray:
-    """(..., 131, 2) -> (...) distance between the outer eye corners."""
-    return np.linalg.norm(points[..., _EYE_LEFT, :] - points[..., _EYE_RIGHT, :], axis=-1)
-
-
 def lmd(generated: np.ndarray, original: np.ndarray) -> float:
     """Lip/jaw landmark distance, (F, 131, 2) each, normalised by the original's eye distance."""
     distance = np.linalg.norm(generated[:, CONTENT_SLICE] - original[:, CONTENT_SLICE], axis=-1)
     return float(np.mean(distance.mean(axis=1) / interocular(original)))
 
 
-def mouth_opening(points: np.ndarray) -> np.ndarray:
-    """(F, 131, 2) -> (F,) inner-lip gap over the eye distance."""
-    gap = np.linalg.norm(points[:, _LIP_BOTTOM] - points[:, _LIP_TOP], axis=-1)
-    return gap / interocular(points)
+def speech_envelope(samples: np.ndarray, fps: float, frames: int) -> np.ndarray:
+    """(frames,) log energy of 16 kHz speech in the voice band over each video frame's span."""
+    import librosa
+
+    hop = SAMPLE_RATE // 100
+    power = librosa.feature.melspectrogram(
+        y=samples.astype(np.float32), sr=SAMPLE_RATE, n_fft=512, hop_length=hop, n_mels=24,
+        fmin=SPEECH_BAND_HZ[0], fmax=SPEECH_BAND_HZ[1]).sum(axis=0)
+    times = np.arange(len(power)) * hop / SAMPLE_RATE
+    index = np.minimum((times * fps).astype(int), frames)
+    log_energy = np.bincount(index, np.log(power + 1e-6), minlength=frames + 1)[:frames]
+    counts = np.bincount(index, minlength=frames + 1)[:frames]
+    return np.where(counts > 0, log_energy / np.maximum(counts, 1), np.log(1e-6))
 
 
-def speech_loudness(samples: np.ndarray, fps: float, frames: int) -> np.ndarray:
-    """(frames,) log RMS energy of 16 kHz speech over each video frame's time span."""
-    edges = np.round(np.arange(frames + 1) * SAMPLE_RATE / fps).astype(int)
-    out = np.empty(frames)
-    for i in range(frames):
-        chunk = samples[edges[i]:max(edges[i + 1], edges[i] + 1)]
-        out[i] = np.log(np.sqrt(np.mean(chunk.astype(np.float64) ** 2)) + 1e-4) if len(chunk) \
-            else np.log(1e-4)
-    return out
+def _detrended(series: np.ndarray, fps: float) -> np.ndarray:
+    """Fill gaps (NaN) by interpolation, then remove the moving average over SYNC_DETREND_S:
+    slow drifts (head moving closer, a louder passage) say nothing about sync."""
+    x = np.asarray(series, np.float64)
+    bad = ~np.isfinite(x)
+    if bad.all():
+        return np.zeros_like(x)
+    if bad.any():
+        x[bad] = np.interp(np.nonzero(bad)[0], np.nonzero(~bad)[0], x[~bad])
+    width = max(3, round(fps * SYNC_DETREND_S) | 1)
+    return x - uniform_filter1d(x, width, mode="nearest")
 
 
-def sync_curve(opening: np.ndarray, loudness: np.ndarray,
+def sync_curve(opening: np.ndarray, envelope: np.ndarray, fps: float,
                max_offset: int = MAX_SYNC_OFFSET) -> dict[int, float]:
-    """Covariance of the mouth opening (in eye distances x 100) with the z-scored loudness,
-    for every offset in frames (positive: the mouth moves after the sound).
-
-    A covariance rather than a correlation: a mouth that hardly moves scores near zero instead
-    of correlating its detection noise with the speech.
-    """
-    mouth = (opening - opening.mean()) * 100
-    loud = (loudness - loudness.mean()) / max(float(loudness.std()), 1e-9)
+    """Correlation of the detrended mouth opening with the detrended speech envelope for every
+    offset in frames (positive: the mouth moves after the sound)."""
+    mouth, speech = _detrended(opening, fps), _detrended(envelope, fps)
     curve = {}
     for offset in range(-max_offset, max_offset + 1):
         a = mouth[max(offset, 0):len(mouth) + min(offset, 0)]
-        b = loud[max(-offset, 0):len(loud) + min(-offset, 0)]
+        b = speech[max(-offset, 0):len(speech) + min(-offset, 0)]
         n = min(len(a), len(b))
-        curve[offset] = float(np.mean((a[:n] - a[:n].mean()) * (b[:n] - b[:n].mean()))) \
-            if n >= 8 else 0.0
+        a, b = a[:n] - a[:n].mean(), b[:n] - b[:n].mean()
+        spread = max(float(a.std()), MOUTH_JITTER) * max(float(b.std()), 1e-9)
+        curve[offset] = float(np.mean(a * b) / spread) if n >= 8 else 0.0
     return curve
 
 
-def sync_score(opening: np.ndarray, loudness: np.ndarray) -> tuple[int, float, float]:
+def sync_score(opening: np.ndarray, envelope: np.ndarray,
+               fps: float) -> tuple[int, float, float]:
     """(best offset in frames, in-sync score, confidence).
 
-    The in-sync score is the best covariance at the offsets of natural speech (SYNC_WINDOW: the
-    mouth leads the sound by up to 3 frames); the confidence is that minus the median over all
-    offsets. Speech shifted away from the video peaks elsewhere and scores low in the window.
+    The in-sync score is the best correlation at the offsets of natural speech (SYNC_WINDOW:
+    the mouth leads the sound by up to 3 frames); the confidence is that minus the median over
+    all offsets. Speech shifted away from the video peaks elsewhere and scores low in the window.
     """
-    curve = sync_curve(opening, loudness)
+    curve = sync_curve(opening, envelope, fps)
     best = max(curve, key=curve.get)
     in_sync = max(curve[o] for o in SYNC_WINDOW if o in curve)
     return best, in_sync, float(in_sync - np.median(list(curve.values())))

@@ -81,3 +81,20 @@ def mirror_points(points: np.ndarray, width: float = 1.0) -> np.ndarray:
     flipped = points[..., MIRROR, :].copy()
     flipped[..., 0] = width - flipped[..., 0]
     return flipped
+
+
+_EYE_CORNERS = (ORDER.index(33), ORDER.index(263))
+_LIP_GAPS = ((ORDER.index(13), ORDER.index(14)), (ORDER.index(0), ORDER.index(17)))
+
+
+def interocular(points: np.ndarray) -> np.ndarray:
+    """(..., 131, 2) -> (...) distance between the outer eye corners."""
+    left, right = _EYE_CORNERS
+    return np.linalg.norm(points[..., left, :] - points[..., right, :], axis=-1)
+
+
+def mouth_opening(points: np.ndarray) -> np.ndarray:
+    """(..., 131, 2) -> (...) mean of the inner (13-14) and outer (0-17) lip gaps over the
+    eye distance."""
+    gaps = [np.linalg.norm(points[..., b, :] - points[..., t, :], axis=-1) for t, b in _LIP_GAPS]
+    return np.mean(gaps, axis=0) / interocular(points)

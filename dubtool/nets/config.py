@@ -71,6 +71,7 @@ class DenoiserConfig:
     landmark_points: int = NUM_POINTS
     temporal_attention: bool = True
     motion_frames: int = 2       # frames of the previous chunk seen by temporal attention
+    sketch_scale: int = 0        # landmark sketch pixels per latent cell (power of 2); 0 = none
 
     @property
     def scales(self) -> int:
@@ -122,6 +123,9 @@ class ModelConfig:
             problems.append("denoiser.latent_channels must equal autoencoder.latent_channels")
         if self.autoencoder.latent_size % 2 ** (self.denoiser.scales - 1):
             problems.append("the latent side must halve evenly at every denoiser scale")
+        scale = self.denoiser.sketch_scale
+        if scale < 0 or scale & (scale - 1):
+            problems.append("denoiser.sketch_scale must be 0 or a power of two")
         if tuple(self.landmark_order) != ORDER:
             problems.append("landmark_order differs from this version's 131-point order")
         for c in self.denoiser.channels:

@@ -1,14 +1,15 @@
 """The denoiser U-Net: lower-half inpainting in latent space, conditioned through TalkFormer.
 
 Input: the noisy latent, the masked latent of the frame (upper half kept, lower half zeroed)
-and the mask, stacked on channels. Each scale has ResNet blocks; scales 2..I (and the middle)
-add a TalkFormer block that attends to the target landmarks and to the reference features of
-that scale. Output: the predicted noise.
+and the mask, stacked on channels; optionally (``sketch_scale``) a drawing of the target jaw
+and lips, encoded and added to the first layer's features. Each scale has ResNet blocks;
+scales 2..I (and the middle) add a TalkFormer block that attends to the target landmarks and
+to the reference features of that scale. Output: the predicted noise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -17,6 +18,7 @@ from torch import nn
 
 from dubtool.nets.appearance import EncoderStages
 from dubtool.nets.config import DenoiserConfig
+from dubtool.nets.sketch import SketchEncoder, sketch
 from dubtool.nets.talkformer import LandmarkEmbedding, TalkFormer
 
 
@@ -34,6 +36,14 @@ class Conditioning:
     reference: list[torch.Tensor]
     frames: int
     motion: list[torch.Tensor] | None = None
+    _sketches: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def sketch(self, size: int) -> torch.Tensor:
+        """(B*L, 3, size, size) drawing of the target jaw and lips, drawn once and reused by
+        every denoising step."""
+        if size not in self._sketches:
+            self._sketches[size] = sketch(self.landmarks.float(), size)
+        return self._sketches[size]
 
 
 class Denoiser(nn.Module):
@@ -56,6 +66,8 @@ class Denoiser(nn.Module):
         self.time_proj = Timesteps(ch[0], flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(ch[0], temb)
         self.landmark_embed = LandmarkEmbedding(config.landmark_points, config.landmark_dim)
+        self.sketch = (SketchEncoder(config.sketch_scale, ch[0]) if config.sketch_scale
+                       else None)
         self.down = EncoderStages(config, temb)
         # Scale 1 has ResNet blocks only (paper III-C): its TalkFormer slot is empty.
         self.down_talk = nn.ModuleList(talkformer(c) if i else nn.Identity()
@@ -85,6 +97,9 @@ class Denoiser(nn.Module):
         landmarks = self.landmark_embed(cond.landmarks.to(noisy.dtype))
         motion = cond.motion or [None] * len(cond.reference)
         hidden = self.conv_in(torch.cat([noisy, masked, mask], dim=1))
+        if self.sketch is not None:
+            drawing = cond.sketch(noisy.shape[-1] * self.config.sketch_scale)
+            hidden = hidden + self.sketch(drawing.to(hidden.dtype))
         skips = []
         for i, (blocks, talk, down) in enumerate(zip(self.down.blocks, self.down_talk,
                                                      self.down.downsamplers, strict=True)):

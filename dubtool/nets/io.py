@@ -45,8 +45,10 @@ def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] |
         tmp.unlink(missing_ok=True)
 
 
-def load_weights(module: nn.Module, path: str | Path) -> None:
-    """Fill ``module`` from a safetensors file whose names and shapes must match exactly."""
+def load_weights(module: nn.Module, path: str | Path, new_modules: tuple[str, ...] = ()) -> None:
+    """Fill ``module`` from a safetensors file whose names and shapes must match exactly,
+    except that weights under the ``new_modules`` prefixes may be missing from the file (they
+    keep their initial values: growing a trained model by zero-initialised parts)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ModelError("only .safetensors weight files are loaded", path)
@@ -57,7 +59,7 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"not a readable safetensors file ({exc})", path) from exc
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
+    missing = sorted(k for k in set(expected) - set(tensors) if not k.startswith(new_modules))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(k for k in set(expected) & set(tensors)
                    if tuple(expected[k].shape) != tuple(tensors[k].shape))
@@ -68,7 +70,7 @@ def load_weights(module: nn.Module, path: str | Path) -> None:
             if names:
                 details.append(f"{len(names)} {label} (e.g. {names[0]})")
         raise ModelError("weights do not match the config: " + ", ".join(details), path)
-    module.load_state_dict(tensors, strict=True)
+    module.load_state_dict(tensors, strict=not new_modules)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 
 from dubtool.errors import InvalidMedia
 from dubtool.face.detect import make_detector
-from dubtool.face.indices import ORDER
+from dubtool.face.indices import mouth_opening
 from dubtool.media.probe import check_readable
 from dubtool.nets.io import LoadedModel
 from dubtool.pipeline import complete as complete_stage
@@ -99,8 +99,7 @@ def pick_reference_frame(track: FaceTrack) -> int:
     faces = np.nonzero(track.detected)[0]
     if len(faces) == 0:
         return 0
-    top, bottom = ORDER.index(13), ORDER.index(14)  # inner lip centres
-    opening = track.points[faces, bottom, 1] - track.points[faces, top, 1]
+    opening = mouth_opening(track.points[faces])
     return int(faces[np.argsort(opening)[len(faces) // 2]])
 
 

@@ -20,7 +20,14 @@ from dubtool.face.indices import CONTENT_SLICE
 from dubtool.nets.autoencoder import FaceAutoencoder
 from dubtool.nets.config import AutoencoderConfig, ModelConfig
 from dubtool.nets.dubber import DubbingModel
-from dubtool.nets.io import load_model, load_weights, save_model, save_weights
+from dubtool.nets.io import (
+    DUBBER_FILE,
+    load_model,
+    load_weights,
+    resolve_model_folder,
+    save_model,
+    save_weights,
+)
 from dubtool.nets.sampling import lower_half_mask, make_scheduler, noised_lower_half
 from dubtool.training.dataset import PreparedData, dubber_batch
 from dubtool.training.loop import (
@@ -106,13 +113,15 @@ def _validate(model: DubbingModel, autoencoder: FaceAutoencoder, data: PreparedD
 
 def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: str | Path,
                  run_dir: str | Path, steps: int, *, end2end: bool = True,
-                 completion: str | Path | None = None,
+                 completion: str | Path | None = None, init: str | Path | None = None,
                  device: str = "auto", resume: bool = False, epoch_steps: int = 200,
                  checkpoint_every: int = 50, validation_batches: int = 4, seed: int = 0,
                  progress: TrainProgress | None = None) -> TrainResult:
     """Train the dubbing model on top of a trained autoencoder (a model folder), optionally
     with a pre-trained landmark completion (``completion``: its safetensors), loaded at the
-    start of a new run or over the completion module of a resumed one."""
+    start of a new run or over the completion module of a resumed one. ``init``: a model
+    folder whose dubbing model a new run starts from; parts this config adds to it (the
+    landmark sketch encoder) start from their zero initialisation."""
     dev = resolve_device(device)
     trained = load_model(autoencoder_model, need_dubber=False)
     ae = trained.config.autoencoder
@@ -128,6 +137,9 @@ def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: s
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.learning_rate)
     state = (run.load({"dubber": model}, optimizer) if resume
              else TrainState(0, np.random.default_rng(seed)))
+    if init is not None and not resume:
+        load_weights(model, resolve_model_folder(init) / DUBBER_FILE,
+                     new_modules=("denoiser.sketch.",))
     if completion is not None:
         # A pre-trained landmark completion (train_completion): the start of a new run, or a
         # replacement for the completion module of a resumed one.
