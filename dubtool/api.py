@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dubtool.errors import DubtoolError, InputNotFound, OutputError
+from dubtool.errors import DubtoolError, InputNotFound, OutputError, disk_full_error
+from dubtool.face.choose import FaceChoice
 from dubtool.face.draw import draw_face
 from dubtool.face.indices import NUM_POSE, ORDER
 from dubtool.media.frames import VideoWriter, check_output_path, read_frames
@@ -44,8 +45,8 @@ class LandmarksResult:
 
 def landmarks(video: str | Path, output: str | Path | None = None,
               json_path: str | Path | None = None, *, detector: str = "mediapipe",
-              cache_dir: str | Path | None = None, force: bool = False,
-              progress: StageProgress | None = None) -> LandmarksResult:
+              face: FaceChoice = "largest", cache_dir: str | Path | None = None,
+              force: bool = False, progress: StageProgress | None = None) -> LandmarksResult:
     """Detect the face in every frame; optionally draw a debugging video and write the points.
 
     The video at ``output`` shows the 131 points (pose and lip/jaw in two colours) and the crop
@@ -57,7 +58,8 @@ def landmarks(video: str | Path, output: str | Path | None = None,
     if len(set(checked)) < len(checked):
         raise OutputError("the video and JSON outputs must be different files", checked[0])
     with inputs.open_cache(cache_dir) as cache:
-        front = run_front(cache, inputs, detector=detector, force=force, progress=progress)
+        front = run_front(cache, inputs, detector=detector, face=face, force=force,
+                          progress=progress)
     result = LandmarksResult(front.extracted, front.track,
                              None if output is None else check_output_path(output),
                              None if json_path is None else check_output_path(json_path),
@@ -122,6 +124,7 @@ class DubResult:
     passed_through: int
     wall_seconds: float
     reference_frame: int
+    faces_seen: int = 1
     stages: list[StageRecord] = field(default_factory=list)
 
     @property
@@ -133,7 +136,7 @@ class DubResult:
 def dub(video: str | Path, speech: str | Path, output: str | Path | None = None, *,
         model: str | Path | LoadedModel = DEFAULT_MODEL, steps: int | None = None, seed: int = 0,
         eta: float = 0.0, strength: float | None = None, device: str = "auto",
-        reference_frame: int | None = None,
+        reference_frame: int | None = None, face: FaceChoice = "largest",
         loop: str = "pingpong", cache_dir: str | Path | None = None, force: bool = False,
         keep_cache: bool = True, lock_timeout: float = 0.0,
         progress: StageProgress | None = None) -> DubResult:
@@ -163,8 +166,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
                                  diffusion.strength if strength is None else strength)
     with inputs.open_cache(cache_dir, lock_timeout) as cache:
         stages = run_dub_stages(cache, inputs, loaded, model_digest(loaded.folder), settings,
-                                loop=loop, reference_frame=reference_frame, device=dev,
-                                force=force, progress=progress)
+                                loop=loop, face=face, reference_frame=reference_frame,
+                                device=dev, force=force, progress=progress)
         front = stages.front
         plan = front.extracted.plan
         chunks = chunk_count(len(plan), loaded.config.completion.frames)
@@ -180,7 +183,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         clean_runs(cache.root, [cache.key])
     return DubResult(target, front.extracted.output_seconds, len(plan), dubbed,
                      len(plan) - dubbed, time.perf_counter() - start, stages.reference_frame,
-                     records)
+                     front.track.faces_seen, records)
 
 
 def cache_list(cache_dir: str | Path | None = None) -> list[RunSummary]:
@@ -361,6 +364,11 @@ class _BatchWorker:
             return BatchOutcome(item, "done", time.perf_counter() - start)
         except DubtoolError as exc:
             return BatchOutcome(item, "failed", time.perf_counter() - start, str(exc))
+        except OSError as exc:
+            full = disk_full_error(exc, item.output)
+            if full is None:
+                raise
+            return BatchOutcome(item, "failed", time.perf_counter() - start, str(full))
 
 
 _worker: _BatchWorker | None = None

@@ -24,7 +24,8 @@ from rich.progress import (
 from rich.table import Table
 
 from dubtool import api
-from dubtool.errors import EXIT_BATCH_FAILURES, EXIT_INTERRUPTED, DubtoolError
+from dubtool.errors import EXIT_BATCH_FAILURES, EXIT_INTERRUPTED, DubtoolError, disk_full_error
+from dubtool.face.choose import describe, parse_face_choice
 from dubtool.face.detect import DETECTORS
 from dubtool.pipeline.plan import LOOP_MODES
 
@@ -52,6 +53,18 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks an
         os.environ["DUBTOOL_NATIVE_LOGS"] = "1"
 
 
+FaceOption = Annotated[str, typer.Option("--face", help="Which face to dub when a frame "
+                       "holds several: largest, center, or an index (0 = leftmost); the "
+                       "chosen face is then followed.")]
+
+
+def _face(text: str) -> str | int:
+    try:
+        return parse_face_choice(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--face "), param_hint="--face") from None
+
+
 def _call(fn: Callable[[], T]) -> T:
     """Run a library call; turn its failures into one line on stderr and an exit code."""
     try:
@@ -68,6 +81,10 @@ def _call(fn: Callable[[], T]) -> T:
     except Exception as exc:
         if _state["debug"]:
             raise
+        full = disk_full_error(exc) if isinstance(exc, OSError) else None
+        if full is not None:
+            err.print(f"[bold red]error:[/] {full}", markup=True, soft_wrap=True)
+            raise typer.Exit(full.exit_code) from None
         err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
                   "(run with --debug for the traceback)", markup=True, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -113,6 +130,7 @@ def dub_cmd(
                                "appearance reference (default: a typical one).")] = None,
     loop: Annotated[str, typer.Option(help="Video shorter than the speech: pingpong, loop or "
                     "cut (the speech).")] = "pingpong",
+    face: FaceOption = "largest",
     cache_dir: CacheDir = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute every stage.")] = False,
     keep_cache: Annotated[bool, typer.Option("--keep-cache/--clean-cache", help="Keep the "
@@ -121,14 +139,18 @@ def dub_cmd(
     """Dub VIDEO with SPEECH: re-generate the lower face so that it follows the speech."""
     if loop not in LOOP_MODES:
         raise typer.BadParameter(f"choose one of {', '.join(LOOP_MODES)}", param_hint="--loop")
+    choice = _face(face)
     with _stage_progress() as progress:
         result = _call(lambda: api.dub(
             video, speech, output, model=model, steps=steps, seed=seed, strength=strength,
-            device=device, reference_frame=reference_frame, loop=loop, cache_dir=cache_dir,
+            device=device, reference_frame=reference_frame, face=choice, loop=loop,
+            cache_dir=cache_dir,
             force=force, keep_cache=keep_cache, progress=progress))
     out.print(", ".join(f"{r.stage} {r.status} ({r.seconds:.1f} s)" for r in result.stages))
     passed = (f", [yellow]{result.passed_through} passed through without a face[/]"
               if result.passed_through else "")
+    if result.faces_seen > 1:
+        passed += f" (up to {result.faces_seen} faces in a frame: dubbed the {describe(choice)})"
     out.print(f"[bold green]{result.output}[/]: {result.seconds_of_video:.2f} s, "
               f"{result.dubbed_frames} frames dubbed{passed}; wall {result.wall_seconds:.1f} s, "
               f"RTF {result.real_time_factor:.2f}")
@@ -159,6 +181,7 @@ def batch_cmd(
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     loop: Annotated[str, typer.Option(help="pingpong, loop or cut.")] = "pingpong",
+    face: FaceOption = "largest",
     shard: Annotated[str, typer.Option(help="K/N: do every N-th job starting at the K-th, to "
                      "split a batch over machines.")] = "1/1",
     jobs: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
@@ -168,6 +191,7 @@ def batch_cmd(
     """Dub many videos; a failure never stops the others. Exits 9 if any failed."""
     if loop not in LOOP_MODES:
         raise typer.BadParameter(f"choose one of {', '.join(LOOP_MODES)}", param_hint="--loop")
+    choice = _face(face)
     if (folder is None) == (manifest is None):
         raise typer.BadParameter("give a FOLDER or --manifest, not both")
     items = _call(lambda: api.batch_items(folder, speech=speech, manifest=manifest,
@@ -181,7 +205,7 @@ def batch_cmd(
         task = bars.add_task("batch", total=len(items), last="")
         outcomes = _call(lambda: api.batch(
             items, model=model, force=force, device=device, jobs=jobs, steps=steps, seed=seed,
-            loop=loop, cache_dir=cache_dir,
+            loop=loop, face=choice, cache_dir=cache_dir,
             on_done=lambda o: bars.update(task, advance=1, last=f"{o.item.video.name} {o.status}")))
     table = Table("video", "speech", "status", "seconds", "output / reason")
     colours = {"done": "green", "skipped": "yellow", "failed": "red"}
@@ -205,16 +229,18 @@ def landmarks_cmd(
                          "frame as JSON.")] = None,
     detector: Annotated[str, typer.Option(help=f"Landmark detector: {', '.join(DETECTORS)}.")]
     = "mediapipe",
+    face: FaceOption = "largest",
     cache_dir: CacheDir = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute every stage.")] = False,
 ) -> None:
     """Detect the 131 face landmarks in every frame; draw them into a debugging video."""
     if detector not in DETECTORS:
         raise typer.BadParameter(f"choose one of {', '.join(DETECTORS)}", param_hint="--detector")
+    choice = _face(face)
     start = time.perf_counter()
     with _stage_progress() as progress:
         result = _call(lambda: api.landmarks(video, output, json_path, detector=detector,
-                                             cache_dir=cache_dir, force=force,
+                                             face=choice, cache_dir=cache_dir, force=force,
                                              progress=progress))
     track = result.track
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -222,7 +248,9 @@ def landmarks_cmd(
     table.add_row("frames", f"{track.frames} ({result.extracted.video.width}x"
                             f"{result.extracted.video.height} at "
                             f"{float(result.extracted.video.fps):.3f} fps)")
-    table.add_row("faces found", f"{track.faces_found}")
+    table.add_row("faces found", f"{track.faces_found}" + (
+        f" (up to {track.faces_seen} in a frame: followed the {describe(choice)})"
+        if track.faces_seen > 1 else ""))
     missing = track.frames - track.faces_found
     table.add_row("without face", f"[yellow]{missing}[/]" if missing else "0")
     table.add_row("detector", f"{track.detector}, {track.ms_per_frame:.1f} ms/frame")

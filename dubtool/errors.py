@@ -16,6 +16,7 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -55,3 +56,16 @@ class CacheError(DubtoolError):
 
 EXIT_BATCH_FAILURES = 9
 EXIT_INTERRUPTED = 130
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def disk_full_error(exc: OSError, path: str | Path | None = None) -> OutputError | None:
+    """An OSError that means "no space left" (or the file size limit) as an OutputError naming
+    the file; None for any other OSError."""
+    full = exc.errno in _DISK_FULL or ("requested and" in str(exc) and "written" in str(exc))
+    if not full:
+        return None
+    return OutputError("no space left on the disk while writing (free some space and run "
+                       "again: finished stages are kept)", exc.filename or path)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+# Tiny models gain nothing from threads, and spinning OpenMP threads make them crawl when
+# anything else runs on the machine; child processes inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -39,6 +44,27 @@ def make_tone(path: Path, seconds: float = 1.0, rate: int = 44100, channels: int
 def face_clip() -> Path:
     """2 s of a real person talking (256x256, 25 fps, 50 frames, with her speech)."""
     return DATA / "face_2s.mp4"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A model folder with tiny random networks (32 px crops): fast dubs that exercise every
+    stage. Its TalkFormer outputs are moved off zero so that the conditioning matters."""
+    import torch
+    from test_nets import tiny_config
+
+    from dubtool.nets.autoencoder import FaceAutoencoder
+    from dubtool.nets.dubber import DubbingModel
+    from dubtool.nets.io import save_model
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    dubber = DubbingModel(config)
+    for name, p in dubber.named_parameters():
+        if ".out." in name or name.startswith("completion.head"):
+            torch.nn.init.normal_(p, std=0.02)
+    return save_model(tmp_path_factory.mktemp("model") / "tiny", config,
+                      FaceAutoencoder(config.autoencoder), dubber)
 
 
 @pytest.fixture

@@ -150,11 +150,11 @@ def test_run_killed_during_landmarks_resumes(face_clip: Path, cache_dir: Path) -
 
         class DiesAtFrame10(FaceMeshDetector):
             seen = 0
-            def detect(self, frame):
+            def detect_all(self, frame):
                 DiesAtFrame10.seen += 1
                 if DiesAtFrame10.seen == 10:
                     os.kill(os.getpid(), signal.SIGKILL)
-                return super().detect(frame)
+                return super().detect_all(frame)
 
         run.make_detector = lambda name: DiesAtFrame10()
         inputs = run.Inputs.of(sys.argv[1])

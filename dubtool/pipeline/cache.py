@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dubtool.errors import CacheError
+from dubtool.errors import CacheError, disk_full_error
 
 MANIFEST = "manifest.json"
 LOCK = "lock"
@@ -176,8 +176,10 @@ class RunCache:
                 os.replace(final, trash)
                 shutil.rmtree(trash, ignore_errors=True)
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and (full := disk_full_error(exc, tmp)) is not None:
+                raise full from exc
             raise
         self._finish(stage, stage_fingerprint, "ran", start)
         return final
@@ -233,8 +235,14 @@ class RunCache:
                 previous = load_chunk(work, k - 1)
             arrays = compute_chunk(k, previous)
             tmp = work / f"{chunk_name(k)}{_TMP_MARK}{os.getpid()}.npz"
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
+            try:
+                np.savez(tmp, **arrays)
+                os.replace(tmp, path)
+            except BaseException as exc:
+                tmp.unlink(missing_ok=True)
+                if isinstance(exc, OSError) and (full := disk_full_error(exc, path)) is not None:
+                    raise full from exc
+                raise
             previous = arrays
         marker.unlink()
         if final.exists():

@@ -20,7 +20,7 @@ from dubtool.nets.io import LoadedModel
 from dubtool.nets.sampling import inpaint_lower_half, make_scheduler
 from dubtool.pipeline.landmarks import FaceTrack
 
-VERSION = 1
+VERSION = 2
 CROPS_FILE = "crops.npy"
 
 
@@ -67,11 +67,15 @@ class LowerFaceGenerator:
     """What stays fixed across the chunks of one dub: model, reference features, targets."""
 
     def __init__(self, model: LoadedModel, crops: np.ndarray, plan: np.ndarray,
-                 target: np.ndarray, reference_frame: int, settings: DiffusionSettings,
-                 device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+                 target: np.ndarray, has_face: np.ndarray, reference_frame: int,
+                 settings: DiffusionSettings, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
+        """crops (F, S, S, 3) per source frame; plan (O,) source frame per output frame;
+        target (O, 131, 2) landmarks; has_face (F,) whether the source frame has a face."""
         if model.dubber is None:
             raise ValueError("the model has no trained dubbing network")
         self.model, self.crops, self.plan, self.target = model, crops, plan, target
+        self.has_face = has_face
         self.settings, self.device, self.dtype = settings, device, dtype
         self.chunk_frames = model.config.completion.frames
         self.motion_frames = model.config.denoiser.motion_frames
@@ -94,6 +98,11 @@ class LowerFaceGenerator:
         padded = np.concatenate([frames, np.full(self.chunk_frames - count, frames[-1])])
         ae, dubber = self.model.autoencoder, self.model.dubber
         known = ae.encode(to_model(self.crops[self.plan[padded]], self.device, self.dtype))
+        if not self.has_face[self.plan[frames]].any():
+            # Nothing here will be pasted back: keep the crops (their latents still serve as
+            # the next chunk's motion frames).
+            return {"crops": np.asarray(self.crops[self.plan[frames]]),
+                    "latents": known[:count].float().cpu().numpy()}
         landmarks = torch.from_numpy(self.target[padded][None]).to(self.device, self.dtype)
         motion = None
         if previous is not None and self.motion_frames:

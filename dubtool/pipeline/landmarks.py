@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+from dubtool.face.choose import FaceChoice, FacePicker
 from dubtool.face.crop import CropBox, face_box
 from dubtool.face.detect import Detector
 from dubtool.face.indices import CONTENT_SLICE, NUM_POINTS, POSE_SLICE, select_points
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import VideoInfo
 
-VERSION = 1
+VERSION = 2
 
 # Smoothing widths (Gaussian sigma) in seconds: the crop box moves slowly so that the face does
 # not shake inside the crop; pose points a little; lips and jaw barely: speech moves them fast.
@@ -43,6 +44,8 @@ class FaceTrack:
     detected  (F,) bool            whether the detector found the face in the frame
     points    (F, 131, 2) float32  the ordered points in pixels, smoothed, gaps interpolated
     boxes     (F, 3) int32         crop box per frame: x0, y0, size (pixels)
+    faces_seen                     the most faces found in one frame (the track follows one)
+    face                           how that one was chosen (``--face``)
     """
 
     detector: str
@@ -51,6 +54,8 @@ class FaceTrack:
     points: np.ndarray
     boxes: np.ndarray
     ms_per_frame: float
+    faces_seen: int = 1
+    face: FaceChoice = "largest"
 
     @property
     def frames(self) -> int:
@@ -67,20 +72,22 @@ class FaceTrack:
     def crop_points(self) -> np.ndarray:
         """Every frame's 131 points normalised to its own crop box: (F, 131, 2), [0, 1] inside."""
         offset = self.boxes[:, None, :2].astype(np.float32)
-        return (self.points - offset) / self.boxes[:, None, 2:3].astype(np.float32)
+        size = np.maximum(self.boxes[:, None, 2:3], 1).astype(np.float32)  # no face: size 0
+        return (self.points - offset) / size
 
     def save(self, folder: Path) -> None:
         np.savez(folder / "track.npz", mesh=self.mesh, detected=self.detected,
                  points=self.points, boxes=self.boxes)
         (folder / "track.json").write_text(json.dumps(
-            {"detector": self.detector, "ms_per_frame": self.ms_per_frame}))
+            {"detector": self.detector, "ms_per_frame": self.ms_per_frame,
+             "faces_seen": self.faces_seen, "face": self.face}))
 
     @classmethod
     def load(cls, folder: Path) -> FaceTrack:
         meta = json.loads((folder / "track.json").read_text())
         with np.load(folder / "track.npz", allow_pickle=False) as data:
             return cls(meta["detector"], data["mesh"], data["detected"], data["points"],
-                       data["boxes"], meta["ms_per_frame"])
+                       data["boxes"], meta["ms_per_frame"], meta["faces_seen"], meta["face"])
 
 
 def _fill_gaps(series: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -124,22 +131,27 @@ def smooth_track(points: np.ndarray, detected: np.ndarray,
     return smoothed.astype(np.float32), boxes.astype(np.int32)
 
 
-def track_faces(video: VideoInfo, detector: Detector,
+def track_faces(video: VideoInfo, detector: Detector, face: FaceChoice = "largest",
                 progress: Progress | None = None) -> FaceTrack:
-    """Detect the face in every frame of ``video`` (frames streamed, one at a time)."""
+    """Detect the faces in every frame of ``video`` (frames streamed, one at a time) and follow
+    the one that ``face`` picks."""
     total = video.frame_count
     mesh = np.full((total, 478, 3), np.nan, np.float32)
     detected = np.zeros(total, bool)
-    spent = 0.0
+    picker = FacePicker(face, video.width, video.height)
+    spent, faces_seen = 0.0, 0
     with detector:
         for i, frame in enumerate(read_frames(video)):
             start = time.perf_counter()
-            found = detector.detect(frame)
+            faces = detector.detect_all(frame)
+            found = picker.pick(faces)
             spent += time.perf_counter() - start
+            faces_seen = max(faces_seen, len(faces))
             if found is not None:
                 mesh[i] = found
                 detected[i] = True
             if progress is not None:
                 progress(i + 1, total)
     points, boxes = smooth_track(select_points(mesh)[..., :2], detected, video.fps)
-    return FaceTrack(detector.name, mesh, detected, points, boxes, 1000 * spent / max(total, 1))
+    return FaceTrack(detector.name, mesh, detected, points, boxes, 1000 * spent / max(total, 1),
+                     faces_seen, face)

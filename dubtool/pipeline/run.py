@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dubtool.errors import InvalidMedia
+from dubtool.face.choose import FaceChoice
 from dubtool.face.detect import make_detector
 from dubtool.face.indices import mouth_opening
 from dubtool.media.probe import check_readable
@@ -60,7 +61,7 @@ class FrontResult:
 
 
 def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
-              detector: str = "mediapipe", force: bool = False,
+              detector: str = "mediapipe", face: FaceChoice = "largest", force: bool = False,
               progress: StageProgress | None = None) -> FrontResult:
     """Stages ``extract`` and ``landmarks``: what every command needs before the models."""
     extract_fp = fingerprint("extract", extract_stage.VERSION, inputs.video_digest,
@@ -76,11 +77,12 @@ def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
             if progress is not None:
                 progress("landmarks", done, total)
 
-        track = landmarks_stage.track_faces(extracted.video, make_detector(detector), step)
+        track = landmarks_stage.track_faces(extracted.video, make_detector(detector), face, step)
         track.save(out)
 
     # The face track depends on the video alone: a new speech or loop mode keeps it.
-    landmarks_fp = fingerprint("landmarks", landmarks_stage.VERSION, inputs.video_digest, detector)
+    landmarks_fp = fingerprint("landmarks", landmarks_stage.VERSION, inputs.video_digest, detector,
+                               face)
     folder = cache.run_stage("landmarks", landmarks_fp, detect, force=force)
     return FrontResult(extracted, FaceTrack.load(folder), extract_fp, landmarks_fp)
 
@@ -105,11 +107,12 @@ def pick_reference_frame(track: FaceTrack) -> int:
 
 def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_digest: str,
                    settings: DiffusionSettings, *, loop: str = "pingpong",
-                   reference_frame: int | None = None, device: torch.device | None = None,
-                   force: bool = False, progress: StageProgress | None = None) -> DubStages:
+                   face: FaceChoice = "largest", reference_frame: int | None = None,
+                   device: torch.device | None = None, force: bool = False,
+                   progress: StageProgress | None = None) -> DubStages:
     """extract, landmarks, crops, complete and diffuse, each through the cache."""
     device = device or torch.device("cpu")
-    front = run_front(cache, inputs, loop=loop, force=force, progress=progress)
+    front = run_front(cache, inputs, loop=loop, face=face, force=force, progress=progress)
     video, track, plan = front.extracted.video, front.track, front.extracted.plan
     size = model.config.crop_size
     crops_fp = fingerprint("crops", diffuse_stage.VERSION, front.landmarks_fp, size)
@@ -133,7 +136,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
         raise InvalidMedia(f"--reference-frame {reference_frame} is outside the video's "
                            f"{video.frame_count} frames", video.path)
     generator = diffuse_stage.LowerFaceGenerator(model, crops, plan, completion.target,
-                                                 reference_frame, settings, device)
+                                                 track.detected, reference_frame, settings, device)
     diffuse_fp = fingerprint("diffuse", diffuse_stage.VERSION, complete_fp, crops_fp,
                              model_digest, settings.steps, settings.eta, settings.seed,
                              settings.strength, reference_frame)

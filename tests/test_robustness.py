@@ -1,0 +1,483 @@
+"""The rows of docs/robustness.md for `dubtool dub`: every bad or unusual input, on a tiny model.
+
+Each test names its row. A failure is one line naming the file and the problem, with the
+documented exit code and no traceback; the inputs are never modified; no half-written output
+or cache entry is left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ffmpeg, make_tone, make_video
+from typer.testing import CliRunner
+
+from dubtool.cli import app
+from dubtool.media.frames import read_frames
+from dubtool.media.probe import probe_video
+
+runner = CliRunner()
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def frames_of(path: Path) -> np.ndarray:
+    return np.stack([f.copy() for f in read_frames(probe_video(path))])
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def leftovers(*folders: Path) -> list[Path]:
+    """Temporary or partial files left anywhere under ``folders``."""
+    return [p for folder in folders if folder.exists() for p in folder.rglob("*")
+            if ".tmp-" in p.name or ".partial" in p.name]
+
+
+@pytest.fixture
+def dub(tiny_model: Path, tmp_path: Path):
+    """Run `dubtool dub` in-process on the tiny model; inputs must come out unchanged."""
+
+    def run(video: Path, speech: Path, output: Path | None = None, *options: str):
+        output = output or tmp_path / "out.mp4"
+        given = {p: digest(p) for p in (video, speech) if p.is_file()}
+        result = runner.invoke(app, ["dub", "--model", str(tiny_model), "--cache-dir",
+                                     str(tmp_path / "cache"), "-o", str(output), *options,
+                                     "--", str(video), str(speech)])
+        assert {p: digest(p) for p in given} == given  # nothing given is modified
+        assert not leftovers(tmp_path)
+        return result
+
+    return run
+
+
+@pytest.fixture
+def speech(tmp_path: Path) -> Path:
+    return make_tone(tmp_path / "speech.wav", seconds=1.0)
+
+
+@pytest.fixture
+def short_face(face_clip: Path, tmp_path: Path) -> Path:
+    """The first second of the real face clip."""
+    path = tmp_path / "face_1s.mp4"
+    ffmpeg("-i", str(face_clip), "-t", "1", "-c", "copy", str(path))
+    return path
+
+
+# -- inputs that are not what they claim ------------------------------------------------------
+
+
+@pytest.mark.parametrize("which, content, code, words", [
+    ("video", None, 3, "no such file"),                      # missing file
+    ("speech", None, 3, "no such file"),
+    ("video", b"", 4, "file is empty"),                      # empty file
+    ("speech", b"", 4, "file is empty"),
+    ("video", b"plain text, not a video\n" * 40, 4, "not readable as media"),  # text as .mp4
+])
+def test_missing_empty_and_text_files(dub, short_face: Path, speech: Path, tmp_path: Path,
+                                      which: str, content: bytes | None, code: int,
+                                      words: str) -> None:
+    bad = tmp_path / f"bad {which}.mp4"
+    if content is not None:
+        bad.write_bytes(content)
+    video, voice = (bad, speech) if which == "video" else (short_face, bad)
+    result = dub(video, voice)
+    assert result.exit_code == code
+    line = one_line_error(result)
+    assert str(bad) in line and words in line
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_audio_only_file_given_as_video(dub, speech: Path, tmp_path: Path) -> None:
+    result = dub(speech, speech, tmp_path / "out.mp4")
+    assert result.exit_code == 4 and "no video stream" in one_line_error(result)
+
+
+def test_video_without_audio_given_as_speech(dub, short_face: Path, tmp_path: Path) -> None:
+    mute = make_video(tmp_path / "mute.mp4", audio=False)
+    result = dub(short_face, mute)
+    assert result.exit_code == 4 and "no audio stream" in one_line_error(result)
+
+
+def test_truncated_video_is_dubbed_from_what_decodes(dub, face_clip: Path, speech: Path,
+                                                      tmp_path: Path) -> None:
+    cut = tmp_path / "truncated.mp4"
+    ffmpeg("-i", str(face_clip), "-c", "copy", "-f", "mpegts", str(tmp_path / "whole.ts"))
+    data = (tmp_path / "whole.ts").read_bytes()
+    cut.write_bytes(data[:len(data) * 6 // 10])  # a download that stopped at 60 %
+    result = dub(cut, speech)
+    assert result.exit_code == 0, result.stderr
+    info = probe_video(tmp_path / "out.mp4")
+    assert abs(info.frame_count - 25) <= 1 and info.has_audio
+    header_only = tmp_path / "header_only.mp4"
+    header_only.write_bytes(face_clip.read_bytes()[:2000])
+    result = dub(header_only, speech)
+    assert result.exit_code == 4 and str(header_only) in one_line_error(result)
+
+
+# -- speech -------------------------------------------------------------------------------------
+
+
+def test_silent_and_very_short_speech(dub, short_face: Path, tmp_path: Path) -> None:
+    silent = tmp_path / "silent.wav"
+    ffmpeg("-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "1", str(silent))
+    result = dub(short_face, silent)
+    assert result.exit_code == 0, result.stderr
+    assert probe_video(tmp_path / "out.mp4").has_audio
+    blip = make_tone(tmp_path / "blip.wav", seconds=0.1)
+    result = dub(short_face, blip, tmp_path / "blip.mp4")
+    assert result.exit_code == 0, result.stderr
+    info = probe_video(tmp_path / "blip.mp4")
+    assert 2 <= info.frame_count <= 4 and info.has_audio
+
+
+@pytest.mark.parametrize("name, rate, channels", [
+    ("mono8k.wav", 8000, 1), ("stereo44k.mp3", 44100, 2), ("surround48k.flac", 48000, 6),
+    ("voice.opus", 48000, 2), ("voice.m4a", 22050, 1),
+])
+def test_speech_formats(dub, short_face: Path, tmp_path: Path, name: str, rate: int,
+                        channels: int) -> None:
+    voice = make_tone(tmp_path / name, seconds=0.8, rate=rate, channels=channels)
+    result = dub(short_face, voice)
+    assert result.exit_code == 0, result.stderr
+    info = probe_video(tmp_path / "out.mp4")
+    assert abs(info.frame_count - 20) <= 1
+    assert info.audio[0].channels == channels  # the speech goes in as given (5.1 stays 5.1)
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_with_speech_length(tiny_model: Path, face_clip: Path,
+                                              tmp_path: Path) -> None:
+    """Peak RSS of a whole dub in a fresh process: 10 s of speech vs 2 minutes."""
+    still = tmp_path / "still.png"
+    ffmpeg("-i", str(face_clip), "-frames:v", "1", str(still))
+    script = ("import resource, sys; from dubtool import api; "
+              "api.dub(sys.argv[1], sys.argv[2], sys.argv[3], model=sys.argv[4], "
+              "cache_dir=sys.argv[5], device='cpu'); "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    peaks = {}
+    for seconds in (10, 120):
+        voice = make_tone(tmp_path / f"speech{seconds}.wav", seconds=seconds, rate=16000)
+        proc = subprocess.run([sys.executable, "-c", script, str(still), str(voice),
+                               str(tmp_path / f"out{seconds}.mp4"), str(tiny_model),
+                               str(tmp_path / "cache")], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        peaks[seconds] = int(proc.stdout.split()[-1]) / 1024  # MiB
+    print(f"peak RSS: 10 s speech {peaks[10]:.0f} MiB, 120 s speech {peaks[120]:.0f} MiB")
+    assert peaks[120] < peaks[10] * 1.25
+
+
+# -- video formats ------------------------------------------------------------------------------
+
+
+def test_variable_frame_rate_becomes_its_average_rate(dub, face_clip: Path, speech: Path,
+                                                      tmp_path: Path) -> None:
+    vfr = tmp_path / "vfr.mp4"
+    # 10 frames at 50 fps, 10 at ~17 fps, then 25 fps: timestamps that are not evenly spaced.
+    ffmpeg("-i", str(face_clip), "-t", "1", "-vf",
+           "setpts='if(lt(N,10),N*0.02,if(lt(N,20),0.2+(N-10)*0.06,0.8+(N-20)*0.04))/TB'",
+           "-fps_mode", "vfr", "-an", str(vfr))
+    result = dub(vfr, speech)
+    assert result.exit_code == 0, result.stderr
+    info = probe_video(tmp_path / "out.mp4")
+    assert info.fps == probe_video(vfr).fps  # constant, at the input's average rate
+    assert abs(info.frame_count / float(info.fps) - 1.0) < 0.1
+
+
+def test_ntsc_rate_rotation_odd_size_and_grayscale(dub, face_clip: Path, speech: Path,
+                                                   tmp_path: Path) -> None:
+    ntsc = tmp_path / "ntsc.mp4"
+    ffmpeg("-i", str(face_clip), "-t", "1", "-r", "30000/1001", str(ntsc))
+    assert dub(ntsc, speech).exit_code == 0
+    assert probe_video(tmp_path / "out.mp4").fps == Fraction(30000, 1001)
+
+    sideways = tmp_path / "sideways.mp4"  # a phone video: stored turned, with a rotation tag
+    ffmpeg("-i", str(face_clip), "-t", "1", "-vf", "transpose=2,scale=192:256", str(sideways))
+    phone = tmp_path / "phone.mp4"
+    ffmpeg("-i", str(sideways), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(phone))
+    upright = probe_video(phone)
+    assert upright.rotation == 90 and (upright.width, upright.height) == (256, 192)
+    result = dub(phone, speech, tmp_path / "phone_out.mp4")
+    assert result.exit_code == 0 and "0 frames dubbed" not in result.stdout
+    out = probe_video(tmp_path / "phone_out.mp4")
+    assert (out.width, out.height, out.rotation) == (256, 192, 0)
+
+    odd = tmp_path / "odd.mkv"
+    ffmpeg("-i", str(face_clip), "-t", "1", "-vf", "scale=255:253", "-c:v", "ffv1", str(odd))
+    assert dub(odd, speech, tmp_path / "odd_out.mp4").exit_code == 0
+    out = probe_video(tmp_path / "odd_out.mp4")
+    assert (out.width, out.height) == (256, 254)  # padded by one pixel, not rescaled
+
+    grey = tmp_path / "grey.mkv"
+    ffmpeg("-i", str(face_clip), "-t", "1", "-vf", "format=gray", "-c:v", "ffv1", str(grey))
+    result = dub(grey, speech, tmp_path / "grey_out.mp4")
+    assert result.exit_code == 0, result.stderr
+    assert "0 frames dubbed" not in result.stdout
+
+
+@pytest.mark.slow
+def test_4k_frames(dub, face_clip: Path, tmp_path: Path) -> None:
+    big = tmp_path / "4k.mp4"
+    ffmpeg("-i", str(face_clip), "-t", "0.4", "-vf", "scale=2160:2160,pad=3840:2160:840:0",
+           str(big))
+    result = dub(big, make_tone(tmp_path / "s.wav", seconds=0.4))
+    assert result.exit_code == 0, result.stderr
+    info = probe_video(tmp_path / "out.mp4")
+    assert (info.width, info.height) == (3840, 2160)
+    assert "10 frames dubbed" in result.stdout
+
+
+# -- faces --------------------------------------------------------------------------------------
+
+
+def test_very_small_face_is_passed_through_and_reported(dub, face_clip: Path, speech: Path,
+                                                        tmp_path: Path) -> None:
+    tiny = tmp_path / "far.mkv"
+    ffmpeg("-i", str(face_clip), "-t", "1", "-vf", "scale=24:24,pad=320:240:150:100",
+           "-c:v", "ffv1", str(tiny))
+    result = dub(tiny, speech)
+    assert result.exit_code == 0, result.stderr
+    assert "passed through without a face" in result.stdout
+    out, given = frames_of(tmp_path / "out.mp4"), frames_of(tiny)
+    assert np.abs(out.astype(int) - given[:len(out)].astype(int)).mean() < 3  # untouched
+
+
+def test_face_leaving_the_frame(dub, face_clip: Path, tmp_path: Path) -> None:
+    leaving = tmp_path / "leaving.mp4"
+    # The camera pans right: the face slides out of the left edge during the second second.
+    ffmpeg("-i", str(face_clip), "-vf", "pad=512:256:0:0,crop=256:256:'min(t*200,256)':0",
+           str(leaving))
+    result = dub(leaving, make_tone(tmp_path / "s.wav", seconds=2.0))
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    dubbed = int(text.split(" frames dubbed")[0].split()[-1])
+    assert 10 <= dubbed <= 40 and "passed through without a face" in text
+
+
+@pytest.fixture
+def two_faces(face_clip: Path, tmp_path: Path) -> Path:
+    """The face at full size on the left, the same face at half size on the right."""
+    path = tmp_path / "two.mp4"
+    ffmpeg("-i", str(face_clip), "-t", "1", "-filter_complex",
+           "[0:v]split[a][b];[b]scale=128:128,pad=256:256:64:64[s];[a][s]hstack",
+           "-an", str(path))
+    return path
+
+
+@pytest.mark.parametrize("choice, side", [("largest", "left"), ("center", None),
+                                          ("0", "left"), ("1", "right")])
+def test_several_faces_pick_one(two_faces: Path, cache_dir: Path, choice: str,
+                                side: str | None) -> None:
+    result = runner.invoke(app, ["landmarks", "--face", choice, "--cache-dir", str(cache_dir),
+                                 "--json", str(cache_dir.parent / "points.json"),
+                                 str(two_faces)])
+    assert result.exit_code == 0, result.stderr
+    assert "up to 2 in a frame" in " ".join(result.stdout.split())
+    frames = json.loads((cache_dir.parent / "points.json").read_text())["frames"]
+    xs = [np.mean([p[0] for p in f["points"]]) for f in frames if f["face"]]
+    assert len(xs) >= 20
+    if side == "left":
+        assert max(xs) < 256
+    elif side == "right":
+        assert min(xs) > 256
+    else:  # both faces sit 128 px from the centre; the choice is stable from frame to frame
+        assert max(xs) < 256 or min(xs) > 256
+
+
+def test_bad_face_choice_is_a_usage_error(two_faces: Path) -> None:
+    result = runner.invoke(app, ["landmarks", "--face", "biggest", str(two_faces)])
+    assert result.exit_code == 2 and "largest, center or a face index" in result.stderr
+
+
+# -- paths and outputs --------------------------------------------------------------------------
+
+
+def test_paths_with_spaces_quotes_unicode_and_leading_dashes(dub, short_face: Path,
+                                                              speech: Path,
+                                                              tmp_path: Path) -> None:
+    folder = tmp_path / "my 'clips' \u00fc\u00f1\u00ed\u00e7\u00f8d\u00e9"
+    folder.mkdir()
+    video = folder / "-v \"quoted\" caf\u00e9.mp4"
+    voice = folder / "--speech \u8a00.wav"
+    video.write_bytes(short_face.read_bytes())
+    voice.write_bytes(speech.read_bytes())
+    result = dub(video, voice, folder / "-out \u00e9.mp4")
+    assert result.exit_code == 0, result.stderr
+    assert probe_video(folder / "-out \u00e9.mp4").has_audio
+
+
+def test_output_folder_missing_or_read_only_and_output_equal_to_input(
+        dub, short_face: Path, speech: Path, tmp_path: Path) -> None:
+    result = dub(short_face, speech, tmp_path / "missing" / "out.mp4")
+    assert result.exit_code == 5 and "output folder does not exist" in one_line_error(result)
+    for same in (short_face, speech):
+        result = dub(short_face, speech, same)
+        assert result.exit_code == 5 and "same as an input" in one_line_error(result)
+    if os.geteuid() == 0:  # root writes anywhere; a folder of a pseudo file system refuses
+        locked = Path("/proc/self")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+    result = dub(short_face, speech, locked / "out.mp4")
+    assert result.exit_code == 5 and "output folder is not writable" in one_line_error(result)
+
+
+def _limited_dub(tiny_model: Path, video: Path, speech: Path, output: Path, cache: Path,
+                 limit_bytes: int, *options: str) -> subprocess.CompletedProcess:
+    """`dubtool dub` in a child whose files may not grow past ``limit_bytes``: a full disk."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, "-m", "dubtool", "dub", "--model", str(tiny_model),
+                           "--cache-dir", str(cache), "-o", str(output), *options, str(video),
+                           str(speech)], preexec_fn=limit, capture_output=True, text=True)
+
+
+def test_disk_full_while_caching_and_while_writing_the_output(
+        tiny_model: Path, short_face: Path, speech: Path, tmp_path: Path) -> None:
+    cache, out = tmp_path / "cache", tmp_path / "out.mp4"
+    proc = _limited_dub(tiny_model, short_face, speech, out, cache, 40_000)  # in extract
+    assert proc.returncode == 5, proc.stderr
+    assert "no space left" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not leftovers(tmp_path)
+    # With room for the cache but not for the video: the stages are kept, no output appears.
+    done = subprocess.run([sys.executable, "-m", "dubtool", "dub", "--model", str(tiny_model),
+                           "--cache-dir", str(cache), "-o", str(tmp_path / "first.mp4"),
+                           "--loop", "cut", str(short_face), str(speech)], capture_output=True)
+    assert done.returncode == 0
+    proc = _limited_dub(tiny_model, short_face, speech, out, cache, 10_000, "--loop", "cut")
+    assert proc.returncode == 5 and f"{out}: no space left" in proc.stderr
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+# -- interruptions ------------------------------------------------------------------------------
+
+
+def _interrupting(monkeypatch, stage: str) -> None:
+    """Make the dub raise KeyboardInterrupt (Ctrl-C) in the middle of ``stage``."""
+    from dubtool.face.detect import FaceMeshDetector
+    from dubtool.media.frames import VideoWriter
+    from dubtool.pipeline import complete, diffuse, extract
+    from dubtool.pipeline.landmarks import FaceTrack
+
+    def after(calls: int, real):
+        count = [0]
+
+        def wrapper(*args, **kwargs):
+            count[0] += 1
+            if count[0] > calls:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    targets = {
+        "extract": (extract, "mel_spectrogram", 0),
+        "landmarks": (FaceMeshDetector, "detect_all", 10),
+        "crops": (FaceTrack, "box", 5),
+        "complete": (complete, "mel_window", 10),
+        "diffuse": (diffuse.LowerFaceGenerator, "__call__", 3),
+        "blend": (VideoWriter, "write", 10),
+    }
+    owner, name, calls = targets[stage]
+    monkeypatch.setattr(owner, name, after(calls, getattr(owner, name)))
+
+
+@pytest.mark.parametrize("stage", ["extract", "landmarks", "crops", "complete", "diffuse",
+                                   "blend"])
+def test_ctrl_c_in_each_stage_stops_cleanly_and_resumes(dub, short_face: Path, speech: Path,
+                                                        tmp_path: Path, monkeypatch,
+                                                        stage: str) -> None:
+    whole = dub(short_face, speech, tmp_path / "whole.mp4", "--cache-dir",
+                str(tmp_path / "other_cache"))
+    assert whole.exit_code == 0
+    with monkeypatch.context() as patch:
+        _interrupting(patch, stage)
+        result = dub(short_face, speech)
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert not (tmp_path / "out.mp4").exists()
+    resumed = dub(short_face, speech)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert np.array_equal(frames_of(tmp_path / "out.mp4"), frames_of(tmp_path / "whole.mp4"))
+
+
+def test_real_sigint_exits_130_and_the_rerun_resumes(tiny_model: Path, face_clip: Path,
+                                                     tmp_path: Path) -> None:
+    speech = make_tone(tmp_path / "speech.wav", seconds=2.0)
+    cmd = [sys.executable, "-m", "dubtool", "dub", "--model", str(tiny_model), "--cache-dir",
+           str(tmp_path / "cache"), "--steps", "50", "-o", str(tmp_path / "out.mp4"),
+           str(face_clip), str(speech)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    diffuse_dir = None
+    deadline = time.monotonic() + 120
+    while diffuse_dir is None and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        diffuse_dir = next((tmp_path / "cache").glob("*/diffuse.chunks/chunk_000001.npz"),
+                           None)
+    assert diffuse_dir is not None, "the dub never reached the diffuse stage"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "out.mp4").exists() and not leftovers(tmp_path)
+    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    assert rerun.returncode == 0 and "diffuse resumed at chunk" in " ".join(rerun.stdout.split())
+
+
+# -- model folders ------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_untrusted_model_folder_cannot_run_code(tiny_model: Path, short_face: Path,
+                                                speech: Path, tmp_path: Path) -> None:
+    import pickle
+    import shutil
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil-model"
+    shutil.copytree(tiny_model, evil)
+    (evil / "dubber.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    result = runner.invoke(app, ["dub", "--model", str(evil), "--cache-dir",
+                                 str(tmp_path / "cache"), "-o", str(tmp_path / "out.mp4"),
+                                 str(short_face), str(speech)])
+    assert result.exit_code == 6 and "not a readable safetensors file" in one_line_error(result)
+    assert not marker.exists() and not (tmp_path / "out.mp4").exists()
+    # A config that does not describe the weights is refused before any work.
+    shutil.rmtree(evil)
+    shutil.copytree(tiny_model, evil)
+    config = json.loads((evil / "config.json").read_text())
+    config["denoiser"]["channels"] = [16, 32, 64]
+    (evil / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["dub", "--model", str(evil), str(short_face), str(speech)])
+    assert result.exit_code == 6 and "weights do not match the config" in one_line_error(result)
+    config["denoiser"]["__class__"] = "os.system"
+    (evil / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["dub", "--model", str(evil), str(short_face), str(speech)])
+    assert result.exit_code == 6 and "invalid model config" in one_line_error(result)
