@@ -396,8 +396,8 @@ class EvalReport:
 
 
 def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
-             steps: int | None = None, seed: int = 0, device: str = "auto",
-             work_dir: str | Path = "eval", report: str | Path | None = None,
+             steps: int | None = None, seed: int = 0, strength: float | None = None,
+             device: str = "auto", work_dir: str | Path = "eval", report: str | Path | None = None,
              strips: bool = True, seconds: float | None = None,
              cache_dir: str | Path | None = None,
              progress: StageProgress | None = None) -> EvalReport:
@@ -407,6 +407,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     losslessly into ``work_dir``, and that copy is the original compared with). Writes
     ``report`` (.json or .md) and strip images into ``work_dir``."""
     from dubtool.evaluation.evaluate import evaluate_clip, summarise
+    from dubtool.evaluation.identity import NOT_INSTALLED, load_identity_model
     from dubtool.evaluation.report import write_report, write_strips
     from dubtool.nets.io import load_model
     from dubtool.training.loop import resolve_device
@@ -417,6 +418,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     work.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     loaded = load_model(model).to(dev)
+    identity = load_identity_model()
     results = []
     for n, clip in enumerate(clips):
         if progress is not None:
@@ -424,15 +426,20 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
         if seconds is not None:
             clip = _first_seconds(Path(clip), seconds, work / "clips")
         dubbed = dub(clip, clip, work / f"{Path(clip).stem}.dubbed.mp4", model=loaded,
-                     steps=steps, seed=seed, device=device, loop="cut", cache_dir=cache_dir)
+                     steps=steps, seed=seed, strength=strength, device=device, loop="cut",
+                     cache_dir=cache_dir)
         inputs = Inputs.of(clip, clip)
         with inputs.open_cache(cache_dir) as cache:
             track = run_front(cache, inputs, loop="cut").track
-        results.append(evaluate_clip(clip, dubbed.output, track, dubbed.reference_frame))
+        results.append(evaluate_clip(clip, dubbed.output, track, dubbed.reference_frame,
+                                     identity))
     if progress is not None:
         progress("eval", len(clips), len(clips))
-    settings = {"model": str(loaded.folder), "steps": steps or loaded.config.diffusion.sample_steps,
-                "seed": seed, "device": str(dev), "seconds": seconds}
+    diffusion = loaded.config.diffusion
+    settings = {"model": str(loaded.folder), "steps": steps or diffusion.sample_steps,
+                "strength": diffusion.strength if strength is None else strength,
+                "seed": seed, "device": str(dev), "seconds": seconds,
+                "identity": "dlib face recognition ResNet" if identity else NOT_INSTALLED}
     summary = summarise(results)
     files = write_strips(work / "strips", results) if strips else []
     if report is not None:

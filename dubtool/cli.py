@@ -370,6 +370,8 @@ def eval_cmd(
     = Path("eval"),
     seconds: Annotated[float | None, typer.Option(help="Evaluate only the first seconds of "
                        "each clip.")] = None,
+    strength: Annotated[float | None, typer.Option(help="Sampling strength (default: the "
+                        "model's).")] = None,
     cache_dir: CacheDir = None,
 ) -> None:
     """Quality against ground truth: the model beside the original and a static mouth."""
@@ -383,22 +385,26 @@ def eval_cmd(
                   if line.strip() and not line.startswith("#")]
     with _stage_progress() as progress:
         result = _call(lambda: api.evaluate(paths, model=model, steps=steps, seed=seed,
-                                            device=device, work_dir=work_dir, report=report,
+                                            strength=strength, device=device,
+                                            work_dir=work_dir, report=report,
                                             seconds=seconds, cache_dir=cache_dir,
                                             progress=progress))
-    from dubtool.evaluation.evaluate import METRICS, VARIANTS
+    from dubtool.evaluation.evaluate import VARIANTS
 
-    table = Table("variant", *METRICS, title=f"{len(result.clips)} clips, mean ± 95% interval")
+    measured = list(result.summary["model"])
+    table = Table("variant", *measured, title=f"{len(result.clips)} clips, mean ± 95% interval")
     for variant in VARIANTS:
         cells = []
-        for m in METRICS:
+        for m in measured:
             v = result.summary[variant][m]
             cells.append("inf" if v["mean"] == float("inf") else
                          f"{v['mean']:.3f} ± {v['ci95']:.3f}")
         table.add_row(variant, *cells)
     out.print(table)
     out.print("lmd: lip/jaw landmark distance / eye distance (lower is better); sync: our "
-              "mouth-opening vs loudness correlation, not SyncNet's LSE")
+              "lip-opening vs voice-energy correlation, not SyncNet's LSE")
+    if "identity" not in measured:
+        out.print(result.settings["identity"])
     for path in result.files:
         out.print(f"wrote {path}")
 

@@ -1,5 +1,6 @@
 """`dub` end to end on a tiny model built here: outputs, resume, plans, still images."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,11 @@ def test_eval_runs_the_reconstruction_protocol(face_clip: Path, tiny_model: Path
     assert static["lmd"] > 0 and static["psnr"] < 60
     assert "| model |" in report.read_text()
     assert (tmp_path / "eval" / "strips" / "face_2s.first1.2s.png").is_file()
+    if importlib.util.find_spec("dlib") is not None:  # the optional identity extra
+        assert original["identity"] == 0.0 and "identity" in result.summary["static"]
+        assert "| stability | identity |" in report.read_text()
+    else:
+        assert "identity" not in result.summary["model"]
 
 
 def test_bench_reports_cold_and_warm_runs(face_clip: Path, tiny_model: Path,

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dubtool.evaluation import metrics
 from dubtool.evaluation.evaluate import METRICS, VARIANTS, ClipEvaluation, summarise
@@ -130,3 +131,24 @@ def test_summary_and_reports(tmp_path: Path) -> None:
     assert "| model |" in text and "| static |" in text and "a.mp4" in text
     strips = write_strips(tmp_path / "strips", clips)
     assert [p.name for p in strips] == ["a.png", "b.png"] and strips[0].stat().st_size > 0
+
+
+def test_identity_distance_on_a_real_face() -> None:
+    pytest.importorskip("dlib")
+    from dubtool.evaluation.evaluate import detect_points
+    from dubtool.evaluation.identity import identity_distance, load_identity_model
+    from dubtool.media.frames import read_frames
+    from dubtool.media.probe import probe_video
+
+    model = load_identity_model()
+    frames = np.stack([f.copy() for f, _ in zip(read_frames(probe_video(
+        Path(__file__).parent / "data" / "face_2s.mp4")), range(4), strict=False)])
+    points, found = detect_points(frames)
+    assert found.all()
+    picks = np.arange(4)
+    assert identity_distance(model, frames, frames, points, picks) == 0.0
+    # The lower face smeared away: still her, but further than the same frames.
+    smeared = frames.copy()
+    smeared[:, 150:] = smeared[:, 150:].mean(axis=(1, 2), keepdims=True).astype(np.uint8)
+    distance = identity_distance(model, smeared, frames, points, picks)
+    assert 0.05 < distance < 1.0

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from dubtool.evaluation import metrics
+from dubtool.evaluation.identity import IDENTITY_FRAMES, IdentityModel, identity_distance
 from dubtool.face.detect import FaceMeshDetector
 from dubtool.face.indices import mouth_opening, select_points
 from dubtool.media.audio import load_speech
@@ -27,6 +28,7 @@ from dubtool.pipeline.landmarks import FaceTrack
 
 VARIANTS = ("model", "original", "static")
 METRICS = ("psnr", "ssim", "lmd", "sync_offset", "sync_confidence", "stability")
+OPTIONAL_METRICS = ("identity",)  # only with the optional extra installed
 EVAL_CROP = 128
 
 
@@ -78,8 +80,10 @@ def _mouths(frames: np.ndarray, track: FaceTrack) -> np.ndarray:
 
 
 def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTrack,
-            speech: np.ndarray, fps: float) -> dict[str, dict[str, float]]:
-    """Every metric for every variant (F frames each, aligned with ``original``)."""
+            speech: np.ndarray, fps: float,
+            identity: IdentityModel | None = None) -> dict[str, dict[str, float]]:
+    """Every metric for every variant (F frames each, aligned with ``original``); the
+    identity distance too when ``identity`` is given."""
     frames = len(original)
     envelope = metrics.speech_envelope(speech, fps, frames)
     original_points, original_found = detect_points(original)
@@ -102,6 +106,12 @@ def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTr
             "sync_confidence": confidence,
             "stability": metrics.stability(_mouths(video, track)[faces], original_mouths[faces]),
         }
+        face_frames = np.nonzero(faces)[0]
+        if identity is not None and len(face_frames):
+            picks = face_frames[np.linspace(0, len(face_frames) - 1,
+                                            min(IDENTITY_FRAMES, len(face_frames))).astype(int)]
+            results[name]["identity"] = identity_distance(identity, video, original,
+                                                          track.points, picks)
     return results
 
 
@@ -121,7 +131,7 @@ def strip_image(variants: dict[str, np.ndarray], track: FaceTrack, count: int = 
 
 
 def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
-                  reference_frame: int) -> ClipEvaluation:
+                  reference_frame: int, identity: IdentityModel | None = None) -> ClipEvaluation:
     """Measure a clip's dub (made from the clip's own speech with loop 'cut') and the two
     reference variants. ``track`` is the clip's face track, ``reference_frame`` the dub's."""
     info = probe_video(clip)
@@ -137,7 +147,7 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
     static = static_mouth(original, track, reference_frame, original[reference_frame])
     variants = {"model": generated, "original": original, "static": static}
     speech = load_speech(clip)
-    results = measure(variants, original, track, speech, float(info.fps))
+    results = measure(variants, original, track, speech, float(info.fps), identity)
     return ClipEvaluation(Path(clip).name, frames, reference_frame, results,
                           strip_image(variants, track))
 
@@ -146,9 +156,10 @@ def summarise(clips: list[ClipEvaluation]) -> dict[str, dict[str, dict[str, floa
     """variant -> metric -> {mean, ci95} over clips (ci95: half-width of the 95% interval of
     the mean, normal approximation; 0 with one clip)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
+    measured = [m for m in OPTIONAL_METRICS if all(m in c.metrics["model"] for c in clips)]
     for variant in VARIANTS:
         out[variant] = {}
-        for metric in METRICS:
+        for metric in (*METRICS, *measured):
             values = np.array([c.metrics[variant][metric] for c in clips], np.float64)
             values = values[~np.isnan(values)]
             if len(values) == 0 or np.isinf(values).any():  # no value, or PSNR of identity

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import cv2
 
-from dubtool.evaluation.evaluate import METRICS, VARIANTS, ClipEvaluation
+from dubtool.evaluation.evaluate import VARIANTS, ClipEvaluation
 from dubtool.evaluation.metrics import __doc__ as DEFINITIONS
 
 LOWER_IS_BETTER = {"lmd", "stability"}
@@ -30,14 +30,15 @@ def to_json(clips: list[ClipEvaluation], summary: dict, settings: dict) -> dict:
 
 
 def to_markdown(clips: list[ClipEvaluation], summary: dict, settings: dict) -> str:
+    measured = list(summary["model"])
     lines = ["# dubtool evaluation", "",
              ", ".join(f"{k}: {v}" for k, v in settings.items()), "",
              f"Mean over {len(clips)} clips (± half-width of the 95% interval).", "",
-             "| variant | " + " | ".join(METRICS) + " |",
-             "|---|" + "---|" * len(METRICS)]
+             "| variant | " + " | ".join(measured) + " |",
+             "|---|" + "---|" * len(measured)]
     for variant in VARIANTS:
         cells = [f"{_fmt(summary[variant][m]['mean'])} ± {_fmt(summary[variant][m]['ci95'])}"
-                 for m in METRICS]
+                 for m in measured]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += ["", "## Per clip", "", "| clip | frames | " +
               " | ".join(f"{m} (model/static)" for m in ("lmd", "sync_confidence", "psnr")) +
