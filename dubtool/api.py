@@ -135,8 +135,8 @@ class DubResult:
 
 def dub(video: str | Path, speech: str | Path, output: str | Path | None = None, *,
         model: str | Path | LoadedModel = DEFAULT_MODEL, steps: int | None = None, seed: int = 0,
-        eta: float = 0.0, strength: float | None = None, device: str = "auto",
-        reference_frame: int | None = None, face: FaceChoice = "largest",
+        eta: float = 0.0, strength: float | None = None, batch_size: int = 1,
+        device: str = "auto", reference_frame: int | None = None, face: FaceChoice = "largest",
         loop: str = "pingpong", cache_dir: str | Path | None = None, force: bool = False,
         keep_cache: bool = True, lock_timeout: float = 0.0,
         progress: StageProgress | None = None) -> DubResult:
@@ -162,8 +162,11 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     dev = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model).to(dev)
     diffusion = loaded.config.diffusion
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
     settings = DiffusionSettings(steps or diffusion.sample_steps, eta, seed,
-                                 diffusion.strength if strength is None else strength)
+                                 diffusion.strength if strength is None else strength,
+                                 batch_size)
     with inputs.open_cache(cache_dir, lock_timeout) as cache:
         stages = run_dub_stages(cache, inputs, loaded, model_digest(loaded.folder), settings,
                                 loop=loop, face=face, reference_frame=reference_frame,

@@ -126,6 +126,10 @@ def dub_cmd(
                         "noise; less: start from the reference's, noised this far (default: "
                         "the model's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Chunks of frames denoised together "
+                          "(the video is diffused as that many streams side by side; more is "
+                          "faster on a GPU, each extra stream restarts the temporal "
+                          "context once).")] = 1,
     reference_frame: Annotated[int | None, typer.Option(help="Source frame used as the "
                                "appearance reference (default: a typical one).")] = None,
     loop: Annotated[str, typer.Option(help="Video shorter than the speech: pingpong, loop or "
@@ -143,9 +147,9 @@ def dub_cmd(
     with _stage_progress() as progress:
         result = _call(lambda: api.dub(
             video, speech, output, model=model, steps=steps, seed=seed, strength=strength,
-            device=device, reference_frame=reference_frame, face=choice, loop=loop,
-            cache_dir=cache_dir,
-            force=force, keep_cache=keep_cache, progress=progress))
+            batch_size=batch_size, device=device, reference_frame=reference_frame, face=choice,
+            loop=loop, cache_dir=cache_dir, force=force, keep_cache=keep_cache,
+            progress=progress))
     out.print(", ".join(f"{r.stage} {r.status} ({r.seconds:.1f} s)" for r in result.stages))
     passed = (f", [yellow]{result.passed_through} passed through without a face[/]"
               if result.passed_through else "")

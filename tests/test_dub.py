@@ -35,30 +35,35 @@ def test_dub_end_to_end(face_clip: Path, tiny_model: Path, tmp_path: Path) -> No
     assert np.abs(dubbed[:, 150:200, 90:170] - original[:, 150:200, 90:170]).mean() > 10
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
 def test_interrupted_diffuse_resumes_to_the_same_video(face_clip: Path, tiny_model: Path,
-                                                       tmp_path: Path, monkeypatch) -> None:
+                                                       tmp_path: Path, monkeypatch,
+                                                       batch_size: int) -> None:
     speech = make_tone(tmp_path / "speech.wav", seconds=1.0)
     whole = api.dub(face_clip, speech, tmp_path / "whole.mp4", model=tiny_model,
-                    cache_dir=tmp_path / "cache_a", device="cpu")
+                    cache_dir=tmp_path / "cache_a", device="cpu", batch_size=batch_size)
+    assert probe_video(whole.output).frame_count == 25
 
-    real_call = LowerFaceGenerator.__call__
+    real_generate = LowerFaceGenerator.generate
 
-    def dies_at_chunk_4(self, k, previous):
-        if k == 4:
+    def dies_at_chunk_4(self, ks, previous):
+        if 4 in ks:
             raise KeyboardInterrupt
-        return real_call(self, k, previous)
+        return real_generate(self, ks, previous)
 
-    monkeypatch.setattr(LowerFaceGenerator, "__call__", dies_at_chunk_4)
+    monkeypatch.setattr(LowerFaceGenerator, "generate", dies_at_chunk_4)
     out = tmp_path / "resumed.mp4"
     with pytest.raises(KeyboardInterrupt):
         api.dub(face_clip, speech, out, model=tiny_model, cache_dir=tmp_path / "cache_b",
-                device="cpu")
+                device="cpu", batch_size=batch_size)
     assert not out.exists() and not list(tmp_path.glob(".resumed*"))
-    monkeypatch.setattr(LowerFaceGenerator, "__call__", real_call)
+    monkeypatch.setattr(LowerFaceGenerator, "generate", real_generate)
     resumed = api.dub(face_clip, speech, out, model=tiny_model, cache_dir=tmp_path / "cache_b",
-                      device="cpu")
+                      device="cpu", batch_size=batch_size)
     statuses = {r.stage: r.status for r in resumed.stages}
-    assert statuses["diffuse"] == "resumed at chunk 4"
+    # One stream: chunks 0-3 were done. Three streams of 3 chunks (0-2, 3-5, 6-8): the batch
+    # of step 0 (chunks 0, 3, 6) was done; the next one holds chunk 4.
+    assert statuses["diffuse"] == f"resumed at chunk {4 if batch_size == 1 else 3}"
     assert statuses["extract"] == "cached"
     assert np.array_equal(frames_of(whole.output), frames_of(out))
 

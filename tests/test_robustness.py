@@ -394,7 +394,7 @@ def _interrupting(monkeypatch, stage: str) -> None:
         "landmarks": (FaceMeshDetector, "detect_all", 10),
         "crops": (FaceTrack, "box", 5),
         "complete": (complete, "mel_window", 10),
-        "diffuse": (diffuse.LowerFaceGenerator, "__call__", 3),
+        "diffuse": (diffuse.LowerFaceGenerator, "generate", 3),
         "blend": (VideoWriter, "write", 10),
     }
     owner, name, calls = targets[stage]

@@ -34,7 +34,8 @@ def noised_lower_half(latent: torch.Tensor, noise: torch.Tensor, timesteps: torc
 def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioning,
                        scheduler: DDIMScheduler, steps: int, eta: float = 0.0,
                        generator: torch.Generator | None = None,
-                       init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+                       init: torch.Tensor | None = None, strength: float = 1.0,
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
     """Generate the lower half of ``known`` (B*L, C, h, w) by DDIM in ``steps`` steps.
 
     Only the lower half is diffused: after every step the upper half is reset to the known
@@ -42,12 +43,15 @@ def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioni
     gives the same result. With ``strength`` < 1 the lower half starts from ``init`` (e.g. the
     reference face's latent, broadcast over the batch) noised to ``strength`` x T and only the
     last part of the schedule runs: the image-to-image trade of fidelity to the conditioning
-    for stability, useful while a model is weak at the highest noise levels.
+    for stability, useful while a model is weak at the highest noise levels. ``noise`` (shaped
+    like ``known``) replaces the starting noise drawn from ``generator``: batches of chunks
+    draw each chunk's own.
     """
     mask = lower_half_mask(known.shape[-1], known.device).to(known.dtype)
     masked = known * (1 - mask)
-    noise = torch.randn(known.shape, generator=generator, dtype=torch.float32,
-                        device=generator.device if generator is not None else "cpu")
+    if noise is None:
+        noise = torch.randn(known.shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else "cpu")
     noise = noise.to(known.device, known.dtype)
     scheduler.set_timesteps(steps, device=known.device)
     timesteps = scheduler.timesteps

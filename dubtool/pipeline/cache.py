@@ -204,14 +204,18 @@ class RunCache:
         self.records.append(StageRecord(stage, status, time.perf_counter() - start))
 
     def run_chunked_stage(self, stage: str, stage_fingerprint: str, chunks: int,
-                          compute_chunk: Callable[[int, dict | None], dict[str, np.ndarray]],
-                          force: bool = False) -> Path:
+                          compute_chunks: Callable[[list[int], list[dict | None]],
+                                                   list[dict[str, np.ndarray]]],
+                          force: bool = False, streams: int = 1) -> Path:
         """Like run_stage, for a stage made of ``chunks`` pieces computed in order.
 
-        ``compute_chunk(k, previous)`` returns chunk k's arrays, given chunk k-1's (None for
-        the first). Each chunk is written atomically as soon as it is done, into a work folder
-        that outlives a killed run: the next run with the same fingerprint starts at the first
-        missing chunk. Returns the stage folder, whose chunk files ``load_chunk`` reads.
+        ``compute_chunks(ks, previous)`` returns the arrays of chunks ``ks``, given each one's
+        predecessor's arrays (None for the first chunk of a stream). The chunks are split into
+        ``streams`` contiguous runs computed side by side: step j computes the j-th chunk of
+        every run in one call (a batch). Each chunk is written atomically as soon as it is
+        done, into a work folder that outlives a killed run: the next run with the same
+        fingerprint computes only the missing chunks. Returns the stage folder, whose chunk
+        files ``load_chunk`` reads.
         """
         start = time.perf_counter()
         final = self.stage_dir(stage)
@@ -223,27 +227,20 @@ class RunCache:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir()
             marker.write_text(stage_fingerprint)
+        firsts, ends = stream_bounds(chunks, streams)
+        latest: dict[int, dict[str, np.ndarray]] = {}  # the last chunk computed, by index
         resumed = 0
-        previous = None
-        for k in range(chunks):
-            path = work / chunk_name(k)
-            if path.is_file():
-                resumed += 1
-                previous = None  # loaded lazily below if chunk k+1 needs computing
+        for step in range(max((e - f for f, e in zip(firsts, ends, strict=True)), default=0)):
+            group = [f + step for f, e in zip(firsts, ends, strict=True) if f + step < e]
+            missing = [k for k in group if not (work / chunk_name(k)).is_file()]
+            resumed += len(group) - len(missing)
+            if not missing:
                 continue
-            if previous is None and k > 0:
-                previous = load_chunk(work, k - 1)
-            arrays = compute_chunk(k, previous)
-            tmp = work / f"{chunk_name(k)}{_TMP_MARK}{os.getpid()}.npz"
-            try:
-                np.savez(tmp, **arrays)
-                os.replace(tmp, path)
-            except BaseException as exc:
-                tmp.unlink(missing_ok=True)
-                if isinstance(exc, OSError) and (full := disk_full_error(exc, path)) is not None:
-                    raise full from exc
-                raise
-            previous = arrays
+            previous = [None if k in firsts else latest.pop(k - 1, None) or load_chunk(work, k - 1)
+                        for k in missing]
+            for k, arrays in zip(missing, compute_chunks(missing, previous), strict=True):
+                self._write_chunk(work, k, arrays)
+                latest[k] = arrays
         marker.unlink()
         if final.exists():
             shutil.rmtree(final)
@@ -251,6 +248,26 @@ class RunCache:
         self._finish(stage, stage_fingerprint, f"resumed at chunk {resumed}" if resumed else "ran",
                      start)
         return final
+
+    @staticmethod
+    def _write_chunk(work: Path, k: int, arrays: dict[str, np.ndarray]) -> None:
+        path = work / chunk_name(k)
+        tmp = work / f"{chunk_name(k)}{_TMP_MARK}{os.getpid()}.npz"
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and (full := disk_full_error(exc, path)) is not None:
+                raise full from exc
+            raise
+
+
+def stream_bounds(chunks: int, streams: int) -> tuple[list[int], list[int]]:
+    """First and end chunk of each of ``streams`` contiguous runs of near-equal length."""
+    streams = max(1, min(streams, chunks))
+    edges = np.linspace(0, chunks, streams + 1).round().astype(int).tolist()
+    return edges[:-1], edges[1:]
 
 
 def chunk_name(k: int) -> str:

@@ -53,10 +53,15 @@ def to_images(x: torch.Tensor) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DiffusionSettings:
+    """How the lower faces are sampled. ``batch_size`` chunks are denoised together: the video
+    is diffused as that many contiguous streams side by side, each starting without motion
+    frames (1: one stream, temporal context carried through the whole video)."""
+
     steps: int
     eta: float = 0.0
     seed: int = 0
     strength: float = 1.0
+    batch_size: int = 1
 
 
 def chunk_count(output_frames: int, chunk_frames: int) -> int:
@@ -88,31 +93,61 @@ class LowerFaceGenerator:
     def chunks(self) -> int:
         return chunk_count(len(self.plan), self.chunk_frames)
 
-    @torch.inference_mode()
     def __call__(self, k: int, previous: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         """Chunk k: generated crops (n, S, S, 3) uint8 and their latents (n, C, h, w)."""
-        frames = np.arange(k * self.chunk_frames,
-                           min((k + 1) * self.chunk_frames, len(self.plan)))
-        count = len(frames)
-        # The last chunk is padded with its last frame to the length the model knows.
-        padded = np.concatenate([frames, np.full(self.chunk_frames - count, frames[-1])])
-        ae, dubber = self.model.autoencoder, self.model.dubber
-        known = ae.encode(to_model(self.crops[self.plan[padded]], self.device, self.dtype))
-        if not self.has_face[self.plan[frames]].any():
+        return self.generate([k], [previous])[0]
+
+    @torch.inference_mode()
+    def generate(self, ks: list[int],
+                 previous: list[dict[str, np.ndarray] | None]) -> list[dict[str, np.ndarray]]:
+        """Chunks ``ks`` in one batch, each given its predecessor's arrays (or None); chunk k's
+        starting noise comes from its own seed, so a chunk does not depend on its batch."""
+        results: dict[int, dict[str, np.ndarray]] = {}
+        ae = self.model.autoencoder
+        spans = {k: np.arange(k * self.chunk_frames,
+                              min((k + 1) * self.chunk_frames, len(self.plan))) for k in ks}
+        todo = []
+        for k, before in zip(ks, previous, strict=True):
+            if self.has_face[self.plan[spans[k]]].any():
+                todo.append((k, before))
+                continue
             # Nothing here will be pasted back: keep the crops (their latents still serve as
             # the next chunk's motion frames).
-            return {"crops": np.asarray(self.crops[self.plan[frames]]),
-                    "latents": known[:count].float().cpu().numpy()}
-        landmarks = torch.from_numpy(self.target[padded][None]).to(self.device, self.dtype)
+            crops = np.asarray(self.crops[self.plan[spans[k]]])
+            results[k] = {"crops": crops, "latents": ae.encode(
+                to_model(crops, self.device, self.dtype)).float().cpu().numpy()}
+        if todo:
+            self._diffuse(todo, spans, results)
+        return [results[k] for k in ks]
+
+    def _diffuse(self, todo: list[tuple[int, dict | None]], spans: dict[int, np.ndarray],
+                 results: dict[int, dict[str, np.ndarray]]) -> None:
+        ae, dubber = self.model.autoencoder, self.model.dubber
+        length = self.chunk_frames
+        # A short last chunk is padded with its last frame to the length the model knows.
+        padded = [np.concatenate([spans[k], np.full(length - len(spans[k]), spans[k][-1])])
+                  for k, _ in todo]
+        frames = np.concatenate(padded)
+        known = ae.encode(to_model(self.crops[self.plan[frames]], self.device, self.dtype))
+        landmarks = torch.from_numpy(self.target[np.stack(padded)]).to(self.device, self.dtype)
         motion = None
-        if previous is not None and self.motion_frames:
-            motion = torch.from_numpy(previous["latents"][-self.motion_frames:])
-            motion = motion[None].to(self.device, self.dtype)
-        cond = dubber.conditioning(landmarks, self.reference_latent, motion)
-        generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + k)
+        if self.motion_frames and all(before is not None for _, before in todo):
+            motion = torch.from_numpy(np.stack([before["latents"][-self.motion_frames:]
+                                                for _, before in todo]))
+            motion = motion.to(self.device, self.dtype)
+        reference = self.reference_latent.expand(len(todo), -1, -1, -1)
+        cond = dubber.conditioning(landmarks, reference, motion)
+        generators = [torch.Generator().manual_seed(self.settings.seed * 1_000_003 + k)
+                      for k, _ in todo]
+        noise = torch.cat([torch.randn((length, *known.shape[1:]), generator=g)
+                           for g in generators])
         latents = inpaint_lower_half(dubber.denoiser, known, cond, self.scheduler,
-                                     self.settings.steps, self.settings.eta, generator,
+                                     self.settings.steps, self.settings.eta, generators[0],
                                      init=self.reference_latent,
-                                     strength=self.settings.strength)
+                                     strength=self.settings.strength, noise=noise)
         crops = to_images(ae.decode(latents))
-        return {"crops": crops[:count], "latents": latents[:count].float().cpu().numpy()}
+        for i, (k, _) in enumerate(todo):
+            count = len(spans[k])
+            part = slice(i * length, i * length + count)
+            results[k] = {"crops": crops[part],
+                          "latents": latents[part].float().cpu().numpy()}

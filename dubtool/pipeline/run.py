@@ -139,15 +139,18 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                                                  track.detected, reference_frame, settings, device)
     diffuse_fp = fingerprint("diffuse", diffuse_stage.VERSION, complete_fp, crops_fp,
                              model_digest, settings.steps, settings.eta, settings.seed,
-                             settings.strength, reference_frame)
+                             settings.strength, settings.batch_size, reference_frame)
+    done = [0]
 
-    def chunk(k: int, previous: dict | None) -> dict:
-        result = generator(k, previous)
+    def chunks(ks: list[int], previous: list[dict | None]) -> list[dict]:
+        results = generator.generate(ks, previous)
+        done[0] += len(ks)
         if progress is not None:
-            progress("diffuse", min((k + 1) * generator.chunk_frames, len(plan)), len(plan))
-        return result
+            progress("diffuse", min(done[0] * generator.chunk_frames, len(plan)), len(plan))
+        return results
 
-    folder = cache.run_chunked_stage("diffuse", diffuse_fp, generator.chunks, chunk, force=force)
+    folder = cache.run_chunked_stage("diffuse", diffuse_fp, generator.chunks, chunks,
+                                     force=force, streams=settings.batch_size)
     return DubStages(front, completion, crops, folder, reference_frame)
 
 
