@@ -469,7 +469,7 @@ BUNDLED_CLIP = Path(__file__).resolve().parents[1] / "tests" / "data" / "may_5s.
 
 def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
           model: str | Path = DEFAULT_MODEL, steps: int | None = None, device: str = "auto",
-          repeat: int = 1, report: str | Path | None = None):
+          repeat: int = 1, batch_size: int = 1, report: str | Path | None = None):
     """Speed of every stage on ``clip`` (default: the bundled 5 s clip), cold and warm, with
     ffmpeg's own decode + encode time as the floor. Returns a BenchReport; writes JSON."""
     from dubtool.evaluation.bench import bench as run_bench
@@ -478,7 +478,8 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
 
     clip = Path(clip) if clip is not None else BUNDLED_CLIP
     loaded = load_model(model).to(resolve_device(device))
-    result = run_bench(clip, speech, model=loaded, steps=steps, device=device, repeat=repeat)
+    result = run_bench(clip, speech, model=loaded, steps=steps, device=device, repeat=repeat,
+                       batch_size=batch_size)
     if report is not None:
         Path(report).write_text(json.dumps(result.to_json(), indent=1))
     return result

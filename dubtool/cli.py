@@ -422,11 +422,12 @@ def bench_cmd(
     steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     repeat: Annotated[int, typer.Option(help="Warm (cached) runs after the cold one.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Chunks denoised together.")] = 1,
     report: Annotated[Path | None, typer.Option("-o", "--report", help="Write JSON.")] = None,
 ) -> None:
     """Speed per stage (ms/frame), real-time factor, peak memory, beside ffmpeg's floor."""
     result = _call(lambda: api.bench(clip, speech, model=model, steps=steps, device=device,
-                                     repeat=repeat, report=report))
+                                     repeat=repeat, batch_size=batch_size, report=report))
     stages = list(result.runs[0].stage_seconds)
     table = Table("run", *[f"{s} ms/fr" for s in stages], "wall s", "RTF",
                   title=f"{result.clip}: {result.frames} frames, {result.video_seconds:.1f} s")

@@ -48,23 +48,10 @@ def face_clip() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """A model folder with tiny random networks (32 px crops): fast dubs that exercise every
-    stage. Its TalkFormer outputs are moved off zero so that the conditioning matters."""
-    import torch
-    from test_nets import tiny_config
+    """A model folder with tiny random networks (test_nets.save_tiny_model)."""
+    from test_nets import save_tiny_model
 
-    from dubtool.nets.autoencoder import FaceAutoencoder
-    from dubtool.nets.dubber import DubbingModel
-    from dubtool.nets.io import save_model
-
-    torch.manual_seed(0)
-    config = tiny_config()
-    dubber = DubbingModel(config)
-    for name, p in dubber.named_parameters():
-        if ".out." in name or name.startswith("completion.head"):
-            torch.nn.init.normal_(p, std=0.02)
-    return save_model(tmp_path_factory.mktemp("model") / "tiny", config,
-                      FaceAutoencoder(config.autoencoder), dubber)
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture

@@ -31,20 +31,9 @@ TESTS = Path(__file__).resolve().parent
 def build_inputs(work: Path, dubs: int) -> tuple[Path, Path, Path]:
     """The tiny model folder and the two manifests (reference and soak outputs)."""
     sys.path.insert(0, str(TESTS))
-    import torch
-    from test_nets import tiny_config
+    from test_nets import save_tiny_model
 
-    from dubtool.nets.autoencoder import FaceAutoencoder
-    from dubtool.nets.dubber import DubbingModel
-    from dubtool.nets.io import save_model
-
-    torch.manual_seed(0)
-    config = tiny_config()
-    dubber = DubbingModel(config)
-    for name, p in dubber.named_parameters():
-        if ".out." in name or name.startswith("completion.head"):
-            torch.nn.init.normal_(p, std=0.02)
-    model = save_model(work / "model", config, FaceAutoencoder(config.autoencoder), dubber)
+    model = save_tiny_model(work / "model")
 
     inputs = work / "inputs"
     inputs.mkdir()

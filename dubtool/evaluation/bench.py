@@ -59,7 +59,8 @@ def machine() -> dict:
 
 
 def bench(clip: str | Path, speech: str | Path | None = None, *, model: object,
-          steps: int | None = None, device: str = "auto", repeat: int = 1) -> BenchReport:
+          steps: int | None = None, device: str = "auto", repeat: int = 1,
+          batch_size: int = 1) -> BenchReport:
     """Dub ``clip`` (with ``speech``, else its own audio) into a scratch folder: once from an
     empty cache (cold) and ``repeat`` times with everything cached (warm)."""
     from dubtool import api
@@ -71,7 +72,8 @@ def bench(clip: str | Path, speech: str | Path | None = None, *, model: object,
         scratch = Path(scratch)
         for n in range(1 + repeat):
             result = api.dub(clip, speech or clip, scratch / "out.mp4", model=model, steps=steps,
-                             device=device, cache_dir=scratch / "cache", loop="cut")
+                             batch_size=batch_size, device=device, cache_dir=scratch / "cache",
+                             loop="cut")
             stages = {r.stage: r.seconds for r in result.stages}
             stages["blend"] = max(result.wall_seconds - sum(stages.values()), 0.0)
             runs.append(BenchRun("cold" if n == 0 else "warm", result.wall_seconds,
@@ -80,4 +82,4 @@ def bench(clip: str | Path, speech: str | Path | None = None, *, model: object,
                                  {r.stage: r.status for r in result.stages}))
             frames, seconds = result.frames, result.seconds_of_video
     return BenchReport(str(clip), frames, seconds, ffmpeg_floor(clip), peak_rss_mb(), runs,
-                       {"steps": steps, "device": device, **machine()})
+                       {"steps": steps, "batch_size": batch_size, "device": device, **machine()})
