@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dubtool.errors import DubtoolError, InputNotFound, OutputError, disk_full_error
+from dubtool.errors import DubtoolError, InputNotFound, OutputError, disk_full_reported
 from dubtool.face.choose import FaceChoice
 from dubtool.face.draw import draw_face
 from dubtool.face.indices import NUM_POSE, ORDER
@@ -362,16 +362,12 @@ class _BatchWorker:
                 self.loaded = load_model(self.model).to(resolve_device(self.device))
             item.output.parent.mkdir(parents=True, exist_ok=True)
             # Two jobs with the same inputs share a cache entry: the second waits for the first.
-            dub(item.video, item.speech, item.output, model=self.loaded, device=self.device,
-                force=self.force, lock_timeout=BATCH_LOCK_TIMEOUT, **self.dub_options)
+            with disk_full_reported(item.output):
+                dub(item.video, item.speech, item.output, model=self.loaded, device=self.device,
+                    force=self.force, lock_timeout=BATCH_LOCK_TIMEOUT, **self.dub_options)
             return BatchOutcome(item, "done", time.perf_counter() - start)
         except DubtoolError as exc:
             return BatchOutcome(item, "failed", time.perf_counter() - start, str(exc))
-        except OSError as exc:
-            full = disk_full_error(exc, item.output)
-            if full is None:
-                raise
-            return BatchOutcome(item, "failed", time.perf_counter() - start, str(full))
 
 
 _worker: _BatchWorker | None = None

@@ -16,7 +16,9 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import contextlib
 import errno
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -69,3 +71,16 @@ def disk_full_error(exc: OSError, path: str | Path | None = None) -> OutputError
         return None
     return OutputError("no space left on the disk while writing (free some space and run "
                        "again: finished stages are kept)", exc.filename or path)
+
+
+@contextlib.contextmanager
+def disk_full_reported(path: str | Path) -> Iterator[None]:
+    """Re-raise a "no space left" OSError inside the block as disk_full_error's OutputError
+    (naming ``path`` when the OSError names no file); other errors pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        full = disk_full_error(exc, path)
+        if full is None:
+            raise
+        raise full from exc

@@ -18,7 +18,13 @@ from types import TracebackType
 
 import numpy as np
 
-from dubtool.errors import InvalidMedia, MissingDependency, OutputError, disk_full_error
+from dubtool.errors import (
+    InvalidMedia,
+    MissingDependency,
+    OutputError,
+    disk_full_error,
+    disk_full_reported,
+)
 from dubtool.media.probe import VideoInfo
 
 
@@ -90,17 +96,14 @@ def read_frames_in_order(info: VideoInfo, order: np.ndarray, scratch: Path) -> I
         return
     store = None
     try:
-        store = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8,
-                                          shape=(info.frame_count, info.height, info.width, 3))
-        for i, frame in enumerate(read_frames(info)):
-            store[i] = frame
+        with disk_full_reported(scratch):
+            store = np.lib.format.open_memmap(
+                scratch, mode="w+", dtype=np.uint8,
+                shape=(info.frame_count, info.height, info.width, 3))
+            for i, frame in enumerate(read_frames(info)):
+                store[i] = frame
         for wanted in order:
             yield store[wanted]
-    except OSError as exc:
-        full = disk_full_error(exc, scratch)
-        if full is None:
-            raise
-        raise full from exc
     finally:
         del store
         scratch.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dubtool.errors import CacheError, disk_full_error
+from dubtool.errors import CacheError, disk_full_reported
 
 MANIFEST = "manifest.json"
 LOCK = "lock"
@@ -170,16 +170,15 @@ class RunCache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            compute(tmp)
-            if final.exists():
-                trash = self.dir / f"{stage}.old{_TMP_MARK}{os.getpid()}"
-                os.replace(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, final)
-        except BaseException as exc:
+            with disk_full_reported(tmp):
+                compute(tmp)
+                if final.exists():
+                    trash = self.dir / f"{stage}.old{_TMP_MARK}{os.getpid()}"
+                    os.replace(final, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                os.replace(tmp, final)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and (full := disk_full_error(exc, tmp)) is not None:
-                raise full from exc
             raise
         self._finish(stage, stage_fingerprint, "ran", start)
         return final
@@ -254,12 +253,11 @@ class RunCache:
         path = work / chunk_name(k)
         tmp = work / f"{chunk_name(k)}{_TMP_MARK}{os.getpid()}.npz"
         try:
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        except BaseException as exc:
+            with disk_full_reported(path):
+                np.savez(tmp, **arrays)
+                os.replace(tmp, path)
+        except BaseException:
             tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and (full := disk_full_error(exc, path)) is not None:
-                raise full from exc
             raise
 
 
