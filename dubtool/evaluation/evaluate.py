@@ -89,6 +89,12 @@ def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTr
     original_points, original_found = detect_points(original)
     original_halves, original_mouths = _lower_halves(original, track), _mouths(original, track)
     faces = track.detected[:frames]
+    original_ids = None
+    face_frames = np.nonzero(faces)[0]
+    if identity is not None and len(face_frames):
+        picks = face_frames[np.linspace(0, len(face_frames) - 1,
+                                        min(IDENTITY_FRAMES, len(face_frames))).astype(int)]
+        original_ids = identity.descriptors(original, track.points, picks)
     results = {}
     for name, video in variants.items():
         points, found = ((original_points, original_found) if video is original
@@ -106,12 +112,10 @@ def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTr
             "sync_confidence": confidence,
             "stability": metrics.stability(_mouths(video, track)[faces], original_mouths[faces]),
         }
-        face_frames = np.nonzero(faces)[0]
-        if identity is not None and len(face_frames):
-            picks = face_frames[np.linspace(0, len(face_frames) - 1,
-                                            min(IDENTITY_FRAMES, len(face_frames))).astype(int)]
-            results[name]["identity"] = identity_distance(identity, video, original,
-                                                          track.points, picks)
+        if original_ids is not None:
+            ids = (original_ids if video is original
+                   else identity.descriptors(video, track.points, picks))
+            results[name]["identity"] = identity_distance(ids, original_ids)
     return results
 
 

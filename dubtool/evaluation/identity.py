@@ -34,12 +34,18 @@ class IdentityModel:
         self._net = dlib.face_recognition_model_v1(
             str(models / "dlib_face_recognition_resnet_model_v1.dat"))
 
-    def descriptor(self, frame: np.ndarray, points: np.ndarray) -> np.ndarray:
-        """frame (H, W, 3) uint8 RGB; points (131, 2) of the face in pixels -> (128,)."""
-        (x0, y0), (x1, y1) = points.min(axis=0), points.max(axis=0)
-        box = self._dlib.rectangle(int(x0), int(y0), int(x1), int(y1))
-        shape = self._shape(np.ascontiguousarray(frame), box)
-        return np.array(self._net.compute_face_descriptor(np.ascontiguousarray(frame), shape))
+    def descriptors(self, frames: np.ndarray, points: np.ndarray,
+                    picks: np.ndarray) -> np.ndarray:
+        """frames (F, H, W, 3) uint8 RGB; points (F, 131, 2) place the face in each frame ->
+        (K, 128) descriptors of the K frames ``picks``."""
+        out = []
+        for i in picks:
+            (x0, y0), (x1, y1) = points[i].min(axis=0), points[i].max(axis=0)
+            box = self._dlib.rectangle(int(x0), int(y0), int(x1), int(y1))
+            frame = np.ascontiguousarray(frames[i])
+            out.append(np.array(self._net.compute_face_descriptor(frame,
+                                                                  self._shape(frame, box))))
+        return np.stack(out)
 
 
 def load_identity_model() -> IdentityModel | None:
@@ -50,10 +56,6 @@ def load_identity_model() -> IdentityModel | None:
         return None
 
 
-def identity_distance(model: IdentityModel, generated: np.ndarray, original: np.ndarray,
-                      points: np.ndarray, frames: np.ndarray) -> float:
-    """Mean descriptor distance over ``frames`` (indices) between generated and original
-    (F, H, W, 3) frames; ``points`` (F, 131, 2) places the face in each frame."""
-    return float(np.mean([np.linalg.norm(model.descriptor(generated[i], points[i])
-                                         - model.descriptor(original[i], points[i]))
-                          for i in frames]))
+def identity_distance(generated: np.ndarray, original: np.ndarray) -> float:
+    """Mean distance between matching (K, 128) descriptors of generated and original frames."""
+    return float(np.mean(np.linalg.norm(generated - original, axis=1)))

@@ -7,7 +7,7 @@ Definitions (also printed in reports):
   original frame.
 - mouth sync: Pearson correlation between the mouth opening (mean of the inner 13-14 and
   outer 0-17 lip gaps over the inter-ocular distance) and the speech envelope (log energy of
-  the 80-5000 Hz band per video frame), both with their 1 s moving average removed, at
+  the 250-2800 Hz band per video frame), both with their 1 s moving average removed, at
   offsets of +-15 frames. Reported: the best offset, and a confidence = the best value at
   natural offsets (mouth leading the sound by 0-3 frames, or lagging by 1) minus the median
   over all offsets. The mouth's spread is floored at FaceMesh's jitter (0.01 eye distances),

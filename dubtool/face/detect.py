@@ -36,6 +36,14 @@ class Detector(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+class _FirstFace:
+    """``detect``: the first of ``detect_all``'s faces, or None."""
+
+    def detect(self, frame: np.ndarray) -> np.ndarray | None:
+        faces = self.detect_all(frame)
+        return faces[0] if faces else None
+
+
 @contextlib.contextmanager
 def quiet_native_logs() -> Iterator[None]:
     """Send what native libraries write to file descriptor 2 to a scratch file.
@@ -59,7 +67,7 @@ def quiet_native_logs() -> Iterator[None]:
             os.close(saved)
 
 
-class FaceMeshDetector:
+class FaceMeshDetector(_FirstFace):
     """MediaPipe FaceMesh with iris refinement: 478 points, tracking between frames."""
 
     name = "mediapipe"
@@ -93,10 +101,6 @@ class FaceMeshDetector:
         scale = np.array([w, h, w], np.float32)
         return [np.array([(p.x, p.y, p.z) for p in face.landmark], np.float32) * scale
                 for face in result.multi_face_landmarks or []]
-
-    def detect(self, frame: np.ndarray) -> np.ndarray | None:
-        faces = self.detect_all(frame)
-        return faces[0] if faces else None
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -166,7 +170,7 @@ def face_alignment_weights_cached() -> bool:
     return any(cache.glob("s3fd*.pth")) and any(cache.glob("2DFAN4*"))
 
 
-class FaceAlignmentDetector:
+class FaceAlignmentDetector(_FirstFace):
     """face-alignment (2D-FAN, 68 points) mapped onto the 131-point layout.
 
     face-alignment fetches its weights from the internet on first use; here it is used only when
@@ -203,10 +207,6 @@ class FaceAlignmentDetector:
             mesh[list(indices.ORDER), :2] = ibug68_to_points131(points68)
             faces.append(mesh)
         return faces
-
-    def detect(self, frame: np.ndarray) -> np.ndarray | None:
-        faces = self.detect_all(frame)
-        return faces[0] if faces else None
 
     def __exit__(self, *exc: object) -> None:
         self._fa = None

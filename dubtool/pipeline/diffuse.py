@@ -93,15 +93,12 @@ class LowerFaceGenerator:
     def chunks(self) -> int:
         return chunk_count(len(self.plan), self.chunk_frames)
 
-    def __call__(self, k: int, previous: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-        """Chunk k: generated crops (n, S, S, 3) uint8 and their latents (n, C, h, w)."""
-        return self.generate([k], [previous])[0]
-
     @torch.inference_mode()
     def generate(self, ks: list[int],
                  previous: list[dict[str, np.ndarray] | None]) -> list[dict[str, np.ndarray]]:
         """Chunks ``ks`` in one batch, each given its predecessor's arrays (or None); chunk k's
-        starting noise comes from its own seed, so a chunk does not depend on its batch."""
+        starting noise comes from its own seed, so a chunk does not depend on its batch. Each
+        result: generated crops (n, S, S, 3) uint8 and their latents (n, C, h, w)."""
         results: dict[int, dict[str, np.ndarray]] = {}
         ae = self.model.autoencoder
         spans = {k: np.arange(k * self.chunk_frames,
