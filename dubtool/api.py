@@ -221,8 +221,8 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
           steps: int, autoencoder: str | Path | None = None,
           completion: str | Path | None = None, init: str | Path | None = None,
           end2end: bool = True, device: str = "auto", resume: bool = False, epoch_steps: int = 200,
-          checkpoint_every: int = 50, seed: int = 0,
-          progress: TrainProgress | None = None) -> TrainResult:
+          checkpoint_every: int = 50, decay_steps: int = 0, refine: float = 0.0,
+          seed: int = 0, progress: TrainProgress | None = None) -> TrainResult:
     """Train ``part``: "autoencoder" first; optionally "completion" (the landmark completion
     alone, fast); then "dubber" on top of the trained autoencoder (and completion)."""
     # torch and diffusers are imported only by the commands that need them: start-up stays fast.
@@ -234,7 +234,7 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
 
         return train_autoencoder(model_config, data, out, steps, device=device, resume=resume,
                                  epoch_steps=epoch_steps, checkpoint_every=checkpoint_every,
-                                 seed=seed, progress=progress)
+                                 decay_steps=decay_steps, seed=seed, progress=progress)
     if part == "dubber":
         if autoencoder is None:
             raise InputNotFound("training the dubber needs --autoencoder: the model folder "
@@ -244,13 +244,14 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
         return train_dubber(model_config, data, autoencoder, out, steps, end2end=end2end,
                             completion=completion, init=init, device=device, resume=resume,
                             epoch_steps=epoch_steps, checkpoint_every=checkpoint_every,
-                            seed=seed, progress=progress)
+                            decay_steps=decay_steps, refine=refine, seed=seed,
+                            progress=progress)
     if part == "completion":
         from dubtool.training.dubber import train_completion
 
         return train_completion(model_config, data, out, steps, device=device, resume=resume,
                                 epoch_steps=epoch_steps, checkpoint_every=checkpoint_every,
-                                seed=seed, progress=progress)
+                                decay_steps=decay_steps, seed=seed, progress=progress)
     raise ValueError(f"unknown part {part!r}: autoencoder, completion or dubber")
 
 

@@ -123,8 +123,8 @@ def dub_cmd(
     = None,
     seed: Annotated[int, typer.Option(help="Seed of the diffusion noise.")] = 0,
     strength: Annotated[float | None, typer.Option(help="1: generate the lower face from "
-                        "noise; less: start from the reference's, noised this far (default: "
-                        "the model's).")] = None,
+                        "noise; less: start from the reference face warped to the target "
+                        "landmarks, noised this far (default: the model's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Chunks of frames denoised together "
                           "(the video is diffused as that many streams side by side; more is "
@@ -329,6 +329,11 @@ def train_cmd(
                       "checkpoint.")] = False,
     epoch_steps: Annotated[int, typer.Option(help="Steps between validations.")] = 200,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
+    decay_steps: Annotated[int, typer.Option(help="Let the learning rate fall linearly to 0 "
+                           "over the run's last N steps (0: constant).")] = 0,
+    refine: Annotated[float, typer.Option(help="For dubber: train the denoiser for sampling "
+                      "at this strength, from the reference warped onto the landmarks to the "
+                      "real frame (0: plain denoising over the whole schedule).")] = 0.0,
     seed: int = 0,
 ) -> None:
     """Train the autoencoder, or the landmark completion + denoiser on top of it."""
@@ -348,7 +353,8 @@ def train_cmd(
             part, config, data, out_dir, steps=steps, autoencoder=autoencoder,
             completion=completion, init=init, end2end=end2end,
             device=device, resume=resume, epoch_steps=epoch_steps,
-            checkpoint_every=checkpoint_every, seed=seed, progress=progress))
+            checkpoint_every=checkpoint_every, decay_steps=decay_steps, refine=refine,
+            seed=seed, progress=progress))
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row("steps", str(result.steps))
     table.add_row("parameters", f"{result.parameters / 1e6:.2f} M")

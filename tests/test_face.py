@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -7,6 +8,7 @@ from dubtool.errors import MissingDependency
 from dubtool.face import indices
 from dubtool.face.crop import CropBox, face_box
 from dubtool.face.detect import FaceAlignmentDetector, FaceMeshDetector, ibug68_to_points131
+from dubtool.face.warp import thin_plate_map, warp_face
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import probe_video
 
@@ -173,3 +175,43 @@ def test_face_alignment_backend_without_package_or_weights_is_a_clear_error() ->
     with pytest.raises(MissingDependency, match="face-alignment") as info, FaceAlignmentDetector():
         pass
     assert info.value.exit_code == 7
+
+
+def _spread_points(count: int = 12, seed: int = 0) -> np.ndarray:
+    """count x count points spread over the middle of a crop (a stand-in for landmarks)."""
+    axis = np.linspace(0.15, 0.85, count)
+    points = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
+    return points + np.random.default_rng(seed).uniform(-0.01, 0.01, points.shape)
+
+
+def test_warp_with_unmoved_points_is_the_identity() -> None:
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    points = _spread_points()
+    map_x, map_y = thin_plate_map(points, points, 64)
+    np.testing.assert_allclose(map_x, np.broadcast_to(np.arange(64.0), (64, 64)), atol=1e-6)
+    np.testing.assert_allclose(map_y, np.broadcast_to(np.arange(64.0)[:, None], (64, 64)),
+                               atol=1e-6)
+    np.testing.assert_array_equal(warp_face(image, points, points), image)
+
+
+def test_warp_moves_what_is_at_a_landmark_to_its_target() -> None:
+    size = 128
+    image = np.zeros((size, size, 3), np.uint8)
+    points = _spread_points(count=7)
+    spot = 24  # the middle landmark (neighbours 15 px away), moved 6 px down and 4 px left
+    x, y = (points[spot] * size - 0.5).round().astype(int)
+    cv2.circle(image, (int(x), int(y)), 2, (255, 255, 255), -1)
+    moved = points.copy()
+    moved[spot] += np.array([-4, 6]) / size
+    warped = warp_face(image, points, moved)
+    ys, xs = np.nonzero(warped[..., 0] > 128)
+    assert abs(xs.mean() - (x - 4)) < 1.0 and abs(ys.mean() - (y + 6)) < 1.0
+
+
+def test_warp_survives_coinciding_targets() -> None:
+    """A closed mouth puts inner-lip points on top of each other; the spline must stay finite."""
+    points = _spread_points()
+    closed = points.copy()
+    closed[1] = closed[0]
+    map_x, map_y = thin_plate_map(points, closed, 32)
+    assert np.isfinite(map_x).all() and np.isfinite(map_y).all()

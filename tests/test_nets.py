@@ -143,6 +143,39 @@ def test_l1_trains_completion_in_both_modes(models) -> None:
     assert _completion_grads(model) > 0
 
 
+def test_refine_objective_takes_the_warped_start_to_the_real_frame(models) -> None:
+    """With ``refine`` the lower half starts from the (noised) warped reference, at times
+    below refine x T, and the loss is on the clean latent against the real frame's."""
+    config, ae, model = models
+    scheduler = make_scheduler(config.diffusion)
+    batch = tiny_batch(config)
+    batch["warped"] = torch.rand_like(batch["frames"]) * 2 - 1
+    with torch.no_grad():
+        real = ae.encode(batch["frames"].flatten(0, 1))
+        warped = ae.encode(batch["warped"].flatten(0, 1))
+    alphas = scheduler.alphas_cumprod
+    seen = []
+
+    def denoiser_heading_to(clean: torch.Tensor):
+        def predict(noisy, masked, mask, t, cond):
+            seen.append(t)
+            a = alphas[t].view(-1, 1, 1, 1)
+            return (noisy - a.sqrt() * clean) / (1 - a).sqrt()
+        return predict
+
+    def ldm(clean: torch.Tensor) -> float:
+        model.denoiser.forward = denoiser_heading_to(clean)
+        return float(dubber_losses(model, ae, batch, scheduler, 0.0, end2end=False,
+                                   generator=torch.Generator().manual_seed(0),
+                                   refine=0.3)["ldm"])
+
+    assert ldm(real) < 1e-8
+    mask = lower_half_mask(real.shape[-1])
+    expected = float(((warped - real) ** 2 * mask).sum() / (mask.expand_as(real).sum()))
+    assert abs(ldm(warped) - expected) < 1e-4 * max(expected, 1.0)
+    assert max(int(t.max()) for t in seen) < 300
+
+
 def test_ddim_same_seed_same_sample_and_upper_half_kept(models) -> None:
     config, ae, model = models
     model.eval()

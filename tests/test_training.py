@@ -189,3 +189,46 @@ def test_split_by_person_with_heldout_clips_of_training_people() -> None:
     heldout = [r.clip for r in reports if r.status == "heldout"]
     assert len(heldout) == 30 // HELDOUT_EVERY and all(c.startswith("grid") for c in heldout)
     assert {r.person for r in reports if r.status == "train"}.isdisjoint(val_people)
+
+
+def test_learning_rate_decays_over_the_last_steps_and_resumes_on_schedule(
+        tmp_path: Path) -> None:
+    import torch
+
+    from dubtool.training.loop import RunFolder, TrainState, optimise
+
+    seen: list[float] = []
+
+    def run(resume: bool, killed_at: int | None = None) -> None:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        folder = RunFolder(tmp_path / "run", tiny_config(), resume)
+        state = (folder.load({"layer": layer}, optimizer) if resume
+                 else TrainState(0, np.random.default_rng(0)))
+
+        def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
+            if len(seen) == killed_at:
+                raise KeyboardInterrupt
+            seen.append(optimizer.param_groups[0]["lr"])
+            return {"total": layer(torch.ones(1, 2)).pow(2).sum()}
+
+        optimise(folder, {"layer": layer}, optimizer, state, 6, step_losses, dict,
+                 device=torch.device("cpu"), mixed_precision="no", grad_clip=1.0,
+                 epoch_steps=100, checkpoint_every=1, progress=None, decay_steps=4)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(resume=False, killed_at=4)
+    run(resume=True)
+    np.testing.assert_allclose(seen, [0.1, 0.1, 0.1, 0.075, 0.05, 0.025])
+
+
+def test_sampler_warps_the_reference_onto_each_frame(dataset: Path) -> None:
+    data = PreparedData(dataset, "train")
+    batch = dubber_batch(data, 4, frames=5, references=2, motion_frames=0,
+                         rng=np.random.default_rng(1), warp=True)
+    assert batch["warped"].shape == batch["frames"].shape
+    assert batch["warped"].min() >= -1 and batch["warped"].max() <= 1
+    # Bent onto the frames' landmarks, the reference is nearer the frames than as it was.
+    as_was = np.abs(batch["reference_image"][:, None] - batch["frames"]).mean()
+    assert np.abs(batch["warped"] - batch["frames"]).mean() < as_was

@@ -23,13 +23,6 @@ def lower_half_mask(size: int, device: torch.device | str | None = None) -> torc
     return mask
 
 
-def noised_lower_half(latent: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                      scheduler: DDIMScheduler) -> torch.Tensor:
-    """z_t for training: the lower half diffused to step t, the upper half kept clean."""
-    mask = lower_half_mask(latent.shape[-1], latent.device)
-    return mask * scheduler.add_noise(latent, noise, timesteps) + (1 - mask) * latent
-
-
 @torch.inference_mode()
 def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioning,
                        scheduler: DDIMScheduler, steps: int, eta: float = 0.0,
@@ -41,7 +34,7 @@ def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioni
     Only the lower half is diffused: after every step the upper half is reset to the known
     latent, so the result's upper half equals the input's exactly. The same generator seed
     gives the same result. With ``strength`` < 1 the lower half starts from ``init`` (e.g. the
-    reference face's latent, broadcast over the batch) noised to ``strength`` x T and only the
+    reference face warped to the target landmarks) noised to ``strength`` x T and only the
     last part of the schedule runs: the image-to-image trade of fidelity to the conditioning
     for stability, useful while a model is weak at the highest noise levels. ``noise`` (shaped
     like ``known``) replaces the starting noise drawn from ``generator``: batches of chunks

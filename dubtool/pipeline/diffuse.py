@@ -4,6 +4,10 @@ The output frames are generated in chunks of L frames (the number the model was 
 in order: each chunk's temporal attention also sees the last generated frames of the chunk
 before it (the motion frames), so motion flows across chunk borders without a seam. Chunk k
 is sampled with a generator seeded by (seed, k), so a resumed run equals an uninterrupted one.
+
+With strength < 1 (image-to-image), sampling starts from the reference face bent by a
+thin-plate spline onto each frame's target landmarks, noised part of the way: the warp puts
+lips and jaw where the speech wants them, the denoiser redraws the mouth from there.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dubtool.face.warp import warp_face
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import VideoInfo
 from dubtool.nets.io import LoadedModel
-from dubtool.nets.sampling import inpaint_lower_half, make_scheduler
+from dubtool.nets.sampling import inpaint_lower_half, lower_half_mask, make_scheduler
 from dubtool.pipeline.landmarks import FaceTrack
 
-VERSION = 2
+VERSION = 3
 CROPS_FILE = "crops.npy"
 
 
@@ -73,10 +78,11 @@ class LowerFaceGenerator:
 
     def __init__(self, model: LoadedModel, crops: np.ndarray, plan: np.ndarray,
                  target: np.ndarray, has_face: np.ndarray, reference_frame: int,
-                 settings: DiffusionSettings, device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 reference_points: np.ndarray, settings: DiffusionSettings,
+                 device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         """crops (F, S, S, 3) per source frame; plan (O,) source frame per output frame;
-        target (O, 131, 2) landmarks; has_face (F,) whether the source frame has a face."""
+        target (O, 131, 2) landmarks; has_face (F,) whether the source frame has a face;
+        reference_points (131, 2) the reference frame's landmarks in its crop."""
         if model.dubber is None:
             raise ValueError("the model has no trained dubbing network")
         self.model, self.crops, self.plan, self.target = model, crops, plan, target
@@ -85,8 +91,14 @@ class LowerFaceGenerator:
         self.chunk_frames = model.config.completion.frames
         self.motion_frames = model.config.denoiser.motion_frames
         self.scheduler = make_scheduler(model.config.diffusion)
+        self.reference_crop = np.asarray(crops[reference_frame])
+        size = crops.shape[1]
+        rows = torch.clamp((torch.arange(size, dtype=torch.float32) - 0.4 * size) / (0.1 * size),
+                           0, 1)
+        self._detail_rows = rows.to(device, dtype)[:, None]
+        self.reference_points = reference_points
         with torch.inference_mode():
-            image = to_model(crops[reference_frame:reference_frame + 1], device, dtype)
+            image = to_model(self.reference_crop[None], device, dtype)
             self.reference_latent = model.autoencoder.encode(image)
 
     @property
@@ -126,6 +138,19 @@ class LowerFaceGenerator:
                   for k, _ in todo]
         frames = np.concatenate(padded)
         known = ae.encode(to_model(self.crops[self.plan[frames]], self.device, self.dtype))
+        init = lost = None
+        if self.settings.strength < 1:
+            # Partial denoising starts from the reference face bent to each frame's target
+            # landmarks: the mouth is already where the speech wants it.
+            warped = to_model(np.stack([warp_face(self.reference_crop, self.reference_points,
+                                                  self.target[o]) for o in frames]),
+                              self.device, self.dtype)
+            init = ae.encode(warped)
+            # The autoencoder blurs what it rebuilds: the detail it loses of the warped face
+            # (as the sampler composes it, below the known upper half) is added back, so that
+            # only the denoiser's changes go through it.
+            mask = lower_half_mask(known.shape[-1], self.device).to(self.dtype)
+            lost = (warped - ae.decode(init * mask + known * (1 - mask))) * self._detail_rows
         landmarks = torch.from_numpy(self.target[np.stack(padded)]).to(self.device, self.dtype)
         motion = None
         if self.motion_frames and all(before is not None for _, before in todo):
@@ -140,9 +165,10 @@ class LowerFaceGenerator:
                            for g in generators])
         latents = inpaint_lower_half(dubber.denoiser, known, cond, self.scheduler,
                                      self.settings.steps, self.settings.eta, generators[0],
-                                     init=self.reference_latent,
-                                     strength=self.settings.strength, noise=noise)
-        crops = to_images(ae.decode(latents))
+                                     init=init, strength=self.settings.strength,
+                                     noise=noise)
+        decoded = ae.decode(latents)
+        crops = to_images(decoded if lost is None else decoded + lost)
         for i, (k, _) in enumerate(todo):
             count = len(spans[k])
             part = slice(i * length, i * length + count)

@@ -135,8 +135,9 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     elif not 0 <= reference_frame < video.frame_count:
         raise InvalidMedia(f"--reference-frame {reference_frame} is outside the video's "
                            f"{video.frame_count} frames", video.path)
-    generator = diffuse_stage.LowerFaceGenerator(model, crops, plan, completion.target,
-                                                 track.detected, reference_frame, settings, device)
+    generator = diffuse_stage.LowerFaceGenerator(
+        model, crops, plan, completion.target, track.detected, reference_frame,
+        track.crop_points()[reference_frame], settings, device)
     diffuse_fp = fingerprint("diffuse", diffuse_stage.VERSION, complete_fp, crops_fp,
                              model_digest, settings.steps, settings.eta, settings.seed,
                              settings.strength, settings.batch_size, reference_frame)

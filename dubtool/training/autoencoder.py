@@ -61,7 +61,7 @@ def latent_scaling(model: FaceAutoencoder, data: PreparedData, device: torch.dev
 
 def train_autoencoder(config: ModelConfig, data_dir: str | Path, run_dir: str | Path,
                       steps: int, *, device: str = "auto", resume: bool = False,
-                      epoch_steps: int = 200, checkpoint_every: int = 100,
+                      epoch_steps: int = 200, checkpoint_every: int = 100, decay_steps: int = 0,
                       validation_batches: int = 4, seed: int = 0,
                       progress: TrainProgress | None = None) -> TrainResult:
     """Train ``steps`` optimisation steps in all (counting those of a resumed run)."""
@@ -91,7 +91,8 @@ def train_autoencoder(config: ModelConfig, data_dir: str | Path, run_dir: str | 
         run, {"autoencoder": model}, optimizer, state, steps, step_losses,
         lambda: _validate(model, val, dev, validation_batches, batch), device=dev,
         mixed_precision=config.training.mixed_precision, grad_clip=config.training.grad_clip,
-        epoch_steps=epoch_steps, checkpoint_every=checkpoint_every, progress=progress)
+        epoch_steps=epoch_steps, checkpoint_every=checkpoint_every, progress=progress,
+        decay_steps=decay_steps)
     scaling = latent_scaling(model, train, dev)
     final = config.replace(autoencoder=dataclasses.replace(config.autoencoder,
                                                            scaling_factor=scaling))

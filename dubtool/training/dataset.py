@@ -26,6 +26,7 @@ import numpy as np
 
 from dubtool.errors import InputNotFound
 from dubtool.face.indices import MIRROR
+from dubtool.face.warp import warp_face
 from dubtool.media.audio import mel_window
 from dubtool.pipeline.diffuse import load_crops, write_crops
 from dubtool.pipeline.run import Inputs, run_front
@@ -304,7 +305,8 @@ class DubberSample:
     """One batched-sequential sample: L successive frames of one clip.
 
     frames (L, 3, S, S); points (L, 131, 2); references (N, 131, 2); mel (L, 80, 16);
-    reference_image (1, 3, S, S); motion (M, 3, S, S), M may be 0. Without images, the three
+    reference_image (1, 3, S, S); motion (M, 3, S, S), M may be 0; warped (L, 3, S, S): the
+    reference image bent onto each frame's points (only when asked for). Without images, the
     picture arrays are empty.
     """
 
@@ -314,11 +316,12 @@ class DubberSample:
     mel: np.ndarray
     reference_image: np.ndarray
     motion: np.ndarray
+    warped: np.ndarray
 
 
 def dubber_sample(data: PreparedData, frames: int, references: int, motion_frames: int,
                   rng: np.random.Generator, augment: bool = True,
-                  images: bool = True) -> DubberSample:
+                  images: bool = True, warp: bool = False) -> DubberSample:
     """Draw one sample of ``frames`` successive frames, with the ``motion_frames`` before them.
 
     The reference image comes from the frame farthest in time among a few random candidates,
@@ -337,29 +340,42 @@ def dubber_sample(data: PreparedData, frames: int, references: int, motion_frame
     reference_sets = rng.choice(others, size=references, replace=len(others) < references)
     aug = Augment.draw(rng) if augment else Augment.none()
     mel = np.stack([mel_window(clip.mel, int(i), clip.fps) for i in span])
+    none = np.zeros((0, 3, data.crop_size, data.crop_size), np.float32)
     pictures = (lambda first, stop: aug.images(clip.crops[first:stop])) if images else (
-        lambda first, stop: np.zeros((0, 3, data.crop_size, data.crop_size), np.float32))
+        lambda first, stop: none)
+    points = aug.points(clip.points[span])
+    reference_image = pictures(reference_frame, reference_frame + 1)
+    warped = none
+    if images and warp:
+        face = np.ascontiguousarray(reference_image[0].transpose(1, 2, 0))
+        reference_points = aug.points(clip.points[reference_frame])
+        warped = np.stack([warp_face(face, reference_points, p).transpose(2, 0, 1)
+                           for p in points])
     return DubberSample(
         frames=pictures(span[0], span[-1] + 1),
-        points=aug.points(clip.points[span]),
+        points=points,
         references=aug.points(clip.points[reference_sets]),
         mel=mel.astype(np.float32),
-        reference_image=pictures(reference_frame, reference_frame + 1),
+        reference_image=reference_image,
         motion=pictures(start - motion_frames, start),
+        warped=warped,
     )
 
 
 def dubber_batch(data: PreparedData, batch_size: int, frames: int, references: int,
                  motion_frames: int, rng: np.random.Generator, augment: bool = True,
-                 motion_probability: float = 0.5, images: bool = True) -> dict[str, np.ndarray]:
+                 motion_probability: float = 0.5, images: bool = True,
+                 warp: bool = False) -> dict[str, np.ndarray]:
     """A batch of samples stacked on a new first axis. Half of the batches (by default) carry
     motion frames, so that the model learns both the first chunk of a video and the next ones.
+    ``warp`` adds "warped" (B, L, 3, S, S): each sample's reference bent onto its frames.
     """
     motion = motion_frames if rng.random() < motion_probability else 0
-    samples = [dubber_sample(data, frames, references, motion, rng, augment, images)
+    samples = [dubber_sample(data, frames, references, motion, rng, augment, images, warp)
                for _ in range(batch_size)]
+    names = ["frames", "points", "references", "mel", "reference_image", "motion"]
     batch = {name: np.stack([getattr(s, name) for s in samples])
-             for name in ("frames", "points", "references", "mel", "reference_image", "motion")}
+             for name in names + (["warped"] if warp else [])}
     if images:  # one reference picture per sample: (B, 3, S, S)
         batch["reference_image"] = batch["reference_image"][:, 0]
     return batch

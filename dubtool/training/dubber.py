@@ -28,7 +28,7 @@ from dubtool.nets.io import (
     save_model,
     save_weights,
 )
-from dubtool.nets.sampling import lower_half_mask, make_scheduler, noised_lower_half
+from dubtool.nets.sampling import lower_half_mask, make_scheduler
 from dubtool.training.dataset import PreparedData, dubber_batch
 from dubtool.training.loop import (
     RunFolder,
@@ -59,9 +59,16 @@ def completion_loss(model: DubbingModel, batch: dict[str, torch.Tensor]) -> torc
 
 def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
                   batch: dict[str, torch.Tensor], scheduler, l1_weight: float,
-                  end2end: bool = True,
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """The training objective on one batch (tensors as made by ``dubber_batch``)."""
+                  end2end: bool = True, generator: torch.Generator | None = None,
+                  refine: float = 0.0) -> dict[str, torch.Tensor]:
+    """The training objective on one batch (tensors as made by ``dubber_batch``).
+
+    ``refine`` > 0 trains the denoiser for image-to-image sampling at that strength instead:
+    the lower half starts from the reference bent onto the frame's landmarks
+    (``batch["warped"]``) noised to a time below refine x T, and the loss is on the clean
+    latent the predicted noise implies, so the denoiser learns to take the warped face to
+    the real one (mouth inside, teeth, shading) rather than to remove noise alone.
+    """
     frames = batch["frames"]
     b, length = frames.shape[:2]
     with torch.no_grad():  # the autoencoder is frozen
@@ -71,21 +78,30 @@ def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
         motion_latents = None
         if motion is not None and motion.shape[1] > 0:
             motion_latents = autoencoder.encode(motion.flatten(0, 1)).unflatten(0, motion.shape[:2])
+        start = autoencoder.encode(batch["warped"].flatten(0, 1)) if refine > 0 else latents
     landmarks, l1 = completed_landmarks(model, batch)
     condition_points = landmarks if end2end else batch["points"]
     cond = model.conditioning(condition_points, reference_latent, motion_latents)
 
     # One diffusion time per sample, shared by its L frames (they are denoised together).
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator,
+    train_steps = scheduler.config.num_train_timesteps
+    highest = max(1, round(refine * train_steps)) if refine > 0 else train_steps
+    timesteps = torch.randint(0, highest, (b,), generator=generator,
                               device=generator.device if generator is not None else "cpu")
     timesteps = timesteps.to(latents.device).repeat_interleave(length)
     noise = torch.randn(latents.shape, generator=generator,
                         device=generator.device if generator is not None else "cpu")
     noise = noise.to(latents.device, latents.dtype)
     mask = lower_half_mask(latents.shape[-1], latents.device).expand(latents.shape[0], -1, -1, -1)
-    noisy = noised_lower_half(latents, noise, timesteps, scheduler)
+    noisy = scheduler.add_noise(start, noise, timesteps) * mask + latents * (1 - mask)
     predicted = model.denoiser(noisy, latents * (1 - mask), mask, timesteps, cond)
-    ldm = ((predicted - noise) ** 2 * mask).sum() / (mask.sum() * latents.shape[1])
+    if refine > 0:
+        alpha = scheduler.alphas_cumprod.to(latents.device)[timesteps].view(-1, 1, 1, 1)
+        clean = (noisy - (1 - alpha).sqrt() * predicted) / alpha.sqrt()
+        error = (clean - latents) ** 2
+    else:
+        error = (predicted - noise) ** 2
+    ldm = (error * mask).sum() / (mask.sum() * latents.shape[1])
     return {"total": ldm + l1_weight * l1, "ldm": ldm, "l1": l1}
 
 
@@ -95,7 +111,7 @@ def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, 
 
 def _validate(model: DubbingModel, autoencoder: FaceAutoencoder, data: PreparedData,
               config: ModelConfig, scheduler, device: torch.device, batches: int,
-              end2end: bool) -> dict[str, float]:
+              end2end: bool, refine: float) -> dict[str, float]:
     rng = np.random.default_rng(4321)  # same samples, noise and times at every validation
     generator = torch.Generator().manual_seed(4321)
     c = config.completion
@@ -103,9 +119,10 @@ def _validate(model: DubbingModel, autoencoder: FaceAutoencoder, data: PreparedD
     with evaluating(model):
         for _ in range(batches):
             batch = dubber_batch(data, config.training.batch_size, c.frames, c.references,
-                                 config.denoiser.motion_frames, rng, augment=False)
+                                 config.denoiser.motion_frames, rng, augment=False,
+                                 warp=refine > 0)
             losses = dubber_losses(model, autoencoder, to_tensors(batch, device), scheduler,
-                                   config.training.l1_weight, end2end, generator)
+                                   config.training.l1_weight, end2end, generator, refine)
             for k in totals:
                 totals[k] += float(losses[k])
     return {k: v / batches for k, v in totals.items()}
@@ -115,13 +132,15 @@ def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: s
                  run_dir: str | Path, steps: int, *, end2end: bool = True,
                  completion: str | Path | None = None, init: str | Path | None = None,
                  device: str = "auto", resume: bool = False, epoch_steps: int = 200,
-                 checkpoint_every: int = 50, validation_batches: int = 4, seed: int = 0,
+                 checkpoint_every: int = 50, decay_steps: int = 0, refine: float = 0.0,
+                 validation_batches: int = 4, seed: int = 0,
                  progress: TrainProgress | None = None) -> TrainResult:
     """Train the dubbing model on top of a trained autoencoder (a model folder), optionally
     with a pre-trained landmark completion (``completion``: its safetensors), loaded at the
     start of a new run or over the completion module of a resumed one. ``init``: a model
     folder whose dubbing model a new run starts from; parts this config adds to it (the
-    landmark sketch encoder) start from their zero initialisation."""
+    landmark sketch encoder) start from their zero initialisation. ``refine``: train for
+    image-to-image sampling from the warped reference at that strength (``dubber_losses``)."""
     dev = resolve_device(device)
     trained = load_model(autoencoder_model, need_dubber=False)
     ae = trained.config.autoencoder
@@ -149,17 +168,18 @@ def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: s
 
     def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
         batch = dubber_batch(train, config.training.batch_size, c.frames, c.references,
-                             config.denoiser.motion_frames, rng)
+                             config.denoiser.motion_frames, rng, warp=refine > 0)
         return dubber_losses(model, autoencoder, to_tensors(batch, dev), scheduler,
-                             config.training.l1_weight, end2end)
+                             config.training.l1_weight, end2end, refine=refine)
 
     seconds, validation = optimise(
         run, {"dubber": model}, optimizer, state, steps, step_losses,
         lambda: _validate(model, autoencoder, val, config, scheduler, dev, validation_batches,
-                          end2end),
+                          end2end, refine),
         device=dev, mixed_precision=config.training.mixed_precision,
         grad_clip=config.training.grad_clip, epoch_steps=epoch_steps,
-        checkpoint_every=checkpoint_every, progress=progress)
+        checkpoint_every=checkpoint_every, progress=progress,
+        decay_steps=decay_steps)
     model_dir = save_model(run.folder / "model", config, autoencoder, model)
     return TrainResult(run.folder, model_dir, state.step, seconds, validation,
                        sum(p.numel() for p in model.parameters()))
@@ -173,7 +193,7 @@ def _autoencoder_sizes(config: AutoencoderConfig) -> tuple:
 
 def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | Path,
                      steps: int, *, device: str = "auto", resume: bool = False,
-                     epoch_steps: int = 200, checkpoint_every: int = 100,
+                     epoch_steps: int = 200, checkpoint_every: int = 100, decay_steps: int = 0,
                      validation_batches: int = 8, seed: int = 0,
                      progress: TrainProgress | None = None) -> TrainResult:
     """Pre-train the landmark completion module on L1 alone (no images: fast), so that the
@@ -211,7 +231,8 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
         run, {"completion": completion}, optimizer, state, steps, step_losses, validate,
         device=dev, mixed_precision=config.training.mixed_precision,
         grad_clip=config.training.grad_clip, epoch_steps=epoch_steps,
-        checkpoint_every=checkpoint_every, progress=progress)
+        checkpoint_every=checkpoint_every, progress=progress,
+        decay_steps=decay_steps)
     model_dir = run.folder / "model"
     model_dir.mkdir(exist_ok=True)
     config.save(model_dir / "config.json")

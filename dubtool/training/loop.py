@@ -181,11 +181,14 @@ def optimise(run: RunFolder, modules: dict[str, nn.Module], optimizer: torch.opt
              step_losses: Callable[[np.random.Generator], dict[str, torch.Tensor]],
              validate: Callable[[], dict[str, float]], *, device: torch.device,
              mixed_precision: str, grad_clip: float, epoch_steps: int, checkpoint_every: int,
-             progress: TrainProgress | None) -> tuple[float, dict[str, float]]:
+             progress: TrainProgress | None, decay_steps: int = 0
+             ) -> tuple[float, dict[str, float]]:
     """The optimisation loop both trainings share, up to ``steps`` steps in all.
 
     Logs losses every 10 steps, validates every ``epoch_steps`` (and at the end), checkpoints
-    every ``checkpoint_every``. Returns (mean seconds per step, last validation).
+    every ``checkpoint_every``. Over the last ``decay_steps`` steps the learning rate falls
+    linearly towards 0 (a function of the step alone, so a resumed run follows the same
+    schedule). Returns (mean seconds per step, last validation).
     """
     parameters = [p for m in modules.values() for p in m.parameters()]
     validation: dict[str, float] = {}
@@ -195,7 +198,12 @@ def optimise(run: RunFolder, modules: dict[str, nn.Module], optimizer: torch.opt
                                   and mixed_precision == "fp16")
     for module in modules.values():
         module.train()
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
     while state.step < steps:
+        factor = min(1.0, (steps - state.step) / decay_steps) if decay_steps > 0 else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
         with timer:
             with autocast(device, mixed_precision):
                 losses = step_losses(state.rng)
