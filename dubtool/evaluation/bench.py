@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from dubtool.media.probe import probe_video
+from dubtool.pipeline.diffuse import sampling_precision
+from dubtool.training.loop import resolve_device
 
 
 @dataclass
@@ -82,4 +84,5 @@ def bench(clip: str | Path, speech: str | Path | None = None, *, model: object,
                                  {r.stage: r.status for r in result.stages}))
             frames, seconds = result.frames, result.seconds_of_video
     return BenchReport(str(clip), frames, seconds, ffmpeg_floor(clip), peak_rss_mb(), runs,
-                       {"steps": steps, "batch_size": batch_size, "device": device, **machine()})
+                       {"steps": steps, "batch_size": batch_size, "device": device,
+                        "precision": str(sampling_precision(resolve_device(device))), **machine()})

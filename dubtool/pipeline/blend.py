@@ -45,11 +45,11 @@ def lower_face_mask(points: list[np.ndarray], size: int, dilate: float = 0.04,
 def match_colour(generated: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Shift the generated crop's colours so that the band around the mask's edge (skin both
     images should share) has the original's mean colour."""
-    band = (mask > 0.05) & (mask < 0.6)
-    if band.sum() < 16:
+    band = ((mask > 0.05) & (mask < 0.6)).astype(np.uint8)
+    if cv2.countNonZero(band) < 16:
         return generated
-    offset = original[band].astype(np.float32).mean(0) - generated[band].astype(np.float32).mean(0)
-    return np.clip(generated.astype(np.float32) + offset, 0, 255).astype(np.uint8)
+    offset = np.subtract(cv2.mean(original, band)[:3], cv2.mean(generated, band)[:3])
+    return cv2.add(generated, (*offset, 0.0))  # saturating, per channel
 
 
 def blended_frames(video: VideoInfo, track: FaceTrack, plan: np.ndarray, target: np.ndarray,

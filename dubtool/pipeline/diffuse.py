@@ -44,10 +44,11 @@ def load_crops(folder: Path) -> np.ndarray:
     return np.load(folder / CROPS_FILE, mmap_mode="r")
 
 
-def to_model(images: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def to_model(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """(K, S, S, 3) uint8 -> (K, 3, S, S) in [-1, 1]."""
     x = torch.from_numpy(np.array(images)).to(device)  # a copy: memmaps are read-only
-    return (x.permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0)
+    return (x.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous(
+        memory_format=torch.channels_last)
 
 
 def to_images(x: torch.Tensor) -> np.ndarray:
@@ -69,6 +70,21 @@ class DiffusionSettings:
     batch_size: int = 1
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): only then is it
+    faster than float32 (measured: the autoencoder 2.2x faster, outputs within 0.2 grey levels)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def sampling_precision(device: torch.device) -> torch.dtype:
+    """The autocast type the networks sample in on ``device``."""
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
+
+
 def chunk_count(output_frames: int, chunk_frames: int) -> int:
     return -(-output_frames // chunk_frames)
 
@@ -79,15 +95,18 @@ class LowerFaceGenerator:
     def __init__(self, model: LoadedModel, crops: np.ndarray, plan: np.ndarray,
                  target: np.ndarray, has_face: np.ndarray, reference_frame: int,
                  reference_points: np.ndarray, settings: DiffusionSettings,
-                 device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device, precision: torch.dtype = torch.float32) -> None:
         """crops (F, S, S, 3) per source frame; plan (O,) source frame per output frame;
         target (O, 131, 2) landmarks; has_face (F,) whether the source frame has a face;
-        reference_points (131, 2) the reference frame's landmarks in its crop."""
+        reference_points (131, 2) the reference frame's landmarks in its crop; precision: the
+        autocast type of the networks (weights stay float32)."""
         if model.dubber is None:
             raise ValueError("the model has no trained dubbing network")
         self.model, self.crops, self.plan, self.target = model, crops, plan, target
         self.has_face = has_face
-        self.settings, self.device, self.dtype = settings, device, dtype
+        self.settings, self.device, self.precision = settings, device, precision
+        # Channels-last convolutions: the autoencoder 1.7x faster on this CPU.
+        model.autoencoder.to(memory_format=torch.channels_last)
         self.chunk_frames = model.config.completion.frames
         self.motion_frames = model.config.denoiser.motion_frames
         self.scheduler = make_scheduler(model.config.diffusion)
@@ -95,15 +114,15 @@ class LowerFaceGenerator:
         size = crops.shape[1]
         rows = torch.clamp((torch.arange(size, dtype=torch.float32) - 0.4 * size) / (0.1 * size),
                            0, 1)
-        self._detail_rows = rows.to(device, dtype)[:, None]
+        self._detail_rows = rows.to(device)[:, None]
         self.reference_points = reference_points
-        with torch.inference_mode():
-            image = to_model(self.reference_crop[None], device, dtype)
+        with torch.inference_mode(), self._autocast():
+            image = to_model(self.reference_crop[None], device)
             self.reference_latent = model.autoencoder.encode(image)
 
-    @property
-    def chunks(self) -> int:
-        return chunk_count(len(self.plan), self.chunk_frames)
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.precision,
+                              enabled=self.precision != torch.float32)
 
     @torch.inference_mode()
     def generate(self, ks: list[int],
@@ -124,9 +143,10 @@ class LowerFaceGenerator:
             # the next chunk's motion frames).
             crops = np.asarray(self.crops[self.plan[spans[k]]])
             results[k] = {"crops": crops, "latents": ae.encode(
-                to_model(crops, self.device, self.dtype)).float().cpu().numpy()}
+                to_model(crops, self.device)).float().cpu().numpy()}
         if todo:
-            self._diffuse(todo, spans, results)
+            with self._autocast():
+                self._diffuse(todo, spans, results)
         return [results[k] for k in ks]
 
     def _diffuse(self, todo: list[tuple[int, dict | None]], spans: dict[int, np.ndarray],
@@ -137,26 +157,26 @@ class LowerFaceGenerator:
         padded = [np.concatenate([spans[k], np.full(length - len(spans[k]), spans[k][-1])])
                   for k, _ in todo]
         frames = np.concatenate(padded)
-        known = ae.encode(to_model(self.crops[self.plan[frames]], self.device, self.dtype))
+        known = ae.encode(to_model(self.crops[self.plan[frames]], self.device))
         init = lost = None
         if self.settings.strength < 1:
             # Partial denoising starts from the reference face bent to each frame's target
             # landmarks: the mouth is already where the speech wants it.
             warped = to_model(np.stack([warp_face(self.reference_crop, self.reference_points,
                                                   self.target[o]) for o in frames]),
-                              self.device, self.dtype)
+                              self.device)
             init = ae.encode(warped)
             # The autoencoder blurs what it rebuilds: the detail it loses of the warped face
             # (as the sampler composes it, below the known upper half) is added back, so that
             # only the denoiser's changes go through it.
-            mask = lower_half_mask(known.shape[-1], self.device).to(self.dtype)
+            mask = lower_half_mask(known.shape[-1], self.device)
             lost = (warped - ae.decode(init * mask + known * (1 - mask))) * self._detail_rows
-        landmarks = torch.from_numpy(self.target[np.stack(padded)]).to(self.device, self.dtype)
+        landmarks = torch.from_numpy(self.target[np.stack(padded)]).to(self.device, torch.float32)
         motion = None
         if self.motion_frames and all(before is not None for _, before in todo):
             motion = torch.from_numpy(np.stack([before["latents"][-self.motion_frames:]
                                                 for _, before in todo]))
-            motion = motion.to(self.device, self.dtype)
+            motion = motion.to(self.device, torch.float32)
         reference = self.reference_latent.expand(len(todo), -1, -1, -1)
         cond = dubber.conditioning(landmarks, reference, motion)
         generators = [torch.Generator().manual_seed(self.settings.seed * 1_000_003 + k)

@@ -135,22 +135,28 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     elif not 0 <= reference_frame < video.frame_count:
         raise InvalidMedia(f"--reference-frame {reference_frame} is outside the video's "
                            f"{video.frame_count} frames", video.path)
-    generator = diffuse_stage.LowerFaceGenerator(
-        model, crops, plan, completion.target, track.detected, reference_frame,
-        track.crop_points()[reference_frame], settings, device)
+    precision = diffuse_stage.sampling_precision(device)
     diffuse_fp = fingerprint("diffuse", diffuse_stage.VERSION, complete_fp, crops_fp,
                              model_digest, settings.steps, settings.eta, settings.seed,
-                             settings.strength, settings.batch_size, reference_frame)
+                             settings.strength, settings.batch_size, reference_frame,
+                             str(precision))
+    chunk_frames = model.config.completion.frames
+    made: list[diffuse_stage.LowerFaceGenerator] = []  # built on first use: not on a warm run
     done = [0]
 
     def chunks(ks: list[int], previous: list[dict | None]) -> list[dict]:
-        results = generator.generate(ks, previous)
+        if not made:
+            made.append(diffuse_stage.LowerFaceGenerator(
+                model, crops, plan, completion.target, track.detected, reference_frame,
+                track.crop_points()[reference_frame], settings, device, precision))
+        results = made[0].generate(ks, previous)
         done[0] += len(ks)
         if progress is not None:
-            progress("diffuse", min(done[0] * generator.chunk_frames, len(plan)), len(plan))
+            progress("diffuse", min(done[0] * chunk_frames, len(plan)), len(plan))
         return results
 
-    folder = cache.run_chunked_stage("diffuse", diffuse_fp, generator.chunks, chunks,
+    folder = cache.run_chunked_stage("diffuse", diffuse_fp,
+                                     diffuse_stage.chunk_count(len(plan), chunk_frames), chunks,
                                      force=force, streams=settings.batch_size)
     return DubStages(front, completion, crops, folder, reference_frame)
 
