@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,15 +142,16 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                              settings.strength, settings.batch_size, reference_frame,
                              str(precision))
     chunk_frames = model.config.completion.frames
-    made: list[diffuse_stage.LowerFaceGenerator] = []  # built on first use: not on a warm run
     done = [0]
 
+    @functools.cache  # built on first use: a warm run never needs it
+    def generator() -> diffuse_stage.LowerFaceGenerator:
+        return diffuse_stage.LowerFaceGenerator(
+            model, crops, plan, completion.target, track.detected, reference_frame,
+            track.crop_points()[reference_frame], settings, device, precision)
+
     def chunks(ks: list[int], previous: list[dict | None]) -> list[dict]:
-        if not made:
-            made.append(diffuse_stage.LowerFaceGenerator(
-                model, crops, plan, completion.target, track.detected, reference_frame,
-                track.crop_points()[reference_frame], settings, device, precision))
-        results = made[0].generate(ks, previous)
+        results = generator().generate(ks, previous)
         done[0] += len(ks)
         if progress is not None:
             progress("diffuse", min(done[0] * chunk_frames, len(plan)), len(plan))
