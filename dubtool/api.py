@@ -28,6 +28,8 @@ from dubtool.pipeline.landmarks import FaceTrack
 from dubtool.pipeline.run import Inputs, StageProgress, run_front
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from dubtool.nets.io import LoadedModel
     from dubtool.training.dataset import ClipReport
     from dubtool.training.loop import TrainProgress, TrainResult
@@ -126,6 +128,9 @@ class DubResult:
     reference_frame: int
     faces_seen: int = 1
     stages: list[StageRecord] = field(default_factory=list)
+    # (frames, 131, 2) the landmarks the lower face was drawn to, normalised to each frame's
+    # crop box: the frame's pose points with the lip/jaw points predicted from the speech.
+    landmarks: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def real_time_factor(self) -> float:
@@ -186,7 +191,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         clean_runs(cache.root, [cache.key])
     return DubResult(target, front.extracted.output_seconds, len(plan), dubbed,
                      len(plan) - dubbed, time.perf_counter() - start, stages.reference_frame,
-                     front.track.faces_seen, records)
+                     front.track.faces_seen, records, stages.completion.target)
 
 
 def cache_list(cache_dir: str | Path | None = None) -> list[RunSummary]:
@@ -222,9 +227,11 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
           completion: str | Path | None = None, init: str | Path | None = None,
           end2end: bool = True, device: str = "auto", resume: bool = False, epoch_steps: int = 200,
           checkpoint_every: int = 50, decay_steps: int = 0, refine: float = 0.0,
-          seed: int = 0, progress: TrainProgress | None = None) -> TrainResult:
+          seed: int = 0, into: str | Path | None = None,
+          progress: TrainProgress | None = None) -> TrainResult:
     """Train ``part``: "autoencoder" first; optionally "completion" (the landmark completion
-    alone, fast); then "dubber" on top of the trained autoencoder (and completion)."""
+    alone, fast; ``into``: a model folder that RUN/model then copies with this completion);
+    then "dubber" on top of the trained autoencoder (and completion)."""
     # torch and diffusers are imported only by the commands that need them: start-up stays fast.
     from dubtool.nets.config import ModelConfig
 
@@ -251,8 +258,31 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
 
         return train_completion(model_config, data, out, steps, device=device, resume=resume,
                                 epoch_steps=epoch_steps, checkpoint_every=checkpoint_every,
-                                decay_steps=decay_steps, seed=seed, progress=progress)
+                                decay_steps=decay_steps, seed=seed, init=completion,
+                                into=into, progress=progress)
     raise ValueError(f"unknown part {part!r}: autoencoder, completion or dubber")
+
+
+def offsets(data: str | Path, completion: str | Path, *, device: str = "auto"):
+    """Measure the audio-video offset of every training clip of the prepared data set
+    ``data`` with a trained landmark completion (its safetensors, with the run's config.json
+    beside it) and write ``data``/offsets.json, which training then applies (shifts the
+    confident offsets, leaves out clips it cannot trust). Returns (offsets, path)."""
+    from dubtool.nets.config import ModelConfig
+    from dubtool.nets.io import load_weights
+    from dubtool.nets.landmark_completion import LandmarkCompletion
+    from dubtool.training.dataset import PreparedData
+    from dubtool.training.loop import resolve_device
+    from dubtool.training.offsets import measure_offsets, save_offsets
+
+    weights = Path(completion)
+    config = ModelConfig.load(weights.parent / "config.json")
+    dev = resolve_device(device)
+    module = LandmarkCompletion(config.completion).to(dev)
+    load_weights(module, weights)
+    train = PreparedData(data, "train", ignore_offsets=True)
+    measured = measure_offsets(module, train.clips, dev)
+    return measured, save_offsets(data, measured)
 
 
 AUDIO_SUFFIXES = {".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus", ".wma"}
@@ -408,7 +438,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     ``report`` (.json or .md) and strip images into ``work_dir``."""
     from dubtool.evaluation.evaluate import evaluate_clip, summarise
     from dubtool.evaluation.identity import NOT_INSTALLED, load_identity_model
-    from dubtool.evaluation.report import write_report, write_strips
+    from dubtool.evaluation.report import write_plots, write_report, write_strips
     from dubtool.nets.io import load_model
     from dubtool.training.loop import resolve_device
 
@@ -432,7 +462,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
         with inputs.open_cache(cache_dir) as cache:
             track = run_front(cache, inputs, loop="cut").track
         results.append(evaluate_clip(clip, dubbed.output, track, dubbed.reference_frame,
-                                     identity))
+                                     dubbed.landmarks, identity))
     if progress is not None:
         progress("eval", len(clips), len(clips))
     diffusion = loaded.config.diffusion
@@ -442,6 +472,8 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
                 "identity": "dlib face recognition ResNet" if identity else NOT_INSTALLED}
     summary = summarise(results)
     files = write_strips(work / "strips", results) if strips else []
+    if strips:
+        files += write_plots(work / "plots", results)
     if report is not None:
         write_report(Path(report), results, summary, settings)
         files.append(Path(report))

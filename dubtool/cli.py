@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -316,8 +317,9 @@ def train_cmd(
                      "continues up to this).")] = 1000,
     autoencoder: Annotated[Path | None, typer.Option(help="For dubber: the trained "
                            "autoencoder's model folder (RUN/model).")] = None,
-    completion: Annotated[Path | None, typer.Option(help="For dubber: start from a "
-                          "pre-trained completion (RUN/model/completion.safetensors).")] = None,
+    completion: Annotated[Path | None, typer.Option(help="For dubber or completion: start "
+                          "from a pre-trained completion (RUN/model/completion.safetensors).")]
+    = None,
     init: Annotated[Path | None, typer.Option(help="For dubber: start a new run from this "
                     "model folder's dubbing model (parts the config adds start at zero).")]
     = None,
@@ -334,6 +336,9 @@ def train_cmd(
     refine: Annotated[float, typer.Option(help="For dubber: train the denoiser for sampling "
                       "at this strength, from the reference warped onto the landmarks to the "
                       "real frame (0: plain denoising over the whole schedule).")] = 0.0,
+    into: Annotated[Path | None, typer.Option(help="For completion: also make RUN/model a "
+                    "whole model folder: this model folder's autoencoder and denoiser with the "
+                    "new completion.")] = None,
     seed: int = 0,
 ) -> None:
     """Train the autoencoder, or the landmark completion + denoiser on top of it."""
@@ -354,7 +359,7 @@ def train_cmd(
             completion=completion, init=init, end2end=end2end,
             device=device, resume=resume, epoch_steps=epoch_steps,
             checkpoint_every=checkpoint_every, decay_steps=decay_steps, refine=refine,
-            seed=seed, progress=progress))
+            seed=seed, into=into, progress=progress))
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row("steps", str(result.steps))
     table.add_row("parameters", f"{result.parameters / 1e6:.2f} M")
@@ -362,6 +367,26 @@ def train_cmd(
     table.add_row("validation", ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items()))
     table.add_row("model", str(result.model))
     out.print(table)
+
+
+@app.command("offsets")
+def offsets_cmd(
+    data: Annotated[Path, typer.Option("--data", help="Folder made by 'dubtool prepare'.")]
+    = Path("dataset"),
+    completion: Annotated[Path, typer.Option(help="A trained landmark completion "
+                          "(RUN/model/completion.safetensors).")] = Path("completion"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Measure each training clip's audio-video offset; training then shifts or drops them."""
+    measured, path = _call(lambda: api.offsets(data, completion, device=device))
+    info = json.loads(path.read_text())
+    for title, names in (("shifted", info["applied"]), ("dropped", info["dropped"])):
+        rows = {o.clip: o for o in measured if o.clip in names}
+        out.print(f"{title}: {len(rows)} of {len(measured)} clips")
+        for o in rows.values():
+            out.print(f"  {o.clip}: picture {o.lag:+d} frames after the sound "
+                      f"(r {o.correlation:.2f}, at 0: {o.at_zero:.2f})")
+    out.print(f"written: {path}")
 
 
 @app.command("eval")

@@ -4,12 +4,13 @@ import json
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from dubtool.evaluation import metrics
 from dubtool.evaluation.evaluate import METRICS, VARIANTS, ClipEvaluation, summarise
-from dubtool.evaluation.report import write_report, write_strips
+from dubtool.evaluation.report import write_plots, write_report, write_strips
 from dubtool.face.indices import CONTENT_SLICE, ORDER, mouth_opening
 
 
@@ -112,7 +113,11 @@ def _clip(name: str, lmd: float) -> ClipEvaluation:
     values = {v: {m: 1.0 for m in METRICS} for v in VARIANTS}
     values["model"]["lmd"] = lmd
     values["original"]["psnr"] = math.inf
-    return ClipEvaluation(name, 10, 3, values, np.zeros((32, 64, 3), np.uint8))
+    t = np.arange(10)
+    series = {"original": 0.1 + 0.05 * np.sin(t), "model": 0.1 + 0.04 * np.sin(t - 1),
+              "static": np.full(10, 0.1), "energy": np.linspace(-60, -20, 32),
+              "paused": t < 3}
+    return ClipEvaluation(name, 10, 3, 25.0, values, np.zeros((32, 64, 3), np.uint8), series)
 
 
 def test_summary_and_reports(tmp_path: Path) -> None:
@@ -131,6 +136,13 @@ def test_summary_and_reports(tmp_path: Path) -> None:
     assert "| model |" in text and "| static |" in text and "a.mp4" in text
     strips = write_strips(tmp_path / "strips", clips)
     assert [p.name for p in strips] == ["a.png", "b.png"] and strips[0].stat().st_size > 0
+    plots = write_plots(tmp_path / "plots", clips)
+    assert [p.name for p in plots] == ["a.opening.png", "b.opening.png"]
+    image = cv2.imread(str(plots[0]))
+    assert image.shape[0] > 200 and image.shape[1] > 600
+    # The three curves are drawn in their colours: red (model) and black (original) pixels.
+    red = (image[..., 2] > 150) & (image[..., 1] < 100) & (image[..., 0] < 100)
+    assert red.sum() > 100
 
 
 def test_identity_distance_on_a_real_face() -> None:

@@ -27,8 +27,8 @@ def tiny_config(temporal: bool = True) -> ModelConfig:
     return ModelConfig(
         name="tiny", crop_size=32,
         autoencoder=AutoencoderConfig(image_size=32, channels=(8, 16, 16), norm_groups=4),
-        completion=CompletionConfig(frames=3, references=2, d_model=32, layers=1, heads=2,
-                                    ff_dim=64, dropout=0.0),
+        completion=CompletionConfig(frames=3, window=6, references=2, d_model=32, layers=1,
+                                    heads=2, ff_dim=64, dropout=0.0),
         denoiser=DenoiserConfig(channels=(16, 32), norm_groups=4, head_dim=8, landmark_dim=16,
                                 temporal_attention=temporal),
         diffusion=DiffusionConfig(train_steps=100, sample_steps=4),
@@ -116,7 +116,7 @@ def test_ldm_gradient_reaches_landmark_completion_only_end_to_end(models, end2en
     batch = tiny_batch(config)
 
     def losses() -> dict:
-        return dubber_losses(model, ae, batch, scheduler, config.training.l1_weight,
+        return dubber_losses(model, ae, batch, scheduler, config.training,
                              end2end=end2end, generator=torch.Generator().manual_seed(0))
 
     # One training step first: at initialisation the zero convs of TalkFormer (and the zero
@@ -138,7 +138,7 @@ def test_ldm_gradient_reaches_landmark_completion_only_end_to_end(models, end2en
 def test_l1_trains_completion_in_both_modes(models) -> None:
     config, ae, model = models
     losses = dubber_losses(model, ae, tiny_batch(config), make_scheduler(config.diffusion),
-                           config.training.l1_weight, end2end=False)
+                           config.training, end2end=False)
     losses["l1"].backward()
     assert _completion_grads(model) > 0
 
@@ -165,7 +165,7 @@ def test_refine_objective_takes_the_warped_start_to_the_real_frame(models) -> No
 
     def ldm(clean: torch.Tensor) -> float:
         model.denoiser.forward = denoiser_heading_to(clean)
-        return float(dubber_losses(model, ae, batch, scheduler, 0.0, end2end=False,
+        return float(dubber_losses(model, ae, batch, scheduler, config.training, end2end=False,
                                    generator=torch.Generator().manual_seed(0),
                                    refine=0.3)["ldm"])
 
@@ -203,7 +203,7 @@ def test_tiny_model_overfits_a_fixed_batch(models) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = []
     for _ in range(60):
-        losses = dubber_losses(model, ae, batch, scheduler, config.training.l1_weight,
+        losses = dubber_losses(model, ae, batch, scheduler, config.training,
                                generator=torch.Generator().manual_seed(0))
         optimizer.zero_grad()
         losses["total"].backward()

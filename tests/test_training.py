@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_video
 from test_nets import tiny_config
 from typer.testing import CliRunner
@@ -147,6 +148,9 @@ def test_completion_pretraining_feeds_the_dubber(dataset: Path, tmp_path: Path) 
     pre = train_completion(config, dataset, tmp_path / "completion", steps=3, epoch_steps=3,
                            validation_batches=1)
     assert pre.steps == 3 and "l1" in pre.validation
+    # Validation follows the lips over the validation people's whole clips.
+    assert -1 <= pre.validation["opening_correlation"] <= 1
+    assert pre.validation["articulation"] >= 0
     weights = pre.model / COMPLETION_FILE
     ae = train_autoencoder(config, dataset, tmp_path / "ae", steps=1, validation_batches=1)
     dub = train_dubber(config, dataset, ae.model, tmp_path / "dub", steps=1,
@@ -232,3 +236,27 @@ def test_sampler_warps_the_reference_onto_each_frame(dataset: Path) -> None:
     # Bent onto the frames' landmarks, the reference is nearer the frames than as it was.
     as_was = np.abs(batch["reference_image"][:, None] - batch["frames"]).mean()
     assert np.abs(batch["warped"] - batch["frames"]).mean() < as_was
+
+
+def test_completion_into_a_model_folder(dataset: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """train completion --into: RUN/model is the base model with the new completion."""
+    import dataclasses
+
+    from dubtool.nets.io import load_model
+    from dubtool.training.dubber import train_completion
+
+    base = load_model(tiny_model)
+    config = base.config.replace(training=dataclasses.replace(base.config.training,
+                                                              completion_batch_size=2))
+    run = train_completion(config, dataset, tmp_path / "lc", steps=2, epoch_steps=2,
+                           validation_batches=1, into=tiny_model)
+    merged = load_model(run.model)
+    assert merged.config.completion == config.completion
+    base_state, merged_state = base.dubber.state_dict(), merged.dubber.state_dict()
+    for name, value in merged_state.items():
+        if name.startswith("completion."):
+            continue  # trained: moved away from the base's
+        assert torch.allclose(value, base_state[name].half().float()), name
+    moved = [float((merged_state[k] - base_state[k]).abs().max())
+             for k in merged_state if k.startswith("completion.")]
+    assert max(moved) > 0

@@ -19,15 +19,24 @@ import numpy as np
 from dubtool.evaluation import metrics
 from dubtool.evaluation.identity import IDENTITY_FRAMES, IdentityModel, identity_distance
 from dubtool.face.detect import FaceMeshDetector
-from dubtool.face.indices import mouth_opening, select_points
-from dubtool.media.audio import load_speech
+from dubtool.face.indices import (
+    JAW_SLICE,
+    LIPS_SLICE,
+    inner_lip_opening,
+    mouth_opening,
+    select_points,
+)
+from dubtool.media.audio import load_speech, mel_spectrogram, pauses, voice_activity
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import probe_video
 from dubtool.pipeline.blend import lower_face_mask
+from dubtool.pipeline.complete import PAUSE_SECONDS
 from dubtool.pipeline.landmarks import FaceTrack
 
 VARIANTS = ("model", "original", "static")
-METRICS = ("psnr", "ssim", "lmd", "sync_offset", "sync_confidence", "stability")
+METRICS = ("opening_correlation", "articulation", "completion_opening_correlation",
+           "completion_articulation", "lmd", "lmd_lips", "lmd_jaw", "psnr", "ssim",
+           "sync_offset", "sync_confidence", "stability")
 OPTIONAL_METRICS = ("identity",)  # only with the optional extra installed
 EVAL_CROP = 128
 
@@ -37,8 +46,11 @@ class ClipEvaluation:
     clip: str
     frames: int
     reference_frame: int
+    fps: float
     metrics: dict[str, dict[str, float]]   # variant -> metric -> value
     strip: np.ndarray | None = field(default=None, repr=False)
+    # (F,) per frame, for the plot: variant -> inner-lip opening; "energy" and "paused".
+    series: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
 
 def detect_points(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,10 +92,14 @@ def _mouths(frames: np.ndarray, track: FaceTrack) -> np.ndarray:
 
 
 def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTrack,
-            speech: np.ndarray, fps: float,
-            identity: IdentityModel | None = None) -> dict[str, dict[str, float]]:
+            speech: np.ndarray, fps: float, landmarks: np.ndarray | None = None,
+            identity: IdentityModel | None = None,
+            series: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
     """Every metric for every variant (F frames each, aligned with ``original``); the
-    identity distance too when ``identity`` is given."""
+    identity distance too when ``identity`` is given. ``landmarks`` (F, 131, 2): the
+    completion's target landmarks of the "model" variant (any frame of reference), for the
+    completion_* metrics. ``series``, when given, receives each variant's inner-lip opening
+    over time."""
     frames = len(original)
     envelope = metrics.speech_envelope(speech, fps, frames)
     original_points, original_found = detect_points(original)
@@ -102,7 +118,27 @@ def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTr
         both = found & original_found & faces
         halves = _lower_halves(video, track)
         offset, _, confidence = metrics.sync_score(mouth_opening(points), envelope, fps)
+        opening = np.where(found & faces, inner_lip_opening(points), np.nan)
+        real_opening = np.where(original_found & faces, inner_lip_opening(original_points),
+                                np.nan)
+        if series is not None:
+            series[name] = opening
+        completion = {"completion_opening_correlation": math.nan,
+                      "completion_articulation": math.nan}
+        if name == "model" and landmarks is not None:
+            predicted = np.where(faces, inner_lip_opening(landmarks[:frames]), np.nan)
+            completion = {
+                "completion_opening_correlation": metrics.opening_correlation(predicted,
+                                                                              real_opening),
+                "completion_articulation": metrics.articulation(predicted, real_opening)}
         results[name] = {
+            "opening_correlation": metrics.opening_correlation(opening, real_opening),
+            "articulation": metrics.articulation(opening, real_opening),
+            **completion,
+            "lmd_lips": (metrics.lmd(points[both], original_points[both], LIPS_SLICE)
+                         if both.any() else math.nan),
+            "lmd_jaw": (metrics.lmd(points[both], original_points[both], JAW_SLICE)
+                        if both.any() else math.nan),
             "psnr": float(np.mean([metrics.psnr(a, b) for a, b in
                                    zip(halves[faces], original_halves[faces], strict=True)])),
             "ssim": float(np.mean([metrics.ssim(a, b) for a, b in
@@ -135,9 +171,11 @@ def strip_image(variants: dict[str, np.ndarray], track: FaceTrack, count: int = 
 
 
 def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
-                  reference_frame: int, identity: IdentityModel | None = None) -> ClipEvaluation:
+                  reference_frame: int, landmarks: np.ndarray | None = None,
+                  identity: IdentityModel | None = None) -> ClipEvaluation:
     """Measure a clip's dub (made from the clip's own speech with loop 'cut') and the two
-    reference variants. ``track`` is the clip's face track, ``reference_frame`` the dub's."""
+    reference variants. ``track`` is the clip's face track, ``reference_frame`` the dub's,
+    ``landmarks`` the dub's target landmarks (for the completion_* metrics)."""
     info = probe_video(clip)
     dub_info = probe_video(dubbed)
     frames = min(info.frame_count, dub_info.frame_count)
@@ -151,9 +189,14 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
     static = static_mouth(original, track, reference_frame, original[reference_frame])
     variants = {"model": generated, "original": original, "static": static}
     speech = load_speech(clip)
-    results = measure(variants, original, track, speech, float(info.fps), identity)
-    return ClipEvaluation(Path(clip).name, frames, reference_frame, results,
-                          strip_image(variants, track))
+    series: dict[str, np.ndarray] = {}
+    results = measure(variants, original, track, speech, float(info.fps), landmarks, identity,
+                      series)
+    mel = mel_spectrogram(speech)
+    series["energy"] = mel.mean(axis=0)
+    series["paused"] = pauses(voice_activity(mel, info.fps, frames), info.fps, PAUSE_SECONDS)
+    return ClipEvaluation(Path(clip).name, frames, reference_frame, float(info.fps), results,
+                          strip_image(variants, track), series)
 
 
 def summarise(clips: list[ClipEvaluation]) -> dict[str, dict[str, dict[str, float]]]:

@@ -5,14 +5,23 @@ Definitions (also printed in reports):
 - LMD: mean Euclidean distance between the 57 lip/jaw FaceMesh points of the generated and
   original frames, divided by the inter-ocular distance (outer eye corners 33-263) of the
   original frame.
-- mouth sync: Pearson correlation between the mouth opening (mean of the inner 13-14 and
-  outer 0-17 lip gaps over the inter-ocular distance) and the speech envelope (log energy of
-  the 250-2800 Hz band per video frame), both with their 1 s moving average removed, at
-  offsets of +-15 frames. Reported: the best offset, and a confidence = the best value at
-  natural offsets (mouth leading the sound by 0-3 frames, or lagging by 1) minus the median
-  over all offsets. The mouth's spread is floored at FaceMesh's jitter (0.01 eye distances),
-  so a still mouth scores about 0. It is our own score, in the spirit of SyncNet's LSE-C but
-  not it (SyncNet cannot be installed here); higher is better.
+- opening correlation: Pearson correlation over time, at lag 0, between the inner-lip opening
+  (13-14 over the eye distance 33-263) found on the dub and on the original; 1 = opens and
+  closes exactly when the real mouth does, 0 = unrelated. For the completion's landmarks
+  alone (completion_opening_correlation), the opening of the predicted points.
+- articulation: standard deviation over time of the dub's inner-lip opening over the
+  original's (1 = opens as wide as the real mouth, 0 = still).
+- LMD lips, LMD jaw: LMD over the 40 lip points and the 17 jaw points alone.
+- energy sync (no reference; sync_offset, sync_confidence): Pearson correlation between the mouth
+  opening (mean of the inner 13-14 and outer 0-17 lip gaps over the inter-ocular distance) and the
+  speech envelope (log energy of the 250-2800 Hz band per video frame), both with their 1 s moving
+  average removed, at offsets of +-15 frames. Reported: the best offset, and a confidence = the
+  best value at natural offsets (mouth leading the sound by 0-3 frames, or lagging by 1) minus the
+  median over all offsets. The mouth's spread is floored at FaceMesh's jitter (0.01 eye
+  distances), so a still mouth scores about 0. It is our own score, in the spirit of SyncNet's
+  LSE-C but not it (SyncNet cannot be installed here); higher is better. It needs no real mouth,
+  but it rewards a mouth driven by the voice's loudness: a dub can beat the real footage on it, so
+  it is only a check, not a measure of lip sync.
 - stability: mean absolute frame-to-frame change of the mouth region, relative to the
   original's (1.0 = as steady as the original; higher = flicker).
 - identity (with the optional dlib extra): distance between dlib's face recognition
@@ -47,10 +56,33 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
 
 
-def lmd(generated: np.ndarray, original: np.ndarray) -> float:
-    """Lip/jaw landmark distance, (F, 131, 2) each, normalised by the original's eye distance."""
-    distance = np.linalg.norm(generated[:, CONTENT_SLICE] - original[:, CONTENT_SLICE], axis=-1)
+def lmd(generated: np.ndarray, original: np.ndarray, part: slice = CONTENT_SLICE) -> float:
+    """Landmark distance of the lip/jaw points (or ``part``: LIPS_SLICE, JAW_SLICE), (F, 131, 2)
+    each, normalised by the original's eye distance."""
+    distance = np.linalg.norm(generated[:, part] - original[:, part], axis=-1)
     return float(np.mean(distance.mean(axis=1) / interocular(original)))
+
+
+def opening_correlation(opening: np.ndarray, reference: np.ndarray) -> float:
+    """Pearson correlation at lag 0 of two (F,) opening series over the frames where both are
+    finite; 0 when either does not move, NaN with fewer than 3 frames."""
+    a, b = np.asarray(opening, np.float64), np.asarray(reference, np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3:
+        return float("nan")
+    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
+    spread = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / spread) if spread > 1e-12 else 0.0
+
+
+def articulation(opening: np.ndarray, reference: np.ndarray) -> float:
+    """Standard deviation of an (F,) opening series over the reference's, on the frames where
+    both are finite (1: as wide as the reference, 0: still); NaN with fewer than 3 frames."""
+    a, b = np.asarray(opening, np.float64), np.asarray(reference, np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or b[ok].std() < 1e-12:
+        return float("nan")
+    return float(a[ok].std() / b[ok].std())
 
 
 def speech_envelope(samples: np.ndarray, fps: float, frames: int) -> np.ndarray:

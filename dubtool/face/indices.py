@@ -34,6 +34,7 @@ NUM_CONTENT = len(CONTENT)
 POSE_SLICE = slice(0, NUM_POSE)
 CONTENT_SLICE = slice(NUM_POSE, NUM_POINTS)
 LIPS_SLICE = slice(NUM_POSE + len(JAW), NUM_POINTS)
+JAW_SLICE = slice(NUM_POSE, NUM_POSE + len(JAW))
 
 # Left/right twins in the FaceMesh topology (points on the mid-line are their own twin).
 _MIRROR_PAIRS = (
@@ -83,7 +84,14 @@ def mirror_points(points: np.ndarray, width: float = 1.0) -> np.ndarray:
     return flipped
 
 
+# Upper/lower lip twins across the mouth, as positions among the 57 content points: their
+# gaps are how far the mouth opens (inner lips first, then outer).
+LIP_GAP_PAIRS = tuple((CONTENT.index(a), CONTENT.index(b)) for a, b in (
+    (13, 14), (82, 87), (312, 317), (81, 178), (311, 402), (80, 88), (310, 318),
+    (0, 17), (37, 84), (267, 314)))
+
 _EYE_CORNERS = (ORDER.index(33), ORDER.index(263))
+_INNER_GAP = (ORDER.index(13), ORDER.index(14))
 _LIP_GAPS = ((ORDER.index(13), ORDER.index(14)), (ORDER.index(0), ORDER.index(17)))
 
 
@@ -98,3 +106,10 @@ def mouth_opening(points: np.ndarray) -> np.ndarray:
     eye distance."""
     gaps = [np.linalg.norm(points[..., b, :] - points[..., t, :], axis=-1) for t, b in _LIP_GAPS]
     return np.mean(gaps, axis=0) / interocular(points)
+
+
+def inner_lip_opening(points: np.ndarray) -> np.ndarray:
+    """(..., 131, 2) -> (...) inner-lip gap (13-14) over the eye distance (33-263)."""
+    top, bottom = _INNER_GAP
+    gap = np.linalg.norm(points[..., bottom, :] - points[..., top, :], axis=-1)
+    return gap / interocular(points)

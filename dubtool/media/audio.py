@@ -17,6 +17,14 @@ WIN_LENGTH = 800  # 50 ms
 MEL_STEPS_PER_SECOND = SAMPLE_RATE / HOP_LENGTH
 MEL_WINDOW = 16  # mel steps seen per video frame (0.2 s), as in the paper's lineage
 MEL_FLOOR_DB = -100.0
+# Per-utterance standardisation (``normalise_mel``): statistics over the frames within this
+# many dB of the utterance's loud frames, values clipped to +-NORMALISED_CLIP.
+VOICED_RANGE_DB = 30.0
+NORMALISED_CLIP = 5.0
+# Voice activity (``voice_activity``): a mel frame is speech when its energy is within this
+# many dB of the utterance's loud frames (and above an absolute floor).
+VAD_RANGE_DB = 35.0
+VAD_FLOOR_DB = -75.0
 
 
 def load_speech(path: str | Path) -> np.ndarray:
@@ -48,16 +56,72 @@ def mel_spectrogram(samples: np.ndarray) -> np.ndarray:
     return np.maximum(10.0 * np.log10(np.maximum(mel, 1e-10)), MEL_FLOOR_DB).astype(np.float32)
 
 
+def _loud_level(energy: np.ndarray) -> float:
+    """The level of an utterance's loud frames (dB): its 95th percentile frame energy."""
+    return float(np.percentile(energy, 95)) if energy.size else MEL_FLOOR_DB
+
+
+def normalise_mel(mel: np.ndarray) -> np.ndarray:
+    """Per-utterance, per-bin standardisation of a log-mel (80, T) dB -> (80, T) unitless.
+
+    Mean and spread come from the voiced frames (within VOICED_RANGE_DB of the loud ones), so
+    a voice's pitch, a microphone or a room's colour shift the features far less than in dB,
+    and long pauses do not skew the statistics. Clipped to +-NORMALISED_CLIP; silence sits
+    near the low clip.
+    """
+    if mel.shape[1] == 0:
+        return mel.astype(np.float32)
+    energy = mel.mean(axis=0)
+    voiced = energy >= _loud_level(energy) - VOICED_RANGE_DB
+    mean = mel[:, voiced].mean(axis=1, keepdims=True)
+    spread = mel[:, voiced].std(axis=1, keepdims=True) + 1.0  # +1 dB: flat bins stay finite
+    return np.clip((mel - mean) / spread, -NORMALISED_CLIP, NORMALISED_CLIP).astype(np.float32)
+
+
+def voice_activity(mel: np.ndarray, fps: Fraction | float, frames: int) -> np.ndarray:
+    """(frames,) bool: whether speech sounds during each video frame of a log-mel (80, T) dB.
+
+    A mel frame is voiced when its mean energy is within VAD_RANGE_DB of the utterance's loud
+    frames and above VAD_FLOOR_DB; a video frame is voiced when any mel frame of its span is.
+    """
+    energy = mel.mean(axis=0)
+    voiced = (energy >= _loud_level(energy) - VAD_RANGE_DB) & (energy > VAD_FLOOR_DB)
+    spans = np.arange(frames + 1) / float(fps) * MEL_STEPS_PER_SECOND
+    out = np.zeros(frames, bool)
+    for i in range(frames):
+        lo, hi = int(np.floor(spans[i])), int(np.ceil(spans[i + 1]))
+        out[i] = bool(voiced[max(lo, 0):max(hi, 0)].any())
+    return out
+
+
+def pauses(active: np.ndarray, fps: Fraction | float, min_seconds: float) -> np.ndarray:
+    """(frames,) bool: the frames of silent runs that last ``min_seconds`` or longer, and all
+    silence before the first voiced frame and after the last, whatever its length."""
+    silent = ~np.asarray(active, bool)
+    out = np.zeros_like(silent)
+    min_frames = max(1, round(min_seconds * float(fps)))
+    start = None
+    for i, s in enumerate(np.append(silent, False)):
+        if s and start is None:
+            start = i
+        elif not s and start is not None:
+            if i - start >= min_frames or start == 0 or i == len(silent):
+                out[start:i] = True
+            start = None
+    return out
+
+
 def mel_window(mel: np.ndarray, frame_index: int, fps: Fraction | float,
-               width: int = MEL_WINDOW) -> np.ndarray:
+               width: int = MEL_WINDOW, fill: float = MEL_FLOOR_DB) -> np.ndarray:
     """The (80, width) mel window centred on the middle of video frame ``frame_index``.
 
-    Outside the speech the window is filled with the silence floor, so the first and last
-    frames see silence, not a copy of the edge.
+    Outside the speech the window is filled with ``fill`` (the silence floor of a dB mel;
+    -NORMALISED_CLIP for a normalised one), so the first and last frames see silence, not a
+    copy of the edge.
     """
     centre = (frame_index + 0.5) / float(fps) * MEL_STEPS_PER_SECOND
     start = round(centre) - width // 2
-    out = np.full((mel.shape[0], width), MEL_FLOOR_DB, np.float32)
+    out = np.full((mel.shape[0], width), fill, np.float32)
     lo, hi = max(start, 0), min(start + width, mel.shape[1])
     if hi > lo:
         out[:, lo - start:hi - start] = mel[:, lo:hi]

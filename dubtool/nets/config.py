@@ -15,6 +15,7 @@ from typing import Any
 
 from dubtool.errors import ModelError
 from dubtool.face.indices import NUM_CONTENT, NUM_POINTS, NUM_POSE, ORDER
+from dubtool.media.audio import MEL_WINDOW, N_MELS
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "models" / "configs"
 
@@ -45,15 +46,16 @@ class AutoencoderConfig:
 class CompletionConfig:
     """Audio -> lip/jaw landmarks transformer (paper III-B)."""
 
-    frames: int = 5          # L successive frames predicted together
+    frames: int = 5          # L successive frames predicted together in joint training
+    window: int = 25         # frames the completion sees at once on its own and at inference
     references: int = 5      # N reference full-face landmark sets
     d_model: int = 128
     layers: int = 3
     heads: int = 4
     ff_dim: int = 512
     dropout: float = 0.1
-    mel_bins: int = 80
-    mel_window: int = 16     # mel steps per frame (0.2 s)
+    mel_bins: int = N_MELS   # must match the audio front end (media.audio)
+    mel_window: int = MEL_WINDOW  # mel steps seen per frame (0.2 s)
     pose_points: int = NUM_POSE
     content_points: int = NUM_CONTENT
 
@@ -99,6 +101,15 @@ class TrainingConfig:
     l1_weight: float = 10.0      # lambda of L_total = L_ldm + lambda * L1
     completion_learning_rate: float = 5e-4  # pre-training the landmark completion alone
     completion_batch_size: int = 64
+    # Completion loss = point L1 + these times the L1 of the lip gaps, of the points'
+    # frame-to-frame motion and of the gaps' spread over time (training.dubber): point L1
+    # alone is dominated by the jaw and outer lips and rewards a mouth that hardly moves.
+    opening_weight: float = 2.0
+    velocity_weight: float = 2.0
+    articulation_weight: float = 2.0
+    # The completion draws training people by footage ** this (0: evenly): speech-to-lip
+    # mapping gains from every minute of speech, unlike the appearance the dubber learns.
+    completion_person_exponent: float = 0.0
     kl_weight: float = 1e-6
     grad_clip: float = 1.0
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (CUDA only)
@@ -126,6 +137,10 @@ class ModelConfig:
         scale = self.denoiser.sketch_scale
         if scale < 0 or scale & (scale - 1):
             problems.append("denoiser.sketch_scale must be 0 or a power of two")
+        if self.completion.mel_bins != N_MELS:
+            problems.append(f"completion.mel_bins must be {N_MELS}, the audio front end's")
+        if self.completion.window < self.completion.frames:
+            problems.append("completion.window must be at least completion.frames")
         if tuple(self.landmark_order) != ORDER:
             problems.append("landmark_order differs from this version's 131-point order")
         for c in self.denoiser.channels:

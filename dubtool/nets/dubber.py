@@ -15,6 +15,17 @@ from dubtool.nets.denoiser import Conditioning, Denoiser
 from dubtool.nets.landmark_completion import LandmarkCompletion
 
 
+def complete_landmarks(completion: LandmarkCompletion, points: torch.Tensor,
+                       references: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+    """Target full-face landmarks: the frames' pose points with lip/jaw from the speech.
+
+    points (B, L, 131, 2) (only the pose part is read), references (B, N, 131, 2),
+    mel (B, L, 80, 16) -> (B, L, 131, 2).
+    """
+    pose = points[:, :, POSE_SLICE]
+    return torch.cat([pose, completion(pose, references, mel)], dim=2)
+
+
 class DubbingModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -25,14 +36,8 @@ class DubbingModel(nn.Module):
 
     def complete(self, points: torch.Tensor, references: torch.Tensor,
                  mel: torch.Tensor) -> torch.Tensor:
-        """Target full-face landmarks: the frames' pose points with lip/jaw from the speech.
-
-        points (B, L, 131, 2) (only the pose part is read), references (B, N, 131, 2),
-        mel (B, L, 80, 16) -> (B, L, 131, 2).
-        """
-        pose = points[:, :, POSE_SLICE]
-        content = self.completion(pose, references, mel)
-        return torch.cat([pose, content], dim=2)
+        """``complete_landmarks`` with this model's completion module."""
+        return complete_landmarks(self.completion, points, references, mel)
 
     def conditioning(self, landmarks: torch.Tensor, reference_latent: torch.Tensor,
                      motion_latents: torch.Tensor | None = None) -> Conditioning:

@@ -45,10 +45,13 @@ def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] |
         tmp.unlink(missing_ok=True)
 
 
-def load_weights(module: nn.Module, path: str | Path, new_modules: tuple[str, ...] = ()) -> None:
+def load_weights(module: nn.Module, path: str | Path, new_modules: tuple[str, ...] = (),
+                 ignore: tuple[str, ...] = ()) -> None:
     """Fill ``module`` from a safetensors file whose names and shapes must match exactly,
     except that weights under the ``new_modules`` prefixes may be missing from the file (they
-    keep their initial values: growing a trained model by zero-initialised parts)."""
+    keep their initial values: growing a trained model by zero-initialised parts), and that
+    weights under the ``ignore`` prefixes are neither read from the file nor required (a part
+    filled from elsewhere, e.g. a separately trained landmark completion)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ModelError("only .safetensors weight files are loaded", path)
@@ -58,6 +61,9 @@ def load_weights(module: nn.Module, path: str | Path, new_modules: tuple[str, ..
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"not a readable safetensors file ({exc})", path) from exc
+    if ignore:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(ignore)}
+        new_modules = (*new_modules, *ignore)
     expected = module.state_dict()
     missing = sorted(k for k in set(expected) - set(tensors) if not k.startswith(new_modules))
     unexpected = sorted(set(tensors) - set(expected))
@@ -118,6 +124,20 @@ def save_model(folder: str | Path, config: ModelConfig, autoencoder: FaceAutoenc
     if dubber is not None:
         save_weights(dubber, folder / DUBBER_FILE, {"config": config.name}, half)
     return folder
+
+
+def with_completion(base: str | Path, completion: str | Path, config: ModelConfig,
+                    folder: str | Path) -> Path:
+    """Write a model folder at ``folder``: the ``base`` model folder's autoencoder, appearance
+    encoder and denoiser with the landmark completion of ``completion`` (safetensors) and
+    ``config``'s completion and training settings (half precision, as shipped)."""
+    loaded = load_model(base, need_dubber=False)
+    merged = loaded.config.replace(completion=config.completion, training=config.training)
+    dubber = DubbingModel(merged)
+    if (loaded.folder / DUBBER_FILE).is_file():
+        load_weights(dubber, loaded.folder / DUBBER_FILE, ignore=("completion.",))
+    load_weights(dubber.completion, completion)
+    return save_model(folder, merged, loaded.autoencoder, dubber, half=True)
 
 
 def load_model(name_or_path: str | Path, need_dubber: bool = True) -> LoadedModel:

@@ -1,11 +1,12 @@
 """Audio-driven landmark completion (paper III-B): speech + pose -> lip and jaw landmarks.
 
-For each of L successive frames the transformer sees one pose token (the frame's 74 pose points
-through a 1D-conv embedding) and one audio token (the frame's mel window through a 2D-conv
-embedding), plus N reference tokens (full-face landmark sets from other frames of the same
-video, through another 1D-conv embedding). Sinusoidal positions and learnable modality
-embeddings tell the tokens apart. Each frame's lip/jaw points are read from its audio and pose
-tokens, as an offset from the mean lip/jaw shape of the references.
+For each of L successive frames the transformer sees one frame token: the frame's mel window
+(1D convolutions along time, the mel bins as channels) plus its 74 pose points (an MLP),
+plus a sinusoidal position. N reference tokens (full-face landmark sets from other frames of
+the same video, 1D convolutions along the ordered point set) tell it the speaker's mouth.
+Each frame's lip/jaw points are read from its token, as an offset from the mean lip/jaw shape
+of the references. L can be any length: the network is trained on windows of
+``CompletionConfig.window`` frames (about a second) so that it hears the words around a frame.
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ from torch import nn
 
 from dubtool.face.indices import CONTENT_SLICE
 from dubtool.nets.config import CompletionConfig
-
-# Log-mel dB values are brought near zero mean / unit spread before the convolutions.
-MEL_OFFSET_DB = 40.0
-MEL_SCALE_DB = 30.0
 
 
 def sinusoidal_positions(count: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -34,6 +31,12 @@ def sinusoidal_positions(count: int, dim: int, device: torch.device | None = Non
     return table
 
 
+def _reduced(length: int, halvings: int) -> int:
+    for _ in range(halvings):
+        length = math.ceil(length / 2)
+    return length
+
+
 class PointSetEmbedding(nn.Module):
     """1D convolutions along an ordered point set: (B, P, 2) -> one token (B, d)."""
 
@@ -44,8 +47,7 @@ class PointSetEmbedding(nn.Module):
             nn.Conv1d(width, width * 2, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv1d(width * 2, width * 2, 3, stride=2, padding=1), nn.SiLU(),
         )
-        reduced = math.ceil(math.ceil(points / 2) / 2)
-        self.proj = nn.Linear(width * 2 * reduced, d_model)
+        self.proj = nn.Linear(width * 2 * _reduced(points, 2), d_model)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         # Centre on 0.5: crop-normalised coordinates live in [0, 1].
@@ -53,22 +55,36 @@ class PointSetEmbedding(nn.Module):
         return self.proj(features.flatten(1))
 
 
-class MelEmbedding(nn.Module):
-    """2D convolutions over one mel window: (B, mel_bins, window) -> one token (B, d)."""
+class PoseEmbedding(nn.Module):
+    """An MLP over one frame's pose points: (B, P, 2) -> one token (B, d). Cheaper than
+    convolutions for the B x L point sets of every step, and the pose only has to say how the
+    head is turned and where the face sits in the crop."""
 
-    def __init__(self, d_model: int, width: int = 32) -> None:
+    def __init__(self, points: int, d_model: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(points * 2, d_model), nn.SiLU(),
+                                 nn.Linear(d_model, d_model))
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return self.mlp((points - 0.5).flatten(1))
+
+
+class MelEmbedding(nn.Module):
+    """1D convolutions along time over one normalised mel window, the bins as channels:
+    (B, mel_bins, window) -> one token (B, d). Flattened, not pooled: where in the window a
+    sound falls is when the mouth moves."""
+
+    def __init__(self, mel_bins: int, window: int, d_model: int, width: int = 128) -> None:
         super().__init__()
         self.convs = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(width, width * 2, 3, stride=(2, 1), padding=1), nn.SiLU(),
-            nn.Conv2d(width * 2, width * 4, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(width * 4, d_model, 3, stride=2, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1),
+            nn.Conv1d(mel_bins, width, 3, padding=1), nn.SiLU(),
+            nn.Conv1d(width, width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv1d(width, width, 3, stride=2, padding=1), nn.SiLU(),
         )
+        self.proj = nn.Linear(width * _reduced(window, 2), d_model)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        mel = (mel + MEL_OFFSET_DB) / MEL_SCALE_DB
-        return self.convs(mel[:, None]).flatten(1)
+        return self.proj(self.convs(mel).flatten(1))
 
 
 class LandmarkCompletion(nn.Module):
@@ -76,10 +92,10 @@ class LandmarkCompletion(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.pose_embed = PointSetEmbedding(config.pose_points, d)
+        self.pose_embed = PoseEmbedding(config.pose_points, d)
         self.reference_embed = PointSetEmbedding(config.pose_points + config.content_points, d)
-        self.audio_embed = MelEmbedding(d)
-        self.modality = nn.Parameter(torch.randn(3, d) * 0.02)  # pose, reference, audio
+        self.audio_embed = MelEmbedding(config.mel_bins, config.mel_window, d)
+        self.modality = nn.Parameter(torch.randn(2, d) * 0.02)  # frame, reference
         layer = nn.TransformerEncoderLayer(d, config.heads, config.ff_dim, config.dropout,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
@@ -92,21 +108,18 @@ class LandmarkCompletion(nn.Module):
                 mel: torch.Tensor) -> torch.Tensor:
         """Lip and jaw points of L frames.
 
-        pose (B, L, 74, 2), references (B, N, 131, 2), mel (B, L, 80, 16) -> (B, L, 57, 2);
+        pose (B, L, 74, 2), references (B, N, 131, 2), mel (B, L, mel_bins, mel_window) of
+        the per-utterance normalised log-mel (``media.audio.normalise_mel``) -> (B, L, 57, 2);
         all points normalised to the face crop.
         """
         b, frames = pose.shape[:2]
         n = references.shape[1]
         d = self.config.d_model
-        pose_tokens = self.pose_embed(pose.flatten(0, 1)).view(b, frames, d)
-        ref_tokens = self.reference_embed(references.flatten(0, 1)).view(b, n, d)
-        audio_tokens = self.audio_embed(mel.flatten(0, 1)).view(b, frames, d)
-        frame_pos = sinusoidal_positions(frames, d, pose.device)
-        pose_tokens = pose_tokens + frame_pos + self.modality[0]
-        ref_tokens = ref_tokens + sinusoidal_positions(n, d, pose.device) + self.modality[1]
-        audio_tokens = audio_tokens + frame_pos + self.modality[2]
-        out = self.encoder(torch.cat([pose_tokens, ref_tokens, audio_tokens], dim=1))
-        per_frame = out[:, :frames] + out[:, frames + n:]
-        offsets = self.head(per_frame).view(b, frames, self.config.content_points, 2)
+        frame_tokens = (self.pose_embed(pose.flatten(0, 1)).view(b, frames, d)
+                        + self.audio_embed(mel.flatten(0, 1)).view(b, frames, d)
+                        + sinusoidal_positions(frames, d, pose.device) + self.modality[0])
+        ref_tokens = self.reference_embed(references.flatten(0, 1)).view(b, n, d) + self.modality[1]
+        out = self.encoder(torch.cat([frame_tokens, ref_tokens], dim=1))
+        offsets = self.head(out[:, :frames]).view(b, frames, self.config.content_points, 2)
         reference_mouth = references[:, :, CONTENT_SLICE].mean(dim=1, keepdim=True)
         return reference_mouth + offsets

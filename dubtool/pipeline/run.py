@@ -126,7 +126,8 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                               front.landmarks_fp, model_digest)
     folder = cache.run_stage(
         "complete", complete_fp,
-        lambda out: complete_stage.complete(model.dubber, track, plan, front.extracted.mel,
+        lambda out: complete_stage.complete(model.dubber.completion, track, plan,
+                                            front.extracted.mel,
                                             video.fps, device).save(out),
         force=force)
     completion = Completion.load(folder)

@@ -27,13 +27,14 @@ import numpy as np
 from dubtool.errors import InputNotFound
 from dubtool.face.indices import MIRROR
 from dubtool.face.warp import warp_face
-from dubtool.media.audio import mel_window
+from dubtool.media.audio import NORMALISED_CLIP, mel_window, normalise_mel
 from dubtool.pipeline.diffuse import load_crops, write_crops
 from dubtool.pipeline.run import Inputs, run_front
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".m4v"}
 PEOPLE_FILE = "PEOPLE.tsv"
 DATASET_FILE = "dataset.json"
+OFFSETS_FILE = "offsets.json"  # measured audio-video offsets (training.offsets)
 HELDOUT_EVERY = 10
 
 PrepareProgress = Callable[[str, int, int], None]
@@ -178,14 +179,17 @@ class Clip:
     crops: np.ndarray      # (F, S, S, 3) uint8, memory-mapped
     points: np.ndarray     # (F, 131, 2)
     detected: np.ndarray   # (F,)
-    mel: np.ndarray        # (80, T)
+    mel: np.ndarray        # (80, T) log-mel, dB
+    features: np.ndarray   # (80, T) the same, normalised per utterance (what the model hears)
+    offset: int = 0        # frames the picture lags the sound: frame f hears f - offset
 
     @classmethod
     def load(cls, folder: Path) -> Clip:
         meta = json.loads((folder / "meta.json").read_text())
+        mel = np.load(folder / "mel.npy")
         return cls(folder.name, meta["person"], Fraction(meta["fps"]),
                    load_crops(folder), np.load(folder / "points.npy"),
-                   np.load(folder / "detected.npy"), np.load(folder / "mel.npy"))
+                   np.load(folder / "detected.npy"), mel, normalise_mel(mel))
 
     def runs(self, length: int, before: int = 0) -> np.ndarray:
         """Start indices s such that frames s-before .. s+length-1 all hold a face."""
@@ -198,9 +202,13 @@ class Clip:
 
 
 class PreparedData:
-    """The clips of one split, with a sampler that picks people evenly."""
+    """The clips of one split, with a sampler that picks people evenly, or by their footage
+    to the power ``person_exponent`` (0: evenly; 1: by frames, as if every clip were one).
+    The audio-video offsets of OFFSETS_FILE are applied (clips it drops are left out) unless
+    ``ignore_offsets``."""
 
-    def __init__(self, folder: str | Path, split: str) -> None:
+    def __init__(self, folder: str | Path, split: str, person_exponent: float = 0.0,
+                 ignore_offsets: bool = False) -> None:
         self.folder = Path(folder)
         info_path = self.folder / DATASET_FILE
         if not info_path.is_file():
@@ -208,17 +216,29 @@ class PreparedData:
                                 "'dubtool prepare' first", self.folder)
         info = json.loads(info_path.read_text())
         self.crop_size = info["crop_size"]
-        self.clips = [Clip.load(self.folder / name) for name in info["split"].get(split, [])]
+        names = info["split"].get(split, [])
+        offsets_path = self.folder / OFFSETS_FILE
+        offsets = (json.loads(offsets_path.read_text())
+                   if offsets_path.is_file() and not ignore_offsets else {})
+        dropped = set(offsets.get("dropped", []))
+        self.clips = [Clip.load(self.folder / name) for name in names if name not in dropped]
+        for clip in self.clips:
+            clip.offset = int(offsets.get("applied", {}).get(clip.name, 0))
         self.by_person: dict[str, list[int]] = {}
         for i, clip in enumerate(self.clips):
             self.by_person.setdefault(clip.person, []).append(i)
         self.people = sorted(self.by_person)
+        frames = np.array([sum(len(self.clips[i].detected) for i in self.by_person[p])
+                           for p in self.people], np.float64)
+        weights = frames ** person_exponent
+        self.person_probability = weights / weights.sum() if len(weights) else weights
 
     def pick_clip(self, rng: np.random.Generator, usable: Callable[[Clip], bool] = lambda c: True
                   ) -> Clip:
-        """A clip of a person drawn uniformly (so one long-recorded speaker cannot dominate)."""
+        """A clip of a person drawn by ``person_probability`` (uniform by default, so that one
+        long-recorded speaker cannot dominate), then a clip of theirs uniformly."""
         for _ in range(100):
-            person = self.people[rng.integers(len(self.people))]
+            person = self.people[rng.choice(len(self.people), p=self.person_probability)]
             clips = self.by_person[person]
             clip = self.clips[clips[rng.integers(len(clips))]]
             if usable(clip):
@@ -285,6 +305,30 @@ class Augment:
         return p.astype(np.float32)
 
 
+@dataclass
+class SoundAugment:
+    """One random change of the normalised mel, alike for every window of a sample, so that
+    the model hears the words rather than the voice: a shift along the mel bins (another
+    pitch and vocal tract), a spectral tilt (another microphone or room) and noise."""
+
+    bin_shift: int
+    tilt: float
+    noise: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> SoundAugment:
+        return cls(int(rng.integers(-3, 4)), float(rng.uniform(-0.6, 0.6)),
+                   float(rng.uniform(0.0, 0.3)))
+
+    def apply(self, mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(..., bins, steps) normalised mel -> the same shape, changed."""
+        bins = mel.shape[-2]
+        index = np.clip(np.arange(bins) - self.bin_shift, 0, bins - 1)
+        out = mel[..., index, :] + self.tilt * (np.linspace(-1, 1, bins)[:, None])
+        out = out + rng.normal(0.0, self.noise, out.shape)
+        return np.clip(out, -NORMALISED_CLIP, NORMALISED_CLIP).astype(np.float32)
+
+
 # -- samples --------------------------------------------------------------------------------
 
 
@@ -304,7 +348,8 @@ def autoencoder_batch(data: PreparedData, batch: int, rng: np.random.Generator,
 class DubberSample:
     """One batched-sequential sample: L successive frames of one clip.
 
-    frames (L, 3, S, S); points (L, 131, 2); references (N, 131, 2); mel (L, 80, 16);
+    frames (L, 3, S, S); points (L, 131, 2); references (N, 131, 2); mel (L, 80, 16) windows
+    of the normalised mel;
     reference_image (1, 3, S, S); motion (M, 3, S, S), M may be 0; warped (L, 3, S, S): the
     reference image bent onto each frame's points (only when asked for). Without images, the
     picture arrays are empty.
@@ -339,7 +384,10 @@ def dubber_sample(data: PreparedData, frames: int, references: int, motion_frame
     reference_frame = int(candidates[np.argmax(np.abs(candidates - start))])
     reference_sets = rng.choice(others, size=references, replace=len(others) < references)
     aug = Augment.draw(rng) if augment else Augment.none()
-    mel = np.stack([mel_window(clip.mel, int(i), clip.fps) for i in span])
+    mel = np.stack([mel_window(clip.features, int(i) - clip.offset, clip.fps,
+                               fill=-NORMALISED_CLIP) for i in span])
+    if augment:
+        mel = SoundAugment.draw(rng).apply(mel, rng)
     none = np.zeros((0, 3, data.crop_size, data.crop_size), np.float32)
     pictures = (lambda first, stop: aug.images(clip.crops[first:stop])) if images else (
         lambda first, stop: none)

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from dubtool.errors import ModelError
-from dubtool.face.indices import CONTENT_SLICE
+from dubtool.evaluation import metrics
+from dubtool.face.indices import CONTENT_SLICE, LIP_GAP_PAIRS, inner_lip_opening
 from dubtool.nets.autoencoder import FaceAutoencoder
-from dubtool.nets.config import AutoencoderConfig, ModelConfig
-from dubtool.nets.dubber import DubbingModel
+from dubtool.nets.config import AutoencoderConfig, ModelConfig, TrainingConfig
+from dubtool.nets.dubber import DubbingModel, complete_landmarks
 from dubtool.nets.io import (
     DUBBER_FILE,
     load_model,
@@ -27,8 +28,11 @@ from dubtool.nets.io import (
     resolve_model_folder,
     save_model,
     save_weights,
+    with_completion,
 )
+from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.nets.sampling import lower_half_mask, make_scheduler
+from dubtool.pipeline.complete import predict_content, reference_frames
 from dubtool.training.dataset import PreparedData, dubber_batch
 from dubtool.training.loop import (
     RunFolder,
@@ -43,22 +47,46 @@ from dubtool.training.loop import (
 
 COMPLETION_FILE = "completion.safetensors"
 
-def completed_landmarks(model: DubbingModel,
-                        batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target landmarks predicted from the speech (B, L, 131, 2), and their L1 to the
-    detected lip/jaw points (crop units)."""
+def completion_losses(predicted: torch.Tensor, target: torch.Tensor,
+                      config: TrainingConfig) -> dict[str, torch.Tensor]:
+    """The landmark completion's objective on lip/jaw points (B, L, 57, 2), crop units.
+
+    l1: point L1. opening: L1 of the lip gaps (upper minus lower point of LIP_GAP_PAIRS), so
+    that an under-opened mouth costs what it looks like. velocity: L1 of the frame-to-frame
+    motion of the points, so that a mouth that moves too little or too late costs too.
+    articulation: L1 between the predicted and real spread over time of each lip gap, so that
+    a mouth hedging between open and closed (what L1 alone rewards) costs.
+    total = l1 + the config's weights times the others.
+    """
+    l1 = (predicted - target).abs().mean()
+    upper, lower = (list(side) for side in zip(*LIP_GAP_PAIRS, strict=True))
+    predicted_gaps = predicted[:, :, upper] - predicted[:, :, lower]
+    target_gaps = target[:, :, upper] - target[:, :, lower]
+    opening = (predicted_gaps - target_gaps).abs().mean()
+    if predicted.shape[1] > 1:
+        velocity = (predicted.diff(dim=1) - target.diff(dim=1)).abs().mean()
+        articulation = (predicted_gaps.std(dim=1) - target_gaps.std(dim=1)).abs().mean()
+    else:
+        velocity = articulation = torch.zeros_like(l1)
+    total = (l1 + config.opening_weight * opening + config.velocity_weight * velocity
+             + config.articulation_weight * articulation)
+    return {"total": total, "l1": l1, "opening": opening, "velocity": velocity,
+            "articulation": articulation}
+
+
+def completed_landmarks(completion: LandmarkCompletion, batch: dict[str, torch.Tensor],
+                        config: TrainingConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The target landmarks predicted from the speech (B, L, 131, 2), and the completion's
+    losses against the detected lip/jaw points (``completion_losses``)."""
     target = batch["points"]
-    predicted = model.complete(target, batch["references"], batch["mel"])
-    l1 = (predicted[:, :, CONTENT_SLICE] - target[:, :, CONTENT_SLICE]).abs().mean()
-    return predicted, l1
-
-
-def completion_loss(model: DubbingModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return completed_landmarks(model, batch)[1]
+    predicted = complete_landmarks(completion, target, batch["references"], batch["mel"])
+    losses = completion_losses(predicted[:, :, CONTENT_SLICE], target[:, :, CONTENT_SLICE],
+                               config)
+    return predicted, losses
 
 
 def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
-                  batch: dict[str, torch.Tensor], scheduler, l1_weight: float,
+                  batch: dict[str, torch.Tensor], scheduler, training: TrainingConfig,
                   end2end: bool = True, generator: torch.Generator | None = None,
                   refine: float = 0.0) -> dict[str, torch.Tensor]:
     """The training objective on one batch (tensors as made by ``dubber_batch``).
@@ -79,7 +107,7 @@ def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
         if motion is not None and motion.shape[1] > 0:
             motion_latents = autoencoder.encode(motion.flatten(0, 1)).unflatten(0, motion.shape[:2])
         start = autoencoder.encode(batch["warped"].flatten(0, 1)) if refine > 0 else latents
-    landmarks, l1 = completed_landmarks(model, batch)
+    landmarks, completion = completed_landmarks(model.completion, batch, training)
     condition_points = landmarks if end2end else batch["points"]
     cond = model.conditioning(condition_points, reference_latent, motion_latents)
 
@@ -102,7 +130,8 @@ def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
     else:
         error = (predicted - noise) ** 2
     ldm = (error * mask).sum() / (mask.sum() * latents.shape[1])
-    return {"total": ldm + l1_weight * l1, "ldm": ldm, "l1": l1}
+    return {"total": ldm + training.l1_weight * completion["total"], "ldm": ldm,
+            "l1": completion["l1"], "opening": completion["opening"]}
 
 
 def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -115,14 +144,14 @@ def _validate(model: DubbingModel, autoencoder: FaceAutoencoder, data: PreparedD
     rng = np.random.default_rng(4321)  # same samples, noise and times at every validation
     generator = torch.Generator().manual_seed(4321)
     c = config.completion
-    totals = {"total": 0.0, "ldm": 0.0, "l1": 0.0}
+    totals = {"total": 0.0, "ldm": 0.0, "l1": 0.0, "opening": 0.0}
     with evaluating(model):
         for _ in range(batches):
             batch = dubber_batch(data, config.training.batch_size, c.frames, c.references,
                                  config.denoiser.motion_frames, rng, augment=False,
                                  warp=refine > 0)
             losses = dubber_losses(model, autoencoder, to_tensors(batch, device), scheduler,
-                                   config.training.l1_weight, end2end, generator, refine)
+                                   config.training, end2end, generator, refine)
             for k in totals:
                 totals[k] += float(losses[k])
     return {k: v / batches for k, v in totals.items()}
@@ -170,7 +199,7 @@ def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: s
         batch = dubber_batch(train, config.training.batch_size, c.frames, c.references,
                              config.denoiser.motion_frames, rng, warp=refine > 0)
         return dubber_losses(model, autoencoder, to_tensors(batch, dev), scheduler,
-                             config.training.l1_weight, end2end, refine=refine)
+                             config.training, end2end, refine=refine)
 
     seconds, validation = optimise(
         run, {"dubber": model}, optimizer, state, steps, step_losses,
@@ -191,20 +220,54 @@ def _autoencoder_sizes(config: AutoencoderConfig) -> tuple:
             config.layers_per_block, config.norm_groups)
 
 
+def opening_scores(completion: LandmarkCompletion, data: PreparedData,
+                   device: torch.device | str = "cpu", max_frames: int = 500
+                   ) -> dict[str, float]:
+    """How the completion's lips follow the real ones over whole clips of ``data``: the mean
+    over clips of the opening correlation and articulation (``evaluation.metrics``) of the
+    inner-lip opening predicted from each clip's own speech against the detected one, as the
+    ``complete`` stage predicts it (first ``max_frames`` frames of each clip)."""
+    correlations, articulations = [], []
+    with evaluating(completion):
+        for clip in data.clips:
+            frames = min(len(clip.points), max_frames)
+            plan = np.arange(frames)
+            refs = reference_frames(clip.detected, completion.config.references)
+            content = predict_content(completion, clip.points, clip.points[refs], plan,
+                                      clip.features, clip.fps, device)
+            predicted = clip.points[:frames].copy()
+            predicted[:, CONTENT_SLICE] = content
+            real = np.where(clip.detected[:frames], inner_lip_opening(clip.points[:frames]),
+                            np.nan)
+            mine = inner_lip_opening(predicted)
+            correlations.append(metrics.opening_correlation(mine, real))
+            articulations.append(metrics.articulation(mine, real))
+    return {"opening_correlation": float(np.nanmean(correlations)),
+            "articulation": float(np.nanmean(articulations))}
+
+
 def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | Path,
                      steps: int, *, device: str = "auto", resume: bool = False,
                      epoch_steps: int = 200, checkpoint_every: int = 100, decay_steps: int = 0,
-                     validation_batches: int = 8, seed: int = 0,
+                     validation_batches: int = 8, seed: int = 0, init: str | Path | None = None,
+                     into: str | Path | None = None,
                      progress: TrainProgress | None = None) -> TrainResult:
-    """Pre-train the landmark completion module on L1 alone (no images: fast), so that the
-    joint training starts from a module that already follows the speech. Writes
-    RUN/model/completion.safetensors for ``train_dubber(completion=...)``."""
+    """Pre-train the landmark completion module alone (no images: fast) on windows of
+    ``CompletionConfig.window`` frames, with ``completion_losses``. Validation reports the
+    losses on the validation people and the opening correlation and articulation on their
+    whole clips (and on the held-out clips of the training people, when there are any).
+    ``init``: a completion safetensors file a new run starts from. Writes
+    RUN/model/completion.safetensors for ``train_dubber(completion=...)``; with ``into`` (a
+    model folder), RUN/model is also a whole model folder: that model with this completion
+    (``nets.io.with_completion``)."""
     dev = resolve_device(device)
-    train, val = load_splits(data_dir, config)
+    train, val = load_splits(data_dir, config, config.training.completion_person_exponent)
+    heldout = PreparedData(data_dir, "heldout")
     run = RunFolder(run_dir, config, resume)
     torch.manual_seed(seed)
-    model = DubbingModel(config).to(dev)
-    completion = model.completion
+    completion = LandmarkCompletion(config.completion).to(dev)
+    if init is not None and not resume:
+        load_weights(completion, init)
     optimizer = torch.optim.AdamW(completion.parameters(),
                                   lr=config.training.completion_learning_rate)
     state = (run.load({"completion": completion}, optimizer) if resume
@@ -212,20 +275,24 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
     c, batch_size = config.completion, config.training.completion_batch_size
 
     def landmarks(data: PreparedData, rng: np.random.Generator, augment: bool) -> dict:
-        batch = dubber_batch(data, batch_size, c.frames, c.references, 0, rng, augment,
+        batch = dubber_batch(data, batch_size, c.window, c.references, 0, rng, augment,
                              images=False)
         return to_tensors({k: batch[k] for k in ("points", "references", "mel")}, dev)
 
     def validate() -> dict[str, float]:
         rng = np.random.default_rng(4321)
         with evaluating(completion):
-            losses = [float(completion_loss(model, landmarks(val, rng, False)))
-                      for _ in range(validation_batches)]
-        return {"l1": float(np.mean(losses))}
+            losses = [completed_landmarks(completion, landmarks(val, rng, False),
+                                          config.training)[1] for _ in range(validation_batches)]
+        out = {k: float(np.mean([float(v[k]) for v in losses])) for k in losses[0]}
+        out.update(opening_scores(completion, val, dev))
+        if heldout.clips:
+            out.update({f"heldout_{k}": v
+                        for k, v in opening_scores(completion, heldout, dev).items()})
+        return out
 
     def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        l1 = completion_loss(model, landmarks(train, rng, True))
-        return {"total": l1, "l1": l1}
+        return completed_landmarks(completion, landmarks(train, rng, True), config.training)[1]
 
     seconds, validation = optimise(
         run, {"completion": completion}, optimizer, state, steps, step_losses, validate,
@@ -237,5 +304,8 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
     model_dir.mkdir(exist_ok=True)
     config.save(model_dir / "config.json")
     save_weights(completion, model_dir / COMPLETION_FILE)
+    if into is not None:
+        with_completion(into, model_dir / COMPLETION_FILE, config, model_dir)
     return TrainResult(run.folder, model_dir, state.step, seconds, validation,
                        sum(p.numel() for p in completion.parameters()))
+

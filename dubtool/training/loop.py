@@ -163,9 +163,11 @@ class TrainResult:
     parameters: int
 
 
-def load_splits(data_dir: str | Path, config: ModelConfig) -> tuple[PreparedData, PreparedData]:
-    """Training and validation clips (validation falls back to training if it is empty)."""
-    train = PreparedData(data_dir, "train")
+def load_splits(data_dir: str | Path, config: ModelConfig, person_exponent: float = 0.0
+                ) -> tuple[PreparedData, PreparedData]:
+    """Training and validation clips (validation falls back to training if it is empty); the
+    training people drawn by their footage to the power ``person_exponent``."""
+    train = PreparedData(data_dir, "train", person_exponent)
     if not train.clips:
         raise InputNotFound("the data set has no training clips", data_dir)
     if train.crop_size != config.crop_size:

@@ -1,0 +1,207 @@
+"""Lip motion: the metrics referenced to the real mouth, the completion's losses, pauses."""
+
+from __future__ import annotations
+
+import subprocess
+import wave
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dubtool.evaluation.metrics import articulation, opening_correlation
+from dubtool.face.indices import CONTENT_SLICE, ORDER, inner_lip_opening
+from dubtool.media.audio import SAMPLE_RATE, load_speech, mel_spectrogram, pauses, voice_activity
+from dubtool.nets.config import TrainingConfig
+from dubtool.nets.landmark_completion import LandmarkCompletion
+from dubtool.pipeline import complete as complete_stage
+from dubtool.pipeline.landmarks import FaceTrack
+from dubtool.training.dubber import completion_losses
+
+FPS = Fraction(25)
+
+
+def test_opening_metrics_on_known_cases() -> None:
+    t = np.linspace(0, 4 * np.pi, 100)
+    real = 0.1 + 0.05 * np.sin(t)
+    assert opening_correlation(real, real) == pytest.approx(1.0)
+    assert articulation(real, real) == pytest.approx(1.0)
+    still = np.full_like(real, 0.1)
+    assert articulation(still, real) == pytest.approx(0.0, abs=1e-9)
+    assert opening_correlation(still, real) == 0.0
+    wide = 0.1 + 0.1 * np.sin(t)
+    assert articulation(wide, real) == pytest.approx(2.0)
+    assert opening_correlation(wide, real) == pytest.approx(1.0)
+    assert opening_correlation(0.2 - real, real) == pytest.approx(-1.0)
+    # Frames without a face (NaN) are left out, not counted as closed.
+    gappy = real.copy()
+    gappy[10:20] = np.nan
+    assert opening_correlation(gappy, real) == pytest.approx(1.0)
+    assert np.isnan(opening_correlation(real[:2], real[:2]))
+
+
+def test_completion_losses_see_opening_and_motion() -> None:
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 6, 57, 2, generator=g)
+    same = completion_losses(target, target, TrainingConfig())
+    assert float(same["total"]) == 0.0
+    # A still mouth at the sequence's mean: point L1 stays small, motion is all wrong.
+    still = target.mean(dim=1, keepdim=True).expand_as(target)
+    losses = completion_losses(still, target, TrainingConfig())
+    assert float(losses["velocity"]) > 0.5 * float((target.diff(dim=1)).abs().mean())
+    assert float(losses["articulation"]) > 0  # its gaps do not spread at all
+    # Lips pressed together (every upper lip point on its lower twin) cost opening.
+    closed = target.clone()
+    for top, bottom in ((ORDER.index(13) - 74, ORDER.index(14) - 74),):
+        closed[:, :, top] = closed[:, :, bottom]
+    assert float(completion_losses(closed, target, TrainingConfig())["opening"]) > 0
+
+
+def _speech_with_pause(folder: Path) -> tuple[Path, float]:
+    """espeak-ng: 0.3 s of silence, a phrase, 1 s of silence, a phrase, 0.3 s of silence
+    (16 kHz wav); and when the first phrase ends (s)."""
+    parts = []
+    for n, text in enumerate(("hello there my friend", "good morning to you")):
+        wav = folder / f"part{n}.wav"
+        subprocess.run(["espeak-ng", "-w", str(wav), text], check=True)
+        samples = load_speech(wav)
+        loud = np.nonzero(np.abs(samples) > 0.01)[0]
+        parts.append(samples[loud[0]:loud[-1] + 1])  # espeak pads its own silence
+    lead = np.zeros(SAMPLE_RATE * 3 // 10, np.float32)
+    speech = np.concatenate([lead, parts[0], np.zeros(SAMPLE_RATE, np.float32), parts[1], lead])
+    path = folder / "pause.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes((np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes())
+    return path, (len(lead) + len(parts[0])) / SAMPLE_RATE
+
+
+def _track(frames: int, rng: np.random.Generator) -> FaceTrack:
+    """A synthetic face track: a fixed face of random points whose lips open and close."""
+    base = rng.uniform(60, 140, (131, 2)).astype(np.float32)
+    points = np.repeat(base[None], frames, axis=0)
+    top, bottom = ORDER.index(13), ORDER.index(14)
+    points[:, bottom, 1] = points[:, top, 1] + 5 + 10 * (np.arange(frames) % 7) / 7
+    boxes = np.tile(np.array([40, 40, 120], np.int32), (frames, 1))
+    return FaceTrack("synthetic", np.zeros((frames, 478, 3), np.float32),
+                     np.ones(frames, bool), points, boxes, 0.0)
+
+
+def test_pause_closes_the_mouth_to_the_videos_closed_shape(espeak: str, tmp_path: Path,
+                                                           ) -> None:
+    from test_nets import tiny_config
+
+    wav, first_seconds = _speech_with_pause(tmp_path)
+    speech = load_speech(wav)
+    mel = mel_spectrogram(speech)
+    frames = int(len(speech) / SAMPLE_RATE * 25)
+    active = voice_activity(mel, FPS, frames)
+    paused = pauses(active, FPS, complete_stage.PAUSE_SECONDS)
+    gap = np.arange(round(first_seconds * 25) + 3, round((first_seconds + 1) * 25) - 3)
+    assert paused[gap].all(), "the 1 s pause is found"
+    assert not paused[round(first_seconds * 25) - 8:round(first_seconds * 25) - 3].any()
+    assert paused[0] and paused[-1], "silence before the first word and after the last"
+
+    torch.manual_seed(0)
+    completion = LandmarkCompletion(tiny_config().completion)
+    torch.nn.init.normal_(completion.head[1].weight, std=0.05)  # a mouth that moves
+    track = _track(60, np.random.default_rng(0))
+    plan = np.arange(frames) % 60
+    result = complete_stage.complete(completion, track, plan, mel, FPS)
+    opening = inner_lip_opening(result.target)
+    closed = complete_stage.closed_mouth(track.crop_points(), track.detected)
+    closed_points = result.target[gap[0]].copy()
+    closed_points[CONTENT_SLICE] = closed
+    closed_level = inner_lip_opening(closed_points)
+    assert np.allclose(opening[gap], closed_level, atol=1e-6), "closed and still in the pause"
+    # The video's own closed shape: its least open frames, not the mean mouth.
+    assert closed_level < np.median(inner_lip_opening(track.crop_points()))
+    # In speech the completion's own prediction is used.
+    near_pause = np.convolve(paused, np.ones(2 * complete_stage.FADE_FRAMES + 1), "same") > 0
+    speaking = np.nonzero(~near_pause)[0]
+    assert len(speaking) > 20
+    assert np.allclose(result.target[speaking][:, CONTENT_SLICE], result.predicted[speaking])
+    assert np.abs(opening[speaking] - closed_level).max() > 1e-3
+
+
+def test_close_pauses_fades_in_and_out() -> None:
+    content = np.ones((12, 57, 2), np.float32)
+    closed = np.zeros((57, 2), np.float32)
+    paused = np.zeros(12, bool)
+    paused[5:7] = True
+    out = complete_stage.close_pauses(content, closed, paused)[:, 0, 0]
+    assert out[5] == out[6] == 0.0
+    assert out[4] == pytest.approx(1 / 3) and out[7] == pytest.approx(1 / 3)
+    assert out[3] == pytest.approx(2 / 3) and out[2] == 1.0 and out[9] == 1.0
+
+
+def test_windows_cover_every_frame_and_long_speech_stays_batched() -> None:
+    for frames in (1, 5, 25, 26, 61, 1000):
+        starts = complete_stage.window_starts(frames, 25)
+        covered = np.zeros(max(frames, 25), bool)
+        for s in starts:
+            covered[s:s + 25] = True
+        assert covered.all() and starts[-1] + 25 == max(frames, 25)
+
+
+def test_lag_curve_finds_a_shifted_mouth() -> None:
+    from dubtool.training.offsets import lag_curve
+
+    rng = np.random.default_rng(1)
+    predicted = np.convolve(rng.normal(size=200), np.ones(5) / 5, "same")
+    real = np.roll(predicted, 3)  # the picture moves 3 frames after the sound
+    curve = lag_curve(predicted, real)
+    assert max(curve, key=curve.get) == 3 and curve[3] == pytest.approx(1.0, abs=0.02)
+    assert curve[0] < 0.9
+
+
+def test_offsets_file_shifts_and_drops_training_clips(tmp_path: Path) -> None:
+    """A data set with offsets.json: the sampler hears frame f at f - offset; dropped clips
+    are left out."""
+    import json
+
+    from dubtool.training.dataset import OFFSETS_FILE, PreparedData, dubber_batch
+    from dubtool.training.offsets import ClipOffset, save_offsets
+
+    names = ["a", "b", "c"]
+    for n, name in enumerate(names):
+        folder = tmp_path / name
+        folder.mkdir()
+        np.save(folder / "crops.npy", np.zeros((40, 8, 8, 3), np.uint8))
+        # Points that tell the frames apart: frame f sits at 0.3 + f / 100.
+        points = np.repeat((0.3 + np.arange(40) / 100)[:, None, None], 131, axis=1)
+        np.save(folder / "points.npy", np.repeat(points, 2, axis=2).astype(np.float32))
+        np.save(folder / "detected.npy", np.ones(40, bool))
+        # Louder step by step: every window differs from its neighbours.
+        mel = np.tile(np.linspace(-80, -20, 130, dtype=np.float32), (80, 1)) + n
+        np.save(folder / "mel.npy", mel)
+        (folder / "meta.json").write_text(json.dumps({"fps": "25", "person": name}))
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"crop_size": 8, "split": {"train": names}, "people": {n: n for n in names}}))
+    save_offsets(tmp_path, [ClipOffset("a", 40, 2, 0.8, 0.5), ClipOffset("b", 40, 7, 0.8, 0.3),
+                            ClipOffset("c", 40, 1, 0.5, 0.45)])
+    info = json.loads((tmp_path / OFFSETS_FILE).read_text())
+    assert info["applied"] == {"a": 2} and info["dropped"] == ["b"]
+    data = PreparedData(tmp_path, "train")
+    assert [c.name for c in data.clips] == ["a", "c"]
+    assert [c.offset for c in data.clips] == [2, 0]
+    from dubtool.media.audio import NORMALISED_CLIP, mel_window
+
+    only_a = PreparedData(tmp_path, "train")
+    only_a.clips = only_a.clips[:1]
+    only_a.by_person, only_a.people = {"a": [0]}, ["a"]
+    only_a.person_probability = np.ones(1)
+    clip = only_a.clips[0]
+    batch = dubber_batch(only_a, 4, 3, 1, 0, np.random.default_rng(0), augment=False,
+                         images=False)
+    for sample_points, sample_mel in zip(batch["points"], batch["mel"], strict=True):
+        start = round((float(sample_points[0, 0, 0]) - 0.3) * 100)
+        for k in range(3):
+            heard = mel_window(clip.features, start + k - 2, clip.fps, fill=-NORMALISED_CLIP)
+            assert np.allclose(sample_mel[k], heard)
+            unshifted = mel_window(clip.features, start + k, clip.fps, fill=-NORMALISED_CLIP)
+            assert not np.allclose(sample_mel[k], unshifted)
