@@ -1,6 +1,8 @@
 """`dub` end to end on a tiny model built here: outputs, resume, plans, still images."""
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -9,6 +11,7 @@ import pytest
 import torch
 from conftest import ffmpeg, make_tone
 
+import dubtool
 from dubtool import api
 from dubtool.face.warp import warp_face
 from dubtool.media.frames import read_frames
@@ -21,9 +24,24 @@ def frames_of(path: Path) -> np.ndarray:
     return np.stack([f.copy() for f in read_frames(probe_video(path))])
 
 
+def test_package_exports_the_library_api_without_loading_torch() -> None:
+    for name in ("dub", "batch", "batch_items", "prepare", "train", "evaluate", "bench",
+                 "landmarks", "cache_list", "cache_clean", "DubResult", "BatchItem"):
+        assert getattr(dubtool, name) is getattr(api, name), name
+        assert name in dubtool.__all__ and name in dir(dubtool)
+    with pytest.raises(AttributeError, match="no attribute 'dubb'"):
+        dubtool.dubb  # noqa: B018
+    # A fresh interpreter: importing the package loads neither torch nor diffusers.
+    code = ("import sys, dubtool; heavy = [m for m in ('torch', 'diffusers', 'dubtool.api') "
+            "if m in sys.modules]; print(heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.strip() == "[]"
+
+
 def test_dub_end_to_end(face_clip: Path, tiny_model: Path, tmp_path: Path) -> None:
     speech = make_tone(tmp_path / "speech.wav", seconds=1.5)
-    result = api.dub(face_clip, speech, tmp_path / "out.mp4", model=tiny_model,
+    result = dubtool.dub(face_clip, speech, tmp_path / "out.mp4", model=tiny_model,
                      cache_dir=tmp_path / "cache", device="cpu")
     info = probe_video(result.output)
     assert (info.width, info.height, info.fps) == (256, 256, 25)
