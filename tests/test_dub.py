@@ -15,13 +15,19 @@ import dubtool
 from dubtool import api
 from dubtool.face.warp import warp_face
 from dubtool.media.frames import read_frames
-from dubtool.media.probe import probe_video
+from dubtool.media.probe import ffprobe, probe_video
 from dubtool.nets.io import load_model
 from dubtool.pipeline.diffuse import DiffusionSettings, LowerFaceGenerator
 
 
 def frames_of(path: Path) -> np.ndarray:
     return np.stack([f.copy() for f in read_frames(probe_video(path))])
+
+
+def stream_durations(path: Path) -> dict[str, float]:
+    """ffprobe's duration of the file's video and audio streams, in seconds."""
+    streams = ffprobe(path)["streams"]
+    return {s["codec_type"]: float(s["duration"]) for s in streams}
 
 
 def test_package_exports_the_library_api_without_loading_torch() -> None:
@@ -100,6 +106,10 @@ def test_pingpong_and_still_image(face_clip: Path, tiny_model: Path, tmp_path: P
     cut = api.dub(short, speech, tmp_path / "cut.mp4", model=tiny_model, loop="cut",
                   cache_dir=tmp_path / "cache", device="cpu")
     assert probe_video(cut.output).frame_count == 15
+    # The speech is cut to the video: both streams last 0.6 s, within a frame.
+    durations = stream_durations(cut.output)
+    assert abs(durations["video"] - 0.6) < 0.04 and abs(durations["audio"] - 0.6) < 0.04
+    assert abs(durations["video"] - durations["audio"]) < 0.04
 
     still = tmp_path / "face.png"
     ffmpeg("-i", str(face_clip), "-frames:v", "1", str(still))

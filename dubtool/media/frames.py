@@ -151,7 +151,10 @@ class VideoWriter:
     """
 
     def __init__(self, output: str | Path, width: int, height: int, fps: Fraction,
-                 audio: str | Path | None = None, crf: int = 18, preset: str = "veryfast") -> None:
+                 audio: str | Path | None = None, crf: int = 18, preset: str = "veryfast",
+                 audio_seconds: float | None = None) -> None:
+        """``audio_seconds``: keep only the audio's first seconds (the speech cut to a shorter
+        video); None keeps it all."""
         self.output = Path(output)
         self.width, self.height = width, height
         suffix = self.output.suffix or ".mp4"
@@ -161,6 +164,8 @@ class VideoWriter:
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
                "-r", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0"]
         if audio is not None:
+            if audio_seconds is not None:
+                cmd += ["-t", f"{audio_seconds:.6f}"]  # an input option: cuts the audio alone
             cmd += ["-i", str(Path(audio).resolve()), "-map", "0:v:0", "-map", "1:a:0?",
                     "-c:a", "aac", "-b:a", "160k"]
         # yuv420p needs even sides: pad odd sizes by one pixel rather than rescaling.
