@@ -123,8 +123,9 @@ def dub_cmd(
     = None,
     seed: Annotated[int, typer.Option(help="Seed of the diffusion noise.")] = 0,
     strength: Annotated[float | None, typer.Option(help="1: generate the lower face from "
-                        "noise; less: start from the reference face warped to the target "
-                        "landmarks, noised this far (default: the model's).")] = None,
+                        "noise; S < 1: start from the reference face warped to the target "
+                        "landmarks, noised to the diffusion time nearest S x T, and run about "
+                        "S x steps steps (default: the model's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Chunks of frames denoised together "
                           "(the video is diffused as that many streams side by side; more is "
@@ -332,8 +333,9 @@ def train_cmd(
     decay_steps: Annotated[int, typer.Option(help="Let the learning rate fall linearly to 0 "
                            "over the run's last N steps (0: constant).")] = 0,
     refine: Annotated[float, typer.Option(help="For dubber: train the denoiser for sampling "
-                      "at this strength, from the reference warped onto the landmarks to the "
-                      "real frame (0: plain denoising over the whole schedule).")] = 0.0,
+                      "at this strength (times 1 up to the one nearest S x T), from the "
+                      "reference warped onto the landmarks to the real frame (0: plain "
+                      "denoising over the whole schedule).")] = 0.0,
     seed: int = 0,
 ) -> None:
     """Train the autoencoder, or the landmark completion + denoiser on top of it."""

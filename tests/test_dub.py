@@ -227,7 +227,7 @@ def test_partial_strength_starts_from_the_reference_warped_to_the_target(
                        for i in range(frames)])
     generator = LowerFaceGenerator(model, np.stack([face] * frames), np.arange(frames), target,
                                    np.ones(frames, bool), 0, reference_points,
-                                   DiffusionSettings(steps=10, strength=0.05),
+                                   DiffusionSettings(steps=10, strength=0.001),
                                    torch.device("cpu"))
     generated = np.concatenate([c["crops"] for c in generator.generate([0, 1], [None, None])])
     warped = np.stack([warp_face(face, reference_points, t) for t in target])

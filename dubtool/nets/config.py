@@ -86,7 +86,7 @@ class DiffusionConfig:
     beta_schedule: str = "scaled_linear"
     sample_steps: int = 25       # DDIM steps at inference
     eta: float = 0.0
-    strength: float = 1.0        # < 1: start from the warped reference noised this far
+    strength: float = 1.0        # S < 1: start from the warped reference noised to ~S x T
 
 
 @dataclass(frozen=True)
