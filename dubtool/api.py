@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,6 +274,7 @@ class BatchOutcome:
     status: str  # "done", "skipped" (output exists) or "failed"
     seconds: float
     reason: str = ""
+    traceback: str = ""  # of a failure: `dubtool --debug batch` shows it
 
 
 def batch_items(folder: str | Path | None = None, *, speech: str | Path | None = None,
@@ -317,8 +319,9 @@ def batch(items: list[BatchItem], *, model: str | Path = DEFAULT_MODEL, force: b
           device: str = "auto", jobs: int = 1,
           on_done: Callable[[BatchOutcome], None] | None = None,
           **dub_options: object) -> list[BatchOutcome]:
-    """Dub every item, loading the model once per process. A failing item is recorded and the
-    batch goes on; an existing output is skipped unless ``force``. ``jobs`` > 1 runs that
+    """Dub every item, loading the model once per process. A failing item is recorded, whatever
+    the exception (but Ctrl-C), and the batch goes on; an existing output is skipped unless
+    ``force``. ``jobs`` > 1 runs that
     many worker processes, sharing the CPU threads between them."""
     outcomes = []
     if jobs <= 1:
@@ -356,9 +359,9 @@ class _BatchWorker:
         from dubtool.training.loop import resolve_device
 
         start = time.perf_counter()
-        if item.output.exists() and not self.force:
-            return BatchOutcome(item, "skipped", 0.0, "output exists (use --force)")
         try:
+            if item.output.exists() and not self.force:
+                return BatchOutcome(item, "skipped", 0.0, "output exists (use --force)")
             if self.loaded is None:
                 self.loaded = load_model(self.model).to(resolve_device(self.device))
             item.output.parent.mkdir(parents=True, exist_ok=True)
@@ -367,8 +370,10 @@ class _BatchWorker:
                 dub(item.video, item.speech, item.output, model=self.loaded, device=self.device,
                     force=self.force, lock_timeout=BATCH_LOCK_TIMEOUT, **self.dub_options)
             return BatchOutcome(item, "done", time.perf_counter() - start)
-        except DubtoolError as exc:
-            return BatchOutcome(item, "failed", time.perf_counter() - start, str(exc))
+        except Exception as exc:  # bad input, a bug, out of memory: only this item stops
+            reason = str(exc) if isinstance(exc, DubtoolError) else f"{type(exc).__name__}: {exc}"
+            return BatchOutcome(item, "failed", time.perf_counter() - start, reason,
+                                traceback.format_exc())
 
 
 _worker: _BatchWorker | None = None

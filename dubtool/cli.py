@@ -219,6 +219,10 @@ def batch_cmd(
                       f"[{colours[o.status]}]{o.status}[/]", f"{o.seconds:.1f}",
                       o.reason or str(o.item.output))
     out.print(table)
+    if _state["debug"]:
+        for o in outcomes:
+            if o.traceback:
+                err.print(f"{o.item.video.name}:\n{o.traceback}", markup=False, soft_wrap=True)
     counts = {s: sum(o.status == s for o in outcomes) for s in colours}
     out.print(", ".join(f"{n} {s}" for s, n in counts.items()))
     if counts["failed"]:

@@ -161,6 +161,48 @@ def test_batch_goes_on_past_a_corrupt_file(face_clip: Path, tiny_model: Path,
     assert "0 done, 2 skipped, 1 failed" in again.stdout
 
 
+def test_batch_reports_any_failure_and_goes_on(face_clip: Path, tiny_model: Path,
+                                               tmp_path: Path, monkeypatch) -> None:
+    """Not only DubtoolErrors: an OS error making an output folder (in a worker process of
+    --jobs 2) and a RuntimeError inside the model are each one failed row; --debug shows
+    their tracebacks; the other jobs are done."""
+    from typer.testing import CliRunner
+
+    from dubtool import cli
+
+    video = tmp_path / "anna.mp4"
+    ffmpeg("-i", str(face_clip), "-t", "0.4", "-c:v", "libx264", "-an", str(video))
+    make_tone(tmp_path / "anna.wav", seconds=0.4)
+    (tmp_path / "a_file").write_text("not a folder")
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text("anna.mp4,anna.wav,out/anna.mp4\n"
+                        "anna.mp4,anna.wav,a_file/anna.mp4\n")  # its folder cannot be made
+    args = ["batch", "--manifest", str(manifest), "--model", str(tiny_model),
+            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    result = CliRunner().invoke(cli.app, [*args, "--jobs", "2"])
+    assert result.exit_code == 9, result.output
+    assert "1 done, 0 skipped, 1 failed" in result.stdout
+    assert "FileExistsError" in result.stdout and (tmp_path / "out" / "anna.mp4").is_file()
+
+    real_dub = api.dub
+
+    def out_of_memory_for_bert(video, speech, output, **options):
+        if "bert" in str(output):
+            raise RuntimeError("CUDA out of memory (a test)")
+        return real_dub(video, speech, output, **options)
+
+    monkeypatch.setattr(api, "dub", out_of_memory_for_bert)
+    monkeypatch.setitem(cli._state, "debug", False)  # restored after --debug sets it
+    monkeypatch.setenv("DUBTOOL_NATIVE_LOGS", "0")
+    manifest.write_text("anna.mp4,anna.wav,out/bert.mp4\nanna.mp4,anna.wav,out/carl.mp4\n")
+    result = CliRunner().invoke(cli.app, ["--debug", *args])
+    assert result.exit_code == 9, result.output
+    assert "1 done, 0 skipped, 1 failed" in result.stdout
+    assert "RuntimeError: CUDA out of memory" in " ".join(result.stdout.split())
+    assert "Traceback" in result.stderr and "out_of_memory_for_bert" in result.stderr
+    assert (tmp_path / "out" / "carl.mp4").is_file()
+
+
 def test_batch_manifest_and_shards(tmp_path: Path) -> None:
     manifest = tmp_path / "jobs.csv"
     manifest.write_text("video,speech,output\na.mp4,a.wav,x/a_out.mp4\nb.mp4,s.wav,\n"
