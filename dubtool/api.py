@@ -178,7 +178,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         frames = blended_frames(front.extracted.video, front.track, plan,
                                 stages.completion.target, stages.crops,
                                 generated_crops(stages.generated_dir, chunks),
-                                cache.dir / f"frames.tmp-{os.getpid()}.npy")
+                                cache.dir / f"frames.tmp-{os.getpid()}.jpegs")
         dubbed = write_video(frames, front.extracted.video, len(plan), target, inputs.speech,
                              None if progress is None else
                              lambda done, total: progress("blend", done, total))

@@ -63,6 +63,32 @@ def _statuses(cache: RunCache) -> dict[str, str]:
     return {r.stage: r.status for r in cache.records}
 
 
+def test_only_the_source_frames_the_plan_uses_are_tracked_and_cropped(
+        face_clip: Path, tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
+    from dubtool.face.detect import FaceMeshDetector
+    from dubtool.pipeline.diffuse import load_crops, write_crops
+
+    calls = []
+    real_detect = FaceMeshDetector.detect_all
+
+    def counted(self, frame):
+        calls.append(1)
+        return real_detect(self, frame)
+
+    monkeypatch.setattr(FaceMeshDetector, "detect_all", counted)
+    speech = make_tone(tmp_path / "speech.wav", seconds=0.4)  # 10 of the clip's 50 frames
+    inputs = Inputs.of(face_clip, speech)
+    with inputs.open_cache(cache_dir) as cache:
+        front = run_front(cache, inputs)
+    assert len(calls) == 10 and front.track.frames == 10 and front.track.faces_found == 10
+    write_crops(front.extracted.video, front.track, 32, tmp_path)
+    assert load_crops(tmp_path).shape == (10, 32, 32, 3)
+    # A speech as long as the video tracks all of it.
+    inputs = Inputs.of(face_clip, make_tone(tmp_path / "long.wav", seconds=2.5))
+    with inputs.open_cache(cache_dir) as cache:
+        assert run_front(cache, inputs).track.frames == 50
+
+
 def test_second_run_skips_done_stages(face_clip: Path, tmp_path: Path, cache_dir: Path) -> None:
     speech = make_tone(tmp_path / "speech.wav", seconds=1.0)
     inputs = Inputs.of(face_clip, speech)

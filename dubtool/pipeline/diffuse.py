@@ -30,11 +30,12 @@ CROPS_FILE = "crops.npy"
 
 
 def write_crops(video: VideoInfo, track: FaceTrack, size: int, folder: Path) -> None:
-    """Every source frame's face crop, (F, size, size, 3) uint8, memory-mapped on disk."""
+    """The face crop of every source frame the track covers, (F, size, size, 3) uint8,
+    memory-mapped on disk."""
     crops = np.lib.format.open_memmap(folder / CROPS_FILE, mode="w+", dtype=np.uint8,
-                                      shape=(video.frame_count, size, size, 3))
+                                      shape=(track.frames, size, size, 3))
     has_box = bool(track.detected.any())
-    for i, frame in enumerate(read_frames(video)):
+    for i, frame in enumerate(read_frames(video, track.frames)):
         if has_box:
             crops[i] = track.box(i).crop(frame, size)
     crops.flush()

@@ -132,16 +132,16 @@ def smooth_track(points: np.ndarray, detected: np.ndarray,
 
 
 def track_faces(video: VideoInfo, detector: Detector, face: FaceChoice = "largest",
-                progress: Progress | None = None) -> FaceTrack:
-    """Detect the faces in every frame of ``video`` (frames streamed, one at a time) and follow
-    the one that ``face`` picks."""
-    total = video.frame_count
+                progress: Progress | None = None, frames: int | None = None) -> FaceTrack:
+    """Detect the faces in the first ``frames`` frames of ``video`` (default: all; streamed,
+    one at a time) and follow the one that ``face`` picks."""
+    total = video.frame_count if frames is None else min(frames, video.frame_count)
     mesh = np.full((total, 478, 3), np.nan, np.float32)
     detected = np.zeros(total, bool)
     picker = FacePicker(face, video.width, video.height)
     spent, faces_seen = 0.0, 0
     with detector:
-        for i, frame in enumerate(read_frames(video)):
+        for i, frame in enumerate(read_frames(video, total)):
             start = time.perf_counter()
             faces = detector.detect_all(frame)
             found = picker.pick(faces)

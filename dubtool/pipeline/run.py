@@ -73,17 +73,23 @@ def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
         force=force)
     extracted = Extracted.load(folder)
 
+    # Only the source frames the plan uses are tracked (and cropped): a short speech over a
+    # long video reads its first seconds alone.
+    used = int(extracted.plan.max()) + 1
+
     def detect(out: Path) -> None:
         def step(done: int, total: int) -> None:
             if progress is not None:
                 progress("landmarks", done, total)
 
-        track = landmarks_stage.track_faces(extracted.video, make_detector(detector), face, step)
+        track = landmarks_stage.track_faces(extracted.video, make_detector(detector), face, step,
+                                            used)
         track.save(out)
 
-    # The face track depends on the video alone: a new speech or loop mode keeps it.
+    # The face track depends on the video and how much of it is used: a new speech as long as
+    # the video or longer, or another loop mode, keeps it.
     landmarks_fp = fingerprint("landmarks", landmarks_stage.VERSION, inputs.video_digest, detector,
-                               face)
+                               face, used)
     folder = cache.run_stage("landmarks", landmarks_fp, detect, force=force)
     return FrontResult(extracted, FaceTrack.load(folder), extract_fp, landmarks_fp)
 
@@ -133,9 +139,10 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
 
     if reference_frame is None:
         reference_frame = pick_reference_frame(track)
-    elif not 0 <= reference_frame < video.frame_count:
-        raise InvalidMedia(f"--reference-frame {reference_frame} is outside the video's "
-                           f"{video.frame_count} frames", video.path)
+    elif not 0 <= reference_frame < track.frames:
+        raise InvalidMedia(f"--reference-frame {reference_frame} is outside the "
+                           f"{track.frames} frames of the video that the speech uses",
+                           video.path)
     precision = diffuse_stage.sampling_precision(device)
     diffuse_fp = fingerprint("diffuse", diffuse_stage.VERSION, complete_fp, crops_fp,
                              model_digest, settings.steps, settings.eta, settings.seed,
