@@ -136,7 +136,7 @@ class DubResult:
 
 def dub(video: str | Path, speech: str | Path, output: str | Path | None = None, *,
         model: str | Path | LoadedModel = DEFAULT_MODEL, steps: int | None = None, seed: int = 0,
-        eta: float = 0.0, strength: float | None = None, batch_size: int = 1,
+        eta: float | None = None, strength: float | None = None, batch_size: int = 1,
         device: str = "auto", reference_frame: int | None = None, face: FaceChoice = "largest",
         loop: str = "pingpong", cache_dir: str | Path | None = None, force: bool = False,
         keep_cache: bool = True, lock_timeout: float = 0.0,
@@ -149,6 +149,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     name or folder, or a model already loaded (``dubtool.nets.io.load_model``) to reuse it.
     If another process is dubbing the same video with the same speech, wait up to
     ``lock_timeout`` seconds for it (then reuse its cached stages) before failing.
+    ``steps``, ``eta`` (the noise DDIM adds at each step: 0 none, 1 as much as DDPM) and
+    ``strength`` default to the model's ``diffusion`` config.
     """
     from dubtool.nets.io import LoadedModel, load_model, model_digest
     from dubtool.pipeline.blend import blended_frames, write_video
@@ -165,7 +167,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     diffusion = loaded.config.diffusion
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    settings = DiffusionSettings(steps or diffusion.sample_steps, eta, seed,
+    settings = DiffusionSettings(steps or diffusion.sample_steps,
+                                 diffusion.eta if eta is None else eta, seed,
                                  diffusion.strength if strength is None else strength,
                                  batch_size)
     with inputs.open_cache(cache_dir, lock_timeout) as cache:

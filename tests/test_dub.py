@@ -254,6 +254,30 @@ def test_bench_reports_cold_and_warm_runs(face_clip: Path, tiny_model: Path,
     assert data["runs"][1]["kind"] == "warm" and data["settings"]["device"] == "cpu"
 
 
+def test_sampling_defaults_come_from_the_model_config(face_clip: Path, tiny_model: Path,
+                                                      tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
+
+    from dubtool.pipeline import run
+
+    model = load_model(tiny_model)
+    diffusion = dataclasses.replace(model.config.diffusion, eta=0.7, strength=0.4)
+    model.config = model.config.replace(diffusion=diffusion)
+    seen = []
+
+    def stop(cache, inputs, loaded, digest, settings, **options):
+        seen.append(settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_dub_stages", stop)
+    speech = make_tone(tmp_path / "speech.wav", seconds=0.2)
+    for options in ({}, {"eta": 0.0, "strength": 1.0, "steps": 2}):
+        with pytest.raises(KeyboardInterrupt):
+            api.dub(face_clip, speech, tmp_path / "o.mp4", model=model, device="cpu",
+                    cache_dir=tmp_path / "cache", **options)
+    assert [(s.steps, s.eta, s.strength) for s in seen] == [(4, 0.7, 0.4), (2, 0.0, 1.0)]
+
+
 def test_partial_strength_starts_from_the_reference_warped_to_the_target(
         tiny_model: Path) -> None:
     """At a strength that leaves one almost noiseless step, the generated lower half is the
@@ -277,3 +301,19 @@ def test_partial_strength_starts_from_the_reference_warped_to_the_target(
     assert np.abs(generated[:, lower].astype(int) - warped[:, lower]).mean() < 6
     # The warp moved the face down the crop: the output follows it.
     assert np.abs(generated[-1, lower].astype(int) - generated[0, lower]).mean() > 10
+
+
+def test_a_chunk_generated_with_eta_does_not_depend_on_its_batch(tiny_model: Path) -> None:
+    model = load_model(tiny_model)
+    size, length = model.config.crop_size, model.config.completion.frames
+    rng = np.random.default_rng(0)
+    frames = 2 * length
+    crops = rng.integers(0, 256, (frames, size, size, 3)).astype(np.uint8)
+    points = 0.3 + 0.4 * rng.random((frames, 131, 2))
+    generator = LowerFaceGenerator(model, crops, np.arange(frames), points,
+                                   np.ones(frames, bool), 0, points[0],
+                                   DiffusionSettings(steps=4, eta=1.0, batch_size=2),
+                                   torch.device("cpu"))
+    together = generator.generate([0, 1], [None, None])
+    alone = generator.generate([1], [None])
+    assert np.abs(together[1]["latents"] - alone[0]["latents"]).max() < 1e-4

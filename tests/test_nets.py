@@ -414,3 +414,25 @@ def test_shipped_model_samples_one_step_from_t_1_by_default() -> None:
     diffusion = ModelConfig.load(resolve_model_folder(DEFAULT_MODEL) / "config.json").diffusion
     assert sampling_timesteps(diffusion.train_steps, diffusion.sample_steps,
                               diffusion.strength) == [1]
+
+
+def test_each_chunk_draws_its_own_noise_whatever_the_batch(models) -> None:
+    """With eta > 0, a chunk's result is the same alone or batched with others: its starting
+    noise and its noise at every step come from its own generator."""
+    config, ae, model = models
+    batch = tiny_batch(config)
+    known = ae.encode(batch["frames"].flatten(0, 1))  # two chunks of 3 frames
+    cond = model.conditioning(batch["points"], known[:2])
+    scheduler = make_scheduler(config.diffusion)
+
+    def denoiser(latent, masked, mask, t, cond):  # row by row: no batch effect of its own
+        return 0.5 * latent
+
+    def sample(rows: slice, seeds: list[int], eta: float) -> torch.Tensor:
+        return inpaint_lower_half(denoiser, known[rows], cond, scheduler, 4, eta=eta,
+                                  generator=[torch.Generator().manual_seed(s) for s in seeds])
+
+    both = sample(slice(0, 6), [10, 11], eta=1.0)
+    assert torch.equal(both[3:], sample(slice(3, 6), [11], eta=1.0))
+    assert torch.equal(both[:3], sample(slice(0, 3), [10], eta=1.0))
+    assert not torch.equal(both, sample(slice(0, 6), [10, 11], eta=0.0))  # eta took effect

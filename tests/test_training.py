@@ -232,3 +232,34 @@ def test_sampler_warps_the_reference_onto_each_frame(dataset: Path) -> None:
     # Bent onto the frames' landmarks, the reference is nearer the frames than as it was.
     as_was = np.abs(batch["reference_image"][:, None] - batch["frames"]).mean()
     assert np.abs(batch["warped"] - batch["frames"]).mean() < as_was
+
+
+def test_mixed_precision_takes_effect_on_cpu_or_is_refused(tmp_path: Path) -> None:
+    import dataclasses
+
+    import torch
+
+    from dubtool.errors import ModelError
+    from dubtool.training.loop import RunFolder, TrainState, optimise
+
+    def run(precision: str) -> list[bool]:
+        layer = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        folder = RunFolder(tmp_path / precision, tiny_config(), False)
+        autocasting = []
+
+        def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
+            autocasting.append(torch.is_autocast_enabled("cpu"))
+            return {"total": layer(torch.ones(1, 2)).float().pow(2).sum()}
+
+        optimise(folder, {"layer": layer}, optimizer, TrainState(0, np.random.default_rng(0)),
+                 2, step_losses, dict, device=torch.device("cpu"), mixed_precision=precision,
+                 grad_clip=1.0, epoch_steps=100, checkpoint_every=100, progress=None)
+        return autocasting
+
+    assert run("bf16") == [True, True] and run("no") == [False, False]
+    with pytest.raises(ModelError, match="fp16 needs CUDA"):
+        run("fp16")
+    training = dataclasses.replace(tiny_config().training, mixed_precision="fp32")
+    with pytest.raises(ModelError, match="mixed_precision must be"):
+        tiny_config().replace(training=training)

@@ -101,7 +101,7 @@ class TrainingConfig:
     completion_batch_size: int = 64
     kl_weight: float = 1e-6
     grad_clip: float = 1.0
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (CUDA only)
+    mixed_precision: str = "no"  # "no", "bf16" (CUDA or CPU) or "fp16" (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,8 @@ class ModelConfig:
         scale = self.denoiser.sketch_scale
         if scale < 0 or scale & (scale - 1):
             problems.append("denoiser.sketch_scale must be 0 or a power of two")
+        if self.training.mixed_precision not in ("no", "bf16", "fp16"):
+            problems.append("training.mixed_precision must be no, bf16 or fp16")
         if tuple(self.landmark_order) != ORDER:
             problems.append("landmark_order differs from this version's 131-point order")
         for c in self.denoiser.channels:

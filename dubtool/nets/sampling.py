@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import DDIMScheduler
@@ -62,12 +62,23 @@ def _ddim_step(scheduler: DDIMScheduler, eps: torch.Tensor, t: int, prev: int | 
     return latent + std * draw_noise() if eta > 0 else latent
 
 
+def _noise(shape: torch.Size, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (float32), its rows shared out evenly among the
+    generators in order, so that each part's noise comes from its own generator alone (the
+    global generator without any)."""
+    if not generators:
+        return torch.randn(shape)
+    rows = shape[0] // len(generators)
+    return torch.cat([torch.randn((rows, *shape[1:]), generator=g, device=g.device).cpu()
+                      for g in generators])
+
+
 @torch.inference_mode()
 def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioning,
                        scheduler: DDIMScheduler, steps: int, eta: float = 0.0,
-                       generator: torch.Generator | None = None,
-                       init: torch.Tensor | None = None, strength: float = 1.0,
-                       noise: torch.Tensor | None = None) -> torch.Tensor:
+                       generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                       init: torch.Tensor | None = None,
+                       strength: float = 1.0) -> torch.Tensor:
     """Generate the lower half of ``known`` (B*L, C, h, w) by DDIM.
 
     Only the lower half is diffused: after every step the upper half is reset to the known
@@ -77,16 +88,16 @@ def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioni
     ``init`` (e.g. the reference face warped to the target landmarks) noised to the time
     nearest S x T, and about S x ``steps`` steps run from there (``sampling_timesteps``): the
     image-to-image trade of fidelity to the conditioning for stability, useful while a model
-    is weak at the highest noise levels. ``noise`` (shaped like ``known``) replaces the
-    starting noise drawn from ``generator``: batches of chunks draw each chunk's own.
+    is weak at the highest noise levels. ``generator`` may be a list: the batch is then
+    that many equal parts (chunks), and each part's starting noise and, with ``eta`` > 0,
+    its noise at every step come from its own generator, so that a chunk's result does not
+    depend on the batch it is in.
     """
+    generators = ([] if generator is None else
+                  [generator] if isinstance(generator, torch.Generator) else list(generator))
     mask = lower_half_mask(known.shape[-1], known.device).to(known.dtype)
     masked = known * (1 - mask)
-    device = generator.device if generator is not None else "cpu"
-    if noise is None:
-        noise = torch.randn(known.shape, generator=generator, dtype=torch.float32,
-                            device=device)
-    noise = noise.to(known.device, known.dtype)
+    noise = _noise(known.shape, generators).to(known.device, known.dtype)
     timesteps = sampling_timesteps(scheduler.config.num_train_timesteps, steps, strength)
     if strength < 1.0:
         if init is None:
@@ -97,8 +108,7 @@ def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioni
         latent = noise * mask + masked
 
     def draw_noise() -> torch.Tensor:
-        return torch.randn(known.shape, generator=generator, dtype=torch.float32,
-                           device=device).to(known.device, latent.dtype)
+        return _noise(known.shape, generators).to(known.device, latent.dtype)
 
     batch_mask = mask.expand(known.shape[0], -1, -1, -1)
     for i, t in enumerate(timesteps):

@@ -180,14 +180,13 @@ class LowerFaceGenerator:
             motion = motion.to(self.device, torch.float32)
         reference = self.reference_latent.expand(len(todo), -1, -1, -1)
         cond = dubber.conditioning(landmarks, reference, motion)
+        # Each chunk's noise (at the start and, with eta > 0, at every step) comes from its
+        # own generator: the result does not depend on the batch the chunk is in.
         generators = [torch.Generator().manual_seed(self.settings.seed * 1_000_003 + k)
                       for k, _ in todo]
-        noise = torch.cat([torch.randn((length, *known.shape[1:]), generator=g)
-                           for g in generators])
         latents = inpaint_lower_half(dubber.denoiser, known, cond, self.scheduler,
-                                     self.settings.steps, self.settings.eta, generators[0],
-                                     init=init, strength=self.settings.strength,
-                                     noise=noise)
+                                     self.settings.steps, self.settings.eta, generators,
+                                     init=init, strength=self.settings.strength)
         decoded = ae.decode(latents)
         crops = to_images(decoded if lost is None else decoded + lost)
         for i, (k, _) in enumerate(todo):
