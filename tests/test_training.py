@@ -59,6 +59,34 @@ def test_people_file_names_the_person(tmp_path: Path) -> None:
     assert person_of(tmp_path / "z.mp4", tmp_path) == "z"
 
 
+def test_prepare_skips_bad_clips_only_and_follows_a_changed_person(
+        tmp_path: Path, face_clip: Path, monkeypatch) -> None:
+    import dubtool.training.dataset as dataset_module
+    from dubtool.errors import CacheError
+
+    videos, out, cache = tmp_path / "videos", tmp_path / "data", tmp_path / "cache"
+    videos.mkdir()
+    shutil.copy(face_clip, videos / "x.mp4")
+    (videos / "broken.mp4").write_bytes(b"not a video" * 50)
+    (videos / "PEOPLE.tsv").write_text("x.mp4\tAnna\n")
+    status = {r.clip: r.status for r in api.prepare(videos, out, crop_size=32, cache_dir=cache)}
+    assert status["broken"].startswith("skipped: ") and "not readable as media" in status["broken"]
+    assert PreparedData(out, "train").clips[0].person == "Anna"
+    (videos / "PEOPLE.tsv").write_text("x.mp4\tBert\n")
+    api.prepare(videos, out, crop_size=32, cache_dir=cache)  # the clip itself is unchanged
+    assert PreparedData(out, "train").clips[0].person == "Bert"
+    assert json.loads((out / "dataset.json").read_text())["people"]["x"] == "Bert"
+    # A busy cache or a bug is not a bad clip: it stops prepare instead of skipping the clip.
+    for error in (CacheError("another dubtool run is using this cache entry"),
+                  ZeroDivisionError("a bug")):
+        def failing(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(dataset_module, "run_front", failing)
+        with pytest.raises(type(error)):
+            api.prepare(videos, out, crop_size=32, cache_dir=cache)
+
+
 def test_prepare_refuses_bad_folders(tmp_path: Path, videos: Path) -> None:
     with pytest.raises(InputNotFound):
         api.prepare(tmp_path / "nope", tmp_path / "out")
