@@ -469,7 +469,7 @@ def _first_seconds(clip: Path, seconds: float, folder: Path) -> Path:
     return out
 
 
-BUNDLED_CLIP = Path(__file__).resolve().parents[1] / "tests" / "data" / "may_5s.mp4"
+BUNDLED_CLIP = Path(__file__).resolve().parent / "data" / "may_5s.mp4"  # package data
 
 
 def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,

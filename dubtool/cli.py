@@ -117,7 +117,8 @@ def dub_cmd(
                       "audio.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output video (default: "
                       "VIDEO_NAME.dubbed.mp4 here).")] = None,
-    model: Annotated[str, typer.Option(help="Model name (under models/) or folder.")]
+    model: Annotated[str, typer.Option(help="Model name (shipped in dubtool/models) or "
+                      "folder.")]
     = api.DEFAULT_MODEL,
     steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the model's).")]
     = None,

@@ -16,7 +16,10 @@ from typing import Any
 from dubtool.errors import ModelError
 from dubtool.face.indices import NUM_CONTENT, NUM_POINTS, NUM_POSE, ORDER
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "models" / "configs"
+# The shipped configs and models are package data (dubtool/models): found the same way in a
+# checkout, an editable install and an installed wheel.
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+CONFIGS_DIR = MODELS_DIR / "configs"
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,8 @@ class ModelConfig:
 
     @classmethod
     def named(cls, name_or_path: str | Path) -> ModelConfig:
-        """A config from models/configs by name (``cpu-128``, ``paper-256``) or from a path."""
+        """A config from dubtool/models/configs by name (``cpu-128``, ``paper-256``) or from a
+        path."""
         path = Path(name_or_path)
         if not path.suffix and not path.exists():
             path = CONFIGS_DIR / f"{name_or_path}.json"
