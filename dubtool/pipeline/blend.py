@@ -19,7 +19,6 @@ from dubtool.media.frames import VideoWriter, read_frames_in_order
 from dubtool.media.probe import VideoInfo
 from dubtool.pipeline.landmarks import FaceTrack
 
-VERSION = 1
 _LOWER_FACE = [ORDER.index(i) for i in (*JAW, *NOSE[5:])]  # jaw line and the nose base
 
 

@@ -19,8 +19,6 @@ from dubtool.media.audio import mel_window
 from dubtool.nets.dubber import DubbingModel
 from dubtool.pipeline.landmarks import FaceTrack
 
-VERSION = 1
-
 
 @dataclass
 class Completion:

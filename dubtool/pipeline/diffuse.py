@@ -25,7 +25,6 @@ from dubtool.nets.io import LoadedModel
 from dubtool.nets.sampling import inpaint_lower_half, lower_half_mask, make_scheduler
 from dubtool.pipeline.landmarks import FaceTrack
 
-VERSION = 4  # 4: strength S starts at the time nearest S x T
 CROPS_FILE = "crops.npy"
 
 

@@ -24,8 +24,6 @@ from dubtool.face.indices import CONTENT_SLICE, NUM_POINTS, POSE_SLICE, select_p
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import VideoInfo
 
-VERSION = 2
-
 # Smoothing widths (Gaussian sigma) in seconds: the crop box moves slowly so that the face does
 # not shake inside the crop; pose points a little; lips and jaw barely: speech moves them fast.
 BOX_CENTRE_SIGMA_S = 0.08
