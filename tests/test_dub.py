@@ -203,6 +203,67 @@ def test_batch_reports_any_failure_and_goes_on(face_clip: Path, tiny_model: Path
     assert (tmp_path / "out" / "carl.mp4").is_file()
 
 
+def test_batch_waits_for_another_run_holding_the_same_inputs(face_clip: Path, tiny_model: Path,
+                                                             tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """A batch job whose cache entry is locked by another run waits for it, then goes on."""
+    import threading
+    import time
+
+    from dubtool.pipeline import cache as cache_module
+    from dubtool.pipeline.run import Inputs
+
+    class CountingClock:  # the cache's time module, counting its waits for the lock
+        waits = 0
+
+        def sleep(self, seconds: float) -> None:
+            CountingClock.waits += 1
+            time.sleep(seconds)
+
+        def __getattr__(self, name: str):
+            return getattr(time, name)
+
+    monkeypatch.setattr(cache_module, "time", CountingClock())
+    video = tmp_path / "anna.mp4"
+    ffmpeg("-i", str(face_clip), "-t", "0.4", "-c:v", "libx264", "-an", str(video))
+    speech = make_tone(tmp_path / "anna.wav", seconds=0.4)
+    item = api.BatchItem(video, speech, tmp_path / "out" / "anna.mp4")
+    outcomes = []
+    with Inputs.of(video, speech).open_cache(tmp_path / "cache"):  # another run holds it
+        worker = threading.Thread(target=lambda: outcomes.extend(api.batch(
+            [item], model=tiny_model, device="cpu", cache_dir=tmp_path / "cache")))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while CountingClock.waits < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert CountingClock.waits >= 3 and worker.is_alive() and not outcomes
+    worker.join(timeout=120)
+    assert [o.status for o in outcomes] == ["done"] and item.output.is_file()
+
+
+def test_cut_mode_carries_the_start_of_the_speech(espeak: str, face_clip: Path,
+                                                  tiny_model: Path, tmp_path: Path) -> None:
+    """Real (synthetic) speech, unlike a tone, shows which part of it was kept."""
+    from dubtool.media.audio import SAMPLE_RATE, load_speech
+
+    speech = tmp_path / "speech.wav"
+    subprocess.run([espeak, "-w", str(speech), "Hello there. This sentence is longer than "
+                    "the video it is dubbed onto."], check=True)
+    short = tmp_path / "short.mp4"
+    ffmpeg("-i", str(face_clip), "-t", "0.6", "-c:v", "libx264", "-an", str(short))
+    result = api.dub(short, speech, tmp_path / "cut.mp4", model=tiny_model, loop="cut",
+                     cache_dir=tmp_path / "cache", device="cpu")
+    given, carried = load_speech(speech), load_speech(result.output)
+    assert len(given) > 2 * SAMPLE_RATE and abs(len(carried) / SAMPLE_RATE - 0.6) < 0.04
+
+    def similarity(a: np.ndarray, b: np.ndarray) -> float:
+        n = min(len(a), len(b))
+        return float(np.dot(a[:n], b[:n]) / (np.linalg.norm(a[:n]) * np.linalg.norm(b[:n])))
+
+    assert similarity(carried, given) > 0.9  # its first 0.6 s ...
+    assert abs(similarity(carried, given[len(carried):])) < 0.3  # ... not another part
+
+
 def test_batch_manifest_and_shards(tmp_path: Path) -> None:
     manifest = tmp_path / "jobs.csv"
     manifest.write_text("video,speech,output\na.mp4,a.wav,x/a_out.mp4\nb.mp4,s.wav,\n"

@@ -14,6 +14,7 @@ from dubtool import api
 from dubtool.cli import app
 from dubtool.errors import InputNotFound, OutputError
 from dubtool.face.indices import MIRROR, ORDER
+from dubtool.media.audio import mel_window
 from dubtool.training.dataset import Augment, PreparedData, dubber_batch, person_of
 
 
@@ -106,6 +107,26 @@ def test_sampler_draws_successive_frames_and_a_distant_reference(dataset: Path) 
     assert batch["reference_image"].shape == (3, 3, 32, 32)
     assert batch["motion"].shape == (3, 2, 3, 32, 32)
     assert batch["frames"].min() >= -1 and batch["frames"].max() <= 1
+    # Which frames of the clip each picture is (the clips are copies of one video), found
+    # by nearest crop: the sample's frames follow one another, its motion frames come just
+    # before them, and its reference is a face frame away from them.
+    clip = data.clips[0]
+    crops = Augment.none().images(np.asarray(clip.crops))
+
+    def index(image: np.ndarray) -> int:
+        return int(np.abs(crops - image).mean(axis=(1, 2, 3)).argmin())
+
+    for b in range(3):
+        frames = [index(image) for image in batch["frames"][b]]
+        start = frames[0]
+        assert frames == list(range(start, start + 5))
+        assert [index(image) for image in batch["motion"][b]] == [start - 2, start - 1]
+        np.testing.assert_allclose(batch["points"][b], clip.points[start:start + 5], atol=1e-6)
+        np.testing.assert_array_equal(batch["mel"][b][2], mel_window(clip.mel, start + 2,
+                                                                       clip.fps))
+        reference = index(batch["reference_image"][b])
+        assert clip.detected[reference] and not start <= reference < start + 5
+        assert abs(reference - start) >= 10  # the farthest of a few random face frames
     no_motion = dubber_batch(data, 2, 5, 4, 2, rng, motion_probability=0.0)
     assert no_motion["motion"].shape == (2, 0, 3, 32, 32)
 
@@ -138,6 +159,9 @@ def test_scale_and_shift_move_points_with_the_image() -> None:
 
 
 def test_training_runs_checkpoint_and_resume(dataset: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
     from dubtool.training.autoencoder import train_autoencoder
     from dubtool.training.dubber import train_dubber
 
@@ -159,6 +183,23 @@ def test_training_runs_checkpoint_and_resume(dataset: Path, tmp_path: Path) -> N
     log = [json.loads(line) for line in (tmp_path / "dub" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "validation" in e] == [2, 4]
     assert (resumed.model / "dubber.safetensors").is_file()
+    # The stopped and resumed run equals one that never stopped: weights, optimiser state,
+    # random generators and losses.
+    whole = train_dubber(config, dataset, ae.model, tmp_path / "whole", steps=4, epoch_steps=2,
+                         checkpoint_every=1, validation_batches=1)
+    assert whole.validation == resumed.validation
+    for name in ("dubber.safetensors", "optimizer.safetensors"):
+        ours, theirs = (load_file(str(run / "checkpoint" / name))
+                        for run in (tmp_path / "dub", tmp_path / "whole"))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    states = [json.loads((run / "checkpoint" / "state.json").read_text())
+              for run in (tmp_path / "dub", tmp_path / "whole")]
+    assert states[0] == states[1]
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "time"}
+             for line in (run / "log.jsonl").read_text().splitlines()]
+            for run in (tmp_path / "dub", tmp_path / "whole")]
+    assert logs[0] == logs[1]
 
 
 def test_completion_pretraining_feeds_the_dubber(dataset: Path, tmp_path: Path) -> None:
