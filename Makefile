@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEMO_VIDEO := tests/data/may_5s.mp4
+DEMO_VIDEO := dubtool/data/may_5s.mp4
 DEMO_SPEECH := tests/data/demo_speech.m4a
 
 .PHONY: install system-deps test lint demo clean

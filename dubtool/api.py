@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,7 @@ class DubResult:
 
 def dub(video: str | Path, speech: str | Path, output: str | Path | None = None, *,
         model: str | Path | LoadedModel = DEFAULT_MODEL, steps: int | None = None, seed: int = 0,
-        eta: float = 0.0, strength: float | None = None, batch_size: int = 1,
+        eta: float | None = None, strength: float | None = None, batch_size: int = 1,
         device: str = "auto", reference_frame: int | None = None, face: FaceChoice = "largest",
         loop: str = "pingpong", cache_dir: str | Path | None = None, force: bool = False,
         keep_cache: bool = True, lock_timeout: float = 0.0,
@@ -153,6 +154,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     name or folder, or a model already loaded (``dubtool.nets.io.load_model``) to reuse it.
     If another process is dubbing the same video with the same speech, wait up to
     ``lock_timeout`` seconds for it (then reuse its cached stages) before failing.
+    ``steps``, ``eta`` (the noise DDIM adds at each step: 0 none, 1 as much as DDPM) and
+    ``strength`` default to the model's ``diffusion`` config.
     """
     from dubtool.nets.io import LoadedModel, load_model, model_digest
     from dubtool.pipeline.blend import blended_frames, write_video
@@ -169,7 +172,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     diffusion = loaded.config.diffusion
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    settings = DiffusionSettings(steps or diffusion.sample_steps, eta, seed,
+    settings = DiffusionSettings(steps or diffusion.sample_steps,
+                                 diffusion.eta if eta is None else eta, seed,
                                  diffusion.strength if strength is None else strength,
                                  batch_size)
     with inputs.open_cache(cache_dir, lock_timeout) as cache:
@@ -182,7 +186,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         frames = blended_frames(front.extracted.video, front.track, plan,
                                 stages.completion.target, stages.crops,
                                 generated_crops(stages.generated_dir, chunks),
-                                cache.dir / f"frames.tmp-{os.getpid()}.npy")
+                                cache.dir / f"frames.tmp-{os.getpid()}.jpegs")
         dubbed = write_video(frames, front.extracted.video, len(plan), target, inputs.speech,
                              None if progress is None else
                              lambda done, total: progress("blend", done, total))
@@ -303,6 +307,7 @@ class BatchOutcome:
     status: str  # "done", "skipped" (output exists) or "failed"
     seconds: float
     reason: str = ""
+    traceback: str = ""  # of a failure: `dubtool --debug batch` shows it
 
 
 def batch_items(folder: str | Path | None = None, *, speech: str | Path | None = None,
@@ -347,8 +352,9 @@ def batch(items: list[BatchItem], *, model: str | Path = DEFAULT_MODEL, force: b
           device: str = "auto", jobs: int = 1,
           on_done: Callable[[BatchOutcome], None] | None = None,
           **dub_options: object) -> list[BatchOutcome]:
-    """Dub every item, loading the model once per process. A failing item is recorded and the
-    batch goes on; an existing output is skipped unless ``force``. ``jobs`` > 1 runs that
+    """Dub every item, loading the model once per process. A failing item is recorded, whatever
+    the exception (but Ctrl-C), and the batch goes on; an existing output is skipped unless
+    ``force``. ``jobs`` > 1 runs that
     many worker processes, sharing the CPU threads between them."""
     outcomes = []
     if jobs <= 1:
@@ -386,9 +392,9 @@ class _BatchWorker:
         from dubtool.training.loop import resolve_device
 
         start = time.perf_counter()
-        if item.output.exists() and not self.force:
-            return BatchOutcome(item, "skipped", 0.0, "output exists (use --force)")
         try:
+            if item.output.exists() and not self.force:
+                return BatchOutcome(item, "skipped", 0.0, "output exists (use --force)")
             if self.loaded is None:
                 self.loaded = load_model(self.model).to(resolve_device(self.device))
             item.output.parent.mkdir(parents=True, exist_ok=True)
@@ -397,8 +403,10 @@ class _BatchWorker:
                 dub(item.video, item.speech, item.output, model=self.loaded, device=self.device,
                     force=self.force, lock_timeout=BATCH_LOCK_TIMEOUT, **self.dub_options)
             return BatchOutcome(item, "done", time.perf_counter() - start)
-        except DubtoolError as exc:
-            return BatchOutcome(item, "failed", time.perf_counter() - start, str(exc))
+        except Exception as exc:  # bad input, a bug, out of memory: only this item stops
+            reason = str(exc) if isinstance(exc, DubtoolError) else f"{type(exc).__name__}: {exc}"
+            return BatchOutcome(item, "failed", time.perf_counter() - start, reason,
+                                traceback.format_exc())
 
 
 _worker: _BatchWorker | None = None
@@ -493,7 +501,7 @@ def _first_seconds(clip: Path, seconds: float, folder: Path) -> Path:
     return out
 
 
-BUNDLED_CLIP = Path(__file__).resolve().parents[1] / "tests" / "data" / "may_5s.mp4"
+BUNDLED_CLIP = Path(__file__).resolve().parent / "data" / "may_5s.mp4"  # package data
 
 
 def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,

@@ -118,14 +118,16 @@ def dub_cmd(
                       "audio.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output video (default: "
                       "VIDEO_NAME.dubbed.mp4 here).")] = None,
-    model: Annotated[str, typer.Option(help="Model name (under models/) or folder.")]
+    model: Annotated[str, typer.Option(help="Model name (shipped in dubtool/models) or "
+                      "folder.")]
     = api.DEFAULT_MODEL,
     steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the model's).")]
     = None,
     seed: Annotated[int, typer.Option(help="Seed of the diffusion noise.")] = 0,
     strength: Annotated[float | None, typer.Option(help="1: generate the lower face from "
-                        "noise; less: start from the reference face warped to the target "
-                        "landmarks, noised this far (default: the model's).")] = None,
+                        "noise; S < 1: start from the reference face warped to the target "
+                        "landmarks, noised to the diffusion time nearest S x T, and run about "
+                        "S x steps steps (default: the model's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Chunks of frames denoised together "
                           "(the video is diffused as that many streams side by side; more is "
@@ -219,6 +221,10 @@ def batch_cmd(
                       f"[{colours[o.status]}]{o.status}[/]", f"{o.seconds:.1f}",
                       o.reason or str(o.item.output))
     out.print(table)
+    if _state["debug"]:
+        for o in outcomes:
+            if o.traceback:
+                err.print(f"{o.item.video.name}:\n{o.traceback}", markup=False, soft_wrap=True)
     counts = {s: sum(o.status == s for o in outcomes) for s in colours}
     out.print(", ".join(f"{n} {s}" for s, n in counts.items()))
     if counts["failed"]:
@@ -334,8 +340,9 @@ def train_cmd(
     decay_steps: Annotated[int, typer.Option(help="Let the learning rate fall linearly to 0 "
                            "over the run's last N steps (0: constant).")] = 0,
     refine: Annotated[float, typer.Option(help="For dubber: train the denoiser for sampling "
-                      "at this strength, from the reference warped onto the landmarks to the "
-                      "real frame (0: plain denoising over the whole schedule).")] = 0.0,
+                      "at this strength (times 1 up to the one nearest S x T), from the "
+                      "reference warped onto the landmarks to the real frame (0: plain "
+                      "denoising over the whole schedule).")] = 0.0,
     into: Annotated[Path | None, typer.Option(help="For completion: also make RUN/model a "
                     "whole model folder: this model folder's autoencoder and denoiser with the "
                     "new completion.")] = None,

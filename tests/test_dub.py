@@ -1,6 +1,8 @@
 """`dub` end to end on a tiny model built here: outputs, resume, plans, still images."""
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -9,10 +11,11 @@ import pytest
 import torch
 from conftest import ffmpeg, make_tone
 
+import dubtool
 from dubtool import api
 from dubtool.face.warp import warp_face
 from dubtool.media.frames import read_frames
-from dubtool.media.probe import probe_video
+from dubtool.media.probe import ffprobe, probe_video
 from dubtool.nets.io import load_model
 from dubtool.pipeline.diffuse import DiffusionSettings, LowerFaceGenerator
 
@@ -21,9 +24,30 @@ def frames_of(path: Path) -> np.ndarray:
     return np.stack([f.copy() for f in read_frames(probe_video(path))])
 
 
+def stream_durations(path: Path) -> dict[str, float]:
+    """ffprobe's duration of the file's video and audio streams, in seconds."""
+    streams = ffprobe(path)["streams"]
+    return {s["codec_type"]: float(s["duration"]) for s in streams}
+
+
+def test_package_exports_the_library_api_without_loading_torch() -> None:
+    for name in ("dub", "batch", "batch_items", "prepare", "train", "evaluate", "bench",
+                 "landmarks", "cache_list", "cache_clean", "DubResult", "BatchItem"):
+        assert getattr(dubtool, name) is getattr(api, name), name
+        assert name in dubtool.__all__ and name in dir(dubtool)
+    with pytest.raises(AttributeError, match="no attribute 'dubb'"):
+        dubtool.dubb  # noqa: B018
+    # A fresh interpreter: importing the package loads neither torch nor diffusers.
+    code = ("import sys, dubtool; heavy = [m for m in ('torch', 'diffusers', 'dubtool.api') "
+            "if m in sys.modules]; print(heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.strip() == "[]"
+
+
 def test_dub_end_to_end(face_clip: Path, tiny_model: Path, tmp_path: Path) -> None:
     speech = make_tone(tmp_path / "speech.wav", seconds=1.5)
-    result = api.dub(face_clip, speech, tmp_path / "out.mp4", model=tiny_model,
+    result = dubtool.dub(face_clip, speech, tmp_path / "out.mp4", model=tiny_model,
                      cache_dir=tmp_path / "cache", device="cpu")
     info = probe_video(result.output)
     assert (info.width, info.height, info.fps) == (256, 256, 25)
@@ -82,6 +106,10 @@ def test_pingpong_and_still_image(face_clip: Path, tiny_model: Path, tmp_path: P
     cut = api.dub(short, speech, tmp_path / "cut.mp4", model=tiny_model, loop="cut",
                   cache_dir=tmp_path / "cache", device="cpu")
     assert probe_video(cut.output).frame_count == 15
+    # The speech is cut to the video: both streams last 0.6 s, within a frame.
+    durations = stream_durations(cut.output)
+    assert abs(durations["video"] - 0.6) < 0.04 and abs(durations["audio"] - 0.6) < 0.04
+    assert abs(durations["video"] - durations["audio"]) < 0.04
 
     still = tmp_path / "face.png"
     ffmpeg("-i", str(face_clip), "-frames:v", "1", str(still))
@@ -131,6 +159,109 @@ def test_batch_goes_on_past_a_corrupt_file(face_clip: Path, tiny_model: Path,
                                                                   "bert.dubbed.mp4"]
     again = CliRunner().invoke(app, args)
     assert "0 done, 2 skipped, 1 failed" in again.stdout
+
+
+def test_batch_reports_any_failure_and_goes_on(face_clip: Path, tiny_model: Path,
+                                               tmp_path: Path, monkeypatch) -> None:
+    """Not only DubtoolErrors: an OS error making an output folder (in a worker process of
+    --jobs 2) and a RuntimeError inside the model are each one failed row; --debug shows
+    their tracebacks; the other jobs are done."""
+    from typer.testing import CliRunner
+
+    from dubtool import cli
+
+    video = tmp_path / "anna.mp4"
+    ffmpeg("-i", str(face_clip), "-t", "0.4", "-c:v", "libx264", "-an", str(video))
+    make_tone(tmp_path / "anna.wav", seconds=0.4)
+    (tmp_path / "a_file").write_text("not a folder")
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text("anna.mp4,anna.wav,out/anna.mp4\n"
+                        "anna.mp4,anna.wav,a_file/anna.mp4\n")  # its folder cannot be made
+    args = ["batch", "--manifest", str(manifest), "--model", str(tiny_model),
+            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    result = CliRunner().invoke(cli.app, [*args, "--jobs", "2"])
+    assert result.exit_code == 9, result.output
+    assert "1 done, 0 skipped, 1 failed" in result.stdout
+    assert "FileExistsError" in result.stdout and (tmp_path / "out" / "anna.mp4").is_file()
+
+    real_dub = api.dub
+
+    def out_of_memory_for_bert(video, speech, output, **options):
+        if "bert" in str(output):
+            raise RuntimeError("CUDA out of memory (a test)")
+        return real_dub(video, speech, output, **options)
+
+    monkeypatch.setattr(api, "dub", out_of_memory_for_bert)
+    monkeypatch.setitem(cli._state, "debug", False)  # restored after --debug sets it
+    monkeypatch.setenv("DUBTOOL_NATIVE_LOGS", "0")
+    manifest.write_text("anna.mp4,anna.wav,out/bert.mp4\nanna.mp4,anna.wav,out/carl.mp4\n")
+    result = CliRunner().invoke(cli.app, ["--debug", *args])
+    assert result.exit_code == 9, result.output
+    assert "1 done, 0 skipped, 1 failed" in result.stdout
+    assert "RuntimeError: CUDA out of memory" in " ".join(result.stdout.split())
+    assert "Traceback" in result.stderr and "out_of_memory_for_bert" in result.stderr
+    assert (tmp_path / "out" / "carl.mp4").is_file()
+
+
+def test_batch_waits_for_another_run_holding_the_same_inputs(face_clip: Path, tiny_model: Path,
+                                                             tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """A batch job whose cache entry is locked by another run waits for it, then goes on."""
+    import threading
+    import time
+
+    from dubtool.pipeline import cache as cache_module
+    from dubtool.pipeline.run import Inputs
+
+    class CountingClock:  # the cache's time module, counting its waits for the lock
+        waits = 0
+
+        def sleep(self, seconds: float) -> None:
+            CountingClock.waits += 1
+            time.sleep(seconds)
+
+        def __getattr__(self, name: str):
+            return getattr(time, name)
+
+    monkeypatch.setattr(cache_module, "time", CountingClock())
+    video = tmp_path / "anna.mp4"
+    ffmpeg("-i", str(face_clip), "-t", "0.4", "-c:v", "libx264", "-an", str(video))
+    speech = make_tone(tmp_path / "anna.wav", seconds=0.4)
+    item = api.BatchItem(video, speech, tmp_path / "out" / "anna.mp4")
+    outcomes = []
+    with Inputs.of(video, speech).open_cache(tmp_path / "cache"):  # another run holds it
+        worker = threading.Thread(target=lambda: outcomes.extend(api.batch(
+            [item], model=tiny_model, device="cpu", cache_dir=tmp_path / "cache")))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while CountingClock.waits < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert CountingClock.waits >= 3 and worker.is_alive() and not outcomes
+    worker.join(timeout=120)
+    assert [o.status for o in outcomes] == ["done"] and item.output.is_file()
+
+
+def test_cut_mode_carries_the_start_of_the_speech(espeak: str, face_clip: Path,
+                                                  tiny_model: Path, tmp_path: Path) -> None:
+    """Real (synthetic) speech, unlike a tone, shows which part of it was kept."""
+    from dubtool.media.audio import SAMPLE_RATE, load_speech
+
+    speech = tmp_path / "speech.wav"
+    subprocess.run([espeak, "-w", str(speech), "Hello there. This sentence is longer than "
+                    "the video it is dubbed onto."], check=True)
+    short = tmp_path / "short.mp4"
+    ffmpeg("-i", str(face_clip), "-t", "0.6", "-c:v", "libx264", "-an", str(short))
+    result = api.dub(short, speech, tmp_path / "cut.mp4", model=tiny_model, loop="cut",
+                     cache_dir=tmp_path / "cache", device="cpu")
+    given, carried = load_speech(speech), load_speech(result.output)
+    assert len(given) > 2 * SAMPLE_RATE and abs(len(carried) / SAMPLE_RATE - 0.6) < 0.04
+
+    def similarity(a: np.ndarray, b: np.ndarray) -> float:
+        n = min(len(a), len(b))
+        return float(np.dot(a[:n], b[:n]) / (np.linalg.norm(a[:n]) * np.linalg.norm(b[:n])))
+
+    assert similarity(carried, given) > 0.9  # its first 0.6 s ...
+    assert abs(similarity(carried, given[len(carried):])) < 0.3  # ... not another part
 
 
 def test_batch_manifest_and_shards(tmp_path: Path) -> None:
@@ -184,6 +315,30 @@ def test_bench_reports_cold_and_warm_runs(face_clip: Path, tiny_model: Path,
     assert data["runs"][1]["kind"] == "warm" and data["settings"]["device"] == "cpu"
 
 
+def test_sampling_defaults_come_from_the_model_config(face_clip: Path, tiny_model: Path,
+                                                      tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
+
+    from dubtool.pipeline import run
+
+    model = load_model(tiny_model)
+    diffusion = dataclasses.replace(model.config.diffusion, eta=0.7, strength=0.4)
+    model.config = model.config.replace(diffusion=diffusion)
+    seen = []
+
+    def stop(cache, inputs, loaded, digest, settings, **options):
+        seen.append(settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_dub_stages", stop)
+    speech = make_tone(tmp_path / "speech.wav", seconds=0.2)
+    for options in ({}, {"eta": 0.0, "strength": 1.0, "steps": 2}):
+        with pytest.raises(KeyboardInterrupt):
+            api.dub(face_clip, speech, tmp_path / "o.mp4", model=model, device="cpu",
+                    cache_dir=tmp_path / "cache", **options)
+    assert [(s.steps, s.eta, s.strength) for s in seen] == [(4, 0.7, 0.4), (2, 0.0, 1.0)]
+
+
 def test_partial_strength_starts_from_the_reference_warped_to_the_target(
         tiny_model: Path) -> None:
     """At a strength that leaves one almost noiseless step, the generated lower half is the
@@ -199,7 +354,7 @@ def test_partial_strength_starts_from_the_reference_warped_to_the_target(
                        for i in range(frames)])
     generator = LowerFaceGenerator(model, np.stack([face] * frames), np.arange(frames), target,
                                    np.ones(frames, bool), 0, reference_points,
-                                   DiffusionSettings(steps=10, strength=0.05),
+                                   DiffusionSettings(steps=10, strength=0.001),
                                    torch.device("cpu"))
     generated = np.concatenate([c["crops"] for c in generator.generate([0, 1], [None, None])])
     warped = np.stack([warp_face(face, reference_points, t) for t in target])
@@ -207,3 +362,19 @@ def test_partial_strength_starts_from_the_reference_warped_to_the_target(
     assert np.abs(generated[:, lower].astype(int) - warped[:, lower]).mean() < 6
     # The warp moved the face down the crop: the output follows it.
     assert np.abs(generated[-1, lower].astype(int) - generated[0, lower]).mean() > 10
+
+
+def test_a_chunk_generated_with_eta_does_not_depend_on_its_batch(tiny_model: Path) -> None:
+    model = load_model(tiny_model)
+    size, length = model.config.crop_size, model.config.completion.frames
+    rng = np.random.default_rng(0)
+    frames = 2 * length
+    crops = rng.integers(0, 256, (frames, size, size, 3)).astype(np.uint8)
+    points = 0.3 + 0.4 * rng.random((frames, 131, 2))
+    generator = LowerFaceGenerator(model, crops, np.arange(frames), points,
+                                   np.ones(frames, bool), 0, points[0],
+                                   DiffusionSettings(steps=4, eta=1.0, batch_size=2),
+                                   torch.device("cpu"))
+    together = generator.generate([0, 1], [None, None])
+    alone = generator.generate([1], [None])
+    assert np.abs(together[1]["latents"] - alone[0]["latents"]).max() < 1e-4

@@ -73,14 +73,15 @@ def test_speech_envelope_follows_the_signal() -> None:
 
 
 def test_sync_score_separates_real_speech_from_shifted_speech_and_a_still_mouth() -> None:
-    """The validation asked of the score, on a real talking clip (tests/data/may_5s.mp4, 5 s):
+    """The validation asked of the score, on a real talking clip (dubtool/data/may_5s.mp4, 5 s):
     the original scores well above its audio shifted by 0.5 s either way and a still mouth."""
+    from dubtool.api import BUNDLED_CLIP
     from dubtool.evaluation.evaluate import detect_points
     from dubtool.media.audio import load_speech
     from dubtool.media.frames import read_frames
     from dubtool.media.probe import probe_video
 
-    clip = Path(__file__).parent / "data" / "may_5s.mp4"
+    clip = BUNDLED_CLIP
     info = probe_video(clip)
     points, found = detect_points(np.stack(list(read_frames(info))))
     assert found.mean() > 0.95

@@ -14,7 +14,12 @@ from dubtool.media.audio import (
     mel_spectrogram,
     mel_window,
 )
-from dubtool.media.frames import VideoWriter, check_output_path, read_frames
+from dubtool.media.frames import (
+    VideoWriter,
+    check_output_path,
+    read_frames,
+    read_frames_in_order,
+)
 from dubtool.media.probe import probe_audio, probe_video
 
 # -- probe ------------------------------------------------------------------------------
@@ -169,3 +174,41 @@ def test_output_checks(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="is a folder"):
         check_output_path(tmp_path)
     assert check_output_path(tmp_path / "fine.mp4") == (tmp_path / "fine.mp4").resolve()
+
+
+def test_frames_in_any_order_decode_only_what_is_used_with_a_small_scratch(
+        tmp_path: Path, face_clip: Path, monkeypatch) -> None:
+    import dubtool.media.frames as frames_module
+    from dubtool.pipeline.plan import frame_plan
+
+    info = probe_video(face_clip)  # 50 frames of 256x256
+    decoded = np.stack([f.copy() for f in read_frames(info)])
+    scratch = tmp_path / "scratch"
+    raw_size = decoded.nbytes
+    sizes: list[int] = []
+    counts: list[int | None] = []
+    real_read = frames_module.read_frames
+
+    def counting(info, frames=None):
+        counts.append(frames)
+        return real_read(info, frames)
+
+    monkeypatch.setattr(frames_module, "read_frames", counting)
+    order = frame_plan(50, 130, "pingpong")  # forward, back, forward
+    served = []
+    for frame in read_frames_in_order(info, order, scratch):
+        served.append(frame.copy())
+        sizes.append(scratch.stat().st_size)
+    served = np.stack(served)
+    forward = np.arange(50)
+    assert np.array_equal(served[forward], decoded)  # the first pass: straight from ffmpeg
+    assert np.abs(served.astype(int) - decoded[order]).mean() < 2  # the way back: JPEGs
+    assert max(sizes) < raw_size / 4 and not scratch.exists()
+    assert counts == [50, 50]  # decoded again from frame 0 after the turn, not kept raw
+    # A speech shorter than the video: only the first frames are decoded, no scratch.
+    counts.clear()
+    short = list(read_frames_in_order(info, frame_plan(50, 12, "pingpong"), scratch))
+    assert len(short) == 12 and counts == [12] and not scratch.exists()
+    looped = np.stack([f.copy() for f in read_frames_in_order(info, frame_plan(50, 120, "loop"),
+                                                             scratch)])
+    assert np.array_equal(looped, decoded[frame_plan(50, 120, "loop")])  # loops: exact

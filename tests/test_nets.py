@@ -18,7 +18,13 @@ from dubtool.nets.config import (
 )
 from dubtool.nets.dubber import DubbingModel
 from dubtool.nets.io import load_model, load_weights, save_model, save_weights
-from dubtool.nets.sampling import inpaint_lower_half, lower_half_mask, make_scheduler
+from dubtool.nets.sampling import (
+    inpaint_lower_half,
+    lower_half_mask,
+    make_scheduler,
+    sampling_timesteps,
+    start_timestep,
+)
 from dubtool.nets.talkformer import TalkFormer
 from dubtool.training.dubber import dubber_losses
 
@@ -173,7 +179,17 @@ def test_refine_objective_takes_the_warped_start_to_the_real_frame(models) -> No
     mask = lower_half_mask(real.shape[-1])
     expected = float(((warped - real) ** 2 * mask).sum() / (mask.expand_as(real).sum()))
     assert abs(ldm(warped) - expected) < 1e-4 * max(expected, 1.0)
-    assert max(int(t.max()) for t in seen) < 300
+    # It trains on the times that sampling at strength 0.3 runs at (T = 100 here): 1 up to
+    # the start, 30, which is reached.
+    seen.clear()
+    for seed in range(60):
+        dubber_losses(model, ae, batch, scheduler, 0.0, end2end=False,
+                      generator=torch.Generator().manual_seed(seed), refine=0.3)
+    times = {int(t) for ts in seen for t in ts}
+    sampled = sampling_timesteps(config.diffusion.train_steps, 10, 0.3)
+    assert sampled[0] == start_timestep(0.3, config.diffusion.train_steps) == 30
+    assert min(times) >= 1 and max(times) == sampled[0]
+    assert set(sampled) <= set(range(min(times), max(times) + 1))
 
 
 def test_ddim_same_seed_same_sample_and_upper_half_kept(models) -> None:
@@ -316,6 +332,35 @@ def test_partial_strength_starts_from_the_init_latent(models) -> None:
         inpaint_lower_half(model.denoiser, known, cond, scheduler, 4, strength=0.5)
 
 
+def test_strength_starts_at_the_time_nearest_s_t_whatever_the_steps(models) -> None:
+    config, ae, model = models
+    config = config.replace(diffusion=DiffusionConfig(train_steps=1000))
+    batch = tiny_batch(config)
+    known = ae.encode(batch["frames"].flatten(0, 1))
+    cond = model.conditioning(batch["points"], known[:2])
+    scheduler = make_scheduler(config.diffusion)
+    seen: list[list[int]] = []
+
+    def denoiser(latent, masked, mask, t, cond):
+        seen[-1].append(int(t[0]))
+        return torch.zeros_like(latent)
+
+    def times(steps: int, strength: float) -> list[int]:
+        seen.append([])
+        inpaint_lower_half(denoiser, known, cond, scheduler, steps, init=known,
+                           strength=strength, generator=torch.Generator().manual_seed(0))
+        return seen[-1]
+
+    for steps in (5, 10, 25, 50):
+        run = times(steps, 0.1)
+        assert run[0] == 100 and len(run) == max(1, round(steps * 0.1)), (steps, run)
+        assert run == sorted(run, reverse=True) and run[-1] >= 1
+    assert times(50, 0.1) == [100, 80, 60, 40, 20]  # evenly spaced down to 0
+    assert times(10, 0.5) == [500, 400, 300, 200, 100]
+    assert times(10, 0.001) == times(5, 0.001) == [1]  # the shipped default: one step at t = 1
+    assert times(10, 1.0)[0] == 999 and len(seen[-1]) == 10  # from noise: the whole schedule
+
+
 def test_sketch_draws_each_line_in_its_channel() -> None:
     from dubtool.nets.sketch import SKETCH_LINES, sketch
 
@@ -358,3 +403,36 @@ def test_sketch_encoder_starts_at_zero_and_a_plain_model_grows_into_it(tmp_path:
     first = predict(grown)
     batch["points"] = moved
     assert not torch.allclose(predict(grown), first)
+
+
+def test_shipped_model_samples_one_step_from_t_1_by_default() -> None:
+    """The shipped default keeps the output it had when strength 0.1 meant the last of 10
+    steps: the warped reference noised to t = 1, one denoiser step."""
+    from dubtool.api import DEFAULT_MODEL
+    from dubtool.nets.io import resolve_model_folder
+
+    diffusion = ModelConfig.load(resolve_model_folder(DEFAULT_MODEL) / "config.json").diffusion
+    assert sampling_timesteps(diffusion.train_steps, diffusion.sample_steps,
+                              diffusion.strength) == [1]
+
+
+def test_each_chunk_draws_its_own_noise_whatever_the_batch(models) -> None:
+    """With eta > 0, a chunk's result is the same alone or batched with others: its starting
+    noise and its noise at every step come from its own generator."""
+    config, ae, model = models
+    batch = tiny_batch(config)
+    known = ae.encode(batch["frames"].flatten(0, 1))  # two chunks of 3 frames
+    cond = model.conditioning(batch["points"], known[:2])
+    scheduler = make_scheduler(config.diffusion)
+
+    def denoiser(latent, masked, mask, t, cond):  # row by row: no batch effect of its own
+        return 0.5 * latent
+
+    def sample(rows: slice, seeds: list[int], eta: float) -> torch.Tensor:
+        return inpaint_lower_half(denoiser, known[rows], cond, scheduler, 4, eta=eta,
+                                  generator=[torch.Generator().manual_seed(s) for s in seeds])
+
+    both = sample(slice(0, 6), [10, 11], eta=1.0)
+    assert torch.equal(both[3:], sample(slice(3, 6), [11], eta=1.0))
+    assert torch.equal(both[:3], sample(slice(0, 3), [10], eta=1.0))
+    assert not torch.equal(both, sample(slice(0, 6), [10, 11], eta=0.0))  # eta took effect

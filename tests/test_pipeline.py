@@ -16,7 +16,7 @@ from conftest import make_tone, make_video
 from dubtool.errors import CacheError
 from dubtool.media.frames import VideoWriter, read_frames
 from dubtool.media.probe import probe_video
-from dubtool.pipeline.cache import RunCache, clean_runs, fingerprint, list_runs
+from dubtool.pipeline.cache import RunCache, clean_runs, code_digest, fingerprint, list_runs
 from dubtool.pipeline.extract import extract
 from dubtool.pipeline.landmarks import smooth_track
 from dubtool.pipeline.plan import frame_plan, output_frame_count
@@ -61,6 +61,32 @@ def test_extract_plans_the_speech_length(tmp_path: Path) -> None:
 
 def _statuses(cache: RunCache) -> dict[str, str]:
     return {r.stage: r.status for r in cache.records}
+
+
+def test_only_the_source_frames_the_plan_uses_are_tracked_and_cropped(
+        face_clip: Path, tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
+    from dubtool.face.detect import FaceMeshDetector
+    from dubtool.pipeline.diffuse import load_crops, write_crops
+
+    calls = []
+    real_detect = FaceMeshDetector.detect_all
+
+    def counted(self, frame):
+        calls.append(1)
+        return real_detect(self, frame)
+
+    monkeypatch.setattr(FaceMeshDetector, "detect_all", counted)
+    speech = make_tone(tmp_path / "speech.wav", seconds=0.4)  # 10 of the clip's 50 frames
+    inputs = Inputs.of(face_clip, speech)
+    with inputs.open_cache(cache_dir) as cache:
+        front = run_front(cache, inputs)
+    assert len(calls) == 10 and front.track.frames == 10 and front.track.faces_found == 10
+    write_crops(front.extracted.video, front.track, 32, tmp_path)
+    assert load_crops(tmp_path).shape == (10, 32, 32, 3)
+    # A speech as long as the video tracks all of it.
+    inputs = Inputs.of(face_clip, make_tone(tmp_path / "long.wav", seconds=2.5))
+    with inputs.open_cache(cache_dir) as cache:
+        assert run_front(cache, inputs).track.frames == 50
 
 
 def test_second_run_skips_done_stages(face_clip: Path, tmp_path: Path, cache_dir: Path) -> None:
@@ -121,6 +147,50 @@ def test_downstream_stage_reruns_when_upstream_changes(tmp_path: Path) -> None:
             cache.run_stage("second", fingerprint("second", fp1), stage("second", setting))
     assert calls == ["first", "second", "first", "second"]
     assert (tmp_path / "run" / "second" / "out.txt").read_text() == "b"
+
+
+def test_code_digest_follows_the_code_a_module_uses(tmp_path: Path, monkeypatch) -> None:
+    import importlib
+
+    package = tmp_path / "stagepkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "stage.py").write_text("from stagepkg import helper\n\n"
+                                      "def run():\n    return helper.value()\n")
+    (package / "helper.py").write_text("def value():\n    return 1\n")
+    (package / "unused.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stage = importlib.import_module("stagepkg.stage")
+    importlib.import_module("stagepkg.unused")
+
+    def digest() -> str:
+        code_digest.cache_clear()
+        return code_digest(stage)
+
+    first = digest()
+    (package / "stage.py").write_text("from stagepkg import helper  # a comment\n\n\n"
+                                      "def run():\n    return helper.value()\n")
+    (package / "unused.py").write_text("X = 2\n")
+    assert digest() == first  # comments, layout and modules it does not use do not count
+    (package / "helper.py").write_text("def value():\n    return 2\n")
+    assert digest() != first  # a change in the code it uses does
+    code_digest.cache_clear()
+
+
+def test_a_stage_whose_code_changed_is_recomputed(face_clip: Path, cache_dir: Path,
+                                                  monkeypatch) -> None:
+    from dubtool.pipeline import extract as extract_stage
+    from dubtool.pipeline import run
+
+    inputs = Inputs.of(face_clip)
+    with inputs.open_cache(cache_dir) as cache:
+        run_front(cache, inputs)
+    real = run.code_digest
+    monkeypatch.setattr(run, "code_digest",
+                        lambda module: "edited" if module is extract_stage else real(module))
+    with inputs.open_cache(cache_dir) as cache:
+        run_front(cache, inputs)
+    assert _statuses(cache) == {"extract": "ran", "landmarks": "cached"}
 
 
 def test_interrupted_stage_leaves_no_half_result(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from dubtool import api
 from dubtool.cli import app
 from dubtool.errors import InputNotFound, OutputError
 from dubtool.face.indices import MIRROR, ORDER
+from dubtool.media.audio import mel_window
 from dubtool.training.dataset import Augment, PreparedData, dubber_batch, person_of
 
 
@@ -60,6 +61,34 @@ def test_people_file_names_the_person(tmp_path: Path) -> None:
     assert person_of(tmp_path / "z.mp4", tmp_path) == "z"
 
 
+def test_prepare_skips_bad_clips_only_and_follows_a_changed_person(
+        tmp_path: Path, face_clip: Path, monkeypatch) -> None:
+    import dubtool.training.dataset as dataset_module
+    from dubtool.errors import CacheError
+
+    videos, out, cache = tmp_path / "videos", tmp_path / "data", tmp_path / "cache"
+    videos.mkdir()
+    shutil.copy(face_clip, videos / "x.mp4")
+    (videos / "broken.mp4").write_bytes(b"not a video" * 50)
+    (videos / "PEOPLE.tsv").write_text("x.mp4\tAnna\n")
+    status = {r.clip: r.status for r in api.prepare(videos, out, crop_size=32, cache_dir=cache)}
+    assert status["broken"].startswith("skipped: ") and "not readable as media" in status["broken"]
+    assert PreparedData(out, "train").clips[0].person == "Anna"
+    (videos / "PEOPLE.tsv").write_text("x.mp4\tBert\n")
+    api.prepare(videos, out, crop_size=32, cache_dir=cache)  # the clip itself is unchanged
+    assert PreparedData(out, "train").clips[0].person == "Bert"
+    assert json.loads((out / "dataset.json").read_text())["people"]["x"] == "Bert"
+    # A busy cache or a bug is not a bad clip: it stops prepare instead of skipping the clip.
+    for error in (CacheError("another dubtool run is using this cache entry"),
+                  ZeroDivisionError("a bug")):
+        def failing(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(dataset_module, "run_front", failing)
+        with pytest.raises(type(error)):
+            api.prepare(videos, out, crop_size=32, cache_dir=cache)
+
+
 def test_prepare_refuses_bad_folders(tmp_path: Path, videos: Path) -> None:
     with pytest.raises(InputNotFound):
         api.prepare(tmp_path / "nope", tmp_path / "out")
@@ -79,6 +108,26 @@ def test_sampler_draws_successive_frames_and_a_distant_reference(dataset: Path) 
     assert batch["reference_image"].shape == (3, 3, 32, 32)
     assert batch["motion"].shape == (3, 2, 3, 32, 32)
     assert batch["frames"].min() >= -1 and batch["frames"].max() <= 1
+    # Which frames of the clip each picture is (the clips are copies of one video), found
+    # by nearest crop: the sample's frames follow one another, its motion frames come just
+    # before them, and its reference is a face frame away from them.
+    clip = data.clips[0]
+    crops = Augment.none().images(np.asarray(clip.crops))
+
+    def index(image: np.ndarray) -> int:
+        return int(np.abs(crops - image).mean(axis=(1, 2, 3)).argmin())
+
+    for b in range(3):
+        frames = [index(image) for image in batch["frames"][b]]
+        start = frames[0]
+        assert frames == list(range(start, start + 5))
+        assert [index(image) for image in batch["motion"][b]] == [start - 2, start - 1]
+        np.testing.assert_allclose(batch["points"][b], clip.points[start:start + 5], atol=1e-6)
+        np.testing.assert_array_equal(batch["mel"][b][2], mel_window(clip.mel, start + 2,
+                                                                       clip.fps))
+        reference = index(batch["reference_image"][b])
+        assert clip.detected[reference] and not start <= reference < start + 5
+        assert abs(reference - start) >= 10  # the farthest of a few random face frames
     no_motion = dubber_batch(data, 2, 5, 4, 2, rng, motion_probability=0.0)
     assert no_motion["motion"].shape == (2, 0, 3, 32, 32)
 
@@ -111,6 +160,9 @@ def test_scale_and_shift_move_points_with_the_image() -> None:
 
 
 def test_training_runs_checkpoint_and_resume(dataset: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
     from dubtool.training.autoencoder import train_autoencoder
     from dubtool.training.dubber import train_dubber
 
@@ -132,6 +184,23 @@ def test_training_runs_checkpoint_and_resume(dataset: Path, tmp_path: Path) -> N
     log = [json.loads(line) for line in (tmp_path / "dub" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "validation" in e] == [2, 4]
     assert (resumed.model / "dubber.safetensors").is_file()
+    # The stopped and resumed run equals one that never stopped: weights, optimiser state,
+    # random generators and losses.
+    whole = train_dubber(config, dataset, ae.model, tmp_path / "whole", steps=4, epoch_steps=2,
+                         checkpoint_every=1, validation_batches=1)
+    assert whole.validation == resumed.validation
+    for name in ("dubber.safetensors", "optimizer.safetensors"):
+        ours, theirs = (load_file(str(run / "checkpoint" / name))
+                        for run in (tmp_path / "dub", tmp_path / "whole"))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    states = [json.loads((run / "checkpoint" / "state.json").read_text())
+              for run in (tmp_path / "dub", tmp_path / "whole")]
+    assert states[0] == states[1]
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "time"}
+             for line in (run / "log.jsonl").read_text().splitlines()]
+            for run in (tmp_path / "dub", tmp_path / "whole")]
+    assert logs[0] == logs[1]
 
 
 def test_completion_pretraining_feeds_the_dubber(dataset: Path, tmp_path: Path) -> None:
@@ -260,3 +329,34 @@ def test_completion_into_a_model_folder(dataset: Path, tiny_model: Path, tmp_pat
     moved = [float((merged_state[k] - base_state[k]).abs().max())
              for k in merged_state if k.startswith("completion.")]
     assert max(moved) > 0
+
+
+def test_mixed_precision_takes_effect_on_cpu_or_is_refused(tmp_path: Path) -> None:
+    import dataclasses
+
+    import torch
+
+    from dubtool.errors import ModelError
+    from dubtool.training.loop import RunFolder, TrainState, optimise
+
+    def run(precision: str) -> list[bool]:
+        layer = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        folder = RunFolder(tmp_path / precision, tiny_config(), False)
+        autocasting = []
+
+        def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
+            autocasting.append(torch.is_autocast_enabled("cpu"))
+            return {"total": layer(torch.ones(1, 2)).float().pow(2).sum()}
+
+        optimise(folder, {"layer": layer}, optimizer, TrainState(0, np.random.default_rng(0)),
+                 2, step_losses, dict, device=torch.device("cpu"), mixed_precision=precision,
+                 grad_clip=1.0, epoch_steps=100, checkpoint_every=100, progress=None)
+        return autocasting
+
+    assert run("bf16") == [True, True] and run("no") == [False, False]
+    with pytest.raises(ModelError, match="fp16 needs CUDA"):
+        run("fp16")
+    training = dataclasses.replace(tiny_config().training, mixed_precision="fp32")
+    with pytest.raises(ModelError, match="mixed_precision must be"):
+        tiny_config().replace(training=training)

@@ -17,7 +17,10 @@ from dubtool.errors import ModelError
 from dubtool.face.indices import NUM_CONTENT, NUM_POINTS, NUM_POSE, ORDER
 from dubtool.media.audio import MEL_WINDOW, N_MELS
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "models" / "configs"
+# The shipped configs and models are package data (dubtool/models): found the same way in a
+# checkout, an editable install and an installed wheel.
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+CONFIGS_DIR = MODELS_DIR / "configs"
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class DiffusionConfig:
     beta_schedule: str = "scaled_linear"
     sample_steps: int = 25       # DDIM steps at inference
     eta: float = 0.0
-    strength: float = 1.0        # < 1: start from the warped reference noised this far
+    strength: float = 1.0        # S < 1: start from the warped reference noised to ~S x T
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class TrainingConfig:
     completion_person_exponent: float = 0.0
     kl_weight: float = 1e-6
     grad_clip: float = 1.0
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (CUDA only)
+    mixed_precision: str = "no"  # "no", "bf16" (CUDA or CPU) or "fp16" (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,8 @@ class ModelConfig:
             problems.append(f"completion.mel_bins must be {N_MELS}, the audio front end's")
         if self.completion.window < self.completion.frames:
             problems.append("completion.window must be at least completion.frames")
+        if self.training.mixed_precision not in ("no", "bf16", "fp16"):
+            problems.append("training.mixed_precision must be no, bf16 or fp16")
         if tuple(self.landmark_order) != ORDER:
             problems.append("landmark_order differs from this version's 131-point order")
         for c in self.denoiser.channels:
@@ -190,7 +195,8 @@ class ModelConfig:
 
     @classmethod
     def named(cls, name_or_path: str | Path) -> ModelConfig:
-        """A config from models/configs by name (``cpu-128``, ``paper-256``) or from a path."""
+        """A config from dubtool/models/configs by name (``cpu-128``, ``paper-256``) or from a
+        path."""
         path = Path(name_or_path)
         if not path.suffix and not path.exists():
             path = CONFIGS_DIR / f"{name_or_path}.json"

@@ -19,14 +19,13 @@ from torch import nn
 
 from dubtool.errors import ModelError
 from dubtool.nets.autoencoder import FaceAutoencoder
-from dubtool.nets.config import ModelConfig
+from dubtool.nets.config import MODELS_DIR, ModelConfig
 from dubtool.nets.dubber import DubbingModel
 from dubtool.pipeline.cache import file_digest
 
 CONFIG_FILE = "config.json"
 AUTOENCODER_FILE = "autoencoder.safetensors"
 DUBBER_FILE = "dubber.safetensors"
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 
 def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None,
@@ -94,7 +93,7 @@ class LoadedModel:
 
 
 def resolve_model_folder(name_or_path: str | Path) -> Path:
-    """A model folder given by path, or by name under the repository's models/."""
+    """A model folder given by path, or by name among the shipped models (dubtool/models)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path

@@ -19,7 +19,6 @@ from dubtool.media.frames import VideoWriter, read_frames_in_order
 from dubtool.media.probe import VideoInfo
 from dubtool.pipeline.landmarks import FaceTrack
 
-VERSION = 1
 _LOWER_FACE = [ORDER.index(i) for i in (*JAW, *NOSE[5:])]  # jaw line and the nose base
 
 
@@ -72,9 +71,11 @@ def blended_frames(video: VideoInfo, track: FaceTrack, plan: np.ndarray, target:
 def write_video(frames: Iterator[tuple[np.ndarray, bool]], video: VideoInfo, total: int,
                 output: Path, speech: Path, progress: Callable[[int, int], None] | None = None
                 ) -> int:
-    """Encode the frames with the speech; returns how many were dubbed (had a face)."""
+    """Encode the ``total`` frames with the speech, cut to their duration (``--loop cut``:
+    a video shorter than the speech); returns how many were dubbed (had a face)."""
     dubbed = 0
-    with VideoWriter(output, video.width, video.height, video.fps, audio=speech) as writer:
+    with VideoWriter(output, video.width, video.height, video.fps, audio=speech,
+                     audio_seconds=total / float(video.fps)) as writer:
         for i, (frame, was_dubbed) in enumerate(frames):
             writer.write(frame)
             dubbed += was_dubbed

@@ -1,7 +1,8 @@
 """The run cache: one folder per (video content, speech content), one sub-folder per stage.
 
 A run folder's ``manifest.json`` records, for every finished stage, the fingerprint of what it
-was computed from (its settings and the fingerprints of the stages it read). A stage whose
+was computed from (its settings, its code (``code_digest``) and the fingerprints of the stages it
+read). A stage whose
 fingerprint is unchanged is skipped; one whose fingerprint changed is recomputed, and since the
 stages after it include its fingerprint in theirs, they are recomputed too.
 
@@ -12,9 +13,12 @@ old result or the new one, never half of one. A lock file keeps two processes ou
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
+import functools
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -22,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -54,6 +59,32 @@ def fingerprint(*parts: object) -> str:
     """A stable hash of JSON-serialisable parts (settings, upstream fingerprints, digests)."""
     text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+@functools.cache
+def code_digest(module: ModuleType) -> str:
+    """A hash of the code of ``module`` and of every module of its package that it uses,
+    through its top-level imports, transitively: what a stage's fingerprint holds of the code
+    that computes the stage, so that a change to that code recomputes it (no version numbers
+    to bump by hand). Syntax trees are hashed, so comments and layout do not count."""
+    root = module.__name__.split(".")[0]
+    seen: dict[str, ModuleType] = {}
+    todo = [module.__name__]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen[name] = importlib.import_module(name)
+        for value in vars(seen[name]).values():
+            used = value.__name__ if isinstance(value, ModuleType) else getattr(
+                value, "__module__", None)
+            if isinstance(used, str) and used.split(".")[0] == root:
+                todo.append(used)
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(seen):
+        source = Path(seen[name].__file__).read_text()
+        h.update(f"{name}\n{ast.dump(ast.parse(source))}\n".encode())
+    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, data: object) -> None:

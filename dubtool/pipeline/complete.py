@@ -25,7 +25,6 @@ from dubtool.media.audio import NORMALISED_CLIP, mel_window, normalise_mel, paus
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.pipeline.landmarks import FaceTrack
 
-VERSION = 2
 PAUSE_SECONDS = 0.25
 FADE_FRAMES = 2        # frames over which the mouth closes into or opens out of a pause
 CLOSED_FRACTION = 0.1  # the closed shape: median of this most-closed fraction of the frames

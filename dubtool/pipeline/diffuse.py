@@ -25,16 +25,16 @@ from dubtool.nets.io import LoadedModel
 from dubtool.nets.sampling import inpaint_lower_half, lower_half_mask, make_scheduler
 from dubtool.pipeline.landmarks import FaceTrack
 
-VERSION = 3
 CROPS_FILE = "crops.npy"
 
 
 def write_crops(video: VideoInfo, track: FaceTrack, size: int, folder: Path) -> None:
-    """Every source frame's face crop, (F, size, size, 3) uint8, memory-mapped on disk."""
+    """The face crop of every source frame the track covers, (F, size, size, 3) uint8,
+    memory-mapped on disk."""
     crops = np.lib.format.open_memmap(folder / CROPS_FILE, mode="w+", dtype=np.uint8,
-                                      shape=(video.frame_count, size, size, 3))
+                                      shape=(track.frames, size, size, 3))
     has_box = bool(track.detected.any())
-    for i, frame in enumerate(read_frames(video)):
+    for i, frame in enumerate(read_frames(video, track.frames)):
         if has_box:
             crops[i] = track.box(i).crop(frame, size)
     crops.flush()
@@ -179,14 +179,13 @@ class LowerFaceGenerator:
             motion = motion.to(self.device, torch.float32)
         reference = self.reference_latent.expand(len(todo), -1, -1, -1)
         cond = dubber.conditioning(landmarks, reference, motion)
+        # Each chunk's noise (at the start and, with eta > 0, at every step) comes from its
+        # own generator: the result does not depend on the batch the chunk is in.
         generators = [torch.Generator().manual_seed(self.settings.seed * 1_000_003 + k)
                       for k, _ in todo]
-        noise = torch.cat([torch.randn((length, *known.shape[1:]), generator=g)
-                           for g in generators])
         latents = inpaint_lower_half(dubber.denoiser, known, cond, self.scheduler,
-                                     self.settings.steps, self.settings.eta, generators[0],
-                                     init=init, strength=self.settings.strength,
-                                     noise=noise)
+                                     self.settings.steps, self.settings.eta, generators,
+                                     init=init, strength=self.settings.strength)
         decoded = ae.decode(latents)
         crops = to_images(decoded if lost is None else decoded + lost)
         for i, (k, _) in enumerate(todo):

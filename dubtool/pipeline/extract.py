@@ -12,8 +12,6 @@ from dubtool.media.audio import SAMPLE_RATE, load_speech, mel_spectrogram
 from dubtool.media.probe import AudioInfo, VideoInfo, probe_audio, probe_video
 from dubtool.pipeline.plan import frame_plan, output_frame_count
 
-VERSION = 1
-
 
 @dataclass
 class Extracted:

@@ -24,8 +24,6 @@ from dubtool.face.indices import CONTENT_SLICE, NUM_POINTS, POSE_SLICE, select_p
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import VideoInfo
 
-VERSION = 2
-
 # Smoothing widths (Gaussian sigma) in seconds: the crop box moves slowly so that the face does
 # not shake inside the crop; pose points a little; lips and jaw barely: speech moves them fast.
 BOX_CENTRE_SIGMA_S = 0.08
@@ -132,16 +130,16 @@ def smooth_track(points: np.ndarray, detected: np.ndarray,
 
 
 def track_faces(video: VideoInfo, detector: Detector, face: FaceChoice = "largest",
-                progress: Progress | None = None) -> FaceTrack:
-    """Detect the faces in every frame of ``video`` (frames streamed, one at a time) and follow
-    the one that ``face`` picks."""
-    total = video.frame_count
+                progress: Progress | None = None, frames: int | None = None) -> FaceTrack:
+    """Detect the faces in the first ``frames`` frames of ``video`` (default: all; streamed,
+    one at a time) and follow the one that ``face`` picks."""
+    total = video.frame_count if frames is None else min(frames, video.frame_count)
     mesh = np.full((total, 478, 3), np.nan, np.float32)
     detected = np.zeros(total, bool)
     picker = FacePicker(face, video.width, video.height)
     spent, faces_seen = 0.0, 0
     with detector:
-        for i, frame in enumerate(read_frames(video)):
+        for i, frame in enumerate(read_frames(video, total)):
             start = time.perf_counter()
             faces = detector.detect_all(frame)
             found = picker.pick(faces)

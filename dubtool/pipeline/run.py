@@ -20,7 +20,14 @@ from dubtool.pipeline import complete as complete_stage
 from dubtool.pipeline import diffuse as diffuse_stage
 from dubtool.pipeline import extract as extract_stage
 from dubtool.pipeline import landmarks as landmarks_stage
-from dubtool.pipeline.cache import RunCache, default_cache_dir, file_digest, fingerprint, load_chunk
+from dubtool.pipeline.cache import (
+    RunCache,
+    code_digest,
+    default_cache_dir,
+    file_digest,
+    fingerprint,
+    load_chunk,
+)
 from dubtool.pipeline.complete import Completion
 from dubtool.pipeline.diffuse import DiffusionSettings
 from dubtool.pipeline.extract import Extracted
@@ -65,7 +72,7 @@ def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
               detector: str = "mediapipe", face: FaceChoice = "largest", force: bool = False,
               progress: StageProgress | None = None) -> FrontResult:
     """Stages ``extract`` and ``landmarks``: what every command needs before the models."""
-    extract_fp = fingerprint("extract", extract_stage.VERSION, inputs.video_digest,
+    extract_fp = fingerprint("extract", code_digest(extract_stage), inputs.video_digest,
                              inputs.speech_digest, loop)
     folder = cache.run_stage(
         "extract", extract_fp,
@@ -73,17 +80,23 @@ def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
         force=force)
     extracted = Extracted.load(folder)
 
+    # Only the source frames the plan uses are tracked (and cropped): a short speech over a
+    # long video reads its first seconds alone.
+    used = int(extracted.plan.max()) + 1
+
     def detect(out: Path) -> None:
         def step(done: int, total: int) -> None:
             if progress is not None:
                 progress("landmarks", done, total)
 
-        track = landmarks_stage.track_faces(extracted.video, make_detector(detector), face, step)
+        track = landmarks_stage.track_faces(extracted.video, make_detector(detector), face, step,
+                                            used)
         track.save(out)
 
-    # The face track depends on the video alone: a new speech or loop mode keeps it.
-    landmarks_fp = fingerprint("landmarks", landmarks_stage.VERSION, inputs.video_digest, detector,
-                               face)
+    # The face track depends on the video and how much of it is used: a new speech as long as
+    # the video or longer, or another loop mode, keeps it.
+    landmarks_fp = fingerprint("landmarks", code_digest(landmarks_stage), inputs.video_digest,
+                               detector, face, used)
     folder = cache.run_stage("landmarks", landmarks_fp, detect, force=force)
     return FrontResult(extracted, FaceTrack.load(folder), extract_fp, landmarks_fp)
 
@@ -116,13 +129,13 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     front = run_front(cache, inputs, loop=loop, face=face, force=force, progress=progress)
     video, track, plan = front.extracted.video, front.track, front.extracted.plan
     size = model.config.crop_size
-    crops_fp = fingerprint("crops", diffuse_stage.VERSION, front.landmarks_fp, size)
+    crops_fp = fingerprint("crops", code_digest(diffuse_stage), front.landmarks_fp, size)
     folder = cache.run_stage("crops", crops_fp,
                              lambda out: diffuse_stage.write_crops(video, track, size, out),
                              force=force)
     crops = diffuse_stage.load_crops(folder)
 
-    complete_fp = fingerprint("complete", complete_stage.VERSION, front.extract_fp,
+    complete_fp = fingerprint("complete", code_digest(complete_stage), front.extract_fp,
                               front.landmarks_fp, model_digest)
     folder = cache.run_stage(
         "complete", complete_fp,
@@ -134,11 +147,12 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
 
     if reference_frame is None:
         reference_frame = pick_reference_frame(track)
-    elif not 0 <= reference_frame < video.frame_count:
-        raise InvalidMedia(f"--reference-frame {reference_frame} is outside the video's "
-                           f"{video.frame_count} frames", video.path)
+    elif not 0 <= reference_frame < track.frames:
+        raise InvalidMedia(f"--reference-frame {reference_frame} is outside the "
+                           f"{track.frames} frames of the video that the speech uses",
+                           video.path)
     precision = diffuse_stage.sampling_precision(device)
-    diffuse_fp = fingerprint("diffuse", diffuse_stage.VERSION, complete_fp, crops_fp,
+    diffuse_fp = fingerprint("diffuse", code_digest(diffuse_stage), complete_fp, crops_fp,
                              model_digest, settings.steps, settings.eta, settings.seed,
                              settings.strength, settings.batch_size, reference_frame,
                              str(precision))

@@ -24,10 +24,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dubtool.errors import InputNotFound
+from dubtool.errors import InputNotFound, InvalidMedia
 from dubtool.face.indices import MIRROR
 from dubtool.face.warp import warp_face
 from dubtool.media.audio import NORMALISED_CLIP, mel_window, normalise_mel
+from dubtool.pipeline.cache import write_json_atomic
 from dubtool.pipeline.diffuse import load_crops, write_crops
 from dubtool.pipeline.run import Inputs, run_front
 
@@ -137,11 +138,13 @@ def prepare(videos: str | Path, output: str | Path, crop_size: int = 128,
         person = person_of(video, root)
         if progress is not None:
             progress(name, n, len(all_videos))
+        # A clip that is missing or not usable media is skipped and the others go on; anything
+        # else (a bug, a busy or damaged cache, a full disk) stops the run, not hidden as a skip.
         try:
             inputs = Inputs.of(video, video)
             with inputs.open_cache(cache_dir) as cache:
                 front = run_front(cache, inputs, loop="cut")
-        except Exception as exc:  # one bad clip never stops the others
+        except (InputNotFound, InvalidMedia) as exc:
             reports.append(ClipReport(name, person, 0, 0, f"skipped: {exc}"))
             continue
         track = front.track
@@ -155,6 +158,9 @@ def prepare(videos: str | Path, output: str | Path, crop_size: int = 128,
         if not (meta.exists() and json.loads(meta.read_text()).get("frames") == track.frames
                 and load_crops(folder).shape[1] == crop_size):
             _write_clip(folder, video, person, front, crop_size)
+        elif (saved := json.loads(meta.read_text()))["person"] != person:
+            # PEOPLE.tsv (or the folder) now names someone else: the crops stay valid.
+            write_json_atomic(meta, {**saved, "person": person})
         reports.append(ClipReport(name, person, track.frames, track.faces_found, "train"))
     if progress is not None:
         progress("", len(all_videos), len(all_videos))

@@ -31,7 +31,7 @@ from dubtool.nets.io import (
     with_completion,
 )
 from dubtool.nets.landmark_completion import LandmarkCompletion
-from dubtool.nets.sampling import lower_half_mask, make_scheduler
+from dubtool.nets.sampling import lower_half_mask, make_scheduler, start_timestep
 from dubtool.pipeline.complete import predict_content, reference_frames
 from dubtool.training.dataset import PreparedData, dubber_batch
 from dubtool.training.loop import (
@@ -93,7 +93,8 @@ def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
 
     ``refine`` > 0 trains the denoiser for image-to-image sampling at that strength instead:
     the lower half starts from the reference bent onto the frame's landmarks
-    (``batch["warped"]``) noised to a time below refine x T, and the loss is on the clean
+    (``batch["warped"]``) noised to a time up to the one nearest refine x T (where sampling
+    at that strength starts: ``start_timestep``), and the loss is on the clean
     latent the predicted noise implies, so the denoiser learns to take the warped face to
     the real one (mouth inside, teeth, shading) rather than to remove noise alone.
     """
@@ -111,10 +112,12 @@ def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
     condition_points = landmarks if end2end else batch["points"]
     cond = model.conditioning(condition_points, reference_latent, motion_latents)
 
-    # One diffusion time per sample, shared by its L frames (they are denoised together).
+    # One diffusion time per sample, shared by its L frames (they are denoised together);
+    # refining, the times that sampling at that strength runs at: 1 .. its start time.
     train_steps = scheduler.config.num_train_timesteps
-    highest = max(1, round(refine * train_steps)) if refine > 0 else train_steps
-    timesteps = torch.randint(0, highest, (b,), generator=generator,
+    lowest, end = ((1, start_timestep(refine, train_steps) + 1) if refine > 0
+                   else (0, train_steps))
+    timesteps = torch.randint(lowest, end, (b,), generator=generator,
                               device=generator.device if generator is not None else "cpu")
     timesteps = timesteps.to(latents.device).repeat_interleave(length)
     noise = torch.randn(latents.shape, generator=generator,

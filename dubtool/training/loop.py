@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dubtool.errors import InputNotFound, InvalidMedia, OutputError
+from dubtool.errors import InputNotFound, InvalidMedia, ModelError, OutputError
 from dubtool.nets.config import ModelConfig
 from dubtool.nets.io import load_weights, save_weights
 from dubtool.training.dataset import PreparedData
@@ -44,11 +44,15 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA when the config asks for it; full precision otherwise."""
-    if device.type != "cuda" or mixed_precision == "no":
+    """The autocast the config's ``training.mixed_precision`` asks for: "bf16" on CUDA or CPU,
+    "fp16" on CUDA only (on a CPU it is slow and needs loss scaling: a ModelError)."""
+    if mixed_precision == "no":
         return contextlib.nullcontext()
+    if mixed_precision == "fp16" and device.type != "cuda":
+        raise ModelError("training.mixed_precision fp16 needs CUDA (--device cuda); on a CPU "
+                         "use bf16 or no")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass
@@ -192,6 +196,7 @@ def optimise(run: RunFolder, modules: dict[str, nn.Module], optimizer: torch.opt
     linearly towards 0 (a function of the step alone, so a resumed run follows the same
     schedule). Returns (mean seconds per step, last validation).
     """
+    autocast(device, mixed_precision)  # an unsupported precision fails before any step
     parameters = [p for m in modules.values() for p in m.parameters()]
     validation: dict[str, float] = {}
     timer = StepTimer()
