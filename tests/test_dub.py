@@ -1,6 +1,7 @@
 """`dub` end to end on a tiny model built here: outputs, resume, plans, still images."""
 
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -287,8 +288,22 @@ def test_eval_runs_the_reconstruction_protocol(face_clip: Path, tiny_model: Path
     assert original["lmd"] == 0.0 and original["psnr"] == float("inf")
     assert original["stability"] == 1.0
     assert static["lmd"] > 0 and static["psnr"] < 60
-    assert "| model |" in report.read_text()
+    # The real mouth follows itself; the static one barely moves (FaceMesh jitter only).
+    assert original["opening_correlation"] == pytest.approx(1.0)
+    assert original["articulation"] == pytest.approx(1.0)
+    assert static["articulation"] < 0.5
+    # The dub is measured like the others, and its landmarks on their own.
+    model = clip.metrics["model"]
+    assert 0 < model["lmd"] < 1 and 5 < model["psnr"] < 60
+    assert model["lmd_lips"] > 0 and model["lmd_jaw"] > 0
+    for name in ("opening_correlation", "completion_opening_correlation"):
+        assert -1 <= model[name] <= 1
+    assert model["articulation"] >= 0 and model["completion_articulation"] >= 0
+    assert math.isnan(static["completion_opening_correlation"])
+    text = report.read_text()
+    assert "| model |" in text and "opening_correlation" in text
     assert (tmp_path / "eval" / "strips" / "face_2s.first1.2s.png").is_file()
+    assert (tmp_path / "eval" / "plots" / "face_2s.first1.2s.opening.png").is_file()
     if importlib.util.find_spec("dlib") is not None:  # the optional identity extra
         assert original["identity"] == 0.0 and "identity" in result.summary["static"]
         assert "| stability | identity |" in report.read_text()

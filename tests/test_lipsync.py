@@ -51,7 +51,7 @@ def test_completion_losses_see_opening_and_motion() -> None:
     still = target.mean(dim=1, keepdim=True).expand_as(target)
     losses = completion_losses(still, target, TrainingConfig())
     assert float(losses["velocity"]) > 0.5 * float((target.diff(dim=1)).abs().mean())
-    assert float(losses["articulation"]) > 0  # its gaps do not spread at all
+    assert float(losses["spread"]) > 0  # its gaps do not spread at all
     # Lips pressed together (every upper lip point on its lower twin) cost opening.
     closed = target.clone()
     for top, bottom in ((ORDER.index(13) - 74, ORDER.index(14) - 74),):

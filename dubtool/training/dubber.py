@@ -54,8 +54,8 @@ def completion_losses(predicted: torch.Tensor, target: torch.Tensor,
     l1: point L1. opening: L1 of the lip gaps (upper minus lower point of LIP_GAP_PAIRS), so
     that an under-opened mouth costs what it looks like. velocity: L1 of the frame-to-frame
     motion of the points, so that a mouth that moves too little or too late costs too.
-    articulation: L1 between the predicted and real spread over time of each lip gap, so that
-    a mouth hedging between open and closed (what L1 alone rewards) costs.
+    spread: L1 between the predicted and real spread over time (std) of each lip gap, so
+    that a mouth hedging between open and closed (what L1 alone rewards) costs.
     total = l1 + the config's weights times the others.
     """
     l1 = (predicted - target).abs().mean()
@@ -65,13 +65,13 @@ def completion_losses(predicted: torch.Tensor, target: torch.Tensor,
     opening = (predicted_gaps - target_gaps).abs().mean()
     if predicted.shape[1] > 1:
         velocity = (predicted.diff(dim=1) - target.diff(dim=1)).abs().mean()
-        articulation = (predicted_gaps.std(dim=1) - target_gaps.std(dim=1)).abs().mean()
+        spread = (predicted_gaps.std(dim=1) - target_gaps.std(dim=1)).abs().mean()
     else:
-        velocity = articulation = torch.zeros_like(l1)
+        velocity = spread = torch.zeros_like(l1)
     total = (l1 + config.opening_weight * opening + config.velocity_weight * velocity
-             + config.articulation_weight * articulation)
+             + config.spread_weight * spread)
     return {"total": total, "l1": l1, "opening": opening, "velocity": velocity,
-            "articulation": articulation}
+            "spread": spread}
 
 
 def completed_landmarks(completion: LandmarkCompletion, batch: dict[str, torch.Tensor],
