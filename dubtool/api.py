@@ -194,6 +194,14 @@ def cache_list(cache_dir: str | Path | None = None) -> list[RunSummary]:
     return list_runs(cache_dir)
 
 
+def cache_limit() -> int:
+    """The cache's size limit in bytes ($DUBTOOL_CACHE_LIMIT_GB, default 10 GB; 0: none):
+    after each run the least recently used runs not in use are removed down to it."""
+    from dubtool.pipeline.cache import cache_limit_bytes
+
+    return cache_limit_bytes()
+
+
 def cache_clean(cache_dir: str | Path | None = None, keys: Sequence[str] | None = None,
                 older_than_days: float | None = None) -> list[RunSummary]:
     """Remove cached runs (all, by key prefix, or unused for some days); returns them."""

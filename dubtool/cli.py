@@ -455,10 +455,12 @@ def _size(n: int) -> str:
 
 @cache_app.command("list")
 def cache_list_cmd(cache_dir: CacheDir = None) -> None:
-    """List cached runs, most recently used first."""
+    """List cached runs, most recently used first, and the cache's size limit."""
     runs = _call(lambda: api.cache_list(cache_dir))
+    limit = _call(api.cache_limit)
+    limit_text = (f"limit {_size(limit)}" if limit else "no limit") + " ($DUBTOOL_CACHE_LIMIT_GB)"
     if not runs:
-        out.print("no cached runs")
+        out.print(f"no cached runs; {limit_text}")
         return
     table = Table("key", "video", "speech", "stages", "size", "last used")
     for run in runs:
@@ -467,7 +469,7 @@ def cache_list_cmd(cache_dir: CacheDir = None) -> None:
                       _size(run.size_bytes), time.strftime("%Y-%m-%d %H:%M",
                                                            time.localtime(run.used)))
     out.print(table)
-    out.print(f"{len(runs)} runs, {_size(sum(r.size_bytes for r in runs))}")
+    out.print(f"{len(runs)} runs, {_size(sum(r.size_bytes for r in runs))} in all; {limit_text}")
 
 
 @cache_app.command("clean")

@@ -32,6 +32,12 @@ class DubtoolError(Exception):
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
+class UsageError(DubtoolError):
+    """An option outside what it accepts, found before any work."""
+
+    exit_code = 2
+
+
 class InputNotFound(DubtoolError):
     exit_code = 3
 

@@ -87,11 +87,13 @@ def test_landmarks_writes_debug_video_and_json(face_clip: Path, tmp_path: Path,
     assert "extract cached, landmarks cached" in again.stdout
 
 
-def test_cache_list_and_clean(face_clip: Path, cache_dir: Path) -> None:
+def test_cache_list_and_clean(face_clip: Path, cache_dir: Path, monkeypatch) -> None:
+    monkeypatch.delenv("DUBTOOL_CACHE_LIMIT_GB", raising=False)
     assert "no cached runs" in invoke("cache", "list", "--cache-dir", cache_dir).stdout
     assert invoke("landmarks", face_clip, "--cache-dir", cache_dir).exit_code == 0
     listing = invoke("cache", "list", "--cache-dir", cache_dir)
     assert "face_2s.mp4" in listing.stdout and "1 runs" in listing.stdout
+    assert "in all; limit 10.0 GB ($DUBTOOL_CACHE_LIMIT_GB)" in " ".join(listing.stdout.split())
     cleaned = invoke("cache", "clean", "--cache-dir", cache_dir)
     assert cleaned.exit_code == 0 and "removed 1 runs" in cleaned.stdout
     assert list(cache_dir.iterdir()) == []
