@@ -1,6 +1,7 @@
 """The command line: exit codes, one-line errors, outputs, through Typer and as a real process."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 from conftest import make_tone
 from typer.testing import CliRunner
 
+from dubtool import api
 from dubtool.cli import app
 from dubtool.media.probe import probe_video
 
@@ -114,3 +116,37 @@ def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "dubtool", "--debug", "landmarks",
                            str(tmp_path / "missing.mp4")], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "InputNotFound" in proc.stderr
+
+
+HEAVY = {"torch", "diffusers", "cv2", "scipy", "librosa", "mediapipe"}
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["dub", "--help"], ["train", "--help"],
+                                  ["cache", "list"]])
+def test_the_command_line_answers_without_loading_the_heavy_libraries(args: list[str],
+                                                                      tmp_path: Path) -> None:
+    # Importing torch and diffusers alone takes seconds: only the commands that run a model
+    # may load them. `import dubtool.cli` (every command's start) does not even load numpy.
+    code = ("import sys\nfrom dubtool.cli import app\nimported = set(sys.modules)\n"
+            f"sys.argv = ['dubtool', *{args!r}]\n"
+            "try:\n    app()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(imported & {'numpy', *HEAVY}), sorted(set(sys.modules) & HEAVY))")
+    proc = subprocess.run([sys.executable, "-c", f"HEAVY = {HEAVY!r}\n{code}"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "DUBTOOL_CACHE_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[] []"
+
+
+def test_the_library_api_is_importable_from_the_package() -> None:
+    import dubtool
+
+    assert dubtool.dub is api.dub and dubtool.landmarks is api.landmarks
+
+
+def test_final_line_counts_from_process_start() -> None:
+    code = ("import time\ntime.sleep(1.0)\nfrom dubtool.cli import process_seconds\n"
+            "print(process_seconds())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert 1.0 <= float(proc.stdout) < 30  # the sleep before the import is counted

@@ -6,25 +6,27 @@ import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from dubtool.errors import InvalidMedia
-from dubtool.face.choose import FaceChoice
 from dubtool.face.detect import make_detector
 from dubtool.face.indices import mouth_opening
 from dubtool.media.probe import check_readable
-from dubtool.nets.io import LoadedModel
-from dubtool.pipeline import complete as complete_stage
-from dubtool.pipeline import diffuse as diffuse_stage
+from dubtool.options import FaceChoice
 from dubtool.pipeline import extract as extract_stage
 from dubtool.pipeline import landmarks as landmarks_stage
 from dubtool.pipeline.cache import RunCache, default_cache_dir, file_digest, fingerprint, load_chunk
-from dubtool.pipeline.complete import Completion
-from dubtool.pipeline.diffuse import DiffusionSettings
 from dubtool.pipeline.extract import Extracted
 from dubtool.pipeline.landmarks import FaceTrack
+
+if TYPE_CHECKING:  # the model stages need torch: `dubtool landmarks` runs without it
+    import torch
+
+    from dubtool.nets.io import LoadedModel
+    from dubtool.pipeline.complete import Completion
+    from dubtool.pipeline.diffuse import DiffusionSettings
 
 # progress(stage, done, total): called as a stage advances.
 StageProgress = Callable[[str, int, int], None]
@@ -112,6 +114,12 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                    device: torch.device | None = None, force: bool = False,
                    progress: StageProgress | None = None) -> DubStages:
     """extract, landmarks, crops, complete and diffuse, each through the cache."""
+    import torch
+
+    from dubtool.pipeline import complete as complete_stage
+    from dubtool.pipeline import diffuse as diffuse_stage
+    from dubtool.pipeline.complete import Completion
+
     device = device or torch.device("cpu")
     front = run_front(cache, inputs, loop=loop, face=face, force=force, progress=progress)
     video, track, plan = front.extracted.video, front.track, front.extracted.plan
