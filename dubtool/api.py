@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dubtool.errors import DubtoolError, InputNotFound, OutputError, disk_full_reported
-from dubtool.options import FaceChoice
+from dubtool.options import FaceChoice, check_device, check_range, check_seed
 
 # Only light modules at the top: the command line imports this one to parse its arguments, and
 # each function imports what it needs (torch and diffusers take seconds).
@@ -156,8 +156,10 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     name or folder, or a model already loaded (``dubtool.nets.io.load_model``) to reuse it.
     If another process is dubbing the same video with the same speech, wait up to
     ``lock_timeout`` seconds for it (then reuse its cached stages) before failing.
+    Options outside their range raise UsageError before any work.
     """
     from dubtool.media.frames import check_output_path
+    from dubtool.media.probe import probe_video
     from dubtool.nets.io import LoadedModel, load_model, model_digest
     from dubtool.pipeline.blend import blended_frames, write_video
     from dubtool.pipeline.cache import clean_runs
@@ -166,15 +168,20 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     from dubtool.training.loop import resolve_device
 
     start = time.perf_counter()
+    _check_dub_options(steps=steps, strength=strength, batch_size=batch_size, seed=seed,
+                       device=device, reference_frame=reference_frame)
     inputs = Inputs.of(video, speech)
     target = Path(output) if output is not None else Path(f"{inputs.video.stem}.dubbed.mp4")
     target = check_output_path(target, [inputs.video, inputs.speech])
+    if reference_frame is not None:
+        last = probe_video(inputs.video).frame_count - 1
+        check_range("--reference-frame", reference_frame, at_least=0, at_most=last)
     dev = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model).to(dev)
     diffusion = loaded.config.diffusion
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    settings = DiffusionSettings(steps or diffusion.sample_steps, eta, seed,
+    # DDIM cannot take more steps than the schedule the model was trained on has.
+    check_range("--steps", steps, at_least=1, at_most=diffusion.train_steps)
+    settings = DiffusionSettings(diffusion.sample_steps if steps is None else steps, eta, seed,
                                  diffusion.strength if strength is None else strength,
                                  batch_size)
     with inputs.open_cache(cache_dir, lock_timeout) as cache:
@@ -199,6 +206,19 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
                      front.track.faces_seen, records)
 
 
+def _check_dub_options(*, steps: int | None = None, strength: float | None = None,
+                       batch_size: int = 1, seed: int = 0, device: str = "auto",
+                       reference_frame: int | None = None, **_: object) -> None:
+    """UsageError (exit 2) for a dub option outside its range: what needs neither the inputs
+    nor the model to check (``**_``: the other options of a batch)."""
+    check_range("--steps", steps, at_least=1)
+    check_range("--strength", strength, above=0, at_most=1)
+    check_range("--batch-size", batch_size, at_least=1)
+    check_range("--reference-frame", reference_frame, at_least=0)
+    check_seed(seed)
+    check_device(device)
+
+
 def cache_list(cache_dir: str | Path | None = None) -> list[RunSummary]:
     """The cached runs, most recently used first."""
     from dubtool.pipeline.cache import list_runs
@@ -219,7 +239,11 @@ def cache_clean(cache_dir: str | Path | None = None, keys: Sequence[str] | None 
     """Remove cached runs (all, by key prefix, or unused for some days); returns them."""
     from dubtool.pipeline.cache import clean_runs
 
+    check_range("--older-than", older_than_days, at_least=0)
     return clean_runs(cache_dir, list(keys) if keys else None, older_than_days)
+
+
+MIN_CROP_SIZE = 16  # a face crop smaller than this holds no mouth to learn from
 
 
 def prepare(videos: str | Path, output: str | Path, *, crop_size: int = 128,
@@ -229,6 +253,9 @@ def prepare(videos: str | Path, output: str | Path, *, crop_size: int = 128,
     """Turn a folder of talking-head videos into a training set (see training.dataset)."""
     from dubtool.training.dataset import prepare as prepare_dataset
 
+    check_range("--crop-size", crop_size, at_least=MIN_CROP_SIZE)
+    check_range("--min-face", min_face_fraction, at_least=0, at_most=1)
+    check_range("--validation", validation_fraction, at_least=0, at_most=1)
     source = Path(videos)
     if not source.is_dir():
         raise InputNotFound("not a folder of videos", source)
@@ -250,6 +277,13 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
     # torch and diffusers are imported only by the commands that need them: start-up stays fast.
     from dubtool.nets.config import ModelConfig
 
+    check_range("--steps", steps, at_least=1)
+    check_range("--epoch-steps", epoch_steps, at_least=1)
+    check_range("--checkpoint-every", checkpoint_every, at_least=1)
+    check_range("--decay-steps", decay_steps, at_least=0)
+    check_range("--refine", refine, at_least=0, at_most=1)
+    check_seed(seed)
+    check_device(device)
     model_config = ModelConfig.named(config)
     if part == "autoencoder":
         from dubtool.training.autoencoder import train_autoencoder
@@ -294,7 +328,10 @@ class BatchOutcome:
     item: BatchItem
     status: str  # "done", "skipped" (output exists) or "failed"
     seconds: float
-    reason: str = ""
+    reason: str = ""  # why skipped or failed; NOTHING_DUBBED for a video without a face
+
+
+NOTHING_DUBBED = "no face found: written undubbed"
 
 
 def batch_items(folder: str | Path | None = None, *, speech: str | Path | None = None,
@@ -341,7 +378,13 @@ def batch(items: list[BatchItem], *, model: str | Path = DEFAULT_MODEL, force: b
           **dub_options: object) -> list[BatchOutcome]:
     """Dub every item, loading the model once per process. A failing item is recorded and the
     batch goes on; an existing output is skipped unless ``force``. ``jobs`` > 1 runs that
-    many worker processes, sharing the CPU threads between them."""
+    many worker processes, sharing the CPU threads between them. Options are checked, and
+    the device resolved, before the first item."""
+    from dubtool.training.loop import resolve_device
+
+    check_range("--jobs", jobs, at_least=1)
+    _check_dub_options(device=device, **dub_options)
+    resolve_device(device)
     outcomes = []
     if jobs <= 1:
         worker = _BatchWorker(model, device, force, dub_options)
@@ -386,9 +429,11 @@ class _BatchWorker:
             item.output.parent.mkdir(parents=True, exist_ok=True)
             # Two jobs with the same inputs share a cache entry: the second waits for the first.
             with disk_full_reported(item.output):
-                dub(item.video, item.speech, item.output, model=self.loaded, device=self.device,
-                    force=self.force, lock_timeout=BATCH_LOCK_TIMEOUT, **self.dub_options)
-            return BatchOutcome(item, "done", time.perf_counter() - start)
+                result = dub(item.video, item.speech, item.output, model=self.loaded,
+                             device=self.device, force=self.force,
+                             lock_timeout=BATCH_LOCK_TIMEOUT, **self.dub_options)
+            return BatchOutcome(item, "done", time.perf_counter() - start,
+                                NOTHING_DUBBED if result.dubbed_frames == 0 else "")
         except DubtoolError as exc:
             return BatchOutcome(item, "failed", time.perf_counter() - start, str(exc))
 
@@ -435,6 +480,8 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     from dubtool.pipeline.run import Inputs, run_front
     from dubtool.training.loop import resolve_device
 
+    _check_dub_options(steps=steps, strength=strength, seed=seed, device=device)
+    check_range("--seconds", seconds, above=0)
     if not clips:
         raise InputNotFound("no clips to evaluate")
     work = Path(work_dir)
@@ -459,7 +506,8 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     if progress is not None:
         progress("eval", len(clips), len(clips))
     diffusion = loaded.config.diffusion
-    settings = {"model": str(loaded.folder), "steps": steps or diffusion.sample_steps,
+    settings = {"model": str(loaded.folder),
+                "steps": diffusion.sample_steps if steps is None else steps,
                 "strength": diffusion.strength if strength is None else strength,
                 "seed": seed, "device": str(dev), "seconds": seconds,
                 "identity": "dlib face recognition ResNet" if identity else NOT_INSTALLED}
@@ -510,6 +558,8 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
     from dubtool.pipeline.diffuse import sampling_precision
     from dubtool.training.loop import resolve_device
 
+    check_range("--repeat", repeat, at_least=0)
+    _check_dub_options(steps=steps, batch_size=batch_size, device=device)
     clip = Path(clip) if clip is not None else BUNDLED_CLIP
     probe_video(clip)  # a clear error before any work for a clip that is not a video
     dev = resolve_device(device)

@@ -52,7 +52,6 @@ def process_seconds() -> float:
     except (OSError, ValueError, IndexError, AttributeError):
         return time.perf_counter() - _IMPORTED
 
-
 CacheDir = Annotated[Path | None, typer.Option("--cache-dir", help="Cache folder "
                      "(default: $DUBTOOL_CACHE_DIR or ~/.cache/dubtool).")]
 
@@ -138,7 +137,7 @@ def dub_cmd(
                         "noise; less: start from the reference face warped to the target "
                         "landmarks, noised this far (default: the model's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Chunks of frames denoised together "
+    batch_size: Annotated[int, typer.Option(help="Chunks of frames denoised together "
                           "(the video is diffused as that many streams side by side; more is "
                           "faster on a GPU, each extra stream restarts the temporal "
                           "context once).")] = 1,
@@ -171,6 +170,9 @@ def dub_cmd(
     out.print(f"[bold green]{result.output}[/]: {result.seconds_of_video:.2f} s, "
               f"{result.dubbed_frames} frames dubbed{passed}; wall {wall:.1f} s since start "
               f"(dub {result.wall_seconds:.1f} s), RTF {wall / result.seconds_of_video:.2f}")
+    if result.dubbed_frames == 0:
+        err.print(f"warning: no frame could be dubbed (no face found in the frames used): "
+                  f"{result.output} is the video unchanged with the new speech", soft_wrap=True)
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -233,6 +235,10 @@ def batch_cmd(
     out.print(table)
     counts = {s: sum(o.status == s for o in outcomes) for s in colours}
     out.print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    undubbed = [o.item.video.name for o in outcomes if o.reason == api.NOTHING_DUBBED]
+    if undubbed:
+        err.print(f"warning: {len(undubbed)} videos had no face to dub and were written "
+                  f"unchanged with the new speech: {', '.join(undubbed)}", soft_wrap=True)
     if counts["failed"]:
         raise typer.Exit(EXIT_BATCH_FAILURES)
 
@@ -441,7 +447,7 @@ def bench_cmd(
     steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     repeat: Annotated[int, typer.Option(help="Warm (cached) runs after the cold one.")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Chunks denoised together.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Chunks denoised together.")] = 1,
     report: Annotated[Path | None, typer.Option("-o", "--report", help="Write JSON.")] = None,
 ) -> None:
     """Speed per stage (ms/frame), real-time factor, peak memory, beside ffmpeg's floor; and

@@ -87,7 +87,12 @@ def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
     landmarks_fp = fingerprint("landmarks", landmarks_stage.VERSION, inputs.video_digest, detector,
                                face)
     folder = cache.run_stage("landmarks", landmarks_fp, detect, force=force)
-    return FrontResult(extracted, FaceTrack.load(folder), extract_fp, landmarks_fp)
+    track = FaceTrack.load(folder)
+    if isinstance(face, int) and face >= track.faces_seen:
+        # Otherwise the whole video would pass through undubbed, as if all went well.
+        raise InvalidMedia(f"--face {face}: no frame has {face + 1} faces (found at most "
+                           f"{track.faces_seen} in a frame; 0 is the leftmost)", inputs.video)
+    return FrontResult(extracted, track, extract_fp, landmarks_fp)
 
 
 @dataclass
@@ -139,11 +144,8 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
         force=force)
     completion = Completion.load(folder)
 
-    if reference_frame is None:
+    if reference_frame is None:  # a given one was range-checked by api.dub before any work
         reference_frame = pick_reference_frame(track)
-    elif not 0 <= reference_frame < video.frame_count:
-        raise InvalidMedia(f"--reference-frame {reference_frame} is outside the video's "
-                           f"{video.frame_count} frames", video.path)
     precision = diffuse_stage.sampling_precision(device)
     diffuse_fp = fingerprint("diffuse", diffuse_stage.VERSION, complete_fp, crops_fp,
                              model_digest, settings.steps, settings.eta, settings.seed,
