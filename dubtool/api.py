@@ -577,7 +577,8 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
         command = [sys.executable, "-m", "dubtool", "dub", "--model", str(loaded.folder),
                    "--device", device, "--batch-size", str(batch_size), "--loop", "cut",
                    "--cache-dir", str(scratch / "process-cache"), "-o",
-                   str(scratch / "process.mp4"), *(["--steps", str(steps)] if steps else []),
+                   str(scratch / "process.mp4"),
+                   *([] if steps is None else ["--steps", str(steps)]),
                    "--", str(clip), str(speech)]
         process = process_seconds(command)
     settings = {"steps": steps, "batch_size": batch_size, "device": device,
