@@ -25,8 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from dubtool.errors import CacheError, UsageError, disk_full_reported
 
@@ -37,6 +36,9 @@ _TMP_MARK = ".tmp-"
 LIMIT_VARIABLE = "DUBTOOL_CACHE_LIMIT_GB"
 DEFAULT_LIMIT_GB = 10.0  # a 5 s dub caches about 10 MB: a thousand clips fit
 GB = 1024**3
+
+if TYPE_CHECKING:  # the chunk functions import numpy when they run: `cache list` needs none
+    import numpy as np
 
 
 def default_cache_dir() -> Path:
@@ -279,6 +281,8 @@ class RunCache:
 
     @staticmethod
     def _write_chunk(work: Path, k: int, arrays: dict[str, np.ndarray]) -> None:
+        import numpy as np
+
         path = work / chunk_name(k)
         tmp = work / f"{chunk_name(k)}{_TMP_MARK}{os.getpid()}.npz"
         try:
@@ -292,6 +296,8 @@ class RunCache:
 
 def stream_bounds(chunks: int, streams: int) -> tuple[list[int], list[int]]:
     """First and end chunk of each of ``streams`` contiguous runs of near-equal length."""
+    import numpy as np
+
     streams = max(1, min(streams, chunks))
     edges = np.linspace(0, chunks, streams + 1).round().astype(int).tolist()
     return edges[:-1], edges[1:]
@@ -302,6 +308,8 @@ def chunk_name(k: int) -> str:
 
 
 def load_chunk(folder: Path, k: int) -> dict[str, np.ndarray]:
+    import numpy as np
+
     with np.load(folder / chunk_name(k), allow_pickle=False) as data:
         return {name: data[name] for name in data.files}
 
