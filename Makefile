@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,identity]"
+	# librosa (dubtool eval, the tests) compiles its numba kernels on first import: ~35 s once,
+	# here rather than in the first command. The dub itself does not import librosa.
+	$(PY) -c "import librosa, numpy; librosa.feature.melspectrogram(y=numpy.zeros(4000, 'float32'))"
 	touch $@
 
 lint: install

@@ -19,19 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dubtool.errors import DubtoolError, InputNotFound, OutputError, disk_full_reported
-from dubtool.face.choose import FaceChoice
-from dubtool.face.draw import draw_face
-from dubtool.face.indices import NUM_POSE, ORDER
-from dubtool.media.frames import VideoWriter, check_output_path, read_frames
-from dubtool.pipeline.cache import RunSummary, StageRecord, clean_runs, list_runs
-from dubtool.pipeline.extract import Extracted
-from dubtool.pipeline.landmarks import FaceTrack
-from dubtool.pipeline.run import Inputs, StageProgress, run_front
+from dubtool.options import FaceChoice, check_device, check_range, check_seed
 
+# Only light modules at the top: the command line imports this one to parse its arguments, and
+# each function imports what it needs (torch and diffusers take seconds).
 if TYPE_CHECKING:
     import numpy as np
 
+    from dubtool.evaluation.bench import BenchReport
     from dubtool.nets.io import LoadedModel
+    from dubtool.pipeline.cache import RunSummary, StageRecord
+    from dubtool.pipeline.extract import Extracted
+    from dubtool.pipeline.landmarks import FaceTrack
+    from dubtool.pipeline.run import StageProgress
     from dubtool.training.dataset import ClipReport
     from dubtool.training.loop import TrainProgress, TrainResult
 
@@ -55,6 +55,9 @@ def landmarks(video: str | Path, output: str | Path | None = None,
     The video at ``output`` shows the 131 points (pose and lip/jaw in two colours) and the crop
     box on every frame, with the original audio. ``json_path`` gets the points per frame.
     """
+    from dubtool.media.frames import check_output_path
+    from dubtool.pipeline.run import Inputs, run_front
+
     inputs = Inputs.of(video)
     targets = [p for p in (output, json_path) if p is not None]
     checked = [check_output_path(p, [inputs.video]) for p in targets]
@@ -75,6 +78,9 @@ def landmarks(video: str | Path, output: str | Path | None = None,
 
 
 def _write_debug_video(result: LandmarksResult, progress: StageProgress | None) -> None:
+    from dubtool.face.draw import draw_face
+    from dubtool.media.frames import VideoWriter, read_frames
+
     video, track = result.extracted.video, result.track
     with VideoWriter(result.output, video.width, video.height, video.fps,
                      audio=video.path if video.has_audio else None) as writer:
@@ -88,6 +94,8 @@ def _write_debug_video(result: LandmarksResult, progress: StageProgress | None) 
 
 
 def _write_points_json(result: LandmarksResult) -> None:
+    from dubtool.face.indices import NUM_POSE, ORDER
+
     video, track = result.extracted.video, result.track
     frames = []
     for i in range(track.frames):
@@ -155,24 +163,33 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     If another process is dubbing the same video with the same speech, wait up to
     ``lock_timeout`` seconds for it (then reuse its cached stages) before failing.
     ``steps``, ``eta`` (the noise DDIM adds at each step: 0 none, 1 as much as DDPM) and
-    ``strength`` default to the model's ``diffusion`` config.
+    ``strength`` default to the model's ``diffusion`` config. Options outside their range
+    raise UsageError before any work.
     """
+    from dubtool.media.frames import check_output_path
+    from dubtool.media.probe import probe_video
     from dubtool.nets.io import LoadedModel, load_model, model_digest
     from dubtool.pipeline.blend import blended_frames, write_video
+    from dubtool.pipeline.cache import clean_runs
     from dubtool.pipeline.diffuse import DiffusionSettings, chunk_count
-    from dubtool.pipeline.run import generated_crops, run_dub_stages
+    from dubtool.pipeline.run import Inputs, generated_crops, run_dub_stages
     from dubtool.training.loop import resolve_device
 
     start = time.perf_counter()
+    _check_dub_options(steps=steps, strength=strength, batch_size=batch_size, seed=seed,
+                       device=device, reference_frame=reference_frame)
     inputs = Inputs.of(video, speech)
     target = Path(output) if output is not None else Path(f"{inputs.video.stem}.dubbed.mp4")
     target = check_output_path(target, [inputs.video, inputs.speech])
+    if reference_frame is not None:
+        last = probe_video(inputs.video).frame_count - 1
+        check_range("--reference-frame", reference_frame, at_least=0, at_most=last)
     dev = resolve_device(device)
     loaded = model if isinstance(model, LoadedModel) else load_model(model).to(dev)
     diffusion = loaded.config.diffusion
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    settings = DiffusionSettings(steps or diffusion.sample_steps,
+    # DDIM cannot take more steps than the schedule the model was trained on has.
+    check_range("--steps", steps, at_least=1, at_most=diffusion.train_steps)
+    settings = DiffusionSettings(diffusion.sample_steps if steps is None else steps,
                                  diffusion.eta if eta is None else eta, seed,
                                  diffusion.strength if strength is None else strength,
                                  batch_size)
@@ -198,15 +215,44 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
                      front.track.faces_seen, records, stages.completion.target)
 
 
+def _check_dub_options(*, steps: int | None = None, strength: float | None = None,
+                       batch_size: int = 1, seed: int = 0, device: str = "auto",
+                       reference_frame: int | None = None, **_: object) -> None:
+    """UsageError (exit 2) for a dub option outside its range: what needs neither the inputs
+    nor the model to check (``**_``: the other options of a batch)."""
+    check_range("--steps", steps, at_least=1)
+    check_range("--strength", strength, above=0, at_most=1)
+    check_range("--batch-size", batch_size, at_least=1)
+    check_range("--reference-frame", reference_frame, at_least=0)
+    check_seed(seed)
+    check_device(device)
+
+
 def cache_list(cache_dir: str | Path | None = None) -> list[RunSummary]:
     """The cached runs, most recently used first."""
+    from dubtool.pipeline.cache import list_runs
+
     return list_runs(cache_dir)
+
+
+def cache_limit() -> int:
+    """The cache's size limit in bytes ($DUBTOOL_CACHE_LIMIT_GB, default 10 GB; 0: none):
+    after each run the least recently used runs not in use are removed down to it."""
+    from dubtool.pipeline.cache import cache_limit_bytes
+
+    return cache_limit_bytes()
 
 
 def cache_clean(cache_dir: str | Path | None = None, keys: Sequence[str] | None = None,
                 older_than_days: float | None = None) -> list[RunSummary]:
     """Remove cached runs (all, by key prefix, or unused for some days); returns them."""
+    from dubtool.pipeline.cache import clean_runs
+
+    check_range("--older-than", older_than_days, at_least=0)
     return clean_runs(cache_dir, list(keys) if keys else None, older_than_days)
+
+
+MIN_CROP_SIZE = 16  # a face crop smaller than this holds no mouth to learn from
 
 
 def prepare(videos: str | Path, output: str | Path, *, crop_size: int = 128,
@@ -216,6 +262,9 @@ def prepare(videos: str | Path, output: str | Path, *, crop_size: int = 128,
     """Turn a folder of talking-head videos into a training set (see training.dataset)."""
     from dubtool.training.dataset import prepare as prepare_dataset
 
+    check_range("--crop-size", crop_size, at_least=MIN_CROP_SIZE)
+    check_range("--min-face", min_face_fraction, at_least=0, at_most=1)
+    check_range("--validation", validation_fraction, at_least=0, at_most=1)
     source = Path(videos)
     if not source.is_dir():
         raise InputNotFound("not a folder of videos", source)
@@ -239,6 +288,13 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
     # torch and diffusers are imported only by the commands that need them: start-up stays fast.
     from dubtool.nets.config import ModelConfig
 
+    check_range("--steps", steps, at_least=1)
+    check_range("--epoch-steps", epoch_steps, at_least=1)
+    check_range("--checkpoint-every", checkpoint_every, at_least=1)
+    check_range("--decay-steps", decay_steps, at_least=0)
+    check_range("--refine", refine, at_least=0, at_most=1)
+    check_seed(seed)
+    check_device(device)
     model_config = ModelConfig.named(config)
     if part == "autoencoder":
         from dubtool.training.autoencoder import train_autoencoder
@@ -306,8 +362,11 @@ class BatchOutcome:
     item: BatchItem
     status: str  # "done", "skipped" (output exists) or "failed"
     seconds: float
-    reason: str = ""
+    reason: str = ""  # why skipped or failed; NOTHING_DUBBED for a video without a face
     traceback: str = ""  # of a failure: `dubtool --debug batch` shows it
+
+
+NOTHING_DUBBED = "no face found: written undubbed"
 
 
 def batch_items(folder: str | Path | None = None, *, speech: str | Path | None = None,
@@ -354,8 +413,13 @@ def batch(items: list[BatchItem], *, model: str | Path = DEFAULT_MODEL, force: b
           **dub_options: object) -> list[BatchOutcome]:
     """Dub every item, loading the model once per process. A failing item is recorded, whatever
     the exception (but Ctrl-C), and the batch goes on; an existing output is skipped unless
-    ``force``. ``jobs`` > 1 runs that
-    many worker processes, sharing the CPU threads between them."""
+    ``force``. ``jobs`` > 1 runs that many worker processes, sharing the CPU threads between
+    them. Options are checked, and the device resolved, before the first item."""
+    from dubtool.training.loop import resolve_device
+
+    check_range("--jobs", jobs, at_least=1)
+    _check_dub_options(device=device, **dub_options)
+    resolve_device(device)
     outcomes = []
     if jobs <= 1:
         worker = _BatchWorker(model, device, force, dub_options)
@@ -400,9 +464,11 @@ class _BatchWorker:
             item.output.parent.mkdir(parents=True, exist_ok=True)
             # Two jobs with the same inputs share a cache entry: the second waits for the first.
             with disk_full_reported(item.output):
-                dub(item.video, item.speech, item.output, model=self.loaded, device=self.device,
-                    force=self.force, lock_timeout=BATCH_LOCK_TIMEOUT, **self.dub_options)
-            return BatchOutcome(item, "done", time.perf_counter() - start)
+                result = dub(item.video, item.speech, item.output, model=self.loaded,
+                             device=self.device, force=self.force,
+                             lock_timeout=BATCH_LOCK_TIMEOUT, **self.dub_options)
+            return BatchOutcome(item, "done", time.perf_counter() - start,
+                                NOTHING_DUBBED if result.dubbed_frames == 0 else "")
         except Exception as exc:  # bad input, a bug, out of memory: only this item stops
             reason = str(exc) if isinstance(exc, DubtoolError) else f"{type(exc).__name__}: {exc}"
             return BatchOutcome(item, "failed", time.perf_counter() - start, reason,
@@ -448,8 +514,11 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     from dubtool.evaluation.identity import NOT_INSTALLED, load_identity_model
     from dubtool.evaluation.report import write_plots, write_report, write_strips
     from dubtool.nets.io import load_model
+    from dubtool.pipeline.run import Inputs, run_front
     from dubtool.training.loop import resolve_device
 
+    _check_dub_options(steps=steps, strength=strength, seed=seed, device=device)
+    check_range("--seconds", seconds, above=0)
     if not clips:
         raise InputNotFound("no clips to evaluate")
     work = Path(work_dir)
@@ -474,7 +543,8 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     if progress is not None:
         progress("eval", len(clips), len(clips))
     diffusion = loaded.config.diffusion
-    settings = {"model": str(loaded.folder), "steps": steps or diffusion.sample_steps,
+    settings = {"model": str(loaded.folder),
+                "steps": diffusion.sample_steps if steps is None else steps,
                 "strength": diffusion.strength if strength is None else strength,
                 "seed": seed, "device": str(dev), "seconds": seconds,
                 "identity": "dlib face recognition ResNet" if identity else NOT_INSTALLED}
@@ -506,17 +576,54 @@ BUNDLED_CLIP = Path(__file__).resolve().parent / "data" / "may_5s.mp4"  # packag
 
 def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
           model: str | Path = DEFAULT_MODEL, steps: int | None = None, device: str = "auto",
-          repeat: int = 1, batch_size: int = 1, report: str | Path | None = None):
-    """Speed of every stage on ``clip`` (default: the bundled 5 s clip), cold and warm, with
-    ffmpeg's own decode + encode time as the floor. Returns a BenchReport; writes JSON."""
-    from dubtool.evaluation.bench import bench as run_bench
+          repeat: int = 1, batch_size: int = 1, report: str | Path | None = None) -> BenchReport:
+    """Speed of every stage on ``clip`` (default: the bundled 5 s clip; its own audio is the
+    speech unless ``speech``): one dub from an empty cache (cold), ``repeat`` with everything
+    cached (warm), a fresh ``dubtool dub`` process from an empty cache (start-up included),
+    and ffmpeg's own decode + encode time as the floor. Writes JSON to ``report``."""
+    import sys
+    import tempfile
+
+    from dubtool.evaluation.bench import (
+        BenchReport,
+        bench_run,
+        ffmpeg_floor,
+        machine,
+        peak_rss_mb,
+        process_seconds,
+    )
+    from dubtool.media.probe import probe_video
     from dubtool.nets.io import load_model
+    from dubtool.pipeline.diffuse import sampling_precision
     from dubtool.training.loop import resolve_device
 
+    check_range("--repeat", repeat, at_least=0)
+    _check_dub_options(steps=steps, batch_size=batch_size, device=device)
     clip = Path(clip) if clip is not None else BUNDLED_CLIP
-    loaded = load_model(model).to(resolve_device(device))
-    result = run_bench(clip, speech, model=loaded, steps=steps, device=device, repeat=repeat,
-                       batch_size=batch_size)
+    probe_video(clip)  # a clear error before any work for a clip that is not a video
+    dev = resolve_device(device)
+    loaded = load_model(model).to(dev)
+    speech = Path(speech) if speech is not None else clip
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="dubtool-bench-") as scratch:
+        scratch = Path(scratch)
+        for n in range(1 + repeat):
+            result = dub(clip, speech, scratch / "out.mp4", model=loaded, steps=steps,
+                         batch_size=batch_size, device=device, cache_dir=scratch / "cache",
+                         loop="cut")
+            runs.append(bench_run("cold" if n == 0 else "warm", result.stages,
+                                  result.wall_seconds, result.frames, result.seconds_of_video))
+        command = [sys.executable, "-m", "dubtool", "dub", "--model", str(loaded.folder),
+                   "--device", device, "--batch-size", str(batch_size), "--loop", "cut",
+                   "--cache-dir", str(scratch / "process-cache"), "-o",
+                   str(scratch / "process.mp4"),
+                   *([] if steps is None else ["--steps", str(steps)]),
+                   "--", str(clip), str(speech)]
+        process = process_seconds(command)
+    settings = {"steps": steps, "batch_size": batch_size, "device": device,
+                "precision": str(sampling_precision(dev)), **machine()}
+    bench_report = BenchReport(str(clip), result.frames, result.seconds_of_video,
+                               ffmpeg_floor(clip), process, peak_rss_mb(), runs, settings)
     if report is not None:
-        Path(report).write_text(json.dumps(result.to_json(), indent=1))
-    return result
+        Path(report).write_text(json.dumps(bench_report.to_json(), indent=1))
+    return bench_report

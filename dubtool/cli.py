@@ -26,9 +26,7 @@ from rich.table import Table
 
 from dubtool import api
 from dubtool.errors import EXIT_BATCH_FAILURES, EXIT_INTERRUPTED, DubtoolError, disk_full_error
-from dubtool.face.choose import describe, parse_face_choice
-from dubtool.face.detect import DETECTORS
-from dubtool.pipeline.plan import LOOP_MODES
+from dubtool.options import DETECTORS, LOOP_MODES, describe, parse_face_choice
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Visual dubbing: re-generate the lower face of a talking video to follow "
@@ -41,6 +39,19 @@ err = Console(stderr=True, highlight=False)
 _state = {"debug": bool(os.environ.get("DUBTOOL_DEBUG"))}
 
 T = TypeVar("T")
+_IMPORTED = time.perf_counter()
+
+
+def process_seconds() -> float:
+    """Seconds since this process started, as the shell times it (interpreter start-up and
+    imports included); since this module was imported where /proc cannot tell."""
+    try:
+        # Field 22 of /proc/self/stat, the start time in clock ticks since boot; the name in
+        # field 2 may hold spaces, so count from its closing parenthesis.
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.perf_counter() - _IMPORTED
 
 CacheDir = Annotated[Path | None, typer.Option("--cache-dir", help="Cache folder "
                      "(default: $DUBTOOL_CACHE_DIR or ~/.cache/dubtool).")]
@@ -129,7 +140,7 @@ def dub_cmd(
                         "landmarks, noised to the diffusion time nearest S x T, and run about "
                         "S x steps steps (default: the model's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Chunks of frames denoised together "
+    batch_size: Annotated[int, typer.Option(help="Chunks of frames denoised together "
                           "(the video is diffused as that many streams side by side; more is "
                           "faster on a GPU, each extra stream restarts the temporal "
                           "context once).")] = 1,
@@ -158,9 +169,13 @@ def dub_cmd(
               if result.passed_through else "")
     if result.faces_seen > 1:
         passed += f" (up to {result.faces_seen} faces in a frame: dubbed the {describe(choice)})"
+    wall = process_seconds()
     out.print(f"[bold green]{result.output}[/]: {result.seconds_of_video:.2f} s, "
-              f"{result.dubbed_frames} frames dubbed{passed}; wall {result.wall_seconds:.1f} s, "
-              f"RTF {result.real_time_factor:.2f}")
+              f"{result.dubbed_frames} frames dubbed{passed}; wall {wall:.1f} s since start "
+              f"(dub {result.wall_seconds:.1f} s), RTF {wall / result.seconds_of_video:.2f}")
+    if result.dubbed_frames == 0:
+        err.print(f"warning: no frame could be dubbed (no face found in the frames used): "
+                  f"{result.output} is the video unchanged with the new speech", soft_wrap=True)
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -227,6 +242,10 @@ def batch_cmd(
                 err.print(f"{o.item.video.name}:\n{o.traceback}", markup=False, soft_wrap=True)
     counts = {s: sum(o.status == s for o in outcomes) for s in colours}
     out.print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    undubbed = [o.item.video.name for o in outcomes if o.reason == api.NOTHING_DUBBED]
+    if undubbed:
+        err.print(f"warning: {len(undubbed)} videos had no face to dub and were written "
+                  f"unchanged with the new speech: {', '.join(undubbed)}", soft_wrap=True)
     if counts["failed"]:
         raise typer.Exit(EXIT_BATCH_FAILURES)
 
@@ -460,10 +479,11 @@ def bench_cmd(
     steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     repeat: Annotated[int, typer.Option(help="Warm (cached) runs after the cold one.")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Chunks denoised together.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Chunks denoised together.")] = 1,
     report: Annotated[Path | None, typer.Option("-o", "--report", help="Write JSON.")] = None,
 ) -> None:
-    """Speed per stage (ms/frame), real-time factor, peak memory, beside ffmpeg's floor."""
+    """Speed per stage (ms/frame), real-time factor, peak memory, beside ffmpeg's floor; and
+    the whole time of a fresh `dubtool dub` process."""
     result = _call(lambda: api.bench(clip, speech, model=model, steps=steps, device=device,
                                      repeat=repeat, batch_size=batch_size, report=report))
     stages = list(result.runs[0].stage_seconds)
@@ -473,6 +493,8 @@ def bench_cmd(
         table.add_row(run.kind, *[f"{run.stage_ms_per_frame[s]:.1f}" for s in stages],
                       f"{run.wall_seconds:.1f}", f"{run.real_time_factor:.2f}")
     out.print(table)
+    out.print(f"a fresh `dubtool dub` process, empty cache, start-up included: "
+              f"{result.process_seconds:.1f} s, RTF {result.process_real_time_factor:.2f}")
     out.print(f"ffmpeg floor (decode + H.264 encode): {result.ffmpeg_floor_seconds:.2f} s; "
               f"peak RSS {result.peak_rss_mb:.0f} MB; {result.settings}")
 
@@ -487,10 +509,12 @@ def _size(n: int) -> str:
 
 @cache_app.command("list")
 def cache_list_cmd(cache_dir: CacheDir = None) -> None:
-    """List cached runs, most recently used first."""
+    """List cached runs, most recently used first, and the cache's size limit."""
     runs = _call(lambda: api.cache_list(cache_dir))
+    limit = _call(api.cache_limit)
+    limit_text = (f"limit {_size(limit)}" if limit else "no limit") + " ($DUBTOOL_CACHE_LIMIT_GB)"
     if not runs:
-        out.print("no cached runs")
+        out.print(f"no cached runs; {limit_text}")
         return
     table = Table("key", "video", "speech", "stages", "size", "last used")
     for run in runs:
@@ -499,7 +523,7 @@ def cache_list_cmd(cache_dir: CacheDir = None) -> None:
                       _size(run.size_bytes), time.strftime("%Y-%m-%d %H:%M",
                                                            time.localtime(run.used)))
     out.print(table)
-    out.print(f"{len(runs)} runs, {_size(sum(r.size_bytes for r in runs))}")
+    out.print(f"{len(runs)} runs, {_size(sum(r.size_bytes for r in runs))} in all; {limit_text}")
 
 
 @cache_app.command("clean")

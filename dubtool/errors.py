@@ -3,9 +3,10 @@
 Exit codes (documented in the README):
     0  success
     1  unexpected internal error (a bug: run with --debug for the traceback)
-    2  bad command-line usage (Typer's own code)
+    2  bad command-line usage (Typer's own code, or UsageError: an option outside its range)
     3  an input file is missing or unreadable
-    4  an input file is not usable media (not a video, no video stream, no audio stream, ...)
+    4  an input file is not usable media (not a video, no video stream, no audio stream, no
+       frame with the face ``--face N`` asks for, ...)
     5  the output cannot be written (missing or read-only folder, output equals an input, ...)
     6  a model folder is missing, incomplete or inconsistent
     7  an optional dependency or its weights are not installed
@@ -30,6 +31,12 @@ class DubtoolError(Exception):
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         self.path = None if path is None else str(path)
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class UsageError(DubtoolError):
+    """An option outside what it accepts, found before any work."""
+
+    exit_code = 2
 
 
 class InputNotFound(DubtoolError):

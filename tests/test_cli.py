@@ -1,16 +1,21 @@
 """The command line: exit codes, one-line errors, outputs, through Typer and as a real process."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_tone
+import torch
+from conftest import make_tone, make_video
 from typer.testing import CliRunner
 
+from dubtool import api
 from dubtool.cli import app
+from dubtool.errors import UsageError
 from dubtool.media.probe import probe_video
+from dubtool.training.loop import resolve_device
 
 runner = CliRunner()
 
@@ -87,11 +92,13 @@ def test_landmarks_writes_debug_video_and_json(face_clip: Path, tmp_path: Path,
     assert "extract cached, landmarks cached" in again.stdout
 
 
-def test_cache_list_and_clean(face_clip: Path, cache_dir: Path) -> None:
+def test_cache_list_and_clean(face_clip: Path, cache_dir: Path, monkeypatch) -> None:
+    monkeypatch.delenv("DUBTOOL_CACHE_LIMIT_GB", raising=False)
     assert "no cached runs" in invoke("cache", "list", "--cache-dir", cache_dir).stdout
     assert invoke("landmarks", face_clip, "--cache-dir", cache_dir).exit_code == 0
     listing = invoke("cache", "list", "--cache-dir", cache_dir)
     assert "face_2s.mp4" in listing.stdout and "1 runs" in listing.stdout
+    assert "in all; limit 10.0 GB ($DUBTOOL_CACHE_LIMIT_GB)" in " ".join(listing.stdout.split())
     cleaned = invoke("cache", "clean", "--cache-dir", cache_dir)
     assert cleaned.exit_code == 0 and "removed 1 runs" in cleaned.stdout
     assert list(cache_dir.iterdir()) == []
@@ -112,3 +119,124 @@ def test_debug_flag_shows_the_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "dubtool", "--debug", "landmarks",
                            str(tmp_path / "missing.mp4")], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "InputNotFound" in proc.stderr
+
+
+HEAVY = {"numpy", "torch", "diffusers", "cv2", "scipy", "librosa", "mediapipe"}
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["dub", "--help"], ["train", "--help"],
+                                  ["cache", "list"]])
+def test_the_command_line_answers_without_loading_the_heavy_libraries(args: list[str],
+                                                                      tmp_path: Path) -> None:
+    # Importing torch and diffusers alone takes seconds, numpy a tenth of one: only the
+    # commands that compute may load them, not the help or the cache listing.
+    code = (f"import sys\nfrom dubtool.cli import app\nsys.argv = ['dubtool', *{args!r}]\n"
+            "try:\n    app()\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(set(sys.modules) & {HEAVY!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "DUBTOOL_CACHE_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_library_api_is_importable_from_the_package() -> None:
+    import dubtool
+
+    assert dubtool.dub is api.dub and dubtool.landmarks is api.landmarks
+
+
+# -- every numeric option is range-checked before any work: exit 2 naming option and range ----
+
+@pytest.mark.parametrize("command, option, value, valid", [
+    ("dub", "--steps", "-3", ">= 1"),
+    ("dub", "--steps", "0", ">= 1"),              # was: silently the model's default
+    ("dub", "--strength", "2", "> 0 and <= 1"),
+    ("dub", "--strength", "0", "> 0 and <= 1"),
+    ("dub", "--batch-size", "0", ">= 1"),
+    ("dub", "--seed", "-1", ">= 0 and <= 4294967295"),
+    ("dub", "--reference-frame", "-1", ">= 0"),
+    ("dub", "--reference-frame", "50", ">= 0 and <= 49"),  # the clip has 50 frames
+    ("dub", "--device", "tpu", "auto, cpu, cuda or cuda:N"),
+    ("batch", "--jobs", "0", ">= 1"),
+    ("batch", "--steps", "0", ">= 1"),
+    ("eval", "--seconds", "0", "> 0"),
+    ("eval", "--strength", "1.5", "> 0 and <= 1"),
+    ("bench", "--repeat", "-1", ">= 0"),
+    ("bench", "--batch-size", "0", ">= 1"),
+    ("train", "--steps", "0", ">= 1"),
+    ("train", "--epoch-steps", "0", ">= 1"),
+    ("train", "--checkpoint-every", "0", ">= 1"),
+    ("train", "--decay-steps", "-1", ">= 0"),
+    ("train", "--refine", "2", ">= 0 and <= 1"),
+    ("prepare", "--crop-size", "4", ">= 16"),
+    ("prepare", "--min-face", "1.5", ">= 0 and <= 1"),
+    ("prepare", "--validation", "-0.1", ">= 0 and <= 1"),
+    ("cache clean", "--older-than", "-1", ">= 0"),
+])
+def test_numeric_options_out_of_range_exit_2_before_any_work(
+        command: str, option: str, value: str, valid: str, face_clip: Path, tmp_path: Path,
+        cache_dir: Path) -> None:
+    (tmp_path / "videos").mkdir()
+    args = {"dub": [face_clip, face_clip, "-o", tmp_path / "out.mp4"],
+            "batch": [face_clip.parent, "--speech", face_clip, "-o", tmp_path / "out"],
+            "eval": [face_clip, "--work-dir", tmp_path / "eval"],
+            "bench": [face_clip],
+            "train": ["autoencoder", "--data", tmp_path, "--out", tmp_path / "run"],
+            "prepare": [tmp_path / "videos", "-o", tmp_path / "data"],
+            "cache clean": []}[command]
+    if command not in ("train", "bench"):  # bench uses a scratch cache, train none
+        args += ["--cache-dir", cache_dir]
+    result = invoke(*command.split(), *args, option, value)
+    assert result.exit_code == 2, result.output
+    line = one_line_error(result)
+    assert f"{option} {value}: must be {valid}" in line
+    assert not cache_dir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["videos"]
+
+
+def test_steps_beyond_the_models_schedule_exit_2(face_clip: Path, tiny_model: Path,
+                                                 cache_dir: Path, tmp_path: Path) -> None:
+    result = invoke("dub", face_clip, face_clip, "-o", tmp_path / "out.mp4", "--model",
+                    tiny_model, "--steps", "101", "--cache-dir", cache_dir)
+    assert result.exit_code == 2
+    assert "--steps 101: must be >= 1 and <= 100" in one_line_error(result)
+    assert not cache_dir.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_asked_for_but_absent_is_a_usage_error(face_clip: Path, tmp_path: Path,
+                                                    cache_dir: Path) -> None:
+    with pytest.raises(UsageError, match="--device cuda: torch sees no CUDA GPU"):
+        resolve_device("cuda")  # what training calls too
+    result = invoke("dub", face_clip, face_clip, "-o", tmp_path / "out.mp4", "--device",
+                    "cuda", "--cache-dir", cache_dir)
+    assert result.exit_code == 2 and "no CUDA GPU" in one_line_error(result)
+    assert not cache_dir.exists()
+
+
+def test_face_index_that_no_frame_has_exits_4_naming_the_faces_found(
+        face_clip: Path, cache_dir: Path) -> None:
+    result = invoke("landmarks", face_clip, "--face", "99", "--cache-dir", cache_dir)
+    assert result.exit_code == 4
+    line = one_line_error(result)
+    assert str(face_clip) in line and "--face 99: no frame has 100 faces" in line
+    assert "found at most 1 in a frame" in line
+
+
+def test_dub_without_any_face_warns_in_one_line(tiny_model: Path, tmp_path: Path,
+                                                cache_dir: Path) -> None:
+    video = make_video(tmp_path / "pattern.mp4", seconds=0.5, size="64x64")
+    out = tmp_path / "out.mp4"
+    result = invoke("dub", video, video, "-o", out, "--model", tiny_model, "--device", "cpu",
+                    "--cache-dir", cache_dir)
+    assert result.exit_code == 0  # documented: the output is written, undubbed
+    assert one_line_error(result).startswith("warning: no frame could be dubbed")
+    assert "0 frames dubbed" in " ".join(result.stdout.split())
+    assert probe_video(out).frame_count == 13
+
+
+def test_final_line_counts_from_process_start() -> None:
+    code = ("import time\ntime.sleep(1.0)\nfrom dubtool.cli import process_seconds\n"
+            "print(process_seconds())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert 1.0 <= float(proc.stdout) < 30  # the sleep before the import is counted

@@ -326,8 +326,22 @@ def test_bench_reports_cold_and_warm_runs(face_clip: Path, tiny_model: Path,
     assert set(cold.stage_status.values()) == {"ran"}
     assert set(warm.stage_status.values()) == {"cached"}  # only blend + encode run again
     assert result.ffmpeg_floor_seconds > 0 and result.peak_rss_mb > 50
+    # A fresh process does the cold run's work and starts Python, torch and the model too.
+    assert result.process_seconds > cold.wall_seconds
     data = json.loads(report.read_text())
     assert data["runs"][1]["kind"] == "warm" and data["settings"]["device"] == "cpu"
+    assert data["process_real_time_factor"] == pytest.approx(result.process_seconds / 2.0)
+
+
+def test_bench_calls_the_api_not_the_other_way_round() -> None:
+    import ast
+    import inspect
+
+    from dubtool.evaluation import bench
+
+    imports = [(node.module, alias.name) for node in ast.walk(ast.parse(inspect.getsource(bench)))
+               if isinstance(node, ast.ImportFrom) for alias in node.names]
+    assert not [i for i in imports if i[0] == "dubtool.api" or i == ("dubtool", "api")]
 
 
 def test_sampling_defaults_come_from_the_model_config(face_clip: Path, tiny_model: Path,

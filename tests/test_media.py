@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -130,6 +132,36 @@ def test_mel_shape_and_frame_alignment() -> None:
     assert abs(int(loud.argmax()) - 8) <= 1  # centred in the frame's window
     # Frames far from the burst see only silence.
     assert mel_window(mel, 5, 25).max() < loud.max() - 40
+
+
+@pytest.mark.filterwarnings("ignore:n_fft=800 is too large")
+@pytest.mark.parametrize("seconds", [0.003, 1.0, 4.3])
+def test_mel_equals_librosas(seconds: float) -> None:
+    # The models were trained on librosa's mel; dubbing computes it with numpy. Speech-like
+    # input: a gliding tone over noise; 0.003 s is shorter than one window, 4.3 s spans
+    # several STFT blocks.
+    import librosa
+
+    t = np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    rng = np.random.default_rng(0)
+    samples = (0.3 * np.sin(2 * np.pi * (150 + 400 * t) * t)
+               + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+    expected = librosa.feature.melspectrogram(
+        y=samples, sr=SAMPLE_RATE, n_fft=800, hop_length=200, win_length=800, n_mels=N_MELS,
+        fmin=55.0, fmax=7600.0, power=2.0, center=True)
+    expected = np.maximum(10.0 * np.log10(np.maximum(expected, 1e-10)), MEL_FLOOR_DB)
+    assert np.abs(mel_spectrogram(samples) - expected).max() < 1e-3  # dB
+
+
+def test_mel_needs_no_librosa() -> None:
+    # librosa's numba kernels take a second to load on every run and half a minute to
+    # compile on the first: the dub's extract stage must not import it.
+    code = ("import sys, numpy as np\nfrom dubtool.pipeline.extract import extract\n"
+            "from dubtool.media.audio import mel_spectrogram\n"
+            "mel_spectrogram(np.ones(4000, np.float32))\nprint('librosa' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.strip() == "False"
 
 
 def test_mel_window_outside_speech_is_silence() -> None:

@@ -1,5 +1,6 @@
 """The stage cache and the extract + landmarks stages, on real and synthetic media."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -13,10 +14,18 @@ import numpy as np
 import pytest
 from conftest import make_tone, make_video
 
-from dubtool.errors import CacheError
+from dubtool.errors import CacheError, UsageError
 from dubtool.media.frames import VideoWriter, read_frames
 from dubtool.media.probe import probe_video
-from dubtool.pipeline.cache import RunCache, clean_runs, code_digest, fingerprint, list_runs
+from dubtool.pipeline.cache import (
+    LIMIT_VARIABLE,
+    RunCache,
+    cache_limit_bytes,
+    clean_runs,
+    code_digest,
+    fingerprint,
+    list_runs,
+)
 from dubtool.pipeline.extract import extract
 from dubtool.pipeline.landmarks import smooth_track
 from dubtool.pipeline.plan import frame_plan, output_frame_count
@@ -377,3 +386,37 @@ def test_landmarks_on_the_shared_news_clip(tmp_path: Path) -> None:
     result = landmarks(clip, output=tmp_path / "debug.mp4", cache_dir=tmp_path / "cache")
     assert result.track.frames == 500 and result.track.faces_found == 500
     assert probe_video(tmp_path / "debug.mp4").frame_count == 500
+
+
+def test_cache_limit_evicts_least_recently_used_runs_not_in_use(tmp_path: Path) -> None:
+    def run(key: str, size: int = 10_000) -> None:
+        with RunCache(tmp_path, key, limit_bytes=25_000) as cache:
+            cache.run_stage("s", "fp", lambda f: (f / "data").write_bytes(b"x" * size))
+
+    def keys() -> set[str]:
+        return {r.key for r in list_runs(tmp_path)}
+
+    run("a")
+    run("b")
+    run("a")  # a is now the most recently used
+    run("c")  # three runs do not fit: b goes
+    assert keys() == {"a", "c"}
+    with open(tmp_path / "a" / "lock", "a+") as held:  # another process runs a
+        fcntl.flock(held, fcntl.LOCK_EX)
+        run("d")  # a is the least recently used, but in use: c goes instead
+        assert keys() == {"a", "d"}
+    run("big", size=40_000)  # the run just made stays even alone over the limit
+    assert keys() == {"big"}
+
+
+def test_cache_limit_setting(monkeypatch) -> None:
+    monkeypatch.delenv(LIMIT_VARIABLE, raising=False)
+    assert cache_limit_bytes() == 10 * 1024**3
+    monkeypatch.setenv(LIMIT_VARIABLE, "0")
+    assert cache_limit_bytes() == 0  # no limit
+    monkeypatch.setenv(LIMIT_VARIABLE, "0.5")
+    assert cache_limit_bytes() == 512 * 1024**2
+    for bad in ("-1", "ten", "nan"):
+        monkeypatch.setenv(LIMIT_VARIABLE, bad)
+        with pytest.raises(UsageError, match=f"DUBTOOL_CACHE_LIMIT_GB '{bad}': must be"):
+            cache_limit_bytes()

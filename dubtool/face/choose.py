@@ -10,26 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from dubtool.face.indices import select_points
+from dubtool.options import FaceChoice
 
-FACE_CHOICES = ("largest", "center")
 FOLLOW_DISTANCE = 0.5  # a face is the same one if its centre moved less than this x its size
-
-FaceChoice = str | int
-
-
-def parse_face_choice(text: str) -> FaceChoice:
-    """"largest", "center" or a face index (0 = leftmost); ValueError otherwise."""
-    text = text.strip().lower()
-    if text in FACE_CHOICES:
-        return text
-    if text.isdigit():
-        return int(text)
-    raise ValueError(f"--face must be largest, center or a face index (0 = leftmost), "
-                     f"not {text!r}")
-
-
-def describe(choice: FaceChoice) -> str:
-    return f"face {choice} from the left" if isinstance(choice, int) else f"{choice} face"
 
 
 def _centre_and_size(mesh: np.ndarray) -> tuple[np.ndarray, float]:

@@ -19,8 +19,8 @@ import numpy as np
 
 from dubtool.errors import MissingDependency
 from dubtool.face import indices
+from dubtool.options import DETECTORS
 
-DETECTORS = ("mediapipe", "face-alignment")
 MAX_FACES = 4  # faces FaceMesh tracks at once (measured: no slower than one)
 
 

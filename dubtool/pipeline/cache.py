@@ -9,6 +9,9 @@ stages after it include its fingerprint in theirs, they are recomputed too.
 Writes are atomic: a stage computes into a temporary folder that is renamed into place, and the
 manifest is rewritten through a temporary file, so a run killed at any point leaves either the
 old result or the new one, never half of one. A lock file keeps two processes out of one run.
+
+The cache has a size limit ($DUBTOOL_CACHE_LIMIT_GB, default 10; 0: none): when a run ends, the
+least recently used other runs are removed until the cache fits it; runs in use stay.
 """
 
 from __future__ import annotations
@@ -23,19 +26,24 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from dubtool.errors import CacheError, disk_full_reported
+from dubtool.errors import CacheError, UsageError, disk_full_reported
 
 MANIFEST = "manifest.json"
 LOCK = "lock"
 FORMAT = "dubtool-run-cache/1"
 _TMP_MARK = ".tmp-"
+LIMIT_VARIABLE = "DUBTOOL_CACHE_LIMIT_GB"
+DEFAULT_LIMIT_GB = 10.0  # a 5 s dub caches about 10 MB: a thousand clips fit
+GB = 1024**3
+
+if TYPE_CHECKING:  # the chunk functions import numpy when they run: `cache list` needs none
+    import numpy as np
 
 
 def default_cache_dir() -> Path:
@@ -44,6 +52,19 @@ def default_cache_dir() -> Path:
         return Path(os.environ["DUBTOOL_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "dubtool"
+
+
+def cache_limit_bytes() -> int:
+    """$DUBTOOL_CACHE_LIMIT_GB in bytes (default 10 GB); 0 for no limit."""
+    text = os.environ.get(LIMIT_VARIABLE, "").strip()
+    try:
+        gb = float(text) if text else DEFAULT_LIMIT_GB
+    except ValueError:
+        gb = float("nan")
+    if not gb >= 0:  # NaN too
+        raise UsageError(f"${LIMIT_VARIABLE} {text!r}: must be a number of GB >= 0 (0: no "
+                         "limit)")
+    return int(gb * GB)
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -109,27 +130,33 @@ class RunCache:
     """One run folder. Use as a context manager: entering takes the run's lock."""
 
     def __init__(self, root: str | Path, key: str, description: dict | None = None,
-                 lock_timeout: float = 0.0) -> None:
+                 lock_timeout: float = 0.0, limit_bytes: int | None = None) -> None:
         self.root = Path(root)
         self.key = key
         self.dir = self.root / key
         self.description = description or {}
         self.lock_timeout = lock_timeout
+        # Read now: a bad $DUBTOOL_CACHE_LIMIT_GB is refused before any work.
+        self.limit_bytes = cache_limit_bytes() if limit_bytes is None else limit_bytes
         self._lock_file = None
         self.records: list[StageRecord] = []
 
     # -- lifetime -------------------------------------------------------------------------
     def __enter__(self) -> RunCache:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CacheError(f"cannot create the cache folder ({exc.strerror})", self.dir) from exc
-        self._lock_file = open(self.dir / LOCK, "a+")
         deadline = time.monotonic() + self.lock_timeout
         while True:
             try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._lock_file = open(self.dir / LOCK, "a+")
+            except OSError as exc:
+                raise CacheError(f"cannot create the cache folder ({exc.strerror})",
+                                 self.dir) from exc
+            try:
                 fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if _is_current(self._lock_file, self.dir / LOCK):
+                    break
+                # Another process removed the run (evicted or cleaned) while we waited: the
+                # lock we hold is on a deleted file. Start again with a fresh folder.
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     self._lock_file.close()
@@ -137,6 +164,7 @@ class RunCache:
                     raise CacheError("another dubtool run is using this cache entry; wait for "
                                      "it to finish or use another --cache-dir", self.dir) from None
                 time.sleep(0.2)
+            self._lock_file.close()
         self._remove_leftovers()
         manifest = self.manifest()
         manifest.setdefault("created", time.time())
@@ -145,11 +173,14 @@ class RunCache:
         self._write_manifest(manifest)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None
+        # After a failure too (its stages stay cached), but not after Ctrl-C: stop at once.
+        if exc_type is None or issubclass(exc_type, Exception):
+            evict_runs(self.root, self.limit_bytes, keep=self.key)
 
     def _remove_leftovers(self) -> None:
         # Temporary files of a run that was killed: safe to remove while we hold the lock.
@@ -281,6 +312,8 @@ class RunCache:
 
     @staticmethod
     def _write_chunk(work: Path, k: int, arrays: dict[str, np.ndarray]) -> None:
+        import numpy as np
+
         path = work / chunk_name(k)
         tmp = work / f"{chunk_name(k)}{_TMP_MARK}{os.getpid()}.npz"
         try:
@@ -294,6 +327,8 @@ class RunCache:
 
 def stream_bounds(chunks: int, streams: int) -> tuple[list[int], list[int]]:
     """First and end chunk of each of ``streams`` contiguous runs of near-equal length."""
+    import numpy as np
+
     streams = max(1, min(streams, chunks))
     edges = np.linspace(0, chunks, streams + 1).round().astype(int).tolist()
     return edges[:-1], edges[1:]
@@ -304,6 +339,8 @@ def chunk_name(k: int) -> str:
 
 
 def load_chunk(folder: Path, k: int) -> dict[str, np.ndarray]:
+    import numpy as np
+
     with np.load(folder / chunk_name(k), allow_pickle=False) as data:
         return {name: data[name] for name in data.files}
 
@@ -321,7 +358,20 @@ class RunSummary:
 
 
 def _folder_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    total = 0
+    for folder, _, files in os.walk(path):  # os.walk skips what another process removes
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(folder, name)).st_size
+    return total
+
+
+def _is_current(lock_file, path: Path) -> bool:
+    """Whether the open ``lock_file`` is still the file at ``path`` (not removed meanwhile)."""
+    try:
+        return os.fstat(lock_file.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def list_runs(root: str | Path | None = None) -> list[RunSummary]:
@@ -344,18 +394,20 @@ def list_runs(root: str | Path | None = None) -> list[RunSummary]:
     return sorted(runs, key=lambda r: r.used, reverse=True)
 
 
-@contextlib.contextmanager
-def _try_lock(folder: Path) -> Iterator[bool]:
-    with open(folder / LOCK, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _remove_run(run: RunSummary) -> bool:
+    """Remove a run folder unless another process holds its lock (or removed it already)."""
+    lock = run.path / LOCK
+    try:
+        with open(lock, "a+") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _is_current(lock_file, lock) or not (run.path / MANIFEST).is_file():
+                return False
+            # Drop the manifest first: a half-removed folder is then no longer a run.
+            (run.path / MANIFEST).unlink()
+            shutil.rmtree(run.path, ignore_errors=True)
+    except (FileNotFoundError, BlockingIOError):  # removed meanwhile, or in use
+        return False
+    return True
 
 
 def clean_runs(root: str | Path | None = None, keys: list[str] | None = None,
@@ -363,18 +415,26 @@ def clean_runs(root: str | Path | None = None, keys: list[str] | None = None,
     """Remove run folders (all, those whose key starts with one of ``keys``, or those unused
     for ``older_than_days``). Only folders with a dubtool manifest are touched, and runs in use
     by another process are left alone. Returns what was removed."""
-    removed = []
     now = time.time()
-    for run in list_runs(root):
-        if keys and not any(run.key.startswith(k) for k in keys):
-            continue
-        if older_than_days is not None and now - run.used < older_than_days * 86400:
-            continue
-        with _try_lock(run.path) as locked:
-            if not locked:
-                continue
-            # Drop the manifest first: a half-removed folder is then no longer a run.
-            (run.path / MANIFEST).unlink(missing_ok=True)
-            shutil.rmtree(run.path, ignore_errors=True)
-        removed.append(run)
+    return [run for run in list_runs(root)
+            if not (keys and not any(run.key.startswith(k) for k in keys))
+            and not (older_than_days is not None and now - run.used < older_than_days * 86400)
+            and _remove_run(run)]
+
+
+def evict_runs(root: str | Path, limit_bytes: int, keep: str | None = None) -> list[RunSummary]:
+    """Remove the least recently used runs until the cache holds at most ``limit_bytes``
+    (0: no limit). The run ``keep`` (the one just finished) and runs in use by another
+    process stay, even if the cache is still over the limit then. Returns what was removed."""
+    if limit_bytes <= 0:
+        return []
+    runs = list_runs(root)
+    total = sum(run.size_bytes for run in runs)
+    removed = []
+    for run in reversed(runs):  # least recently used first
+        if total <= limit_bytes:
+            break
+        if run.key != keep and _remove_run(run):
+            total -= run.size_bytes
+            removed.append(run)
     return removed

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-from dubtool.face.choose import FaceChoice, FacePicker
+from dubtool.face.choose import FacePicker
 from dubtool.face.crop import CropBox, face_box
 from dubtool.face.detect import Detector
 from dubtool.face.indices import CONTENT_SLICE, NUM_POINTS, POSE_SLICE, select_points
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import VideoInfo
+from dubtool.options import FaceChoice
 
 # Smoothing widths (Gaussian sigma) in seconds: the crop box moves slowly so that the face does
 # not shake inside the crop; pose points a little; lips and jaw barely: speech moves them fast.

@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import numpy as np
 
-LOOP_MODES = ("pingpong", "loop", "cut")
+from dubtool.options import LOOP_MODES
 
 
 def output_frame_count(speech_seconds: float, fps: Fraction | float, source_frames: int,

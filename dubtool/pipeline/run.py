@@ -6,18 +6,15 @@ import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from dubtool.errors import InvalidMedia
-from dubtool.face.choose import FaceChoice
 from dubtool.face.detect import make_detector
 from dubtool.face.indices import mouth_opening
 from dubtool.media.probe import check_readable
-from dubtool.nets.io import LoadedModel
-from dubtool.pipeline import complete as complete_stage
-from dubtool.pipeline import diffuse as diffuse_stage
+from dubtool.options import FaceChoice
 from dubtool.pipeline import extract as extract_stage
 from dubtool.pipeline import landmarks as landmarks_stage
 from dubtool.pipeline.cache import (
@@ -28,10 +25,15 @@ from dubtool.pipeline.cache import (
     fingerprint,
     load_chunk,
 )
-from dubtool.pipeline.complete import Completion
-from dubtool.pipeline.diffuse import DiffusionSettings
 from dubtool.pipeline.extract import Extracted
 from dubtool.pipeline.landmarks import FaceTrack
+
+if TYPE_CHECKING:  # the model stages need torch: `dubtool landmarks` runs without it
+    import torch
+
+    from dubtool.nets.io import LoadedModel
+    from dubtool.pipeline.complete import Completion
+    from dubtool.pipeline.diffuse import DiffusionSettings
 
 # progress(stage, done, total): called as a stage advances.
 StageProgress = Callable[[str, int, int], None]
@@ -98,7 +100,12 @@ def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
     landmarks_fp = fingerprint("landmarks", code_digest(landmarks_stage), inputs.video_digest,
                                detector, face, used)
     folder = cache.run_stage("landmarks", landmarks_fp, detect, force=force)
-    return FrontResult(extracted, FaceTrack.load(folder), extract_fp, landmarks_fp)
+    track = FaceTrack.load(folder)
+    if isinstance(face, int) and face >= track.faces_seen:
+        # Otherwise the whole video would pass through undubbed, as if all went well.
+        raise InvalidMedia(f"--face {face}: no frame has {face + 1} faces (found at most "
+                           f"{track.faces_seen} in a frame; 0 is the leftmost)", inputs.video)
+    return FrontResult(extracted, track, extract_fp, landmarks_fp)
 
 
 @dataclass
@@ -125,6 +132,12 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                    device: torch.device | None = None, force: bool = False,
                    progress: StageProgress | None = None) -> DubStages:
     """extract, landmarks, crops, complete and diffuse, each through the cache."""
+    import torch
+
+    from dubtool.pipeline import complete as complete_stage
+    from dubtool.pipeline import diffuse as diffuse_stage
+    from dubtool.pipeline.complete import Completion
+
     device = device or torch.device("cpu")
     front = run_front(cache, inputs, loop=loop, face=face, force=force, progress=progress)
     video, track, plan = front.extracted.video, front.track, front.extracted.plan
@@ -148,6 +161,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     if reference_frame is None:
         reference_frame = pick_reference_frame(track)
     elif not 0 <= reference_frame < track.frames:
+        # Within the video (api.dub checked that) but past the frames this speech uses.
         raise InvalidMedia(f"--reference-frame {reference_frame} is outside the "
                            f"{track.frames} frames of the video that the speech uses",
                            video.path)

@@ -23,9 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dubtool.errors import InputNotFound, InvalidMedia, ModelError, OutputError
+from dubtool.errors import InputNotFound, InvalidMedia, ModelError, OutputError, UsageError
 from dubtool.nets.config import ModelConfig
 from dubtool.nets.io import load_weights, save_weights
+from dubtool.options import check_device
 from dubtool.training.dataset import PreparedData
 
 CHECKPOINT = "checkpoint"
@@ -36,11 +37,18 @@ TrainProgress = Callable[[int, int, dict[str, float]], None]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``--device`` as a torch device; UsageError (exit 2) for a GPU this machine lacks."""
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OutputError("CUDA was asked for but torch sees no GPU; use --device cpu")
-    return torch.device(device)
+        raise UsageError(f"--device {device}: torch sees no CUDA GPU on this machine; use "
+                         "--device cpu or auto")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         "CUDA GPUs (cuda:0 is the first)")
+    return resolved
 
 
 def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
