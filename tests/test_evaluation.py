@@ -167,3 +167,67 @@ def test_identity_distance_on_a_real_face() -> None:
     smeared[:, 150:] = smeared[:, 150:].mean(axis=(1, 2), keepdims=True).astype(np.uint8)
     distance = identity_distance(model.descriptors(smeared, points, picks), original)
     assert 0.05 < distance < 1.0
+
+
+def test_points_are_measured_on_the_dubbed_face_and_references_encoded_alike(
+        face_clip: Path, tmp_path: Path) -> None:
+    from dubtool.evaluation.evaluate import detect_points, encoded
+    from dubtool.media.frames import read_frames
+    from dubtool.media.probe import probe_video
+    from dubtool.pipeline.landmarks import FaceTrack
+
+    frame = next(iter(read_frames(probe_video(face_clip)))).copy()  # 256x256
+    # Two faces side by side: FaceMesh's first one need not be the dubbed one.
+    pair = np.concatenate([frame, frame], axis=1)[None]
+    alone, _ = detect_points(pair)
+    right = alone.copy()
+    if alone[0, :, 0].mean() < 256:
+        right[0, :, 0] += 256
+    else:
+        right[0, :, 0] -= 256
+    track = FaceTrack("test", np.zeros((1, 478, 3), np.float32), np.ones(1, bool), right,
+                      np.array([[0, 0, 256]], np.int32), 0.0)
+    followed, found = detect_points(pair, track)
+    assert found.all()
+    assert abs(followed[0, :, 0].mean() - right[0, :, 0].mean()) < 10
+    # A reference variant goes through the dub's own H.264 encode: close, not identical.
+    frames = np.stack([frame] * 5)
+    out = encoded(frames, 25.0, tmp_path)
+    assert out.shape == frames.shape
+    assert 30 < metrics.psnr(out[2], frames[2]) < 80
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_reference_frame_past_a_shorter_dub_is_read_from_the_clip(
+        face_clip: Path, tmp_path: Path) -> None:
+    from conftest import ffmpeg
+
+    from dubtool.evaluation.evaluate import evaluate_clip
+    from dubtool.pipeline.run import Inputs, run_front
+
+    short = tmp_path / "short.mp4"
+    ffmpeg("-i", str(face_clip), "-frames:v", "20", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           str(short))
+    inputs = Inputs.of(face_clip, face_clip)
+    with inputs.open_cache(tmp_path / "cache") as cache:
+        track = run_front(cache, inputs, loop="cut").track
+    result = evaluate_clip(face_clip, short, track, reference_frame=45)
+    assert result.frames == 20 and result.reference_frame == 45
+    assert result.metrics["static"]["lmd"] > 0
+
+
+def test_the_still_mouth_follows_the_head() -> None:
+    from dubtool.evaluation.evaluate import still_mouth_points
+    from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE
+
+    rng = np.random.default_rng(0)
+    reference = (0.3 + 0.4 * rng.random((131, 2))).astype(np.float32)
+    angle, scale, shift = 0.2, 1.1, np.array([0.05, -0.02])
+    rotation = scale * np.array([[np.cos(angle), -np.sin(angle)],
+                                 [np.sin(angle), np.cos(angle)]])
+    moved = (reference @ rotation.T + shift).astype(np.float32)
+    frame = moved.copy()
+    frame[CONTENT_SLICE] += 0.05  # the frame's own mouth is elsewhere: not used
+    out = still_mouth_points(reference, frame)
+    assert np.allclose(out[POSE_SLICE], frame[POSE_SLICE])
+    assert np.allclose(out[CONTENT_SLICE], moved[CONTENT_SLICE], atol=1e-4)

@@ -24,3 +24,25 @@ def test_configs_folder_holds_the_two_configs() -> None:
     assert sorted(p.name for p in (MODELS_DIR / "configs").iterdir()) == [
         "cpu-128.json", "paper-256.json"]
     assert Path(MODELS_DIR).name == "models"
+
+
+# Measured with the shipped model on face_2s.mp4 (2 s, 50 frames; CPU, defaults): LMD 0.0XX,
+# completion opening correlation 0.XX, articulation 0.XX. The bounds leave room for the
+# platform's float differences, and fail on a model that stops following the mouth.
+REGRESSION_BOUNDS = {"lmd": 0.0, "completion_opening_correlation": 0.0,
+                     "completion_articulation": (0.0, 0.0)}
+
+
+def test_shipped_model_follows_a_real_mouth(face_clip: Path, tmp_path: Path) -> None:
+    """A regression test of the shipped model: dub a real 2 s clip from its own speech."""
+    from dubtool import api
+
+    result = api.evaluate([face_clip], model=DEFAULT_MODEL, work_dir=tmp_path / "eval",
+                          cache_dir=tmp_path / "cache", device="cpu", strips=False)
+    model, static = result.clips[0].metrics["model"], result.clips[0].metrics["static"]
+    print({k: round(v, 4) for k, v in model.items()})
+    assert model["lmd"] < REGRESSION_BOUNDS["lmd"] and model["lmd"] < static["lmd"]
+    correlation = model["completion_opening_correlation"]
+    assert correlation > REGRESSION_BOUNDS["completion_opening_correlation"]
+    low, high = REGRESSION_BOUNDS["completion_articulation"]
+    assert low < model["completion_articulation"] < high

@@ -183,7 +183,7 @@ def test_refine_objective_takes_the_warped_start_to_the_real_frame(models) -> No
     # the start, 30, which is reached.
     seen.clear()
     for seed in range(60):
-        dubber_losses(model, ae, batch, scheduler, 0.0, end2end=False,
+        dubber_losses(model, ae, batch, scheduler, config.training, end2end=False,
                       generator=torch.Generator().manual_seed(seed), refine=0.3)
     times = {int(t) for ts in seen for t in ts}
     sampled = sampling_timesteps(config.diffusion.train_steps, 10, 0.3)

@@ -15,7 +15,7 @@ from dubtool import api
 from dubtool.cli import app
 from dubtool.errors import InputNotFound, OutputError
 from dubtool.face.indices import MIRROR, ORDER
-from dubtool.media.audio import mel_window
+from dubtool.media.audio import NORMALISED_CLIP, mel_window
 from dubtool.training.dataset import Augment, PreparedData, dubber_batch, person_of
 
 
@@ -123,8 +123,8 @@ def test_sampler_draws_successive_frames_and_a_distant_reference(dataset: Path) 
         assert frames == list(range(start, start + 5))
         assert [index(image) for image in batch["motion"][b]] == [start - 2, start - 1]
         np.testing.assert_allclose(batch["points"][b], clip.points[start:start + 5], atol=1e-6)
-        np.testing.assert_array_equal(batch["mel"][b][2], mel_window(clip.mel, start + 2,
-                                                                       clip.fps))
+        heard = mel_window(clip.features, start + 2, clip.fps, fill=-NORMALISED_CLIP)
+        np.testing.assert_array_equal(batch["mel"][b][2], heard)
         reference = index(batch["reference_image"][b])
         assert clip.detected[reference] and not start <= reference < start + 5
         assert abs(reference - start) >= 10  # the farthest of a few random face frames

@@ -3,7 +3,8 @@
 Three variants of every clip are measured the same way:
   model     the dub (lower face regenerated from the clip's own speech)
   original  the clip itself (the upper bound: sync and stability of real footage)
-  static    the reference frame's lower face pasted on every frame (a mouth that never moves)
+  static    the reference frame's lower face on every frame, bent to follow the head but
+            with its own still mouth, and encoded like the dub (a mouth that never moves)
 A model that does not beat ``static`` on LMD and sync is not working.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -20,14 +22,17 @@ from dubtool.evaluation import metrics
 from dubtool.evaluation.identity import IDENTITY_FRAMES, IdentityModel, identity_distance
 from dubtool.face.detect import FaceMeshDetector
 from dubtool.face.indices import (
+    CONTENT_SLICE,
     JAW_SLICE,
     LIPS_SLICE,
+    POSE_SLICE,
     inner_lip_opening,
     mouth_opening,
     select_points,
 )
+from dubtool.face.warp import warp_face
 from dubtool.media.audio import load_speech, mel_spectrogram, pauses, voice_activity
-from dubtool.media.frames import read_frames
+from dubtool.media.frames import VideoWriter, read_frames
 from dubtool.media.probe import probe_video
 from dubtool.pipeline.blend import lower_face_mask
 from dubtool.pipeline.complete import PAUSE_SECONDS
@@ -53,30 +58,67 @@ class ClipEvaluation:
     series: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
 
-def detect_points(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """FaceMesh on each frame: (F, 131, 2) pixel points (NaN where none) and (F,) found."""
+def detect_points(frames: np.ndarray, track: FaceTrack | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """FaceMesh on each frame: (F, 131, 2) pixel points (NaN where none) and (F,) found. With
+    ``track``, of the faces found in a frame the one nearest the track's (the dubbed face),
+    not FaceMesh's first."""
     points = np.full((len(frames), 131, 2), np.nan, np.float32)
     found = np.zeros(len(frames), bool)
     with FaceMeshDetector() as detector:
         for i, frame in enumerate(frames):
-            mesh = detector.detect(frame)
-            if mesh is not None:
-                points[i] = select_points(mesh)[:, :2]
-                found[i] = True
+            faces = [select_points(mesh)[:, :2] for mesh in detector.detect_all(frame)]
+            if not faces:
+                continue
+            if track is not None and len(faces) > 1:
+                centre = track.points[i].mean(axis=0)
+                faces.sort(key=lambda f: float(np.linalg.norm(f.mean(axis=0) - centre)))
+            points[i] = faces[0]
+            found[i] = True
     return points, found
+
+
+def encoded(frames: np.ndarray, fps: float, folder: Path) -> np.ndarray:
+    """The frames after the H.264 encode every dub goes through (the writer's settings), so
+    that a reference variant is measured like the model's output."""
+    path = folder / ".encoded.mp4"
+    height, width = frames.shape[1:3]
+    with VideoWriter(path, width, height, Fraction(fps).limit_denominator(1001)) as writer:
+        for frame in frames:
+            writer.write(frame)
+    decoded = np.stack([f.copy() for f in read_frames(probe_video(path))])[:len(frames)]
+    path.unlink()
+    return decoded[:, :height, :width]
+
+
+def still_mouth_points(reference: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """(131, 2) the frame's pose points with the reference's lip/jaw points carried along by
+    the similarity (scale, rotation, shift) that takes the reference's pose to the frame's:
+    the reference's mouth, following the head."""
+    source, target = reference[POSE_SLICE].astype(np.float64), frame[POSE_SLICE]
+    matrix, _ = cv2.estimateAffinePartial2D(source, target.astype(np.float64))
+    out = frame.astype(np.float64).copy()
+    content = reference[CONTENT_SLICE].astype(np.float64)
+    out[CONTENT_SLICE] = content @ matrix[:, :2].T + matrix[:, 2]
+    return out.astype(np.float32)
 
 
 def static_mouth(frames: np.ndarray, track: FaceTrack, reference_frame: int,
                  reference_image: np.ndarray) -> np.ndarray:
-    """Every frame with the reference frame's lower face pasted in (the no-motion baseline)."""
+    """Every frame with the reference frame's lower face, bent to follow the frame's head pose
+    (the same thin-plate warp the dub starts from) but with the reference's still mouth: the
+    no-motion baseline."""
     size = EVAL_CROP
     reference_crop = track.box(reference_frame).crop(reference_image, size)
     crop_points = track.crop_points()
+    reference_points = crop_points[reference_frame]
     out = frames.copy()
     for i in range(len(frames)):
         if track.detected[i]:
-            mask = lower_face_mask([crop_points[i], crop_points[reference_frame]], size)
-            out[i] = track.box(i).paste(frames[i], reference_crop, mask)
+            target = still_mouth_points(reference_points, crop_points[i])
+            face = warp_face(reference_crop, reference_points, target)
+            mask = lower_face_mask([crop_points[i], target], size)
+            out[i] = track.box(i).paste(frames[i], face, mask)
     return out
 
 
@@ -102,7 +144,7 @@ def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTr
     over time."""
     frames = len(original)
     envelope = metrics.speech_envelope(speech, fps, frames)
-    original_points, original_found = detect_points(original)
+    original_points, original_found = detect_points(original, track)
     original_halves, original_mouths = _lower_halves(original, track), _mouths(original, track)
     faces = track.detected[:frames]
     original_ids = None
@@ -114,7 +156,7 @@ def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTr
     results = {}
     for name, video in variants.items():
         points, found = ((original_points, original_found) if video is original
-                         else detect_points(video))
+                         else detect_points(video, track))
         both = found & original_found & faces
         halves = _lower_halves(video, track)
         offset, _, confidence = metrics.sync_score(mouth_opening(points), envelope, fps)
@@ -186,7 +228,11 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
     if generated.shape != original.shape:
         raise ValueError(f"{dubbed}: frames of {generated.shape[1:]} differ from the clip's "
                          f"{original.shape[1:]}")
-    static = static_mouth(original, track, reference_frame, original[reference_frame])
+    # The reference frame may lie past the frames compared: read it from the clip itself.
+    reference_image = next(f.copy() for i, f in enumerate(read_frames(info))
+                           if i == reference_frame)
+    static = encoded(static_mouth(original, track, reference_frame, reference_image),
+                     float(info.fps), Path(dubbed).parent)
     variants = {"model": generated, "original": original, "static": static}
     speech = load_speech(clip)
     series: dict[str, np.ndarray] = {}

@@ -130,13 +130,16 @@ def with_completion(base: str | Path, completion: str | Path, config: ModelConfi
     """Write a model folder at ``folder``: the ``base`` model folder's autoencoder, appearance
     encoder and denoiser with the landmark completion of ``completion`` (safetensors) and
     ``config``'s completion and training settings (half precision, as shipped)."""
-    loaded = load_model(base, need_dubber=False)
-    merged = loaded.config.replace(completion=config.completion, training=config.training)
+    base = resolve_model_folder(base)
+    base_config = ModelConfig.load(base / CONFIG_FILE)
+    autoencoder = FaceAutoencoder(base_config.autoencoder)
+    load_weights(autoencoder, base / AUTOENCODER_FILE)
+    merged = base_config.replace(completion=config.completion, training=config.training)
     dubber = DubbingModel(merged)
-    if (loaded.folder / DUBBER_FILE).is_file():
-        load_weights(dubber, loaded.folder / DUBBER_FILE, ignore=("completion.",))
+    if (base / DUBBER_FILE).is_file():  # its own completion may be of another shape
+        load_weights(dubber, base / DUBBER_FILE, ignore=("completion.",))
     load_weights(dubber.completion, completion)
-    return save_model(folder, merged, loaded.autoencoder, dubber, half=True)
+    return save_model(folder, merged, autoencoder, dubber, half=True)
 
 
 def load_model(name_or_path: str | Path, need_dubber: bool = True) -> LoadedModel:

@@ -65,8 +65,8 @@ def closed_mouth(points: np.ndarray, detected: np.ndarray) -> np.ndarray:
     """(57, 2) the video's own closed-mouth lip/jaw shape (crop units): the median over the
     frames whose inner lips are closest (CLOSED_FRACTION of the frames with a face)."""
     faces = np.nonzero(detected)[0]
-    if len(faces) == 0:
-        faces = np.arange(len(points))
+    if len(faces) == 0:  # nothing will be dubbed: any shape does
+        return np.median(points[:, CONTENT_SLICE], axis=0)
     opening = inner_lip_opening(points[faces])
     count = max(1, round(CLOSED_FRACTION * len(faces)))
     closest = faces[np.argsort(opening, kind="stable")[:count]]
