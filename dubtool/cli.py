@@ -452,19 +452,26 @@ def eval_cmd(
                                             progress=progress))
     from dubtool.evaluation.evaluate import VARIANTS
 
-    measured = list(result.summary["model"])
-    table = Table("variant", *measured, title=f"{len(result.clips)} clips, mean ± 95% interval")
+    # The terminal shows the main metrics; the report (-o) holds them all.
+    shown = [m for m in ("opening_correlation", "articulation", "completion_opening_correlation",
+                         "lmd", "psnr", "identity") if m in result.summary["model"]]
+    names = {"opening_correlation": "opening corr", "completion_opening_correlation":
+             "completion corr"}
+    table = Table("variant", *(names.get(m, m) for m in shown),
+                  title=f"{len(result.clips)} clips, mean ± 95% interval")
     for variant in VARIANTS:
         cells = []
-        for m in measured:
+        for m in shown:
             v = result.summary[variant][m]
-            cells.append("inf" if v["mean"] == float("inf") else
-                         f"{v['mean']:.3f} ± {v['ci95']:.3f}")
+            cells.append("inf" if v["mean"] == float("inf") else "-" if v["mean"] != v["mean"]
+                         else f"{v['mean']:.3f} ± {v['ci95']:.3f}")
         table.add_row(variant, *cells)
     out.print(table)
-    out.print("lmd: lip/jaw landmark distance / eye distance (lower is better); sync: our "
-              "lip-opening vs voice-energy correlation, not SyncNet's LSE")
-    if "identity" not in measured:
+    out.print("opening corr: correlation of the dub's inner-lip opening with the real mouth's "
+              "(1 = in step); articulation: how wide it opens against the real mouth (1 = as "
+              "wide); lmd: lip/jaw landmark distance / eye distance (lower is better); the "
+              "report (-o) has every metric and its definition")
+    if "identity" not in shown:
         out.print(result.settings["identity"])
     for path in result.files:
         out.print(f"wrote {path}")

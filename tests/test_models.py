@@ -26,11 +26,13 @@ def test_configs_folder_holds_the_two_configs() -> None:
     assert Path(MODELS_DIR).name == "models"
 
 
-# Measured with the shipped model on face_2s.mp4 (2 s, 50 frames; CPU, defaults): LMD 0.0XX,
-# completion opening correlation 0.XX, articulation 0.XX. The bounds leave room for the
-# platform's float differences, and fail on a model that stops following the mouth.
-REGRESSION_BOUNDS = {"lmd": 0.0, "completion_opening_correlation": 0.0,
-                     "completion_articulation": (0.0, 0.0)}
+# Measured with the shipped model on face_2s.mp4 (2 s, 50 frames of a training person; CPU,
+# defaults): LMD 0.0236 (static mouth higher), completion opening correlation 0.683,
+# articulation 1.173; the dub's own opening correlation 0.678. The bounds leave room for float
+# differences between machines and fail on a model that stops following the mouth (the
+# previous release's completion moved a third as wide as a real mouth).
+REGRESSION_BOUNDS = {"lmd": 0.03, "completion_opening_correlation": 0.5,
+                     "completion_articulation": (0.7, 1.6)}
 
 
 def test_shipped_model_follows_a_real_mouth(face_clip: Path, tmp_path: Path) -> None:
@@ -40,7 +42,6 @@ def test_shipped_model_follows_a_real_mouth(face_clip: Path, tmp_path: Path) -> 
     result = api.evaluate([face_clip], model=DEFAULT_MODEL, work_dir=tmp_path / "eval",
                           cache_dir=tmp_path / "cache", device="cpu", strips=False)
     model, static = result.clips[0].metrics["model"], result.clips[0].metrics["static"]
-    print({k: round(v, 4) for k, v in model.items()})
     assert model["lmd"] < REGRESSION_BOUNDS["lmd"] and model["lmd"] < static["lmd"]
     correlation = model["completion_opening_correlation"]
     assert correlation > REGRESSION_BOUNDS["completion_opening_correlation"]
