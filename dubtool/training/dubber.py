@@ -33,7 +33,7 @@ from dubtool.nets.io import (
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.nets.sampling import lower_half_mask, make_scheduler, start_timestep
 from dubtool.pipeline.complete import predict_content, reference_frames
-from dubtool.training.dataset import PreparedData, dubber_batch
+from dubtool.training.dataset import Clip, PreparedData, dubber_batch
 from dubtool.training.loop import (
     RunFolder,
     TrainProgress,
@@ -223,28 +223,33 @@ def _autoencoder_sizes(config: AutoencoderConfig) -> tuple:
             config.layers_per_block, config.norm_groups)
 
 
+def clip_openings(completion: LandmarkCompletion, clip: Clip, max_frames: int | None = None,
+                  device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(F,) the inner-lip opening the completion predicts from ``clip``'s own sound, as the
+    ``complete`` stage predicts it, and (F,) the detected one (NaN where no face); the first
+    ``max_frames`` frames."""
+    frames = min(len(clip.points), max_frames or len(clip.points))
+    refs = reference_frames(clip.detected, completion.config.references)
+    with evaluating(completion):
+        content = predict_content(completion, clip.points, clip.points[refs], np.arange(frames),
+                                  clip.features, clip.fps, device)
+    predicted = clip.points[:frames].copy()
+    predicted[:, CONTENT_SLICE] = content
+    real = np.where(clip.detected[:frames], inner_lip_opening(clip.points[:frames]), np.nan)
+    return inner_lip_opening(predicted), real
+
+
 def opening_scores(completion: LandmarkCompletion, data: PreparedData,
                    device: torch.device | str = "cpu", max_frames: int = 500
                    ) -> dict[str, float]:
     """How the completion's lips follow the real ones over whole clips of ``data``: the mean
-    over clips of the opening correlation and articulation (``evaluation.metrics``) of the
-    inner-lip opening predicted from each clip's own speech against the detected one, as the
-    ``complete`` stage predicts it (first ``max_frames`` frames of each clip)."""
+    over clips of the opening correlation and articulation (``evaluation.metrics``) of
+    ``clip_openings`` (first ``max_frames`` frames of each clip)."""
     correlations, articulations = [], []
-    with evaluating(completion):
-        for clip in data.clips:
-            frames = min(len(clip.points), max_frames)
-            plan = np.arange(frames)
-            refs = reference_frames(clip.detected, completion.config.references)
-            content = predict_content(completion, clip.points, clip.points[refs], plan,
-                                      clip.features, clip.fps, device)
-            predicted = clip.points[:frames].copy()
-            predicted[:, CONTENT_SLICE] = content
-            real = np.where(clip.detected[:frames], inner_lip_opening(clip.points[:frames]),
-                            np.nan)
-            mine = inner_lip_opening(predicted)
-            correlations.append(metrics.opening_correlation(mine, real))
-            articulations.append(metrics.articulation(mine, real))
+    for clip in data.clips:
+        mine, real = clip_openings(completion, clip, max_frames, device)
+        correlations.append(metrics.opening_correlation(mine, real))
+        articulations.append(metrics.articulation(mine, real))
     return {"opening_correlation": float(np.nanmean(correlations)),
             "articulation": float(np.nanmean(articulations))}
 

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 from dubtool.evaluation.metrics import opening_correlation
-from dubtool.face.indices import CONTENT_SLICE, inner_lip_opening
 from dubtool.nets.landmark_completion import LandmarkCompletion
-from dubtool.pipeline.complete import predict_content, reference_frames
 from dubtool.training.dataset import OFFSETS_FILE, Clip
+from dubtool.training.dubber import clip_openings
 
 MAX_LAG = 8
 MAX_SHIFT = 4
@@ -59,27 +58,19 @@ def lag_curve(predicted: np.ndarray, real: np.ndarray, max_lag: int = MAX_LAG
     return curve
 
 
-@torch.inference_mode()
 def clip_offset(completion: LandmarkCompletion, clip: Clip, device: torch.device | str = "cpu"
                 ) -> ClipOffset:
     """The lag at which ``clip``'s real inner-lip opening best follows the one the completion
     predicts from the clip's own sound."""
-    frames = len(clip.points)
-    refs = reference_frames(clip.detected, completion.config.references)
-    content = predict_content(completion, clip.points, clip.points[refs], np.arange(frames),
-                              clip.features, clip.fps, device)
-    predicted_points = clip.points.copy()
-    predicted_points[:, CONTENT_SLICE] = content
-    real = np.where(clip.detected, inner_lip_opening(clip.points), np.nan)
-    curve = lag_curve(inner_lip_opening(predicted_points), real)
+    predicted, real = clip_openings(completion, clip, device=device)
+    curve = lag_curve(predicted, real)
     finite = {k: v for k, v in curve.items() if np.isfinite(v)}
     lag = max(finite, key=finite.get) if finite else 0
-    return ClipOffset(clip.name, frames, int(lag), float(curve[lag]), float(curve[0]))
+    return ClipOffset(clip.name, len(clip.points), int(lag), float(curve[lag]), float(curve[0]))
 
 
 def measure_offsets(completion: LandmarkCompletion, clips: list[Clip],
                     device: torch.device | str = "cpu") -> list[ClipOffset]:
-    completion.eval()
     return [clip_offset(completion, clip, device) for clip in clips]
 
 
