@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dubtool.errors import DubtoolError, InputNotFound, OutputError, disk_full_reported
+from dubtool.errors import (
+    DubtoolError,
+    InputNotFound,
+    OutputError,
+    UsageError,
+    disk_full_reported,
+)
 from dubtool.options import FaceChoice, check_device, check_range, check_seed
 
 # Only light modules at the top: the command line imports this one to parse its arguments, and
@@ -258,9 +264,14 @@ MIN_CROP_SIZE = 16  # a face crop smaller than this holds no mouth to learn from
 def prepare(videos: str | Path, output: str | Path, *, crop_size: int = 128,
             min_face_fraction: float = 0.9, validation_fraction: float = 0.1,
             cache_dir: str | Path | None = None,
-            progress: StageProgress | None = None) -> list[ClipReport]:
-    """Turn a folder of talking-head videos into a training set (see training.dataset)."""
+            progress: StageProgress | None = None,
+            shard: tuple[int, int] | None = None) -> list[ClipReport]:
+    """Turn a folder of talking-head videos into a training set (see training.dataset);
+    ``shard`` (K, N): only the K-th of N disjoint parts, for ``merge_shards``."""
     from dubtool.training.dataset import prepare as prepare_dataset
+
+    if shard is not None and not 1 <= shard[0] <= shard[1]:
+        raise UsageError(f"--shard {shard[0]}/{shard[1]}: K/N with 1 <= K <= N")
 
     check_range("--crop-size", crop_size, at_least=MIN_CROP_SIZE)
     check_range("--min-face", min_face_fraction, at_least=0, at_most=1)
@@ -272,7 +283,16 @@ def prepare(videos: str | Path, output: str | Path, *, crop_size: int = 128,
     if target == source.resolve() or source.resolve() in target.parents:
         raise OutputError("the data set must be written outside the videos folder", target)
     return prepare_dataset(source, target, crop_size, min_face_fraction, validation_fraction,
-                           cache_dir, progress)
+                           cache_dir, progress, shard)
+
+
+def merge_shards(shards: Sequence[str | Path], output: str | Path, *,
+                 validation_fraction: float = 0.1) -> list[ClipReport]:
+    """Join the parts of ``prepare(shard=...)`` into one data set (see training.dataset)."""
+    from dubtool.training.dataset import merge_shards as merge
+
+    check_range("--validation", validation_fraction, at_least=0, at_most=1)
+    return merge(list(shards), output, validation_fraction)
 
 
 def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,

@@ -304,28 +304,54 @@ def prepare_cmd(
                         "fraction of frames.")] = 0.9,
     validation: Annotated[float, typer.Option(help="Fraction of the people kept for "
                           "validation.")] = 0.1,
+    shard: Annotated[str | None, typer.Option(help="K/N: prepare only every N-th video from "
+                     "the K-th (one of N machines); join the parts with 'dubtool merge'.")]
+    = None,
     cache_dir: CacheDir = None,
 ) -> None:
     """Turn videos into a training set: face crops, landmarks and mel per clip, split by person."""
+    part = _shard(shard) if shard is not None else None
     with _stage_progress() as progress:
         reports = _call(lambda: api.prepare(
             videos, output, crop_size=crop_size, min_face_fraction=min_face,
             validation_fraction=validation, cache_dir=cache_dir,
-            progress=lambda clip, done, total: progress("prepare", done, total)))
+            progress=lambda clip, done, total: progress("prepare", done, total), shard=part))
+    _print_clips(reports, output, "part " + shard if shard else None)
+    if not [r for r in reports if not r.status.startswith("skipped")]:
+        err.print(f"error: {videos}: no usable clip found")
+        raise typer.Exit(4)
+
+
+@app.command("merge")
+def merge_cmd(
+    shards: Annotated[list[Path], typer.Argument(help="Folders written by 'dubtool prepare "
+                      "--shard K/N' (or one folder holding all the parts).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Data set folder to write "
+                      "(the clips are moved into it).")],
+    validation: Annotated[float, typer.Option(help="Fraction of the people kept for "
+                          "validation.")] = 0.1,
+) -> None:
+    """Join the parts of a sharded 'prepare' into one data set, split by person once."""
+    reports = _call(lambda: api.merge_shards(shards, output, validation_fraction=validation))
+    _print_clips(reports, output, None)
+
+
+def _print_clips(reports: list, output: Path, part: str | None) -> None:
     table = Table("clip", "person", "frames", "faces", "split")
     for r in reports:
         style = "yellow" if r.status.startswith("skipped") else ""
         table.add_row(r.clip, r.person, str(r.frames), str(r.faces), r.status, style=style)
     out.print(table)
     kept = [r for r in reports if not r.status.startswith("skipped")]
-    for split in ("train", "val", "heldout"):
-        rows = [r for r in kept if r.status == split]
-        out.print(f"{split}: {len(rows)} clips, {len({r.person for r in rows})} people, "
-                  f"{sum(r.faces for r in rows)} frames")
+    if part is not None:  # a shard has no split yet
+        out.print(f"{part}: {len(kept)} clips, {sum(r.faces for r in kept)} frames; join the "
+                  "parts with 'dubtool merge'")
+    else:
+        for split in ("train", "val", "heldout"):
+            rows = [r for r in kept if r.status == split]
+            out.print(f"{split}: {len(rows)} clips, {len({r.person for r in rows})} people, "
+                      f"{sum(r.faces for r in rows)} frames")
     out.print(f"skipped: {len(reports) - len(kept)} clips; data set in {output}")
-    if not kept:
-        err.print(f"error: {videos}: no usable clip found")
-        raise typer.Exit(4)
 
 
 @app.command("train")

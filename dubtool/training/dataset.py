@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -123,17 +123,29 @@ def assign_splits(reports: list[ClipReport], validation_fraction: float) -> None
             r.status = "heldout"
 
 
+def shard_file(shard: tuple[int, int]) -> str:
+    return f"shard-{shard[0]}-of-{shard[1]}.json"
+
+
 def prepare(videos: str | Path, output: str | Path, crop_size: int = 128,
             min_face_fraction: float = 0.9, validation_fraction: float = 0.1,
             cache_dir: str | Path | None = None,
-            progress: PrepareProgress | None = None) -> list[ClipReport]:
-    """Prepare every video under ``videos`` (its own audio is its speech) into ``output``."""
+            progress: PrepareProgress | None = None,
+            shard: tuple[int, int] | None = None) -> list[ClipReport]:
+    """Prepare every video under ``videos`` (its own audio is its speech) into ``output``.
+
+    ``shard`` (K, N): only every N-th video from the K-th (1-based), so that N machines prepare
+    disjoint parts; such a part writes ``shard_file`` instead of the split, and
+    ``merge_shards`` joins the parts into one data set without reading the videos again.
+    """
     root = Path(videos).resolve()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     reports: list[ClipReport] = []
     all_videos = find_videos(root)
-    for n, video in enumerate(all_videos):
+    picked = range(len(all_videos)) if shard is None else range(shard[0] - 1, len(all_videos),
+                                                                shard[1])
+    for n, video in ((i, all_videos[i]) for i in picked):
         name = _clip_name(video, root)
         person = person_of(video, root)
         if progress is not None:
@@ -164,14 +176,59 @@ def prepare(videos: str | Path, output: str | Path, crop_size: int = 128,
         reports.append(ClipReport(name, person, track.frames, track.faces_found, "train"))
     if progress is not None:
         progress("", len(all_videos), len(all_videos))
+    if shard is not None:
+        write_json_atomic(output / shard_file(shard), {
+            "crop_size": crop_size, "source": str(root), "shard": list(shard),
+            "clips": [asdict(r) for r in reports]})
+        return reports
+    return write_dataset(output, reports, crop_size, root, validation_fraction)
+
+
+def write_dataset(output: Path, reports: list[ClipReport], crop_size: int, source: Path | str,
+                  validation_fraction: float) -> list[ClipReport]:
+    """Decide the split of ``reports`` (in the order of the videos) and write DATASET_FILE."""
     assign_splits(reports, validation_fraction)
     split = {name: [r.clip for r in reports if r.status == name]
              for name in ("train", "val", "heldout")}
     (output / DATASET_FILE).write_text(json.dumps({
-        "crop_size": crop_size, "source": str(root), "split": split,
+        "crop_size": crop_size, "source": str(source), "split": split,
         "people": {r.clip: r.person for r in reports if r.status in split},
     }, indent=1))
     return reports
+
+
+def merge_shards(shards: list[str | Path], output: str | Path,
+                 validation_fraction: float = 0.1) -> list[ClipReport]:
+    """Join the parts that ``prepare(shard=(K, N))`` wrote (one folder each, or all in
+    ``output``) into the data set ``output``: clip folders moved in, the split decided once
+    over all the clips in the order of the videos, as one ``prepare`` would have."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for folder in map(Path, shards):
+        found = sorted(folder.glob("shard-*-of-*.json"))
+        if not found:
+            raise InputNotFound("holds no prepared shard (shard-K-of-N.json)", folder)
+        parts += [(folder, json.loads(f.read_text())) for f in found]
+    counts = {tuple(p["shard"])[1] for _, p in parts}
+    got = sorted(p["shard"][0] for _, p in parts)
+    sizes = {p["crop_size"] for _, p in parts}
+    if len(counts) != 1 or got != list(range(1, next(iter(counts)) + 1)) or len(sizes) != 1:
+        raise InvalidMedia(f"the shards do not make one whole: parts {got} of "
+                           f"{sorted(counts)}, crop sizes {sorted(sizes)}", output)
+    count = next(iter(counts))
+    order = []
+    for folder, part in parts:
+        k = part["shard"][0]
+        for j, r in enumerate(part["clips"]):
+            report = ClipReport(**r)
+            if not report.status.startswith("skipped") and folder.resolve() != output.resolve():
+                shutil.rmtree(output / report.clip, ignore_errors=True)
+                shutil.move(str(folder / report.clip), str(output / report.clip))
+            order.append((k - 1 + j * count, report))  # its place among all the videos
+    reports = [r for _, r in sorted(order, key=lambda item: item[0])]
+    return write_dataset(output, reports, sizes.pop(), parts[0][1]["source"],
+                         validation_fraction)
 
 
 # -- reading a prepared data set -----------------------------------------------------------
