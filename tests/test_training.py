@@ -383,7 +383,7 @@ def test_prepare_in_two_shards_and_merge_equals_one_go(videos: Path, tmp_path: P
     one, two = (json.loads((d / "dataset.json").read_text()) for d in (whole, merged))
     assert one["split"] == two["split"] and one["people"] == two["people"]
     assert one["crop_size"] == two["crop_size"] == 32
-    for clip in sum(one["split"].values(), []):
+    for clip in [c for names in one["split"].values() for c in names]:
         names = sorted(p.name for p in (whole / clip).iterdir())
         assert names == sorted(p.name for p in (merged / clip).iterdir())
         _, mismatch, errors = filecmp.cmpfiles(whole / clip, merged / clip, names, shallow=False)
