@@ -172,6 +172,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     ``strength`` default to the model's ``diffusion`` config. Options outside their range
     raise UsageError before any work.
     """
+    from dubtool.devices import resolve_device
     from dubtool.media.frames import check_output_path
     from dubtool.media.probe import probe_video
     from dubtool.nets.io import LoadedModel, load_model, model_digest
@@ -179,7 +180,6 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     from dubtool.pipeline.cache import clean_runs
     from dubtool.pipeline.diffuse import DiffusionSettings, chunk_count
     from dubtool.pipeline.run import Inputs, generated_crops, run_dub_stages
-    from dubtool.training.loop import resolve_device
 
     start = time.perf_counter()
     _check_dub_options(steps=steps, strength=strength, batch_size=batch_size, seed=seed,
@@ -348,11 +348,11 @@ def offsets(data: str | Path, completion: str | Path, *, device: str = "auto"):
     ``data`` with a trained landmark completion (its safetensors, with the run's config.json
     beside it) and write ``data``/offsets.json, which training then applies (shifts the
     confident offsets, leaves out clips it cannot trust). Returns (offsets, path)."""
+    from dubtool.devices import resolve_device
     from dubtool.nets.config import ModelConfig
     from dubtool.nets.io import load_weights
     from dubtool.nets.landmark_completion import LandmarkCompletion
     from dubtool.training.dataset import PreparedData
-    from dubtool.training.loop import resolve_device
     from dubtool.training.offsets import measure_offsets, save_offsets
 
     weights = Path(completion)
@@ -435,7 +435,7 @@ def batch(items: list[BatchItem], *, model: str | Path = DEFAULT_MODEL, force: b
     the exception (but Ctrl-C), and the batch goes on; an existing output is skipped unless
     ``force``. ``jobs`` > 1 runs that many worker processes, sharing the CPU threads between
     them. Options are checked, and the device resolved, before the first item."""
-    from dubtool.training.loop import resolve_device
+    from dubtool.devices import resolve_device
 
     check_range("--jobs", jobs, at_least=1)
     _check_dub_options(device=device, **dub_options)
@@ -472,8 +472,8 @@ class _BatchWorker:
         self.loaded = None
 
     def __call__(self, item: BatchItem) -> BatchOutcome:
+        from dubtool.devices import resolve_device
         from dubtool.nets.io import load_model
-        from dubtool.training.loop import resolve_device
 
         start = time.perf_counter()
         try:
@@ -530,12 +530,12 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     references. ``seconds`` keeps only the first seconds of each clip (re-encoded nearly
     losslessly into ``work_dir``, and that copy is the original compared with). Writes
     ``report`` (.json or .md) and strip images into ``work_dir``."""
+    from dubtool.devices import resolve_device
     from dubtool.evaluation.evaluate import evaluate_clip, summarise
     from dubtool.evaluation.identity import NOT_INSTALLED, load_identity_model
     from dubtool.evaluation.report import write_plots, write_report, write_strips
     from dubtool.nets.io import load_model
     from dubtool.pipeline.run import Inputs, run_front
-    from dubtool.training.loop import resolve_device
 
     _check_dub_options(steps=steps, strength=strength, seed=seed, device=device)
     check_range("--seconds", seconds, above=0)
@@ -604,6 +604,7 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
     import sys
     import tempfile
 
+    from dubtool.devices import resolve_device, sampling_precision
     from dubtool.evaluation.bench import (
         BenchReport,
         bench_run,
@@ -614,8 +615,6 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
     )
     from dubtool.media.probe import probe_video
     from dubtool.nets.io import load_model
-    from dubtool.pipeline.diffuse import sampling_precision
-    from dubtool.training.loop import resolve_device
 
     check_range("--repeat", repeat, at_least=0)
     _check_dub_options(steps=steps, batch_size=batch_size, device=device)

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from dubtool import api
 from dubtool.cli import app
+from dubtool.devices import resolve_device
 from dubtool.errors import UsageError
 from dubtool.media.probe import probe_video
-from dubtool.training.loop import resolve_device
 
 runner = CliRunner()
 

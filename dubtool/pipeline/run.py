@@ -134,6 +134,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     """extract, landmarks, crops, complete and diffuse, each through the cache."""
     import torch
 
+    from dubtool.devices import sampling_precision
     from dubtool.pipeline import complete as complete_stage
     from dubtool.pipeline import diffuse as diffuse_stage
     from dubtool.pipeline.complete import Completion
@@ -165,7 +166,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
         raise InvalidMedia(f"--reference-frame {reference_frame} is outside the "
                            f"{track.frames} frames of the video that the speech uses",
                            video.path)
-    precision = diffuse_stage.sampling_precision(device)
+    precision = sampling_precision(device)
     diffuse_fp = fingerprint("diffuse", code_digest(diffuse_stage), complete_fp, crops_fp,
                              model_digest, settings.steps, settings.eta, settings.seed,
                              settings.strength, settings.batch_size, reference_frame,

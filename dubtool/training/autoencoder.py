@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dubtool.devices import resolve_device
 from dubtool.nets.autoencoder import FaceAutoencoder
 from dubtool.nets.config import ModelConfig
 from dubtool.nets.io import save_model
@@ -20,7 +21,6 @@ from dubtool.training.loop import (
     evaluating,
     load_splits,
     optimise,
-    resolve_device,
 )
 
 

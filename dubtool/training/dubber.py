@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dubtool.devices import resolve_device
 from dubtool.errors import ModelError
 from dubtool.evaluation import metrics
 from dubtool.face.indices import CONTENT_SLICE, LIP_GAP_PAIRS, inner_lip_opening
@@ -42,7 +43,6 @@ from dubtool.training.loop import (
     evaluating,
     load_splits,
     optimise,
-    resolve_device,
 )
 
 COMPLETION_FILE = "completion.safetensors"

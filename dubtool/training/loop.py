@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dubtool.errors import InputNotFound, InvalidMedia, ModelError, OutputError, UsageError
+from dubtool.devices import autocast
+from dubtool.errors import InputNotFound, InvalidMedia, OutputError
 from dubtool.nets.config import ModelConfig
 from dubtool.nets.io import load_weights, save_weights
-from dubtool.options import check_device
 from dubtool.training.dataset import PreparedData
 
 CHECKPOINT = "checkpoint"
@@ -34,33 +34,6 @@ LOG = "log.jsonl"
 
 # progress(step, total_steps, losses): called after every optimisation step.
 TrainProgress = Callable[[int, int, dict[str, float]], None]
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``--device`` as a torch device; UsageError (exit 2) for a GPU this machine lacks."""
-    check_device(device)
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: torch sees no CUDA GPU on this machine; use "
-                         "--device cpu or auto")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} "
-                         "CUDA GPUs (cuda:0 is the first)")
-    return resolved
-
-
-def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
-    """The autocast the config's ``training.mixed_precision`` asks for: "bf16" on CUDA or CPU,
-    "fp16" on CUDA only (on a CPU it is slow and needs loss scaling: a ModelError)."""
-    if mixed_precision == "no":
-        return contextlib.nullcontext()
-    if mixed_precision == "fp16" and device.type != "cuda":
-        raise ModelError("training.mixed_precision fp16 needs CUDA (--device cuda); on a CPU "
-                         "use bf16 or no")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass
