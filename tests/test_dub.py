@@ -290,12 +290,15 @@ def test_eval_runs_the_reconstruction_protocol(face_clip: Path, tiny_model: Path
     assert static["lmd"] > 0 and static["psnr"] < 60
     # The real mouth follows itself; the static one barely moves (FaceMesh jitter only).
     assert original["opening_correlation"] == pytest.approx(1.0)
+    assert original["sharpness"] == pytest.approx(1.0)
+    assert original["psnr_native"] == float("inf")
     assert original["articulation"] == pytest.approx(1.0)
     assert static["articulation"] < 0.5
     # The dub is measured like the others, and its landmarks on their own.
     model = clip.metrics["model"]
     assert 0 < model["lmd"] < 1 and 5 < model["psnr"] < 60
     assert model["lmd_lips"] > 0 and model["lmd_jaw"] > 0
+    assert 0 < model["sharpness"] < 2 and 5 < model["psnr_native"] < 60
     for name in ("opening_correlation", "completion_opening_correlation"):
         assert -1 <= model[name] <= 1
     assert model["articulation"] >= 0 and model["completion_articulation"] >= 0

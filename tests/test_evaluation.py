@@ -231,3 +231,15 @@ def test_the_still_mouth_follows_the_head() -> None:
     out = still_mouth_points(reference, frame)
     assert np.allclose(out[POSE_SLICE], frame[POSE_SLICE])
     assert np.allclose(out[CONTENT_SLICE], moved[CONTENT_SLICE], atol=1e-4)
+
+
+def test_sharpness_is_one_for_the_source_and_lower_when_blurred() -> None:
+    rng = np.random.default_rng(0)
+    region = cv2.resize(rng.integers(0, 256, (48, 48, 3)).astype(np.uint8), (96, 96),
+                        interpolation=cv2.INTER_NEAREST)  # detail down to 2 pixels
+    assert metrics.sharpness(region, region) == pytest.approx(1.0)
+    soft = cv2.resize(cv2.resize(region, (32, 32), interpolation=cv2.INTER_AREA), (96, 96),
+                      interpolation=cv2.INTER_LINEAR)
+    assert metrics.sharpness(soft, region) < 0.5
+    flat = np.full_like(region, 128)
+    assert metrics.sharpness(flat, region) == 0.0

@@ -41,6 +41,7 @@ from dubtool.pipeline.landmarks import FaceTrack
 VARIANTS = ("model", "original", "static")
 METRICS = ("opening_correlation", "articulation", "completion_opening_correlation",
            "completion_articulation", "lmd", "lmd_lips", "lmd_jaw", "psnr", "ssim",
+           "sharpness", "psnr_native", "ssim_native",
            "sync_offset", "sync_confidence", "stability")
 OPTIONAL_METRICS = ("identity",)  # only with the optional extra installed
 EVAL_CROP = 128
@@ -133,6 +134,33 @@ def _mouths(frames: np.ndarray, track: FaceTrack) -> np.ndarray:
                      for i, f in enumerate(frames)])
 
 
+def mouth_boxes(track: FaceTrack, frames: int, width: int, height: int) -> np.ndarray:
+    """(F, 4) x0, y0, x1, y1: the box of each frame's 57 lip/jaw track points in pixels,
+    inside the frame (empty where the box would be)."""
+    content = track.points[:frames, CONTENT_SLICE]
+    lo = np.floor(content.min(axis=1)).astype(int)
+    hi = np.ceil(content.max(axis=1)).astype(int)
+    x0, y0 = np.clip(lo[:, 0], 0, width), np.clip(lo[:, 1], 0, height)
+    x1, y1 = np.clip(hi[:, 0], 0, width), np.clip(hi[:, 1], 0, height)
+    return np.stack([x0, y0, x1, y1], axis=1)
+
+
+def _native_scores(video: np.ndarray, original: np.ndarray, boxes: np.ndarray,
+                   faces: np.ndarray) -> dict[str, float]:
+    """sharpness, psnr_native, ssim_native over the frames with a face and a box of at least
+    8 x 8 pixels (NaN when there is none)."""
+    scores: dict[str, list[float]] = {"sharpness": [], "psnr_native": [], "ssim_native": []}
+    for i in np.nonzero(faces)[0]:
+        x0, y0, x1, y1 = boxes[i]
+        if x1 - x0 < 8 or y1 - y0 < 8:
+            continue
+        a, b = video[i, y0:y1, x0:x1], original[i, y0:y1, x0:x1]
+        scores["sharpness"].append(metrics.sharpness(a, b))
+        scores["psnr_native"].append(metrics.psnr(a, b))
+        scores["ssim_native"].append(metrics.ssim(a, b))
+    return {k: float(np.mean(v)) if v else math.nan for k, v in scores.items()}
+
+
 def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTrack,
             speech: np.ndarray, fps: float, landmarks: np.ndarray | None = None,
             identity: IdentityModel | None = None,
@@ -146,6 +174,7 @@ def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTr
     envelope = metrics.speech_envelope(speech, fps, frames)
     original_points, original_found = detect_points(original, track)
     original_halves, original_mouths = _lower_halves(original, track), _mouths(original, track)
+    boxes = mouth_boxes(track, frames, original.shape[2], original.shape[1])
     faces = track.detected[:frames]
     original_ids = None
     face_frames = np.nonzero(faces)[0]
@@ -189,6 +218,7 @@ def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTr
             "sync_offset": float(offset),
             "sync_confidence": confidence,
             "stability": metrics.stability(_mouths(video, track)[faces], original_mouths[faces]),
+            **_native_scores(video, original, boxes, faces),
         }
         if original_ids is not None:
             ids = (original_ids if video is original

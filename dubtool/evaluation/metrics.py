@@ -12,6 +12,11 @@ Definitions (also printed in reports):
 - articulation: standard deviation over time of the dub's inner-lip opening over the
   original's (1 = opens as wide as the real mouth, 0 = still).
 - LMD lips, LMD jaw: LMD over the 40 lip points and the 17 jaw points alone.
+- at the video's own resolution, in the box of the 57 lip/jaw points of the face track (the
+  mouth and jaw as the viewer sees them, not the model's 128 px crop): psnr_native,
+  ssim_native, and sharpness, the variance of the Laplacian of the box (grey) in the variant
+  over that in the original, mean over frames (1 = as sharp as the source; a softer mouth
+  scores lower).
 - energy sync (no reference; sync_offset, sync_confidence): Pearson correlation between the mouth
   opening (mean of the inner 13-14 and outer 0-17 lip gaps over the inter-ocular distance) and the
   speech envelope (log energy of the 250-2800 Hz band per video frame), both with their 1 s moving
@@ -61,6 +66,18 @@ def lmd(generated: np.ndarray, original: np.ndarray, part: slice = CONTENT_SLICE
     each, normalised by the original's eye distance."""
     distance = np.linalg.norm(generated[:, part] - original[:, part], axis=-1)
     return float(np.mean(distance.mean(axis=1) / interocular(original)))
+
+
+def sharpness(generated: np.ndarray, original: np.ndarray) -> float:
+    """Variance of the Laplacian of ``generated`` over that of ``original`` ((H, W, 3) uint8
+    regions, compared in grey)."""
+    import cv2
+
+    def detail(region: np.ndarray) -> float:
+        grey = cv2.cvtColor(region, cv2.COLOR_RGB2GRAY)
+        return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+    return detail(generated) / max(detail(original), 1e-9)
 
 
 def opening_correlation(opening: np.ndarray, reference: np.ndarray) -> float:

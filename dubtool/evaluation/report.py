@@ -14,7 +14,7 @@ from dubtool.evaluation.metrics import __doc__ as DEFINITIONS
 from dubtool.media.audio import MEL_STEPS_PER_SECOND
 
 LOWER_IS_BETTER = {"lmd", "lmd_lips", "lmd_jaw", "stability"}
-PER_CLIP = ("opening_correlation", "articulation", "lmd", "psnr")
+PER_CLIP = ("opening_correlation", "articulation", "lmd", "psnr", "sharpness")
 
 
 def _fmt(value: float) -> str:
