@@ -388,3 +388,28 @@ def test_prepare_in_two_shards_and_merge_equals_one_go(videos: Path, tmp_path: P
         assert names == sorted(p.name for p in (merged / clip).iterdir())
         _, mismatch, errors = filecmp.cmpfiles(whole / clip, merged / clip, names, shallow=False)
         assert not mismatch and not errors, clip
+
+
+def test_cli_offsets_measures_every_training_clip(dataset: Path, tmp_path: Path) -> None:
+    import dataclasses
+    import shutil as sh
+
+    from dubtool.training.dubber import COMPLETION_FILE, train_completion
+
+    config = tiny_config()
+    config = config.replace(training=dataclasses.replace(config.training,
+                                                         completion_batch_size=2))
+    run = train_completion(config, dataset, tmp_path / "lc", steps=1, epoch_steps=1,
+                           validation_batches=1)
+    data = tmp_path / "data"
+    sh.copytree(dataset, data)
+    result = CliRunner().invoke(app, ["offsets", "--data", str(data), "--completion",
+                                      str(run.model / COMPLETION_FILE), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((data / "offsets.json").read_text())
+    train = json.loads((data / "dataset.json").read_text())["split"]["train"]
+    assert sorted(m["clip"] for m in info["measured"]) == sorted(train)
+    assert "written:" in result.stdout
+    missing = CliRunner().invoke(app, ["offsets", "--data", str(tmp_path / "none"),
+                                       "--completion", str(run.model / COMPLETION_FILE)])
+    assert missing.exit_code == 3
