@@ -203,19 +203,26 @@ def test_training_runs_checkpoint_and_resume(dataset: Path, tmp_path: Path) -> N
     assert logs[0] == logs[1]
 
 
-def test_completion_pretraining_feeds_the_dubber(dataset: Path, tmp_path: Path) -> None:
+def _train_tiny_completion(dataset: Path, run: Path, steps: int, batch: int):
+    """train_completion of the tiny config on ``dataset``, validating at the end."""
     import dataclasses
 
-    from dubtool.nets.io import load_model, load_weights
-    from dubtool.nets.landmark_completion import LandmarkCompletion
-    from dubtool.training.autoencoder import train_autoencoder
-    from dubtool.training.dubber import COMPLETION_FILE, train_completion, train_dubber
+    from dubtool.training.dubber import train_completion
 
     config = tiny_config()
     config = config.replace(training=dataclasses.replace(config.training,
-                                                         completion_batch_size=4))
-    pre = train_completion(config, dataset, tmp_path / "completion", steps=3, epoch_steps=3,
-                           validation_batches=1)
+                                                         completion_batch_size=batch))
+    return config, train_completion(config, dataset, run, steps=steps, epoch_steps=steps,
+                                    validation_batches=1)
+
+
+def test_completion_pretraining_feeds_the_dubber(dataset: Path, tmp_path: Path) -> None:
+    from dubtool.nets.io import load_model, load_weights
+    from dubtool.nets.landmark_completion import LandmarkCompletion
+    from dubtool.training.autoencoder import train_autoencoder
+    from dubtool.training.dubber import COMPLETION_FILE, train_dubber
+
+    config, pre = _train_tiny_completion(dataset, tmp_path / "completion", steps=3, batch=4)
     assert pre.steps == 3 and "l1" in pre.validation
     # Validation follows the lips over the validation people's whole clips.
     assert -1 <= pre.validation["opening_correlation"] <= 1
@@ -391,18 +398,11 @@ def test_prepare_in_two_shards_and_merge_equals_one_go(videos: Path, tmp_path: P
 
 
 def test_cli_offsets_measures_every_training_clip(dataset: Path, tmp_path: Path) -> None:
-    import dataclasses
-    import shutil as sh
+    from dubtool.training.dubber import COMPLETION_FILE
 
-    from dubtool.training.dubber import COMPLETION_FILE, train_completion
-
-    config = tiny_config()
-    config = config.replace(training=dataclasses.replace(config.training,
-                                                         completion_batch_size=2))
-    run = train_completion(config, dataset, tmp_path / "lc", steps=1, epoch_steps=1,
-                           validation_batches=1)
+    _, run = _train_tiny_completion(dataset, tmp_path / "lc", steps=1, batch=2)
     data = tmp_path / "data"
-    sh.copytree(dataset, data)
+    shutil.copytree(dataset, data)
     result = CliRunner().invoke(app, ["offsets", "--data", str(data), "--completion",
                                       str(run.model / COMPLETION_FILE), "--device", "cpu"])
     assert result.exit_code == 0, result.output
