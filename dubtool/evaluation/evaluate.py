@@ -258,9 +258,10 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
     if generated.shape != original.shape:
         raise ValueError(f"{dubbed}: frames of {generated.shape[1:]} differ from the clip's "
                          f"{original.shape[1:]}")
-    # The reference frame may lie past the frames compared: read it from the clip itself.
-    reference_image = next(f.copy() for i, f in enumerate(read_frames(info))
-                           if i == reference_frame)
+    # The reference frame may lie past the frames compared: then read it from the clip again.
+    reference_image = (original[reference_frame] if reference_frame < frames else
+                       next(f.copy() for i, f in enumerate(read_frames(info))
+                            if i == reference_frame))
     static = encoded(static_mouth(original, track, reference_frame, reference_image),
                      float(info.fps), Path(dubbed).parent)
     variants = {"model": generated, "original": original, "static": static}
