@@ -25,7 +25,15 @@ from dubtool.errors import (
     UsageError,
     disk_full_reported,
 )
-from dubtool.options import FaceChoice, check_device, check_range, check_seed
+from dubtool.options import (
+    DEFAULT_RENDERER,
+    RENDERERS,
+    FaceChoice,
+    check_choice,
+    check_device,
+    check_range,
+    check_seed,
+)
 
 # Only light modules at the top: the command line imports this one to parse its arguments, and
 # each function imports what it needs (torch and diffusers take seconds).
@@ -130,6 +138,8 @@ def _write_points_json(result: LandmarksResult) -> None:
 
 
 DEFAULT_MODEL = "dubtool-cpu-128"
+# The reconstruction protocol: no reference from within this many seconds of its frame.
+REFERENCE_GAP_SECONDS = 2.0
 
 
 @dataclass
@@ -157,8 +167,10 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         model: str | Path | LoadedModel = DEFAULT_MODEL, steps: int | None = None, seed: int = 0,
         eta: float | None = None, strength: float | None = None, batch_size: int = 1,
         device: str = "auto", reference_frame: int | None = None, face: FaceChoice = "largest",
-        loop: str = "pingpong", cache_dir: str | Path | None = None, force: bool = False,
+        loop: str = "pingpong", renderer: str = DEFAULT_RENDERER,
+        cache_dir: str | Path | None = None, force: bool = False,
         keep_cache: bool = True, lock_timeout: float = 0.0,
+        reconstruction_gap: float | None = None,
         progress: StageProgress | None = None) -> DubResult:
     """Dub ``video`` with ``speech``: the lower face follows the new speech.
 
@@ -169,8 +181,12 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     If another process is dubbing the same video with the same speech, wait up to
     ``lock_timeout`` seconds for it (then reuse its cached stages) before failing.
     ``steps``, ``eta`` (the noise DDIM adds at each step: 0 none, 1 as much as DDPM) and
-    ``strength`` default to the model's ``diffusion`` config. Options outside their range
-    raise UsageError before any work.
+    ``strength`` default to the model's ``diffusion`` config (the ``diffusion`` renderer's).
+    ``renderer``: how the lower face is made (``pipeline.render``: ``native`` from the video's
+    own frames at their own size, ``diffusion`` by the model at its crop size).
+    ``reconstruction_gap`` (seconds; the eval's protocol): references come from the whole
+    video but never from within that long of the frame they serve. Options outside their
+    range raise UsageError before any work.
     """
     from dubtool.devices import resolve_device
     from dubtool.media.frames import check_output_path
@@ -178,12 +194,14 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     from dubtool.nets.io import LoadedModel, load_model, model_digest
     from dubtool.pipeline.blend import blended_frames, write_video
     from dubtool.pipeline.cache import clean_runs
-    from dubtool.pipeline.diffuse import DiffusionSettings, chunk_count
-    from dubtool.pipeline.run import Inputs, generated_crops, run_dub_stages
+    from dubtool.pipeline.diffuse import DiffusionSettings
+    from dubtool.pipeline.render import make_renderer
+    from dubtool.pipeline.run import Inputs, run_dub_stages
 
     start = time.perf_counter()
     _check_dub_options(steps=steps, strength=strength, batch_size=batch_size, seed=seed,
-                       device=device, reference_frame=reference_frame)
+                       device=device, reference_frame=reference_frame, renderer=renderer)
+    check_range("reconstruction_gap", reconstruction_gap, at_least=0)
     inputs = Inputs.of(video, speech)
     target = Path(output) if output is not None else Path(f"{inputs.video.stem}.dubbed.mp4")
     target = check_output_path(target, [inputs.video, inputs.speech])
@@ -199,16 +217,16 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
                                  diffusion.eta if eta is None else eta, seed,
                                  diffusion.strength if strength is None else strength,
                                  batch_size)
+    digest = model_digest(loaded.folder)
     with inputs.open_cache(cache_dir, lock_timeout) as cache:
-        stages = run_dub_stages(cache, inputs, loaded, model_digest(loaded.folder), settings,
+        stages = run_dub_stages(cache, inputs, loaded, digest,
+                                make_renderer(renderer, loaded, digest, settings, dev),
                                 loop=loop, face=face, reference_frame=reference_frame,
-                                device=dev, force=force, progress=progress)
+                                reconstruction_gap=reconstruction_gap, device=dev, force=force,
+                                progress=progress)
         front = stages.front
         plan = front.extracted.plan
-        chunks = chunk_count(len(plan), loaded.config.completion.frames)
-        frames = blended_frames(front.extracted.video, front.track, plan,
-                                stages.completion.target, stages.crops,
-                                generated_crops(stages.generated_dir, chunks),
+        frames = blended_frames(front.extracted.video, front.track, plan, stages.faces,
                                 cache.dir / f"frames.tmp-{os.getpid()}.jpegs")
         dubbed = write_video(frames, front.extracted.video, len(plan), target, inputs.speech,
                              None if progress is None else
@@ -223,7 +241,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
 
 def _check_dub_options(*, steps: int | None = None, strength: float | None = None,
                        batch_size: int = 1, seed: int = 0, device: str = "auto",
-                       reference_frame: int | None = None, **_: object) -> None:
+                       reference_frame: int | None = None, renderer: str = DEFAULT_RENDERER,
+                       **_: object) -> None:
     """UsageError (exit 2) for a dub option outside its range: what needs neither the inputs
     nor the model to check (``**_``: the other options of a batch)."""
     check_range("--steps", steps, at_least=1)
@@ -232,6 +251,7 @@ def _check_dub_options(*, steps: int | None = None, strength: float | None = Non
     check_range("--reference-frame", reference_frame, at_least=0)
     check_seed(seed)
     check_device(device)
+    check_choice("--renderer", renderer, RENDERERS)
 
 
 def cache_list(cache_dir: str | Path | None = None) -> list[RunSummary]:
@@ -523,13 +543,16 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
              steps: int | None = None, seed: int = 0, strength: float | None = None,
              device: str = "auto", work_dir: str | Path = "eval", report: str | Path | None = None,
              strips: bool = True, seconds: float | None = None,
+             renderer: str = DEFAULT_RENDERER, reference_gap: float = REFERENCE_GAP_SECONDS,
              cache_dir: str | Path | None = None,
              progress: StageProgress | None = None) -> EvalReport:
     """Reconstruction protocol over ``clips``: each is dubbed from its own speech (loop "cut")
     into ``work_dir`` and compared with the original, beside the original and static-mouth
-    references. ``seconds`` keeps only the first seconds of each clip (re-encoded nearly
-    losslessly into ``work_dir``, and that copy is the original compared with). Writes
-    ``report`` (.json or .md) and strip images into ``work_dir``."""
+    references. ``seconds``: only the first seconds of each clip are dubbed (its speech cut
+    to them) and compared. No reference, of the dub or of the static mouth, comes from within
+    ``reference_gap`` seconds of the frame it is pasted on (drawn from the whole clip); frames
+    for which the static mouth's reference is that near are left out of every variant's
+    scores. Writes ``report`` (.json or .md) and strip images into ``work_dir``."""
     from dubtool.devices import resolve_device
     from dubtool.evaluation.evaluate import evaluate_clip, summarise
     from dubtool.evaluation.identity import NOT_INSTALLED, load_identity_model
@@ -537,8 +560,10 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     from dubtool.nets.io import load_model
     from dubtool.pipeline.run import Inputs, run_front
 
-    _check_dub_options(steps=steps, strength=strength, seed=seed, device=device)
+    _check_dub_options(steps=steps, strength=strength, seed=seed, device=device,
+                       renderer=renderer)
     check_range("--seconds", seconds, above=0)
+    check_range("--reference-gap", reference_gap, at_least=0)
     if not clips:
         raise InputNotFound("no clips to evaluate")
     work = Path(work_dir)
@@ -550,23 +575,25 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     for n, clip in enumerate(clips):
         if progress is not None:
             progress("eval", n, len(clips))
-        if seconds is not None:
-            clip = _first_seconds(Path(clip), seconds, work / "clips")
-        dubbed = dub(clip, clip, work / f"{Path(clip).stem}.dubbed.mp4", model=loaded,
+        speech = clip if seconds is None else _first_seconds(Path(clip), seconds,
+                                                              work / "clips")
+        dubbed = dub(clip, speech, work / f"{Path(clip).stem}.dubbed.mp4", model=loaded,
                      steps=steps, seed=seed, strength=strength, device=device, loop="cut",
-                     cache_dir=cache_dir)
-        inputs = Inputs.of(clip, clip)
+                     renderer=renderer, reconstruction_gap=reference_gap, cache_dir=cache_dir)
+        inputs = Inputs.of(clip, speech)
         with inputs.open_cache(cache_dir) as cache:
-            track = run_front(cache, inputs, loop="cut").track
+            track = run_front(cache, inputs, loop="cut", whole_video=True).track
         results.append(evaluate_clip(clip, dubbed.output, track, dubbed.reference_frame,
-                                     dubbed.landmarks, identity))
+                                     dubbed.landmarks, identity, speech=speech,
+                                     reference_gap=reference_gap))
     if progress is not None:
         progress("eval", len(clips), len(clips))
     diffusion = loaded.config.diffusion
     settings = {"model": str(loaded.folder),
                 "steps": diffusion.sample_steps if steps is None else steps,
                 "strength": diffusion.strength if strength is None else strength,
-                "seed": seed, "device": str(dev), "seconds": seconds,
+                "seed": seed, "device": str(dev), "seconds": seconds, "renderer": renderer,
+                "reference_gap": reference_gap,
                 "identity": "dlib face recognition ResNet" if identity else NOT_INSTALLED}
     summary = summarise(results)
     files = write_strips(work / "strips", results) if strips else []
@@ -579,6 +606,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
 
 
 def _first_seconds(clip: Path, seconds: float, folder: Path) -> Path:
+    """The clip's first ``seconds`` (its speech for the dub), re-encoded nearly losslessly."""
     from dubtool.media.probe import check_readable, run_tool
 
     clip = check_readable(clip)
@@ -596,7 +624,8 @@ BUNDLED_CLIP = Path(__file__).resolve().parent / "data" / "may_5s.mp4"  # packag
 
 def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
           model: str | Path = DEFAULT_MODEL, steps: int | None = None, device: str = "auto",
-          repeat: int = 1, batch_size: int = 1, report: str | Path | None = None) -> BenchReport:
+          repeat: int = 1, batch_size: int = 1, renderer: str = DEFAULT_RENDERER,
+          report: str | Path | None = None) -> BenchReport:
     """Speed of every stage on ``clip`` (default: the bundled 5 s clip; its own audio is the
     speech unless ``speech``): one dub from an empty cache (cold), ``repeat`` with everything
     cached (warm), a fresh ``dubtool dub`` process from an empty cache (start-up included),
@@ -617,7 +646,7 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
     from dubtool.nets.io import load_model
 
     check_range("--repeat", repeat, at_least=0)
-    _check_dub_options(steps=steps, batch_size=batch_size, device=device)
+    _check_dub_options(steps=steps, batch_size=batch_size, device=device, renderer=renderer)
     clip = Path(clip) if clip is not None else BUNDLED_CLIP
     probe_video(clip)  # a clear error before any work for a clip that is not a video
     dev = resolve_device(device)
@@ -629,17 +658,18 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
         for n in range(1 + repeat):
             result = dub(clip, speech, scratch / "out.mp4", model=loaded, steps=steps,
                          batch_size=batch_size, device=device, cache_dir=scratch / "cache",
-                         loop="cut")
+                         loop="cut", renderer=renderer)
             runs.append(bench_run("cold" if n == 0 else "warm", result.stages,
                                   result.wall_seconds, result.frames, result.seconds_of_video))
         command = [sys.executable, "-m", "dubtool", "dub", "--model", str(loaded.folder),
                    "--device", device, "--batch-size", str(batch_size), "--loop", "cut",
+                   "--renderer", renderer,
                    "--cache-dir", str(scratch / "process-cache"), "-o",
                    str(scratch / "process.mp4"),
                    *([] if steps is None else ["--steps", str(steps)]),
                    "--", str(clip), str(speech)]
         process = process_seconds(command)
-    settings = {"steps": steps, "batch_size": batch_size, "device": device,
+    settings = {"renderer": renderer, "steps": steps, "batch_size": batch_size, "device": device,
                 "precision": str(sampling_precision(dev)), **machine()}
     bench_report = BenchReport(str(clip), result.frames, result.seconds_of_video,
                                ffmpeg_floor(clip), process, peak_rss_mb(), runs, settings)

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from dubtool import api
 from dubtool.errors import EXIT_BATCH_FAILURES, EXIT_INTERRUPTED, DubtoolError, disk_full_error
-from dubtool.options import DETECTORS, LOOP_MODES, describe, parse_face_choice
+from dubtool.options import DEFAULT_RENDERER, DETECTORS, LOOP_MODES, describe, parse_face_choice
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Visual dubbing: re-generate the lower face of a talking video to follow "
@@ -102,6 +102,11 @@ def _call(fn: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+RendererOption = Annotated[str, typer.Option(help="How the lower face is made: native (from "
+                          "the video's own frames, at the face's own size) or diffusion (the "
+                          "model, at its crop size).")]
+
+
 @contextmanager
 def _stage_progress() -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar per stage, with frames/s and ETA, fed by api progress callbacks."""
@@ -149,6 +154,7 @@ def dub_cmd(
     loop: Annotated[str, typer.Option(help="Video shorter than the speech: pingpong, loop or "
                     "cut (the speech).")] = "pingpong",
     face: FaceOption = "largest",
+    renderer: RendererOption = DEFAULT_RENDERER,
     cache_dir: CacheDir = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute every stage.")] = False,
     keep_cache: Annotated[bool, typer.Option("--keep-cache/--clean-cache", help="Keep the "
@@ -162,7 +168,7 @@ def dub_cmd(
         result = _call(lambda: api.dub(
             video, speech, output, model=model, steps=steps, seed=seed, strength=strength,
             batch_size=batch_size, device=device, reference_frame=reference_frame, face=choice,
-            loop=loop, cache_dir=cache_dir, force=force, keep_cache=keep_cache,
+            loop=loop, renderer=renderer, cache_dir=cache_dir, force=force, keep_cache=keep_cache,
             progress=progress))
     out.print(", ".join(f"{r.stage} {r.status} ({r.seconds:.1f} s)" for r in result.stages))
     passed = (f", [yellow]{result.passed_through} passed through without a face[/]"
@@ -204,6 +210,7 @@ def batch_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     loop: Annotated[str, typer.Option(help="pingpong, loop or cut.")] = "pingpong",
     face: FaceOption = "largest",
+    renderer: RendererOption = DEFAULT_RENDERER,
     shard: Annotated[str, typer.Option(help="K/N: do every N-th job starting at the K-th, to "
                      "split a batch over machines.")] = "1/1",
     jobs: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
@@ -227,7 +234,7 @@ def batch_cmd(
         task = bars.add_task("batch", total=len(items), last="")
         outcomes = _call(lambda: api.batch(
             items, model=model, force=force, device=device, jobs=jobs, steps=steps, seed=seed,
-            loop=loop, face=choice, cache_dir=cache_dir,
+            loop=loop, face=choice, renderer=renderer, cache_dir=cache_dir,
             on_done=lambda o: bars.update(task, advance=1, last=f"{o.item.video.name} {o.status}")))
     table = Table("video", "speech", "status", "seconds", "output / reason")
     colours = {"done": "green", "skipped": "yellow", "failed": "red"}
@@ -459,6 +466,10 @@ def eval_cmd(
                        "each clip.")] = None,
     strength: Annotated[float | None, typer.Option(help="Sampling strength (default: the "
                         "model's).")] = None,
+    renderer: RendererOption = DEFAULT_RENDERER,
+    reference_gap: Annotated[float, typer.Option(help="No reference from within this many "
+                             "seconds of the frame it is pasted on (frames that cannot meet "
+                             "it are not scored).")] = api.REFERENCE_GAP_SECONDS,
     cache_dir: CacheDir = None,
 ) -> None:
     """Quality against ground truth: the model beside the original and a static mouth."""
@@ -474,7 +485,8 @@ def eval_cmd(
         result = _call(lambda: api.evaluate(paths, model=model, steps=steps, seed=seed,
                                             strength=strength, device=device,
                                             work_dir=work_dir, report=report,
-                                            seconds=seconds, cache_dir=cache_dir,
+                                            seconds=seconds, renderer=renderer,
+                                            reference_gap=reference_gap, cache_dir=cache_dir,
                                             progress=progress))
     from dubtool.evaluation.evaluate import VARIANTS
 
@@ -513,12 +525,14 @@ def bench_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     repeat: Annotated[int, typer.Option(help="Warm (cached) runs after the cold one.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Chunks denoised together.")] = 1,
+    renderer: RendererOption = DEFAULT_RENDERER,
     report: Annotated[Path | None, typer.Option("-o", "--report", help="Write JSON.")] = None,
 ) -> None:
     """Speed per stage (ms/frame), real-time factor, peak memory, beside ffmpeg's floor; and
     the whole time of a fresh `dubtool dub` process."""
     result = _call(lambda: api.bench(clip, speech, model=model, steps=steps, device=device,
-                                     repeat=repeat, batch_size=batch_size, report=report))
+                                     repeat=repeat, batch_size=batch_size, renderer=renderer,
+                                     report=report))
     stages = list(result.runs[0].stage_seconds)
     table = Table("run", *[f"{s} ms/fr" for s in stages], "wall s", "RTF",
                   title=f"{result.clip}: {result.frames} frames, {result.video_seconds:.1f} s")

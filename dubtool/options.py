@@ -13,6 +13,8 @@ from dubtool.errors import UsageError
 LOOP_MODES = ("pingpong", "loop", "cut")
 DETECTORS = ("mediapipe", "face-alignment")
 FACE_CHOICES = ("largest", "center")
+RENDERERS = ("native", "diffusion")  # pipeline/render.py; the first is the default
+DEFAULT_RENDERER = RENDERERS[0]
 MAX_SEED = 2**32 - 1  # numpy's generators take at most this; torch's seeds derive from it
 
 FaceChoice = str | int
@@ -62,3 +64,9 @@ def check_device(device: str) -> None:
     index = device.removeprefix("cuda:")
     if device not in ("auto", "cpu", "cuda") and not (index != device and index.isdigit()):
         raise UsageError(f"--device {device}: must be auto, cpu, cuda or cuda:N")
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    """UsageError (exit 2) naming ``option`` and its choices unless ``value`` is one."""
+    if value not in choices:
+        raise UsageError(f"{option} {value}: choose one of {', '.join(choices)}")

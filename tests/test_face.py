@@ -188,9 +188,10 @@ def test_warp_with_unmoved_points_is_the_identity() -> None:
     image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     points = _spread_points()
     map_x, map_y = thin_plate_map(points, points, 64)
-    np.testing.assert_allclose(map_x, np.broadcast_to(np.arange(64.0), (64, 64)), atol=1e-6)
+    # The maps are float32: within 1e-4 px (remap itself resolves 1/32 px).
+    np.testing.assert_allclose(map_x, np.broadcast_to(np.arange(64.0), (64, 64)), atol=1e-4)
     np.testing.assert_allclose(map_y, np.broadcast_to(np.arange(64.0)[:, None], (64, 64)),
-                               atol=1e-6)
+                               atol=1e-4)
     np.testing.assert_array_equal(warp_face(image, points, points), image)
 
 

@@ -381,7 +381,7 @@ def _interrupting(monkeypatch, stage: str) -> None:
     """Make the dub raise KeyboardInterrupt (Ctrl-C) in the middle of ``stage``."""
     from dubtool.face.detect import FaceMeshDetector
     from dubtool.media.frames import VideoWriter
-    from dubtool.pipeline import complete, diffuse, extract
+    from dubtool.pipeline import complete, diffuse, extract, references
     from dubtool.pipeline.landmarks import FaceTrack
 
     def after(calls: int, real):
@@ -401,26 +401,30 @@ def _interrupting(monkeypatch, stage: str) -> None:
         "crops": (FaceTrack, "box", 5),
         "complete": (complete, "mel_window", 10),
         "diffuse": (diffuse.LowerFaceGenerator, "generate", 3),
+        "references": (references, "face_frame_shapes", 0),
+        "reference-crops": (FaceTrack, "box", 2),
         "blend": (VideoWriter, "write", 10),
     }
     owner, name, calls = targets[stage]
     monkeypatch.setattr(owner, name, after(calls, getattr(owner, name)))
 
 
-@pytest.mark.parametrize("stage", ["extract", "landmarks", "crops", "complete", "diffuse",
-                                   "blend"])
+@pytest.mark.parametrize(("stage", "renderer"), [
+    ("extract", "native"), ("landmarks", "native"), ("complete", "native"),
+    ("references", "native"), ("reference-crops", "native"), ("blend", "native"),
+    ("crops", "diffusion"), ("diffuse", "diffusion"), ("blend", "diffusion")])
 def test_ctrl_c_in_each_stage_stops_cleanly_and_resumes(dub, short_face: Path, speech: Path,
                                                         tmp_path: Path, monkeypatch,
-                                                        stage: str) -> None:
+                                                        stage: str, renderer: str) -> None:
     whole = dub(short_face, speech, tmp_path / "whole.mp4", "--cache-dir",
-                str(tmp_path / "other_cache"))
+                str(tmp_path / "other_cache"), "--renderer", renderer)
     assert whole.exit_code == 0
     with monkeypatch.context() as patch:
         _interrupting(patch, stage)
-        result = dub(short_face, speech)
+        result = dub(short_face, speech, None, "--renderer", renderer)
     assert result.exit_code == 130 and "interrupted" in result.stderr
     assert not (tmp_path / "out.mp4").exists()
-    resumed = dub(short_face, speech)
+    resumed = dub(short_face, speech, None, "--renderer", renderer)
     assert resumed.exit_code == 0, resumed.stderr
     assert np.array_equal(frames_of(tmp_path / "out.mp4"), frames_of(tmp_path / "whole.mp4"))
 
@@ -429,8 +433,8 @@ def test_real_sigint_exits_130_and_the_rerun_resumes(tiny_model: Path, face_clip
                                                      tmp_path: Path) -> None:
     speech = make_tone(tmp_path / "speech.wav", seconds=2.0)
     cmd = [sys.executable, "-m", "dubtool", "dub", "--model", str(tiny_model), "--cache-dir",
-           str(tmp_path / "cache"), "--steps", "50", "-o", str(tmp_path / "out.mp4"),
-           str(face_clip), str(speech)]
+           str(tmp_path / "cache"), "--steps", "50", "--renderer", "diffusion", "-o",
+           str(tmp_path / "out.mp4"), str(face_clip), str(speech)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     diffuse_dir = None
     deadline = time.monotonic() + 120

@@ -20,6 +20,7 @@ import numpy as np
 
 from dubtool.evaluation import metrics
 from dubtool.evaluation.identity import IDENTITY_FRAMES, IdentityModel, identity_distance
+from dubtool.face.crop import CropBox
 from dubtool.face.detect import FaceMeshDetector
 from dubtool.face.indices import (
     CONTENT_SLICE,
@@ -57,6 +58,7 @@ class ClipEvaluation:
     strip: np.ndarray | None = field(default=None, repr=False)
     # (F,) per frame, for the plot: variant -> inner-lip opening; "energy" and "paused".
     series: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    scored_frames: int = 0  # frames far enough from every reference to be scored
 
 
 def detect_points(frames: np.ndarray, track: FaceTrack | None = None
@@ -161,10 +163,18 @@ def _native_scores(video: np.ndarray, original: np.ndarray, boxes: np.ndarray,
     return {k: float(np.mean(v)) if v else math.nan for k, v in scores.items()}
 
 
+def scored_frames(frames: int, reference_frame: int, gap_frames: int) -> np.ndarray:
+    """(frames,) bool: the frames at least ``gap_frames`` from the reference frame. The dub's
+    references obey the same rule frame by frame and always include this reference, so no
+    scored frame of any variant is drawn from its own ground truth or a frame near it."""
+    return np.abs(np.arange(frames) - reference_frame) >= gap_frames
+
+
 def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTrack,
             speech: np.ndarray, fps: float, landmarks: np.ndarray | None = None,
             identity: IdentityModel | None = None,
-            series: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+            series: dict[str, np.ndarray] | None = None,
+            scored: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """Every metric for every variant (F frames each, aligned with ``original``); the
     identity distance too when ``identity`` is given. ``landmarks`` (F, 131, 2): the
     completion's target landmarks of the "model" variant (any frame of reference), for the
@@ -175,7 +185,7 @@ def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTr
     original_points, original_found = detect_points(original, track)
     original_halves, original_mouths = _lower_halves(original, track), _mouths(original, track)
     boxes = mouth_boxes(track, frames, original.shape[2], original.shape[1])
-    faces = track.detected[:frames]
+    faces = track.detected[:frames] & (True if scored is None else scored)
     original_ids = None
     face_frames = np.nonzero(faces)[0]
     if identity is not None and len(face_frames):
@@ -228,13 +238,22 @@ def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTr
 
 
 def strip_image(variants: dict[str, np.ndarray], track: FaceTrack, count: int = 4,
-                size: int = 160) -> np.ndarray:
-    """Rows original | model | static, ``count`` evenly spaced frames each (face crops)."""
+                scored: np.ndarray | None = None) -> np.ndarray:
+    """Rows original | model | static of ``count`` evenly spaced (scored) frames: the mouth
+    and jaw at the video's own resolution, not scaled (a square around the lip/jaw points,
+    the same size in every tile)."""
     frames = len(next(iter(variants.values())))
-    picks = np.linspace(0, frames - 1, count).round().astype(int)
+    chosen = np.nonzero(scored)[0] if scored is not None and scored.any() else np.arange(frames)
+    picks = chosen[np.linspace(0, len(chosen) - 1, count).round().astype(int)]
+    content = track.points[picks][:, CONTENT_SLICE]
+    side = int(np.ceil(1.2 * (content.max(axis=1) - content.min(axis=1)).max()))
+    side = max(side, 32)
     rows = []
     for name in ("original", "model", "static"):
-        tiles = [track.box(i).crop(variants[name][i], size) for i in picks]
+        tiles = []
+        for i, points in zip(picks, content, strict=True):
+            cx, cy = (points.min(axis=0) + points.max(axis=0)) / 2
+            tiles.append(CropBox.from_centre(cx, cy, side).crop(variants[name][i], side))
         row = np.concatenate(tiles, axis=1)
         cv2.putText(row, name, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 0), 1,
                     cv2.LINE_AA)
@@ -244,10 +263,13 @@ def strip_image(variants: dict[str, np.ndarray], track: FaceTrack, count: int = 
 
 def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
                   reference_frame: int, landmarks: np.ndarray | None = None,
-                  identity: IdentityModel | None = None) -> ClipEvaluation:
-    """Measure a clip's dub (made from the clip's own speech with loop 'cut') and the two
-    reference variants. ``track`` is the clip's face track, ``reference_frame`` the dub's,
-    ``landmarks`` the dub's target landmarks (for the completion_* metrics)."""
+                  identity: IdentityModel | None = None, speech: str | Path | None = None,
+                  reference_gap: float = 0.0) -> ClipEvaluation:
+    """Measure a clip's dub (made from the clip's own ``speech``, default the clip's, with
+    loop 'cut') and the two reference variants over the dub's frames. ``track`` is the
+    clip's face track, ``reference_frame`` the dub's, ``landmarks`` the dub's target
+    landmarks (for the completion_* metrics). Frames within ``reference_gap`` seconds of the
+    reference frame are not scored (see ``scored_frames``)."""
     info = probe_video(clip)
     dub_info = probe_video(dubbed)
     frames = min(info.frame_count, dub_info.frame_count)
@@ -265,15 +287,17 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
     static = encoded(static_mouth(original, track, reference_frame, reference_image),
                      float(info.fps), Path(dubbed).parent)
     variants = {"model": generated, "original": original, "static": static}
-    speech = load_speech(clip)
+    samples = load_speech(speech if speech is not None else clip)
     series: dict[str, np.ndarray] = {}
-    results = measure(variants, original, track, speech, float(info.fps), landmarks, identity,
-                      series)
-    mel = mel_spectrogram(speech)
+    scored = scored_frames(frames, reference_frame, round(reference_gap * float(info.fps)))
+    results = measure(variants, original, track, samples, float(info.fps), landmarks,
+                      identity, series, scored)
+    mel = mel_spectrogram(samples)
     series["energy"] = mel.mean(axis=0)
     series["paused"] = pauses(voice_activity(mel, info.fps, frames), info.fps, PAUSE_SECONDS)
     return ClipEvaluation(Path(clip).name, frames, reference_frame, float(info.fps), results,
-                          strip_image(variants, track), series)
+                          strip_image(variants, track, scored=scored), series,
+                          int(scored.sum()))
 
 
 def summarise(clips: list[ClipEvaluation]) -> dict[str, dict[str, dict[str, float]]]:

@@ -1,6 +1,11 @@
 """Quality metrics of a dub against the original frames (reconstruction protocol).
 
 Definitions (also printed in reports):
+- no leak: each clip is dubbed from its own speech, and no reference (a frame the dub's lower
+  face is drawn from, or the static mouth's frame) lies within the reference gap (2 s by
+  default) of the frame it is pasted on; references come from anywhere in the clip, and the
+  frames within the gap of the static mouth's reference frame are not scored, for any variant
+  (their count is the "scored" column).
 - PSNR, SSIM: on the lower half of the face crop (the region the model regenerates).
 - LMD: mean Euclidean distance between the 57 lip/jaw FaceMesh points of the generated and
   original frames, divided by the inter-ocular distance (outer eye corners 33-263) of the

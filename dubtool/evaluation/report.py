@@ -27,8 +27,9 @@ def _fmt(value: float) -> str:
 
 def to_json(clips: list[ClipEvaluation], summary: dict, settings: dict) -> dict:
     return {"settings": settings, "summary": summary,
-            "clips": [{"clip": c.clip, "frames": c.frames, "reference_frame": c.reference_frame,
-                       "metrics": c.metrics} for c in clips],
+            "clips": [{"clip": c.clip, "frames": c.frames, "scored_frames": c.scored_frames,
+                       "reference_frame": c.reference_frame, "metrics": c.metrics}
+                      for c in clips],
             "definitions": DEFINITIONS.strip()}
 
 
@@ -43,15 +44,16 @@ def to_markdown(clips: list[ClipEvaluation], summary: dict, settings: dict) -> s
         cells = [f"{_fmt(summary[variant][m]['mean'])} ± {_fmt(summary[variant][m]['ci95'])}"
                  for m in measured]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    lines += ["", "## Per clip", "", "| clip | frames | " +
+    lines += ["", "## Per clip", "", "| clip | frames | scored | " +
               " | ".join(f"{m} (model/static)" for m in PER_CLIP) + " | completion opening "
-              "correlation / articulation |", "|---|---|" + "---|" * (len(PER_CLIP) + 1)]
+              "correlation / articulation |", "|---|---|---|" + "---|" * (len(PER_CLIP) + 1)]
     for c in clips:
         cells = [f"{_fmt(c.metrics['model'][m])} / {_fmt(c.metrics['static'][m])}"
                  for m in PER_CLIP]
         cells.append(f"{_fmt(c.metrics['model']['completion_opening_correlation'])} / "
                      f"{_fmt(c.metrics['model']['completion_articulation'])}")
-        lines.append(f"| {c.clip} | {c.frames} | " + " | ".join(cells) + " |")
+        lines.append(f"| {c.clip} | {c.frames} | {c.scored_frames} | " + " | ".join(cells)
+                     + " |")
     lines += ["", "## Definitions", "", DEFINITIONS.strip(), ""]
     return "\n".join(lines)
 

@@ -1,15 +1,17 @@
-"""Stage ``blend``: paste the generated lower faces into the original frames and mux the speech.
+"""Stage ``blend``: paste the new lower faces into the original frames and mux the speech.
 
-Each generated crop goes back through a soft mask of the lower face (the region between the
-nose and the chin of both the original and the target landmarks, dilated and Gaussian-blurred,
-so no box edge shows), after a colour correction that matches the generated skin around the
-mask to the original's. Frames without a face are written untouched.
+Each renderer's lower face goes back through a soft mask of the lower face (the region between
+the nose and the chin of both the original and the target landmarks, dilated and
+Gaussian-blurred, so no box edge shows), after a colour correction that matches the new skin
+around the mask to the original's (both made here, used by every renderer). Frames without a
+face are written untouched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -19,7 +21,12 @@ from dubtool.media.frames import VideoWriter, read_frames_in_order
 from dubtool.media.probe import VideoInfo
 from dubtool.pipeline.landmarks import FaceTrack
 
+if TYPE_CHECKING:
+    from dubtool.pipeline.render import LowerFaces
+
 _LOWER_FACE = [ORDER.index(i) for i in (*JAW, *NOSE[5:])]  # jaw line and the nose base
+MASK_SIZE = 128
+MASK_TOP = 0.42  # the mask is 0 above this fraction of the crop's height
 
 
 def lower_face_mask(points: list[np.ndarray], size: int, dilate: float = 0.04,
@@ -29,16 +36,21 @@ def lower_face_mask(points: list[np.ndarray], size: int, dilate: float = 0.04,
     ``points``: crop-normalised (131, 2) landmark sets whose lower faces the mask must cover
     (the original's and the target's, so that neither mouth shows through the other).
     """
-    mask = np.zeros((size, size), np.uint8)
+    # The mask is smooth: made at most MASK_SIZE px wide and scaled up (a tenth of the time
+    # at 512 px).
+    work = min(size, MASK_SIZE)
+    mask = np.zeros((work, work), np.uint8)
     for p in points:
-        hull = cv2.convexHull(np.round(p[_LOWER_FACE] * size).astype(np.int32))
+        hull = cv2.convexHull(np.round(p[_LOWER_FACE] * work).astype(np.int32))
         cv2.fillConvexPoly(mask, hull, 255)
-    grow = max(1, round(dilate * size))
+    grow = max(1, round(dilate * work))
     mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1,) * 2))
-    soft = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), max(blur * size, 0.5))
+    soft = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), max(blur * work, 0.5))
     # The model regenerates the lower half only: fade the mask out above the middle.
-    ramp = np.clip((np.arange(size) - 0.42 * size) / (0.08 * size), 0.0, 1.0)
-    return (soft * ramp[:, None]).astype(np.float32)
+    ramp = np.clip((np.arange(work) - MASK_TOP * work) / (0.08 * work), 0.0, 1.0)
+    soft = (soft * ramp[:, None]).astype(np.float32)
+    return soft if work == size else cv2.resize(soft, (size, size),
+                                                interpolation=cv2.INTER_LINEAR)
 
 
 def match_colour(generated: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -51,21 +63,16 @@ def match_colour(generated: np.ndarray, original: np.ndarray, mask: np.ndarray) 
     return cv2.add(generated, (*offset, 0.0))  # saturating, per channel
 
 
-def blended_frames(video: VideoInfo, track: FaceTrack, plan: np.ndarray, target: np.ndarray,
-                   crops: np.ndarray, generated: Iterator[np.ndarray],
+def blended_frames(video: VideoInfo, track: FaceTrack, plan: np.ndarray, faces: LowerFaces,
                    scratch: Path) -> Iterator[tuple[np.ndarray, bool]]:
-    """(frame, dubbed) for every output frame; ``generated`` yields one crop per output frame."""
-    original_points = track.crop_points()
-    size = crops.shape[1]
-    for o, (frame, new_crop) in enumerate(zip(read_frames_in_order(video, plan, scratch),
-                                              generated, strict=False)):
+    """(frame, dubbed) for every output frame, the renderer's ``faces`` pasted in."""
+    for o, frame in enumerate(read_frames_in_order(video, plan, scratch)):
         source = int(plan[o])
         if not track.detected[source]:
             yield frame, False
             continue
-        mask = lower_face_mask([original_points[source], target[o]], size)
-        corrected = match_colour(new_crop, crops[source], mask)
-        yield track.box(source).paste(frame, corrected, mask), True
+        face, mask = faces.lower_face(o, frame)
+        yield track.box(source).paste(frame, face, mask), True
 
 
 def write_video(frames: Iterator[tuple[np.ndarray, bool]], video: VideoInfo, total: int,

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +22,6 @@ from dubtool.pipeline.cache import (
     default_cache_dir,
     file_digest,
     fingerprint,
-    load_chunk,
 )
 from dubtool.pipeline.extract import Extracted
 from dubtool.pipeline.landmarks import FaceTrack
@@ -33,7 +31,7 @@ if TYPE_CHECKING:  # the model stages need torch: `dubtool landmarks` runs witho
 
     from dubtool.nets.io import LoadedModel
     from dubtool.pipeline.complete import Completion
-    from dubtool.pipeline.diffuse import DiffusionSettings
+    from dubtool.pipeline.render import LowerFaces, Renderer
 
 # progress(stage, done, total): called as a stage advances.
 StageProgress = Callable[[str, int, int], None]
@@ -72,8 +70,9 @@ class FrontResult:
 
 def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
               detector: str = "mediapipe", face: FaceChoice = "largest", force: bool = False,
-              progress: StageProgress | None = None) -> FrontResult:
-    """Stages ``extract`` and ``landmarks``: what every command needs before the models."""
+              progress: StageProgress | None = None, whole_video: bool = False) -> FrontResult:
+    """Stages ``extract`` and ``landmarks``: what every command needs before the models.
+    ``whole_video``: track every frame, not only those the plan uses."""
     extract_fp = fingerprint("extract", code_digest(extract_stage), inputs.video_digest,
                              inputs.speech_digest, loop)
     folder = cache.run_stage(
@@ -84,7 +83,7 @@ def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
 
     # Only the source frames the plan uses are tracked (and cropped): a short speech over a
     # long video reads its first seconds alone.
-    used = int(extracted.plan.max()) + 1
+    used = extracted.video.frame_count if whole_video else int(extracted.plan.max()) + 1
 
     def detect(out: Path) -> None:
         def step(done: int, total: int) -> None:
@@ -112,43 +111,46 @@ def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
 class DubStages:
     front: FrontResult
     completion: Completion
-    crops: np.ndarray
-    generated_dir: Path
+    faces: LowerFaces
     reference_frame: int
 
 
-def pick_reference_frame(track: FaceTrack) -> int:
-    """A source frame with a face and a typical mouth: the median lip opening."""
+def pick_reference_frame(track: FaceTrack, plan: np.ndarray | None = None,
+                         exclude_frames: int = 0) -> int:
+    """A source frame with a face and a typical mouth (the median lip opening); with
+    ``exclude_frames``, one at least that far from as many of the ``plan``'s frames as any."""
     faces = np.nonzero(track.detected)[0]
     if len(faces) == 0:
         return 0
-    opening = mouth_opening(track.points[faces])
-    return int(faces[np.argsort(opening)[len(faces) // 2]])
+    typical = np.abs(np.argsort(np.argsort(mouth_opening(track.points[faces])))
+                     - len(faces) // 2)
+    if exclude_frames > 0 and plan is not None:
+        allowed = (np.abs(plan[None] - faces[:, None]) >= exclude_frames).sum(axis=1)
+        return int(faces[np.lexsort((typical, -allowed))[0]])
+    return int(faces[np.argmin(typical)])
 
 
 def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_digest: str,
-                   settings: DiffusionSettings, *, loop: str = "pingpong",
-                   face: FaceChoice = "largest", reference_frame: int | None = None,
+                   renderer: Renderer, *, loop: str = "pingpong", face: FaceChoice = "largest",
+                   reference_frame: int | None = None, reconstruction_gap: float | None = None,
                    device: torch.device | None = None, force: bool = False,
                    progress: StageProgress | None = None) -> DubStages:
-    """extract, landmarks, crops, complete and diffuse, each through the cache."""
+    """extract, landmarks, complete and the renderer's stages, each through the cache.
+
+    ``reconstruction_gap`` (seconds): the reconstruction protocol's rule. References are drawn
+    from the whole video (all of it is tracked) but never from within that many seconds of
+    the frame they are pasted on, so a clip dubbed from its own speech copies no ground truth.
+    """
     import torch
 
-    from dubtool.devices import sampling_precision
     from dubtool.pipeline import complete as complete_stage
-    from dubtool.pipeline import diffuse as diffuse_stage
     from dubtool.pipeline.complete import Completion
+    from dubtool.pipeline.render import RenderJob
 
     device = device or torch.device("cpu")
-    front = run_front(cache, inputs, loop=loop, face=face, force=force, progress=progress)
+    front = run_front(cache, inputs, loop=loop, face=face, force=force, progress=progress,
+                      whole_video=reconstruction_gap is not None)
     video, track, plan = front.extracted.video, front.track, front.extracted.plan
-    size = model.config.crop_size
-    crops_fp = fingerprint("crops", code_digest(diffuse_stage), front.landmarks_fp, size)
-    folder = cache.run_stage("crops", crops_fp,
-                             lambda out: diffuse_stage.write_crops(video, track, size, out),
-                             force=force)
-    crops = diffuse_stage.load_crops(folder)
-
     complete_fp = fingerprint("complete", code_digest(complete_stage), front.extract_fp,
                               front.landmarks_fp, model_digest)
     folder = cache.run_stage(
@@ -159,41 +161,17 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
         force=force)
     completion = Completion.load(folder)
 
+    exclude = round(reconstruction_gap * float(video.fps)) if reconstruction_gap else 0
+    forced = reference_frame is not None
     if reference_frame is None:
-        reference_frame = pick_reference_frame(track)
+        reference_frame = pick_reference_frame(track, plan, exclude)
     elif not 0 <= reference_frame < track.frames:
         # Within the video (api.dub checked that) but past the frames this speech uses.
         raise InvalidMedia(f"--reference-frame {reference_frame} is outside the "
                            f"{track.frames} frames of the video that the speech uses",
                            video.path)
-    precision = sampling_precision(device)
-    diffuse_fp = fingerprint("diffuse", code_digest(diffuse_stage), complete_fp, crops_fp,
-                             model_digest, settings.steps, settings.eta, settings.seed,
-                             settings.strength, settings.batch_size, reference_frame,
-                             str(precision))
-    chunk_frames = model.config.completion.frames
-    done = [0]
-
-    @functools.cache  # built on first use: a warm run never needs it
-    def generator() -> diffuse_stage.LowerFaceGenerator:
-        return diffuse_stage.LowerFaceGenerator(
-            model, crops, plan, completion.target, track.detected, reference_frame,
-            track.crop_points()[reference_frame], settings, device, precision)
-
-    def chunks(ks: list[int], previous: list[dict | None]) -> list[dict]:
-        results = generator().generate(ks, previous)
-        done[0] += len(ks)
-        if progress is not None:
-            progress("diffuse", min(done[0] * chunk_frames, len(plan)), len(plan))
-        return results
-
-    folder = cache.run_chunked_stage("diffuse", diffuse_fp,
-                                     diffuse_stage.chunk_count(len(plan), chunk_frames), chunks,
-                                     force=force, streams=settings.batch_size)
-    return DubStages(front, completion, crops, folder, reference_frame)
+    job = RenderJob(cache, video, track, plan, completion.target, complete_fp, reference_frame,
+                    forced, exclude, force, progress)
+    return DubStages(front, completion, renderer.render(job), reference_frame)
 
 
-def generated_crops(folder: Path, chunks: int) -> Iterator[np.ndarray]:
-    """The diffuse stage's crops, one per output frame, read chunk by chunk."""
-    for k in range(chunks):
-        yield from load_chunk(folder, k)["crops"]

@@ -1,0 +1,194 @@
+"""Stage ``references``: which of the video's own frames each output frame's lower face is drawn
+from.
+
+An open mouth must come from a frame where the mouth was open (teeth, tongue, the dark inside)
+and a closed one from a closed one, so each output frame gets the source frame whose lip/jaw
+shape, in the face's own frame of reference, is nearest its target landmarks, with a similar
+head pose. The choice is a best path through time (Viterbi) with a cost for every switch, so
+the source changes only when the shapes call for it, and each switch is cross-faded over a few
+frames.
+
+The candidates are at most ``POOL_SIZE`` frames spread over the video's mouth shapes
+(farthest-point sampling), which bounds the work and the cache whatever the video's length.
+``exclude_frames`` keeps every candidate that many frames or more away from the frame it would
+be pasted on: the reconstruction protocol's rule, so that no ground-truth mouth is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dubtool.face.indices import (
+    CONTENT_SLICE,
+    POSE_SLICE,
+    inner_lip_opening,
+    interocular,
+    mouth_opening,
+)
+
+POOL_SIZE = 48          # candidate frames at most
+CANDIDATES = 8          # per output frame, the best this many enter the path search
+SWITCH_COST = 0.08      # in shape units (eye distances): a switch must gain at least this
+POSE_WEIGHT = 0.5       # pose residual against mouth-shape distance
+OPENING_WEIGHT = 2.0    # inner-lip opening (eye distances) against mouth-shape distance
+NARROWING_SHARE = 0.25  # of that weight, for a source more open than the target
+FADE_FRAMES = 3         # a switch is cross-faded over this many frames
+
+
+@dataclass
+class ReferencePlan:
+    """For every output frame o: ``source[o]``, the source frame its lower face is drawn from
+    (the best path), and ``outgoing[o]``, the one it replaced a few frames before, still
+    showing with weight ``outgoing_weight[o]`` (a cross-fade in progress; elsewhere equal to
+    ``source`` with weight 0). ``pool`` (K,): the candidate frames considered."""
+
+    source: np.ndarray
+    outgoing: np.ndarray
+    outgoing_weight: np.ndarray
+    pool: np.ndarray
+
+    @property
+    def used(self) -> np.ndarray:
+        """The distinct source frames the output draws from, sorted."""
+        return np.unique(np.concatenate([self.source, self.outgoing]))
+
+    def save(self, folder: Path) -> None:
+        np.savez(folder / "references.npz", source=self.source, outgoing=self.outgoing,
+                 outgoing_weight=self.outgoing_weight, pool=self.pool)
+
+    @classmethod
+    def load(cls, folder: Path) -> ReferencePlan:
+        with np.load(folder / "references.npz", allow_pickle=False) as data:
+            return cls(data["source"], data["outgoing"], data["outgoing_weight"], data["pool"])
+
+
+def face_frame_shapes(points: np.ndarray, template: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Lip/jaw shape and pose of each face in a common frame of reference.
+
+    ``points`` (N, 131, 2) in any units, ``template`` (131, 2). Each face is moved by the
+    similarity (scale, rotation, shift) that best takes its pose points onto the template's,
+    in units of the template's eye distance. Returns shapes (N, 57 x 2) and pose residuals
+    (N, 74 x 2): what is left of the pose points after that similarity (head turn, nod).
+    """
+    scale = float(interocular(template))
+    shapes = np.empty((len(points), 57 * 2), np.float32)
+    poses = np.empty((len(points), 74 * 2), np.float32)
+    anchor = template[POSE_SLICE].astype(np.float64)
+    for i, p in enumerate(points.astype(np.float64)):
+        matrix, _ = cv2.estimateAffinePartial2D(p[POSE_SLICE], anchor, method=cv2.LMEDS)
+        if matrix is None:
+            matrix = np.eye(2, 3)
+        moved = (p @ matrix[:, :2].T + matrix[:, 2]) / scale
+        shapes[i] = moved[CONTENT_SLICE].ravel()
+        poses[i] = (moved[POSE_SLICE] - anchor / scale).ravel()
+    return shapes, poses
+
+
+def spread_pool(shapes: np.ndarray, frames: np.ndarray, size: int,
+                first: int | None = None) -> np.ndarray:
+    """At most ``size`` of ``frames`` whose ``shapes`` (one row per frame) cover the shapes seen:
+    farthest-point sampling from ``first`` (default: the first frame). Sorted frame indices."""
+    if len(frames) <= size:
+        return np.sort(frames)
+    chosen = [0 if first is None else int(np.nonzero(frames == first)[0][0])]
+    distance = np.linalg.norm(shapes - shapes[chosen[0]], axis=1)
+    for _ in range(size - 1):
+        pick = int(np.argmax(distance))
+        chosen.append(pick)
+        distance = np.minimum(distance, np.linalg.norm(shapes - shapes[pick], axis=1))
+    return np.sort(frames[chosen])
+
+
+def best_path(cost: np.ndarray, switch_cost: float) -> np.ndarray:
+    """Viterbi over (O, K) per-frame costs (inf: not allowed) with ``switch_cost`` for every
+    change of column: (O,) the column of each row on the cheapest path."""
+    frames, columns = cost.shape
+    total = cost[0].copy()
+    back = np.zeros((frames, columns), np.int64)
+    for o in range(1, frames):
+        best = int(np.argmin(total))
+        switch = total[best] + switch_cost
+        stay = total
+        back[o] = np.where(stay <= switch, np.arange(columns), best)
+        total = np.minimum(stay, switch) + cost[o]
+    path = np.empty(frames, np.int64)
+    path[-1] = int(np.argmin(total))
+    for o in range(frames - 1, 0, -1):
+        path[o - 1] = back[o, path[o]]
+    return path
+
+
+def cross_fades(path: np.ndarray, fade: int) -> tuple[np.ndarray, np.ndarray]:
+    """(outgoing, outgoing_weight) per frame of a path of sources: at each switch from a to
+    b, a still shows on the ``fade`` frames from the switch on, fading out under b."""
+    outgoing = path.copy()
+    weight = np.zeros(len(path), np.float32)
+    for o in np.nonzero(path[1:] != path[:-1])[0] + 1:
+        for j in range(fade):
+            if o + j >= len(path) or path[o + j] != path[o]:
+                break
+            outgoing[o + j] = path[o - 1]
+            weight[o + j] = 1 - (j + 1) / (fade + 1)
+    return outgoing, weight
+
+
+def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np.ndarray,
+                      plan: np.ndarray, *, exclude_frames: int = 0, anchor: int | None = None,
+                      forced: int | None = None) -> ReferencePlan:
+    """The reference plan of a dub.
+
+    track_points (F, 131, 2) source landmarks (pixels); detected (F,) which have a face;
+    target (O, 131, 2) each output frame's target landmarks in its source frame's crop box;
+    plan (O,) the source frame of each output frame. ``anchor``: a frame the candidates always
+    include (the dub's single reference: every output frame it is allowed for has a
+    candidate). ``forced``: one frame for every output frame (``--reference-frame``). Output
+    frames without an allowed candidate take the candidate farthest in time.
+    """
+    frames = len(plan)
+    if forced is not None:
+        same = np.full(frames, forced, np.int64)
+        return ReferencePlan(same, same.copy(), np.zeros(frames, np.float32), same[:1])
+    faces = np.nonzero(detected)[0]
+    if len(faces) == 0:
+        zeros = np.zeros(frames, np.int64)
+        return ReferencePlan(zeros, zeros.copy(), np.zeros(frames, np.float32), zeros[:1])
+    template = np.median(track_points[faces], axis=0)
+    shapes, poses = face_frame_shapes(track_points[faces], template)
+    if anchor is None or not detected[anchor]:
+        opening = mouth_opening(track_points[faces])
+        anchor = int(faces[np.argsort(opening)[len(faces) // 2]])
+    pool = spread_pool(shapes, faces, POOL_SIZE, first=anchor)
+    at = np.searchsorted(faces, pool)
+    pool_shapes, pool_poses = shapes[at], poses[at]
+    # Target landmarks are in crop units: their shapes come out in the same eye-distance units.
+    target_shapes, target_poses = face_frame_shapes(target, template / interocular(template))
+    shape_cost = np.sqrt(((target_shapes[:, None] - pool_shapes[None]) ** 2).mean(-1))
+    pose_cost = np.sqrt(((target_poses[:, None] - pool_poses[None]) ** 2).mean(-1))
+    # How far the lips part decides what the inside of the mouth shows, so it is weighed on
+    # its own, and a source that is less open than the target costs more than a more open
+    # one: the warp can press lips together, but it has no inside to show between them.
+    wider = inner_lip_opening(target)[:, None] - inner_lip_opening(track_points[pool])[None]
+    opening_cost = np.where(wider > 0, wider, -NARROWING_SHARE * wider)
+    cost = shape_cost + POSE_WEIGHT * pose_cost + OPENING_WEIGHT * opening_cost
+    if exclude_frames > 0:
+        near = np.abs(plan[:, None] - pool[None]) < exclude_frames
+        far = np.argmax(np.abs(plan[:, None] - pool[None]), axis=1)
+        cost = np.where(near, np.inf, cost)
+        stuck = np.isinf(cost).all(axis=1)
+        cost[stuck, far[stuck]] = 0.0
+    keep = min(CANDIDATES, len(pool))
+    # Only each frame's best few take part: the rest are priced out.
+    threshold = np.partition(cost, keep - 1, axis=1)[:, keep - 1:keep]
+    cost = np.where(cost <= threshold, cost, np.inf)
+    path = pool[best_path(cost, SWITCH_COST)]
+    outgoing, weight = cross_fades(path, FADE_FRAMES)
+    if exclude_frames > 0:
+        # A fade carries the last source on a few frames: not onto frames it is too near.
+        near = np.abs(plan - outgoing) < exclude_frames
+        outgoing[near], weight[near] = path[near], 0.0
+    return ReferencePlan(path, outgoing, weight, pool)

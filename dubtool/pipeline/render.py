@@ -1,0 +1,233 @@
+"""How the new lower faces are made: the renderers, behind one interface.
+
+A renderer runs its own cached stages after ``complete`` and returns ``LowerFaces``: for each
+output frame with a face, the new lower face in that frame's face box and the soft mask it is
+pasted through (the blend stage does the pasting, whatever the renderer).
+
+- ``native``: drawn from the video's own frames at the face's own size in the frame. Each
+  output frame takes the source frame whose mouth shape is nearest its target landmarks
+  (``pipeline.references``), bent onto those landmarks by the thin-plate spline and resampled
+  bicubically, colour-matched to the frame. Nothing is scaled up from a small image, and an
+  open mouth shows the teeth and inside of a frame where the mouth was open.
+- ``diffusion``: the paper's model: one reference face at the model's crop size (128 px for
+  ``cpu-128``), warped to the targets and refined by the TalkFormer denoiser in chunks, then
+  scaled up into the frame.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import cv2
+import numpy as np
+
+from dubtool.face.warp import warp_face
+from dubtool.media.frames import read_frames
+from dubtool.media.probe import VideoInfo
+from dubtool.pipeline import references as references_stage
+from dubtool.pipeline.blend import MASK_TOP, lower_face_mask, match_colour
+from dubtool.pipeline.cache import RunCache, code_digest, fingerprint, load_chunk
+from dubtool.pipeline.landmarks import FaceTrack
+from dubtool.pipeline.references import ReferencePlan
+
+if TYPE_CHECKING:
+    import torch
+
+    from dubtool.nets.io import LoadedModel
+    from dubtool.pipeline.diffuse import DiffusionSettings
+    from dubtool.pipeline.run import StageProgress
+
+# The side at which the native renderer works at most: a larger face box is drawn at this size
+# and scaled up (measured: ms/frame and sharpness in the README's speed table).
+NATIVE_MAX_SIZE = 512
+
+
+class LowerFaces(Protocol):
+    def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Output frame ``o``'s new lower face in the face box of its source frame ``frame``:
+        (S, S, 3) uint8 and its mask (S, S) float32 in [0, 1], any S (the paste scales them to
+        the box). Called in increasing ``o``, for the frames with a face only."""
+        ...
+
+
+@dataclass
+class RenderJob:
+    """What a renderer is given: the dub's inputs after ``complete``."""
+
+    cache: RunCache
+    video: VideoInfo
+    track: FaceTrack
+    plan: np.ndarray            # (O,) source frame of each output frame
+    target: np.ndarray          # (O, 131, 2) target landmarks in each source frame's crop box
+    upstream: str               # fingerprint of everything the targets depend on
+    reference_frame: int        # the one reference (forced, or the dub's typical frame)
+    forced: bool                # whether --reference-frame forced it
+    exclude_frames: int         # references at least this far from the frame they serve
+    force: bool = False
+    progress: StageProgress | None = None
+
+
+class Renderer(Protocol):
+    name: str
+
+    def render(self, job: RenderJob) -> LowerFaces:
+        """Run the renderer's stages through the job's cache."""
+        ...
+
+
+class NativeRenderer:
+    name = "native"
+
+    def render(self, job: RenderJob) -> LowerFaces:
+        track, cache = job.track, job.cache
+        fp = fingerprint("references", code_digest(references_stage), job.upstream,
+                         job.exclude_frames, job.reference_frame, job.forced)
+        folder = cache.run_stage("references", fp, lambda out: references_stage.choose_references(
+            track.points, track.detected, job.target, job.plan,
+            exclude_frames=job.exclude_frames, anchor=job.reference_frame,
+            forced=job.reference_frame if job.forced else None).save(out), force=job.force)
+        references = ReferencePlan.load(folder)
+        crops_fp = fingerprint("reference-crops", code_digest(references_stage), fp,
+                               NATIVE_MAX_SIZE)
+        folder = cache.run_stage(
+            "reference-crops", crops_fp,
+            lambda out: write_reference_crops(job.video, track, references.used, out),
+            force=job.force)
+        return NativeFaces(track, job.target, job.plan, references,
+                           load_reference_crops(folder))
+
+
+def native_size(box_size: int) -> int:
+    return max(2, min(box_size, NATIVE_MAX_SIZE))
+
+
+def write_reference_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray,
+                          folder: Path) -> None:
+    """The face crop of each of ``frames`` at its own size (at most NATIVE_MAX_SIZE)."""
+    wanted = {int(f) for f in frames if track.detected[int(f)]}
+    crops = {}
+    if wanted:
+        for i, frame in enumerate(read_frames(video, max(wanted) + 1)):
+            if i in wanted:
+                box = track.box(i)
+                crops[f"frame{i}"] = box.crop(frame, native_size(box.size))
+    np.savez(folder / "reference_crops.npz", **crops)
+
+
+def load_reference_crops(folder: Path) -> dict[int, np.ndarray]:
+    with np.load(folder / "reference_crops.npz", allow_pickle=False) as data:
+        return {int(k.removeprefix("frame")): data[k] for k in data.files}
+
+
+class NativeFaces:
+    """The native renderer's lower faces, made as the blend asks for them."""
+
+    def __init__(self, track: FaceTrack, target: np.ndarray, plan: np.ndarray,
+                 references: ReferencePlan, crops: dict[int, np.ndarray]) -> None:
+        self.track, self.target, self.plan = track, target, plan
+        self.references, self.crops = references, crops
+        self.crop_points = track.crop_points()
+
+    def _warped(self, reference: int, o: int, size: int, from_row: int) -> np.ndarray:
+        return warp_face(self.crops[reference], self.crop_points[reference], self.target[o],
+                         size, cv2.INTER_CUBIC, from_row)
+
+    def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        source = int(self.plan[o])
+        box = self.track.box(source)
+        size = native_size(box.size)
+        original = box.crop(frame, size)
+        # Only the rows the mask reaches are drawn; above them the frame stays.
+        top = max(0, int(MASK_TOP * size) - 1)
+        refs = self.references
+        lower = self._warped(int(refs.source[o]), o, size, top)
+        fading = float(refs.outgoing_weight[o])
+        if fading > 0:
+            lower = cv2.addWeighted(lower, 1 - fading,
+                                    self._warped(int(refs.outgoing[o]), o, size, top), fading,
+                                    0.0)
+        face = original.copy()
+        face[top:] = lower
+        mask = lower_face_mask([self.crop_points[source], self.target[o]], size)
+        return match_colour(face, original, mask), mask
+
+
+class DiffusionRenderer:
+    name = "diffusion"
+
+    def __init__(self, model: LoadedModel, model_digest: str, settings: DiffusionSettings,
+                 device: torch.device) -> None:
+        self.model, self.model_digest = model, model_digest
+        self.settings, self.device = settings, device
+
+    def render(self, job: RenderJob) -> LowerFaces:
+        from dubtool.devices import sampling_precision
+        from dubtool.pipeline import diffuse as diffuse_stage
+
+        model, settings, track, plan = self.model, self.settings, job.track, job.plan
+        size = model.config.crop_size
+        crops_fp = fingerprint("crops", code_digest(diffuse_stage), job.upstream, size)
+        folder = job.cache.run_stage(
+            "crops", crops_fp, lambda out: diffuse_stage.write_crops(job.video, track, size, out),
+            force=job.force)
+        crops = diffuse_stage.load_crops(folder)
+        precision = sampling_precision(self.device)
+        diffuse_fp = fingerprint("diffuse", code_digest(diffuse_stage), job.upstream, crops_fp,
+                                 self.model_digest, settings.steps, settings.eta, settings.seed,
+                                 settings.strength, settings.batch_size, job.reference_frame,
+                                 str(precision))
+        chunk_frames = model.config.completion.frames
+        done = [0]
+
+        @functools.cache  # built on first use: a warm run never needs it
+        def generator() -> diffuse_stage.LowerFaceGenerator:
+            return diffuse_stage.LowerFaceGenerator(
+                model, crops, plan, job.target, track.detected, job.reference_frame,
+                track.crop_points()[job.reference_frame], settings, self.device, precision)
+
+        def chunks(ks: list[int], previous: list[dict | None]) -> list[dict]:
+            results = generator().generate(ks, previous)
+            done[0] += len(ks)
+            if job.progress is not None:
+                job.progress("diffuse", min(done[0] * chunk_frames, len(plan)), len(plan))
+            return results
+
+        count = diffuse_stage.chunk_count(len(plan), chunk_frames)
+        folder = job.cache.run_chunked_stage("diffuse", diffuse_fp, count, chunks,
+                                             force=job.force, streams=settings.batch_size)
+        generated = (crop for k in range(count) for crop in load_chunk(folder, k)["crops"])
+        return DiffusionFaces(track, job.target, plan, crops, generated)
+
+
+class DiffusionFaces:
+    """The diffusion renderer's crops (one per output frame, read chunk by chunk), colour-
+    matched to the source crops of the model's size."""
+
+    def __init__(self, track: FaceTrack, target: np.ndarray, plan: np.ndarray,
+                 crops: np.ndarray, generated: Iterator[np.ndarray]) -> None:
+        self.track, self.target, self.plan, self.crops = track, target, plan, crops
+        self.generated, self.next = generated, 0
+        self.crop_points = track.crop_points()
+
+    def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        while self.next <= o:  # frames without a face have crops too: skip them
+            crop = next(self.generated)
+            self.next += 1
+        source = int(self.plan[o])
+        size = self.crops.shape[1]
+        mask = lower_face_mask([self.crop_points[source], self.target[o]], size)
+        return match_colour(crop, self.crops[source], mask), mask
+
+
+def make_renderer(name: str, model: LoadedModel, model_digest: str,
+                  settings: DiffusionSettings, device: torch.device) -> Renderer:
+    """The renderer called ``name`` (one of ``options.RENDERERS``)."""
+    if name == "native":
+        return NativeRenderer()
+    if name == "diffusion":
+        return DiffusionRenderer(model, model_digest, settings, device)
+    raise ValueError(f"unknown renderer {name!r}")

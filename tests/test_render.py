@@ -1,0 +1,170 @@
+"""The renderers: native warp, the choice of reference frames, cross-fades, no leaks."""
+
+from __future__ import annotations
+
+import itertools
+
+import cv2
+import numpy as np
+
+from dubtool.evaluation.evaluate import scored_frames
+from dubtool.face.indices import CONTENT_SLICE, LIPS_SLICE, NUM_POINTS, ORDER, mouth_opening
+from dubtool.face.warp import warp_face
+from dubtool.pipeline import references
+from dubtool.pipeline.landmarks import FaceTrack
+from dubtool.pipeline.references import (
+    ReferencePlan,
+    best_path,
+    choose_references,
+    cross_fades,
+)
+from dubtool.pipeline.render import NativeFaces
+
+LOWER_LIP = np.arange(LIPS_SLICE.start, NUM_POINTS)[[11, 12, 13, 14, 15, 16, 17, 18, 19,
+                                                      31, 32, 33, 34, 35, 36, 37, 38, 39]]
+
+
+def _face(opening: float, rng: np.random.Generator) -> np.ndarray:
+    """(131, 2) a fixed face layout (crop units, eye corners 0.4 apart) whose lower lip and
+    jaw drop by ``opening``, with a little detector noise."""
+    base = np.random.default_rng(7).uniform(0.2, 0.8, (NUM_POINTS, 2))
+    base[CONTENT_SLICE, 1] = 0.6 + 0.2 * (base[CONTENT_SLICE, 1] - 0.2)  # mouth below
+    base[:CONTENT_SLICE.start, 1] *= 0.6                               # pose above
+    base[[ORDER.index(33), ORDER.index(263)]] = [[0.3, 0.35], [0.7, 0.35]]  # eye corners
+    base[[ORDER.index(13), ORDER.index(14)]] = [0.5, 0.7]  # inner lips closed
+    points = base.copy()
+    points[LOWER_LIP, 1] += opening
+    points[CONTENT_SLICE.start:LIPS_SLICE.start, 1] += 0.5 * opening   # the jaw follows
+    return points + rng.normal(0, 0.0005, points.shape)
+
+
+def _moved(points: np.ndarray, scale: float, angle: float, shift: tuple[float, float]
+           ) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return scale * points @ np.array([[c, -s], [s, c]]).T + np.array(shift)
+
+
+def _track(points: np.ndarray, size: int = 100) -> FaceTrack:
+    frames = len(points)
+    boxes = np.tile(np.array([0, 0, size], np.int32), (frames, 1))
+    return FaceTrack("test", np.zeros((frames, 478, 3), np.float32), np.ones(frames, bool),
+                     (points * size).astype(np.float32), boxes, 0.0)
+
+
+def test_native_warp_with_identical_landmarks_returns_the_same_pixels() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    points = _face(0.05, rng)
+    np.testing.assert_array_equal(warp_face(image, points, points, 300, cv2.INTER_CUBIC),
+                                  image)
+    # At another size it is the same face resampled: equal to a plain resize.
+    half = warp_face(image, points, points, 150, cv2.INTER_LINEAR).astype(int)
+    plain = cv2.resize(image, (150, 150), interpolation=cv2.INTER_LINEAR).astype(int)
+    assert np.abs(half - plain).mean() < 1.0
+
+
+def test_the_reference_is_the_frame_whose_mouth_is_nearest_in_any_pose() -> None:
+    rng = np.random.default_rng(1)
+    openings = np.linspace(0.0, 0.12, 25)
+    rng.shuffle(openings)
+    # Each source frame in its own pose: the shapes are compared in the face's own frame.
+    sources = np.stack([_moved(_face(v, rng), rng.uniform(0.8, 1.2), rng.uniform(-0.2, 0.2),
+                               tuple(rng.uniform(-0.1, 0.1, 2))) for v in openings])
+    track = _track(sources)
+    wanted = np.repeat([0.0, 0.06, 0.12, 0.03], 10)  # each held for 10 frames
+    target = np.stack([_moved(_face(v, rng), 1.1, 0.1, (0.05, 0.0)) for v in wanted])
+    chosen = choose_references(track.points, track.detected, target, np.zeros(40, np.int64))
+    # The nearest shape, or one a step more open (the warp can close a mouth, not open one).
+    wider = openings[chosen.source] - wanted
+    assert (wider >= -1e-9).all() and (wider <= 0.0051).all()
+
+
+def test_no_reference_is_taken_from_near_the_frame_it_is_pasted_on() -> None:
+    """Reconstruction: each frame's target is its own landmarks, so without the rule frames
+    near it (its ground truth among them) are the best references; with it, none within
+    the gap."""
+    rng = np.random.default_rng(2)
+    openings = 0.06 + 0.05 * np.sin(np.arange(120) * 0.7)
+    sources = np.stack([_face(v, rng) for v in openings])
+    track = _track(sources)
+    plan = np.arange(120)
+    target = track.crop_points()
+    gap = 25
+    leaky = choose_references(track.points, track.detected, target, plan)
+    assert (np.abs(leaky.source - plan) < gap).mean() > 0.3  # the test can see a leak
+    anchor = 110
+    safe = choose_references(track.points, track.detected, target, plan, exclude_frames=gap,
+                             anchor=anchor)
+    assert anchor in safe.pool
+    scored = scored_frames(120, anchor, gap)
+    for drawn in (safe.source, np.where(safe.outgoing_weight > 0, safe.outgoing, safe.source)):
+        assert (np.abs(drawn - plan)[scored] >= gap).all()
+    assert scored.sum() == 120 - (2 * gap - 1 - (anchor + gap - 120))
+
+
+def test_candidates_are_bounded_whatever_the_length() -> None:
+    rng = np.random.default_rng(3)
+    openings = rng.uniform(0, 0.12, 2000)
+    sources = np.stack([_face(v, rng) for v in openings])
+    track = _track(sources)
+    plan = np.arange(2000)
+    chosen = choose_references(track.points, track.detected, track.crop_points(), plan)
+    assert len(chosen.pool) == references.POOL_SIZE
+    assert len(chosen.used) <= references.POOL_SIZE
+
+
+def test_best_path_switches_only_when_it_pays() -> None:
+    cost = np.array([[0.0, 1.0]] * 5 + [[0.03, 0.0]] * 2 + [[1.0, 0.0]] * 5)
+    np.testing.assert_array_equal(best_path(cost, switch_cost=0.1), [0] * 5 + [1] * 7)
+    cost = np.array([[0.0, 1.0]] * 5 + [[0.03, 0.0]] * 2 + [[0.0, 1.0]] * 5)
+    np.testing.assert_array_equal(best_path(cost, switch_cost=0.1), [0] * 12)
+    np.testing.assert_array_equal(best_path(cost, switch_cost=0.0), [0] * 5 + [1] * 2 + [0] * 5)
+
+
+def test_a_switch_is_cross_faded() -> None:
+    outgoing, weight = cross_fades(np.array([3] * 4 + [8] * 6), fade=3)
+    np.testing.assert_array_equal(outgoing, [3] * 7 + [8] * 3)
+    np.testing.assert_allclose(weight, [0] * 4 + [0.75, 0.5, 0.25] + [0] * 3)
+
+
+def test_switching_references_makes_no_jump_larger_than_the_source_own() -> None:
+    """A video whose light brightens by 2 levels a frame, drawn from two references 60 frames
+    apart: however the source switches, the output changes as the video does."""
+    rng = np.random.default_rng(4)
+    frames, size = 80, 100
+    points = np.stack([_face(0.04, rng) for _ in range(frames)])
+    track = _track(points, size)
+    video = [np.full((size, size, 3), 60 + 2 * i, np.uint8) for i in range(frames)]
+    path = np.array([10] * 40 + [70] * 40)
+    plan = ReferencePlan(path, *cross_fades(path, references.FADE_FRAMES), np.array([10, 70]))
+    crops = {10: video[10], 70: video[70]}
+    faces = NativeFaces(track, track.crop_points(), np.arange(frames), plan, crops)
+    out = []
+    for o in range(frames):
+        face, mask = faces.lower_face(o, video[o])
+        out.append(track.box(o).paste(video[o], face, mask).astype(int))
+    steps = [np.abs(b - a).max() for a, b in itertools.pairwise(out)]
+    source_steps = [np.abs(b.astype(int) - a).max() for a, b in itertools.pairwise(video)]
+    assert max(steps) <= max(source_steps) + 1
+
+
+def test_a_forced_reference_serves_every_frame() -> None:
+    rng = np.random.default_rng(5)
+    track = _track(np.stack([_face(v, rng) for v in np.linspace(0, 0.1, 30)]))
+    chosen = choose_references(track.points, track.detected, track.crop_points(),
+                               np.arange(30), forced=7)
+    assert (chosen.source == 7).all() and (chosen.outgoing_weight == 0).all()
+    assert chosen.used.tolist() == [7]
+
+
+def test_the_single_reference_is_far_from_as_many_frames_as_can_be() -> None:
+    from dubtool.pipeline.run import pick_reference_frame
+
+    rng = np.random.default_rng(6)
+    track = _track(np.stack([_face(v, rng) for v in rng.uniform(0, 0.1, 100)]))
+    plan = np.arange(40)  # the first 40 frames are dubbed
+    frame = pick_reference_frame(track, plan, exclude_frames=50)
+    assert frame >= 89  # at least 50 frames past every dubbed frame
+    # Without the rule: the frame of median opening.
+    opening = mouth_opening(track.points)
+    assert opening[pick_reference_frame(track)] == np.sort(opening)[50]
