@@ -13,6 +13,7 @@ from dubtool.errors import UsageError
 LOOP_MODES = ("pingpong", "loop", "cut")
 DETECTORS = ("mediapipe", "face-alignment")
 FACE_CHOICES = ("largest", "center")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # training's --mixed-precision and the configs'
 MAX_SEED = 2**32 - 1  # numpy's generators take at most this; torch's seeds derive from it
 
 FaceChoice = str | int
@@ -62,3 +63,10 @@ def check_device(device: str) -> None:
     index = device.removeprefix("cuda:")
     if device not in ("auto", "cpu", "cuda") and not (index != device and index.isdigit()):
         raise UsageError(f"--device {device}: must be auto, cpu, cuda or cuda:N")
+
+
+def check_choice(option: str, value: str | None, choices: tuple[str, ...]) -> None:
+    """UsageError (exit 2) naming ``option`` unless ``value`` is one of ``choices`` (None: an
+    unset option, accepted)."""
+    if value is not None and value not in choices:
+        raise UsageError(f"{option} {value}: must be {', '.join(choices)}")
