@@ -68,11 +68,13 @@ class Processes:
 
 
 def training_processes(device: str = "auto", mixed_precision: str = "no",
-                       grad_accum: int = 1) -> Processes:
+                       grad_accum: int = 1, unused_parameters: bool = False) -> Processes:
     """The processes a training runs in: those ``accelerate launch`` or ``torchrun`` started
     (WORLD_SIZE > 1: each on the GPU of its local rank, or, with ``--device cpu`` or no GPU,
-    on the CPU, talking over gloo), else this one on ``--device``. UsageError (exit 2) for an
-    option out of its range or a precision the device lacks, before any work."""
+    on the CPU, talking over gloo), else this one on ``--device``. ``unused_parameters``: some
+    steps leave some parameters without a gradient (DDP then looks for them, at a cost).
+    UsageError (exit 2) for an option out of its range or a precision the device lacks,
+    before any work."""
     check_device(device)
     check_choice("--mixed-precision", mixed_precision, MIXED_PRECISIONS)
     check_range("--grad-accum", grad_accum, at_least=1)
@@ -89,10 +91,10 @@ def training_processes(device: str = "auto", mixed_precision: str = "no",
     # places the networks itself (``--device cuda:N``), so that trainings on different devices
     # can follow one another in it. Mixed precision stays dubtool's own (``autocast``), the
     # same for one process or many, so Accelerate's is off (it would ignore the config's).
-    # Batches without motion frames leave the motion encoder unused: DDP must allow that.
     accelerator = Accelerator(
         cpu=several and dev.type == "cpu", mixed_precision="no", device_placement=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=unused_parameters)])
     return Processes(accelerator, accelerator.device if several else dev, mixed_precision,
                      grad_accum)
 

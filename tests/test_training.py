@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_video
 from test_nets import tiny_config
 from typer.testing import CliRunner
 
@@ -23,26 +22,6 @@ from dubtool.training.dataset import (
     person_of,
     sample_seeds,
 )
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory, face_clip: Path) -> Path:
-    root = tmp_path_factory.mktemp("videos")
-    for person in ("anna", "bert", "carl"):
-        (root / person).mkdir()
-        shutil.copy(face_clip, root / person / f"{person}_1.mp4")
-    make_video(root / "carl" / "no_face.mp4", seconds=0.5, size="128x128")
-    return root
-
-
-@pytest.fixture(scope="module")
-def dataset(videos: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    reports = api.prepare(videos, out, crop_size=32, validation_fraction=0.34,
-                          cache_dir=tmp_path_factory.mktemp("cache"))
-    status = {r.clip: r.status for r in reports}
-    assert status["carl__no_face"].startswith("skipped: face in 0/")
-    return out
 
 
 def test_prepare_splits_by_person(dataset: Path) -> None:

@@ -184,8 +184,9 @@ def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: s
     landmark sketch encoder) start from their zero initialisation. ``refine``: train for
     image-to-image sampling from the warped reference at that strength (``dubber_losses``).
     Processes, ``mixed_precision`` and ``grad_accum`` as for ``train_autoencoder``."""
+    # Batches without motion frames leave the motion frames' encoder without a gradient.
     processes = training_processes(device, mixed_precision or config.training.mixed_precision,
-                                   grad_accum)
+                                   grad_accum, unused_parameters=True)
     dev = processes.device
     trained = load_model(autoencoder_model, need_dubber=False)
     ae = trained.config.autoencoder

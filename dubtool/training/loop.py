@@ -35,7 +35,7 @@ from dubtool.devices import Processes, autocast
 from dubtool.errors import InputNotFound, InvalidMedia, OutputError
 from dubtool.nets.config import ModelConfig
 from dubtool.nets.io import load_weights, save_weights
-from dubtool.training.dataset import PreparedData, sample_seeds
+from dubtool.training.dataset import PreparedData
 
 CHECKPOINT = "checkpoint"
 LOG = "log.jsonl"
@@ -260,10 +260,10 @@ def optimise(run: RunFolder, modules: dict[str, nn.Module], optimizer: torch.opt
                 # DDP averages the gradients over the processes in the last backward pass.
                 last = micro == accumulate - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(objective):
-                    # Dropout draws from the global generator: seeded from the shared one, so
-                    # that each process and step drops its own units, as a resumed run would.
-                    torch.manual_seed(sample_seeds(state.rng, 1, (processes.rank,
-                                                                  processes.count))[0])
+                    # Dropout draws from the global generator: seeded from the shared one (one
+                    # draw, whatever the number of processes) and the rank, so that each
+                    # process and step drops its own units, and a resumed run the same ones.
+                    torch.manual_seed(int(state.rng.integers(2**62)) + processes.rank)
                     with autocast(device, processes.mixed_precision):
                         losses = objective(state.rng)
                     scaler.scale(losses["total"] / accumulate).backward()
