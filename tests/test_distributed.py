@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -141,3 +142,29 @@ def test_training_option_errors_exit_2_before_any_work(args: list[str], message:
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tmp_path: Path) -> None:
+    """--grad-accum 2 over two halves of a batch: the step (SGD) of the whole batch at once."""
+    from dubtool.devices import training_processes
+    from dubtool.training.loop import RunFolder, TrainState, optimise
+
+    data = torch.arange(8.0).reshape(4, 2) / 8
+
+    def run(accumulate: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        parts = iter(data.chunk(accumulate) * 2)  # two steps
+
+        def step_losses(rng) -> dict[str, torch.Tensor]:
+            return {"total": layer(next(parts)).pow(2).mean()}
+
+        optimise(RunFolder(tmp_path / str(accumulate), tiny_config(), False), {"layer": layer},
+                 optimizer, TrainState(0, np.random.default_rng(0)), 2, step_losses, dict,
+                 processes=training_processes("cpu", grad_accum=accumulate),
+                 batch=4 // accumulate, grad_clip=100.0, epoch_steps=100, checkpoint_every=100,
+                 progress=None)
+        return torch.cat([p.detach().flatten() for p in layer.parameters()])
+
+    torch.testing.assert_close(run(2), run(1), rtol=0, atol=1e-7)
