@@ -23,7 +23,9 @@ from dubtool.cli import app
 
 TESTS = Path(__file__).resolve().parent
 MODULE = {"autoencoder": "autoencoder", "completion": "completion", "dubber": "dubber"}
-TOLERANCE = 1e-5  # float summation order: one mean over 2B samples against two over B
+# Float summation order (one mean over 2B samples against two over B), which Adam magnifies
+# where a gradient is near 0: measured up to 5e-6 here, against a learning rate of 2e-4+.
+TOLERANCE = 5e-5
 
 
 def config_file(folder: Path, batch: int) -> Path:
