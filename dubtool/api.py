@@ -27,6 +27,7 @@ from dubtool.errors import (
 )
 from dubtool.options import (
     DEFAULT_RENDERER,
+    MIXED_PRECISIONS,
     RENDERERS,
     FaceChoice,
     check_choice,
@@ -320,11 +321,14 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
           completion: str | Path | None = None, init: str | Path | None = None,
           end2end: bool = True, device: str = "auto", resume: bool = False, epoch_steps: int = 200,
           checkpoint_every: int = 50, decay_steps: int = 0, refine: float = 0.0,
-          seed: int = 0, into: str | Path | None = None,
-          progress: TrainProgress | None = None) -> TrainResult:
+          seed: int = 0, into: str | Path | None = None, mixed_precision: str | None = None,
+          grad_accum: int = 1, progress: TrainProgress | None = None) -> TrainResult:
     """Train ``part``: "autoencoder" first; optionally "completion" (the landmark completion
     alone, fast; ``into``: a model folder that RUN/model then copies with this completion);
-    then "dubber" on top of the trained autoencoder (and completion)."""
+    then "dubber" on top of the trained autoencoder (and completion). In this process, or data
+    parallel in each process that ``accelerate launch`` or ``torchrun`` started (the config's
+    batch sizes are per process); ``mixed_precision``: no, bf16 or fp16 (None: the config's);
+    ``grad_accum``: batches whose gradients each step sums."""
     # torch and diffusers are imported only by the commands that need them: start-up stays fast.
     from dubtool.nets.config import ModelConfig
 
@@ -335,13 +339,17 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
     check_range("--refine", refine, at_least=0, at_most=1)
     check_seed(seed)
     check_device(device)
+    check_choice("--mixed-precision", mixed_precision, MIXED_PRECISIONS)
+    check_range("--grad-accum", grad_accum, at_least=1)
     model_config = ModelConfig.named(config)
+    common = {"device": device, "resume": resume, "epoch_steps": epoch_steps,
+              "checkpoint_every": checkpoint_every, "decay_steps": decay_steps, "seed": seed,
+              "mixed_precision": mixed_precision, "grad_accum": grad_accum,
+              "progress": progress}
     if part == "autoencoder":
         from dubtool.training.autoencoder import train_autoencoder
 
-        return train_autoencoder(model_config, data, out, steps, device=device, resume=resume,
-                                 epoch_steps=epoch_steps, checkpoint_every=checkpoint_every,
-                                 decay_steps=decay_steps, seed=seed, progress=progress)
+        return train_autoencoder(model_config, data, out, steps, **common)
     if part == "dubber":
         if autoencoder is None:
             raise InputNotFound("training the dubber needs --autoencoder: the model folder "
@@ -349,17 +357,12 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
         from dubtool.training.dubber import train_dubber
 
         return train_dubber(model_config, data, autoencoder, out, steps, end2end=end2end,
-                            completion=completion, init=init, device=device, resume=resume,
-                            epoch_steps=epoch_steps, checkpoint_every=checkpoint_every,
-                            decay_steps=decay_steps, refine=refine, seed=seed,
-                            progress=progress)
+                            completion=completion, init=init, refine=refine, **common)
     if part == "completion":
         from dubtool.training.dubber import train_completion
 
-        return train_completion(model_config, data, out, steps, device=device, resume=resume,
-                                epoch_steps=epoch_steps, checkpoint_every=checkpoint_every,
-                                decay_steps=decay_steps, seed=seed, init=completion,
-                                into=into, progress=progress)
+        return train_completion(model_config, data, out, steps, init=completion, into=into,
+                                **common)
     raise ValueError(f"unknown part {part!r}: autoencoder, completion or dubber")
 
 

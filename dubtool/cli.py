@@ -398,14 +398,22 @@ def train_cmd(
     into: Annotated[Path | None, typer.Option(help="For completion: also make RUN/model a "
                     "whole model folder: this model folder's autoencoder and denoiser with the "
                     "new completion.")] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="no, bf16 (CUDA or CPU) or fp16 "
+                               "(CUDA); default: the config's training.mixed_precision.")]
+    = None,
+    grad_accum: Annotated[int, typer.Option(help="Sum the gradients of K batches in each "
+                          "step (a global batch of batch size x processes x K).")] = 1,
     seed: int = 0,
 ) -> None:
-    """Train the autoencoder, or the landmark completion + denoiser on top of it."""
+    """Train the autoencoder, or the landmark completion + denoiser on top of it. Data parallel
+    when started by 'accelerate launch' or 'torchrun' (see README, Training at scale)."""
     if part not in ("autoencoder", "completion", "dubber"):
         raise typer.BadParameter("autoencoder, completion or dubber", param_hint="PART")
+    # accelerate launch and torchrun set RANK: the other processes show no progress or result.
+    main = os.environ.get("RANK", "0") == "0"
     bars = Progress(TextColumn("train {task.fields[part]}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[losses]}"), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=out, disable=not out.is_terminal)
+                    TimeRemainingColumn(), console=out, disable=not (out.is_terminal and main))
     with bars:
         task = bars.add_task("train", total=steps, part=part, losses="")
 
@@ -418,9 +426,13 @@ def train_cmd(
             completion=completion, init=init, end2end=end2end,
             device=device, resume=resume, epoch_steps=epoch_steps,
             checkpoint_every=checkpoint_every, decay_steps=decay_steps, refine=refine,
-            seed=seed, into=into, progress=progress))
+            seed=seed, into=into, mixed_precision=mixed_precision, grad_accum=grad_accum,
+            progress=progress))
+    if not main:
+        return
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row("steps", str(result.steps))
+    table.add_row("processes", f"{result.processes} (global batch {result.global_batch})")
     table.add_row("parameters", f"{result.parameters / 1e6:.2f} M")
     table.add_row("s/step", f"{result.seconds_per_step:.2f}")
     table.add_row("validation", ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items()))

@@ -2,8 +2,12 @@
 
 - ``resolve_device``: ``--device auto|cpu|cuda[:N]`` as a torch device (auto: CUDA if torch
   sees a GPU), a UsageError for a GPU the machine lacks.
-- ``autocast``: training's mixed precision (``training.mixed_precision``): bf16 on CUDA or
-  CPU, fp16 on CUDA only (with the loss scaling of ``training.loop``).
+- ``training_processes``: where a training runs: one process, or each of the processes that
+  ``accelerate launch`` or ``torchrun`` started (one per GPU, or CPU processes over gloo),
+  through Hugging Face Accelerate; its device, mixed precision and gradient accumulation.
+- ``autocast``: training's mixed precision (``--mixed-precision`` or the config's
+  ``training.mixed_precision``): bf16 on CUDA or CPU, fp16 on CUDA only (with the loss scaling
+  of ``training.loop``).
 - ``sampling_precision``: what the dub samples in: bfloat16 on CPUs that compute it natively,
   float32 elsewhere and on CUDA (measured equal quality; the faster choice on each).
 """
@@ -11,12 +15,18 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from dubtool.errors import ModelError, UsageError
-from dubtool.options import check_device
+from dubtool.errors import UsageError
+from dubtool.options import MIXED_PRECISIONS, check_choice, check_device, check_range
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -34,14 +44,69 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
+@dataclass(frozen=True)
+class Processes:
+    """Where a training runs: this process's device, precision and gradient accumulation, and
+    its place among the run's processes (Accelerate's state)."""
+
+    accelerator: Accelerator
+    device: torch.device
+    mixed_precision: str
+    grad_accum: int
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def count(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def training_processes(device: str = "auto", mixed_precision: str = "no",
+                       grad_accum: int = 1, unused_parameters: bool = False) -> Processes:
+    """The processes a training runs in: those ``accelerate launch`` or ``torchrun`` started
+    (WORLD_SIZE > 1: each on the GPU of its local rank, or, with ``--device cpu`` or no GPU,
+    on the CPU, talking over gloo), else this one on ``--device``. ``unused_parameters``: some
+    steps leave some parameters without a gradient (DDP then looks for them, at a cost).
+    UsageError (exit 2) for an option out of its range or a precision the device lacks,
+    before any work."""
+    check_device(device)
+    check_choice("--mixed-precision", mixed_precision, MIXED_PRECISIONS)
+    check_range("--grad-accum", grad_accum, at_least=1)
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several and device.startswith("cuda:"):
+        raise UsageError(f"--device {device}: each process of a multi-process run takes the GPU "
+                         "of its local rank; use --device cuda or auto")
+    dev = resolve_device(device)
+    autocast(dev, mixed_precision)
+    from accelerate import Accelerator  # only training needs it (and it takes a while to load)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Accelerate's state is one per process: a single process keeps it on its defaults and
+    # places the networks itself (``--device cuda:N``), so that trainings on different devices
+    # can follow one another in it. Mixed precision stays dubtool's own (``autocast``), the
+    # same for one process or many, so Accelerate's is off (it would ignore the config's).
+    accelerator = Accelerator(
+        cpu=several and dev.type == "cpu", mixed_precision="no", device_placement=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=unused_parameters)])
+    return Processes(accelerator, accelerator.device if several else dev, mixed_precision,
+                     grad_accum)
+
+
 def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
-    """The autocast the config's ``training.mixed_precision`` asks for: "bf16" on CUDA or CPU,
-    "fp16" on CUDA only (on a CPU it is slow and needs loss scaling: a ModelError)."""
+    """The autocast training's mixed precision asks for: "bf16" on CUDA or CPU, "fp16" on CUDA
+    only (on a CPU it is slow and needs loss scaling: a UsageError)."""
     if mixed_precision == "no":
         return contextlib.nullcontext()
     if mixed_precision == "fp16" and device.type != "cuda":
-        raise ModelError("training.mixed_precision fp16 needs CUDA (--device cuda); on a CPU "
-                         "use bf16 or no")
+        raise UsageError("--mixed-precision fp16 (or the config's training.mixed_precision) "
+                         "needs CUDA (--device cuda); on a CPU use bf16 or no")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
     return torch.autocast(device.type, dtype=dtype)
 

@@ -15,6 +15,7 @@ DETECTORS = ("mediapipe", "face-alignment")
 FACE_CHOICES = ("largest", "center")
 RENDERERS = ("native", "diffusion")  # pipeline/render.py; the first is the default
 DEFAULT_RENDERER = RENDERERS[0]
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # training's --mixed-precision and the configs'
 MAX_SEED = 2**32 - 1  # numpy's generators take at most this; torch's seeds derive from it
 
 FaceChoice = str | int
@@ -66,7 +67,8 @@ def check_device(device: str) -> None:
         raise UsageError(f"--device {device}: must be auto, cpu, cuda or cuda:N")
 
 
-def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    """UsageError (exit 2) naming ``option`` and its choices unless ``value`` is one."""
-    if value not in choices:
-        raise UsageError(f"{option} {value}: choose one of {', '.join(choices)}")
+def check_choice(option: str, value: str | None, choices: tuple[str, ...]) -> None:
+    """UsageError (exit 2) naming ``option`` unless ``value`` is one of ``choices`` (None: an
+    unset option, accepted)."""
+    if value is not None and value not in choices:
+        raise UsageError(f"{option} {value}: must be {', '.join(choices)}")

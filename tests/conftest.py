@@ -65,3 +65,27 @@ def espeak() -> str:
     if exe is None:
         pytest.skip("espeak-ng is not installed")
     return exe
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory, face_clip: Path) -> Path:
+    """Training videos of three people (copies of the face clip) and one without a face."""
+    root = tmp_path_factory.mktemp("videos")
+    for person in ("anna", "bert", "carl"):
+        (root / person).mkdir()
+        shutil.copy(face_clip, root / person / f"{person}_1.mp4")
+    make_video(root / "carl" / "no_face.mp4", seconds=0.5, size="128x128")
+    return root
+
+
+@pytest.fixture(scope="session")
+def dataset(videos: Path, tmp_path_factory) -> Path:
+    """``videos`` prepared at 32 px crops: two people train, one validates."""
+    from dubtool import api
+
+    out = tmp_path_factory.mktemp("data")
+    reports = api.prepare(videos, out, crop_size=32, validation_fraction=0.34,
+                          cache_dir=tmp_path_factory.mktemp("cache"))
+    status = {r.clip: r.status for r in reports}
+    assert status["carl__no_face"].startswith("skipped: face in 0/")
+    return out

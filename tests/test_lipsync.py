@@ -164,7 +164,7 @@ def test_offsets_file_shifts_and_drops_training_clips(tmp_path: Path) -> None:
     are left out."""
     import json
 
-    from dubtool.training.dataset import OFFSETS_FILE, PreparedData, dubber_batch
+    from dubtool.training.dataset import OFFSETS_FILE, PreparedData, dubber_batch, sample_seeds
     from dubtool.training.offsets import ClipOffset, save_offsets
 
     names = ["a", "b", "c"]
@@ -196,7 +196,8 @@ def test_offsets_file_shifts_and_drops_training_clips(tmp_path: Path) -> None:
     only_a.by_person, only_a.people = {"a": [0]}, ["a"]
     only_a.person_probability = np.ones(1)
     clip = only_a.clips[0]
-    batch = dubber_batch(only_a, 4, 3, 1, 0, np.random.default_rng(0), augment=False,
+    rng = np.random.default_rng(0)
+    batch = dubber_batch(only_a, sample_seeds(rng, 4), 3, 1, 0, rng, augment=False,
                          images=False)
     for sample_points, sample_mel in zip(batch["points"], batch["mel"], strict=True):
         start = round((float(sample_points[0, 0, 0]) - 0.3) * 100)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_video
 from test_nets import tiny_config
 from typer.testing import CliRunner
 
@@ -16,27 +15,13 @@ from dubtool.cli import app
 from dubtool.errors import InputNotFound, OutputError
 from dubtool.face.indices import MIRROR, ORDER
 from dubtool.media.audio import NORMALISED_CLIP, mel_window
-from dubtool.training.dataset import Augment, PreparedData, dubber_batch, person_of
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory, face_clip: Path) -> Path:
-    root = tmp_path_factory.mktemp("videos")
-    for person in ("anna", "bert", "carl"):
-        (root / person).mkdir()
-        shutil.copy(face_clip, root / person / f"{person}_1.mp4")
-    make_video(root / "carl" / "no_face.mp4", seconds=0.5, size="128x128")
-    return root
-
-
-@pytest.fixture(scope="module")
-def dataset(videos: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    reports = api.prepare(videos, out, crop_size=32, validation_fraction=0.34,
-                          cache_dir=tmp_path_factory.mktemp("cache"))
-    status = {r.clip: r.status for r in reports}
-    assert status["carl__no_face"].startswith("skipped: face in 0/")
-    return out
+from dubtool.training.dataset import (
+    Augment,
+    PreparedData,
+    dubber_batch,
+    person_of,
+    sample_seeds,
+)
 
 
 def test_prepare_splits_by_person(dataset: Path) -> None:
@@ -99,8 +84,8 @@ def test_prepare_refuses_bad_folders(tmp_path: Path, videos: Path) -> None:
 def test_sampler_draws_successive_frames_and_a_distant_reference(dataset: Path) -> None:
     data = PreparedData(dataset, "train")
     rng = np.random.default_rng(0)
-    batch = dubber_batch(data, 3, frames=5, references=4, motion_frames=2, rng=rng,
-                         augment=False, motion_probability=1.0)
+    batch = dubber_batch(data, sample_seeds(rng, 3), frames=5, references=4, motion_frames=2,
+                         rng=rng, augment=False, motion_probability=1.0)
     assert batch["frames"].shape == (3, 5, 3, 32, 32)
     assert batch["points"].shape == (3, 5, 131, 2)
     assert batch["references"].shape == (3, 4, 131, 2)
@@ -128,7 +113,7 @@ def test_sampler_draws_successive_frames_and_a_distant_reference(dataset: Path) 
         reference = index(batch["reference_image"][b])
         assert clip.detected[reference] and not start <= reference < start + 5
         assert abs(reference - start) >= 10  # the farthest of a few random face frames
-    no_motion = dubber_batch(data, 2, 5, 4, 2, rng, motion_probability=0.0)
+    no_motion = dubber_batch(data, sample_seeds(rng, 2), 5, 4, 2, rng, motion_probability=0.0)
     assert no_motion["motion"].shape == (2, 0, 3, 32, 32)
 
 
@@ -200,7 +185,11 @@ def test_training_runs_checkpoint_and_resume(dataset: Path, tmp_path: Path) -> N
     logs = [[{k: v for k, v in json.loads(line).items() if k != "time"}
              for line in (run / "log.jsonl").read_text().splitlines()]
             for run in (tmp_path / "dub", tmp_path / "whole")]
-    assert logs[0] == logs[1]
+    # Each start of a run logs its processes and global batch; the rest is the same.
+    starts = [e for e in logs[0] if "processes" in e]
+    assert [(e["step"], e["processes"], e["global_batch"]) for e in starts] == [(0, 1, 2),
+                                                                                  (2, 1, 2)]
+    assert [e for e in logs[0] if "processes" not in e] == logs[1][1:]
 
 
 def _train_tiny_completion(dataset: Path, run: Path, steps: int, batch: int):
@@ -275,6 +264,7 @@ def test_learning_rate_decays_over_the_last_steps_and_resumes_on_schedule(
         tmp_path: Path) -> None:
     import torch
 
+    from dubtool.devices import training_processes
     from dubtool.training.loop import RunFolder, TrainState, optimise
 
     seen: list[float] = []
@@ -294,7 +284,7 @@ def test_learning_rate_decays_over_the_last_steps_and_resumes_on_schedule(
             return {"total": layer(torch.ones(1, 2)).pow(2).sum()}
 
         optimise(folder, {"layer": layer}, optimizer, state, 6, step_losses, dict,
-                 device=torch.device("cpu"), mixed_precision="no", grad_clip=1.0,
+                 processes=training_processes("cpu"), batch=1, grad_clip=1.0,
                  epoch_steps=100, checkpoint_every=1, progress=None, decay_steps=4)
 
     with pytest.raises(KeyboardInterrupt):
@@ -305,8 +295,9 @@ def test_learning_rate_decays_over_the_last_steps_and_resumes_on_schedule(
 
 def test_sampler_warps_the_reference_onto_each_frame(dataset: Path) -> None:
     data = PreparedData(dataset, "train")
-    batch = dubber_batch(data, 4, frames=5, references=2, motion_frames=0,
-                         rng=np.random.default_rng(1), warp=True)
+    rng = np.random.default_rng(1)
+    batch = dubber_batch(data, sample_seeds(rng, 4), frames=5, references=2, motion_frames=0,
+                         rng=rng, warp=True)
     assert batch["warped"].shape == batch["frames"].shape
     assert batch["warped"].min() >= -1 and batch["warped"].max() <= 1
     # Bent onto the frames' landmarks, the reference is nearer the frames than as it was.
@@ -343,7 +334,8 @@ def test_mixed_precision_takes_effect_on_cpu_or_is_refused(tmp_path: Path) -> No
 
     import torch
 
-    from dubtool.errors import ModelError
+    from dubtool.devices import training_processes
+    from dubtool.errors import ModelError, UsageError
     from dubtool.training.loop import RunFolder, TrainState, optimise
 
     def run(precision: str) -> list[bool]:
@@ -357,12 +349,12 @@ def test_mixed_precision_takes_effect_on_cpu_or_is_refused(tmp_path: Path) -> No
             return {"total": layer(torch.ones(1, 2)).float().pow(2).sum()}
 
         optimise(folder, {"layer": layer}, optimizer, TrainState(0, np.random.default_rng(0)),
-                 2, step_losses, dict, device=torch.device("cpu"), mixed_precision=precision,
+                 2, step_losses, dict, processes=training_processes("cpu", precision), batch=1,
                  grad_clip=1.0, epoch_steps=100, checkpoint_every=100, progress=None)
         return autocasting
 
     assert run("bf16") == [True, True] and run("no") == [False, False]
-    with pytest.raises(ModelError, match="fp16 needs CUDA"):
+    with pytest.raises(UsageError, match=r"fp16 .* needs CUDA"):
         run("fp16")
     training = dataclasses.replace(tiny_config().training, mixed_precision="fp32")
     with pytest.raises(ModelError, match="mixed_precision must be"):

@@ -44,7 +44,9 @@ class FaceAutoencoder(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.config.scaling_factor).sample
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
-        """Reconstruction and posterior for training: (B, 3, S, S) -> (images, dist)."""
+    def forward(self, images: torch.Tensor,
+                generator: torch.Generator | list[torch.Generator] | None = None):
+        """Reconstruction and posterior for training: (B, 3, S, S) -> (images, dist); a list of
+        generators: one per image, for its posterior sample."""
         dist = self.encode_distribution(images)
         return self.vae.decode(dist.sample(generator)).sample, dist

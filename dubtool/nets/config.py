@@ -16,6 +16,7 @@ from typing import Any
 from dubtool.errors import ModelError
 from dubtool.face.indices import NUM_CONTENT, NUM_POINTS, NUM_POSE, ORDER
 from dubtool.media.audio import MEL_WINDOW, N_MELS
+from dubtool.options import MIXED_PRECISIONS
 
 # The shipped configs and models are package data (dubtool/models): found the same way in a
 # checkout, an editable install and an installed wheel.
@@ -144,7 +145,7 @@ class ModelConfig:
             problems.append(f"completion.mel_bins must be {N_MELS}, the audio front end's")
         if self.completion.window < self.completion.frames:
             problems.append("completion.window must be at least completion.frames")
-        if self.training.mixed_precision not in ("no", "bf16", "fp16"):
+        if self.training.mixed_precision not in MIXED_PRECISIONS:
             problems.append("training.mixed_precision must be no, bf16 or fp16")
         if tuple(self.landmark_order) != ORDER:
             problems.append("landmark_order differs from this version's 131-point order")

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -395,11 +395,23 @@ class SoundAugment:
 # -- samples --------------------------------------------------------------------------------
 
 
-def autoencoder_batch(data: PreparedData, batch: int, rng: np.random.Generator,
-                      augment: bool = True) -> np.ndarray:
-    """(batch, 3, S, S) face crops in [-1, 1], people drawn evenly."""
+def sample_seeds(rng: np.random.Generator, batch: int, part: tuple[int, int] = (0, 1)
+                 ) -> list[int]:
+    """The seeds of one process's samples of a global batch: ``batch`` samples for each of
+    ``part[1]`` processes drawn from the generator they all share (every process advances it
+    alike), of which process ``part[0]`` takes its own ``batch``. A sample follows from its
+    seed alone, so N processes at batch B draw what one process draws at batch N x B."""
+    rank, processes = part
+    seeds = rng.integers(0, 2**63 - 1, size=batch * processes)
+    return [int(s) for s in seeds[rank * batch:(rank + 1) * batch]]
+
+
+def autoencoder_batch(data: PreparedData, seeds: Sequence[int], augment: bool = True
+                      ) -> np.ndarray:
+    """(len(seeds), 3, S, S) face crops in [-1, 1], one per seed, people drawn evenly."""
     out = []
-    for _ in range(batch):
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
         clip = data.pick_clip(rng, lambda c: bool(c.detected.any()))
         frame = rng.choice(np.nonzero(clip.detected)[0])
         aug = Augment.draw(rng) if augment else Augment.none()
@@ -473,17 +485,19 @@ def dubber_sample(data: PreparedData, frames: int, references: int, motion_frame
     )
 
 
-def dubber_batch(data: PreparedData, batch_size: int, frames: int, references: int,
+def dubber_batch(data: PreparedData, seeds: Sequence[int], frames: int, references: int,
                  motion_frames: int, rng: np.random.Generator, augment: bool = True,
                  motion_probability: float = 0.5, images: bool = True,
                  warp: bool = False) -> dict[str, np.ndarray]:
-    """A batch of samples stacked on a new first axis. Half of the batches (by default) carry
-    motion frames, so that the model learns both the first chunk of a video and the next ones.
-    ``warp`` adds "warped" (B, L, 3, S, S): each sample's reference bent onto its frames.
+    """One sample per seed, stacked on a new first axis. Half of the batches (by default)
+    carry motion frames, so that the model learns both the first chunk of a video and the next
+    ones: drawn from ``rng``, which the processes of a run share, so that all the parts of a
+    global batch agree. ``warp`` adds "warped" (B, L, 3, S, S): each sample's reference bent
+    onto its frames.
     """
     motion = motion_frames if rng.random() < motion_probability else 0
-    samples = [dubber_sample(data, frames, references, motion, rng, augment, images, warp)
-               for _ in range(batch_size)]
+    samples = [dubber_sample(data, frames, references, motion, np.random.default_rng(seed),
+                             augment, images, warp) for seed in seeds]
     names = ["frames", "points", "references", "mel", "reference_image", "motion"]
     batch = {name: np.stack([getattr(s, name) for s in samples])
              for name in names + (["warped"] if warp else [])}

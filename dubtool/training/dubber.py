@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dubtool.devices import resolve_device
+from dubtool.devices import Processes, training_processes
 from dubtool.errors import ModelError
 from dubtool.evaluation import metrics
 from dubtool.face.indices import CONTENT_SLICE, LIP_GAP_PAIRS, inner_lip_opening
@@ -34,15 +34,17 @@ from dubtool.nets.io import (
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.nets.sampling import lower_half_mask, make_scheduler, start_timestep
 from dubtool.pipeline.complete import predict_content, reference_frames
-from dubtool.training.dataset import Clip, PreparedData, dubber_batch
+from dubtool.training.dataset import Clip, PreparedData, dubber_batch, sample_seeds
 from dubtool.training.loop import (
     RunFolder,
     TrainProgress,
     TrainResult,
     TrainState,
     evaluating,
+    generators,
     load_splits,
     optimise,
+    share,
 )
 
 COMPLETION_FILE = "completion.safetensors"
@@ -87,9 +89,11 @@ def completed_landmarks(completion: LandmarkCompletion, batch: dict[str, torch.T
 
 def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
                   batch: dict[str, torch.Tensor], scheduler, training: TrainingConfig,
-                  end2end: bool = True, generator: torch.Generator | None = None,
+                  end2end: bool = True,
+                  generator: torch.Generator | list[torch.Generator] | None = None,
                   refine: float = 0.0) -> dict[str, torch.Tensor]:
-    """The training objective on one batch (tensors as made by ``dubber_batch``).
+    """The training objective on one batch (tensors as made by ``dubber_batch``); the
+    diffusion times and noise drawn from ``generator`` (a list: one per sample).
 
     ``refine`` > 0 trains the denoiser for image-to-image sampling at that strength instead:
     the lower half starts from the reference bent onto the frame's landmarks
@@ -117,11 +121,16 @@ def dubber_losses(model: DubbingModel, autoencoder: FaceAutoencoder,
     train_steps = scheduler.config.num_train_timesteps
     lowest, end = ((1, start_timestep(refine, train_steps) + 1) if refine > 0
                    else (0, train_steps))
-    timesteps = torch.randint(lowest, end, (b,), generator=generator,
-                              device=generator.device if generator is not None else "cpu")
+    if isinstance(generator, list):  # one per sample: its time, then its frames' noise
+        draws = [(torch.randint(lowest, end, (1,), generator=g),
+                  torch.randn((length, *latents.shape[1:]), generator=g)) for g in generator]
+        timesteps = torch.cat([t for t, _ in draws])
+        noise = torch.cat([n for _, n in draws])
+    else:
+        device = generator.device if generator is not None else "cpu"
+        timesteps = torch.randint(lowest, end, (b,), generator=generator, device=device)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
     timesteps = timesteps.to(latents.device).repeat_interleave(length)
-    noise = torch.randn(latents.shape, generator=generator,
-                        device=generator.device if generator is not None else "cpu")
     noise = noise.to(latents.device, latents.dtype)
     mask = lower_half_mask(latents.shape[-1], latents.device).expand(latents.shape[0], -1, -1, -1)
     noisy = scheduler.add_noise(start, noise, timesteps) * mask + latents * (1 - mask)
@@ -143,21 +152,21 @@ def to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, 
 
 def _validate(model: DubbingModel, autoencoder: FaceAutoencoder, data: PreparedData,
               config: ModelConfig, scheduler, device: torch.device, batches: int,
-              end2end: bool, refine: float) -> dict[str, float]:
-    rng = np.random.default_rng(4321)  # same samples, noise and times at every validation
-    generator = torch.Generator().manual_seed(4321)
+              end2end: bool, refine: float, processes: Processes) -> dict[str, float]:
     c = config.completion
-    totals = {"total": 0.0, "ldm": 0.0, "l1": 0.0, "opening": 0.0}
+
+    def one(k: int) -> dict[str, float]:
+        rng = np.random.default_rng([4321, k])  # same samples, noise and times every time
+        seeds = sample_seeds(rng, config.training.batch_size)
+        batch = dubber_batch(data, seeds, c.frames, c.references, config.denoiser.motion_frames,
+                             rng, augment=False, warp=refine > 0)
+        losses = dubber_losses(model, autoencoder, to_tensors(batch, device), scheduler,
+                               config.training, end2end, generators(seeds), refine)
+        return {k: float(losses[k]) for k in ("total", "ldm", "l1", "opening")}
+
     with evaluating(model):
-        for _ in range(batches):
-            batch = dubber_batch(data, config.training.batch_size, c.frames, c.references,
-                                 config.denoiser.motion_frames, rng, augment=False,
-                                 warp=refine > 0)
-            losses = dubber_losses(model, autoencoder, to_tensors(batch, device), scheduler,
-                                   config.training, end2end, generator, refine)
-            for k in totals:
-                totals[k] += float(losses[k])
-    return {k: v / batches for k, v in totals.items()}
+        results = share(processes, batches, one)
+    return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
 
 def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: str | Path,
@@ -166,14 +175,19 @@ def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: s
                  device: str = "auto", resume: bool = False, epoch_steps: int = 200,
                  checkpoint_every: int = 50, decay_steps: int = 0, refine: float = 0.0,
                  validation_batches: int = 4, seed: int = 0,
+                 mixed_precision: str | None = None, grad_accum: int = 1,
                  progress: TrainProgress | None = None) -> TrainResult:
     """Train the dubbing model on top of a trained autoencoder (a model folder), optionally
     with a pre-trained landmark completion (``completion``: its safetensors), loaded at the
     start of a new run or over the completion module of a resumed one. ``init``: a model
     folder whose dubbing model a new run starts from; parts this config adds to it (the
     landmark sketch encoder) start from their zero initialisation. ``refine``: train for
-    image-to-image sampling from the warped reference at that strength (``dubber_losses``)."""
-    dev = resolve_device(device)
+    image-to-image sampling from the warped reference at that strength (``dubber_losses``).
+    Processes, ``mixed_precision`` and ``grad_accum`` as for ``train_autoencoder``."""
+    # Batches without motion frames leave the motion frames' encoder without a gradient.
+    processes = training_processes(device, mixed_precision or config.training.mixed_precision,
+                                   grad_accum, unused_parameters=True)
+    dev = processes.device
     trained = load_model(autoencoder_model, need_dubber=False)
     ae = trained.config.autoencoder
     if _autoencoder_sizes(ae) != _autoencoder_sizes(config.autoencoder):
@@ -181,7 +195,7 @@ def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: s
                          trained.folder)
     config = config.replace(autoencoder=ae)  # keeps the measured latent scaling
     train, val = load_splits(data_dir, config)
-    run = RunFolder(run_dir, config, resume)
+    run = RunFolder(run_dir, config, resume, processes.main)
     torch.manual_seed(seed)
     autoencoder = trained.autoencoder.to(dev)
     model = DubbingModel(config).to(dev)
@@ -198,23 +212,29 @@ def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: s
     scheduler = make_scheduler(config.diffusion)
     c = config.completion
 
+    batch_size = config.training.batch_size
+
     def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        batch = dubber_batch(train, config.training.batch_size, c.frames, c.references,
+        seeds = sample_seeds(rng, batch_size, (processes.rank, processes.count))
+        batch = dubber_batch(train, seeds, c.frames, c.references,
                              config.denoiser.motion_frames, rng, warp=refine > 0)
         return dubber_losses(model, autoencoder, to_tensors(batch, dev), scheduler,
-                             config.training, end2end, refine=refine)
+                             config.training, end2end, generators(seeds), refine)
 
     seconds, validation = optimise(
         run, {"dubber": model}, optimizer, state, steps, step_losses,
         lambda: _validate(model, autoencoder, val, config, scheduler, dev, validation_batches,
-                          end2end, refine),
-        device=dev, mixed_precision=config.training.mixed_precision,
-        grad_clip=config.training.grad_clip, epoch_steps=epoch_steps,
-        checkpoint_every=checkpoint_every, progress=progress,
+                          end2end, refine, processes),
+        processes=processes, batch=batch_size, grad_clip=config.training.grad_clip,
+        epoch_steps=epoch_steps, checkpoint_every=checkpoint_every, progress=progress,
         decay_steps=decay_steps)
-    model_dir = save_model(run.folder / "model", config, autoencoder, model)
+    model_dir = run.folder / "model"
+    if processes.main:
+        save_model(model_dir, config, autoencoder, model)
+    processes.accelerator.wait_for_everyone()  # every process returns once the model is there
     return TrainResult(run.folder, model_dir, state.step, seconds, validation,
-                       sum(p.numel() for p in model.parameters()))
+                       sum(p.numel() for p in model.parameters()), processes.count,
+                       batch_size * processes.count * grad_accum)
 
 
 def _autoencoder_sizes(config: AutoencoderConfig) -> tuple:
@@ -240,16 +260,17 @@ def clip_openings(completion: LandmarkCompletion, clip: Clip, max_frames: int | 
 
 
 def opening_scores(completion: LandmarkCompletion, data: PreparedData,
-                   device: torch.device | str = "cpu", max_frames: int = 500
-                   ) -> dict[str, float]:
+                   device: torch.device | str = "cpu", max_frames: int = 500,
+                   processes: Processes | None = None) -> dict[str, float]:
     """How the completion's lips follow the real ones over whole clips of ``data``: the mean
     over clips of the opening correlation and articulation (``evaluation.metrics``) of
-    ``clip_openings`` (first ``max_frames`` frames of each clip)."""
-    correlations, articulations = [], []
-    for clip in data.clips:
-        mine, real = clip_openings(completion, clip, max_frames, device)
-        correlations.append(metrics.opening_correlation(mine, real))
-        articulations.append(metrics.articulation(mine, real))
+    ``clip_openings`` (first ``max_frames`` frames of each clip; the clips shared among a
+    run's ``processes``)."""
+    def one(k: int) -> tuple[float, float]:
+        mine, real = clip_openings(completion, data.clips[k], max_frames, device)
+        return metrics.opening_correlation(mine, real), metrics.articulation(mine, real)
+
+    correlations, articulations = zip(*share(processes, len(data.clips), one), strict=True)
     return {"opening_correlation": float(np.nanmean(correlations)),
             "articulation": float(np.nanmean(articulations))}
 
@@ -258,8 +279,8 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
                      steps: int, *, device: str = "auto", resume: bool = False,
                      epoch_steps: int = 200, checkpoint_every: int = 100, decay_steps: int = 0,
                      validation_batches: int = 8, seed: int = 0, init: str | Path | None = None,
-                     into: str | Path | None = None,
-                     progress: TrainProgress | None = None) -> TrainResult:
+                     into: str | Path | None = None, mixed_precision: str | None = None,
+                     grad_accum: int = 1, progress: TrainProgress | None = None) -> TrainResult:
     """Pre-train the landmark completion module alone (no images: fast) on windows of
     ``CompletionConfig.window`` frames, with ``completion_losses``. Validation reports the
     losses on the validation people and the opening correlation and articulation on their
@@ -267,11 +288,14 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
     ``init``: a completion safetensors file a new run starts from. Writes
     RUN/model/completion.safetensors for ``train_dubber(completion=...)``; with ``into`` (a
     model folder), RUN/model is also a whole model folder: that model with this completion
-    (``nets.io.with_completion``)."""
-    dev = resolve_device(device)
+    (``nets.io.with_completion``). Processes, ``mixed_precision`` and ``grad_accum`` as for
+    ``train_autoencoder``."""
+    processes = training_processes(device, mixed_precision or config.training.mixed_precision,
+                                   grad_accum)
+    dev = processes.device
     train, val = load_splits(data_dir, config, config.training.completion_person_exponent)
     heldout = PreparedData(data_dir, "heldout")
-    run = RunFolder(run_dir, config, resume)
+    run = RunFolder(run_dir, config, resume, processes.main)
     torch.manual_seed(seed)
     completion = LandmarkCompletion(config.completion).to(dev)
     if init is not None and not resume:
@@ -282,38 +306,47 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
              else TrainState(0, np.random.default_rng(seed)))
     c, batch_size = config.completion, config.training.completion_batch_size
 
-    def landmarks(data: PreparedData, rng: np.random.Generator, augment: bool) -> dict:
-        batch = dubber_batch(data, batch_size, c.window, c.references, 0, rng, augment,
+    def landmarks(data: PreparedData, seeds: list[int], rng: np.random.Generator,
+                  augment: bool) -> dict:
+        batch = dubber_batch(data, seeds, c.window, c.references, 0, rng, augment,
                              images=False)
         return to_tensors({k: batch[k] for k in ("points", "references", "mel")}, dev)
 
+    def validation_losses(k: int) -> dict[str, float]:
+        rng = np.random.default_rng([4321, k])
+        batch = landmarks(val, sample_seeds(rng, batch_size), rng, False)
+        return {name: float(v) for name, v in
+                completed_landmarks(completion, batch, config.training)[1].items()}
+
     def validate() -> dict[str, float]:
-        rng = np.random.default_rng(4321)
         with evaluating(completion):
-            losses = [completed_landmarks(completion, landmarks(val, rng, False),
-                                          config.training)[1] for _ in range(validation_batches)]
-        out = {k: float(np.mean([float(v[k]) for v in losses])) for k in losses[0]}
-        out.update(opening_scores(completion, val, dev))
-        if heldout.clips:
-            out.update({f"heldout_{k}": v
-                        for k, v in opening_scores(completion, heldout, dev).items()})
+            losses = share(processes, validation_batches, validation_losses)
+            out = {k: float(np.mean([v[k] for v in losses])) for k in losses[0]}
+            out.update(opening_scores(completion, val, dev, processes=processes))
+            if heldout.clips:
+                out.update({f"heldout_{k}": v for k, v in
+                            opening_scores(completion, heldout, dev, processes=processes).items()})
         return out
 
     def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        return completed_landmarks(completion, landmarks(train, rng, True), config.training)[1]
+        seeds = sample_seeds(rng, batch_size, (processes.rank, processes.count))
+        return completed_landmarks(completion, landmarks(train, seeds, rng, True),
+                                   config.training)[1]
 
     seconds, validation = optimise(
         run, {"completion": completion}, optimizer, state, steps, step_losses, validate,
-        device=dev, mixed_precision=config.training.mixed_precision,
-        grad_clip=config.training.grad_clip, epoch_steps=epoch_steps,
-        checkpoint_every=checkpoint_every, progress=progress,
+        processes=processes, batch=batch_size, grad_clip=config.training.grad_clip,
+        epoch_steps=epoch_steps, checkpoint_every=checkpoint_every, progress=progress,
         decay_steps=decay_steps)
     model_dir = run.folder / "model"
-    model_dir.mkdir(exist_ok=True)
-    config.save(model_dir / "config.json")
-    save_weights(completion, model_dir / COMPLETION_FILE)
-    if into is not None:
-        with_completion(into, model_dir / COMPLETION_FILE, config, model_dir)
+    if processes.main:
+        model_dir.mkdir(exist_ok=True)
+        config.save(model_dir / "config.json")
+        save_weights(completion, model_dir / COMPLETION_FILE)
+        if into is not None:
+            with_completion(into, model_dir / COMPLETION_FILE, config, model_dir)
+    processes.accelerator.wait_for_everyone()  # every process returns once the model is there
     return TrainResult(run.folder, model_dir, state.step, seconds, validation,
-                       sum(p.numel() for p in completion.parameters()))
+                       sum(p.numel() for p in completion.parameters()), processes.count,
+                       batch_size * processes.count * grad_accum)
 
