@@ -168,7 +168,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         model: str | Path | LoadedModel = DEFAULT_MODEL, steps: int | None = None, seed: int = 0,
         eta: float | None = None, strength: float | None = None, batch_size: int = 1,
         device: str = "auto", reference_frame: int | None = None, face: FaceChoice = "largest",
-        loop: str = "pingpong", renderer: str = DEFAULT_RENDERER,
+        loop: str = "pingpong", renderer: str = DEFAULT_RENDERER, references: int = 1,
         cache_dir: str | Path | None = None, force: bool = False,
         keep_cache: bool = True, lock_timeout: float = 0.0,
         reconstruction_gap: float | None = None,
@@ -184,7 +184,9 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     ``steps``, ``eta`` (the noise DDIM adds at each step: 0 none, 1 as much as DDPM) and
     ``strength`` default to the model's ``diffusion`` config (the ``diffusion`` renderer's).
     ``renderer``: how the lower face is made (``pipeline.render``: ``native`` from the video's
-    own frames at their own size, ``diffusion`` by the model at its crop size).
+    own frames at their own size, ``diffusion`` by the model at its crop size);
+    ``references``: how many of the video's frames the native renderer may draw from (1: the
+    reference frame alone; more: per output frame the nearest mouth shape among that many).
     ``reconstruction_gap`` (seconds; the eval's protocol): references come from the whole
     video but never from within that long of the frame they serve. Options outside their
     range raise UsageError before any work.
@@ -221,7 +223,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     digest = model_digest(loaded.folder)
     with inputs.open_cache(cache_dir, lock_timeout) as cache:
         stages = run_dub_stages(cache, inputs, loaded, digest,
-                                make_renderer(renderer, loaded, digest, settings, dev),
+                                make_renderer(renderer, loaded, digest, settings, dev,
+                                              references),
                                 loop=loop, face=face, reference_frame=reference_frame,
                                 reconstruction_gap=reconstruction_gap, device=dev, force=force,
                                 progress=progress)
@@ -243,7 +246,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
 def _check_dub_options(*, steps: int | None = None, strength: float | None = None,
                        batch_size: int = 1, seed: int = 0, device: str = "auto",
                        reference_frame: int | None = None, renderer: str = DEFAULT_RENDERER,
-                       **_: object) -> None:
+                       references: int = 1, **_: object) -> None:
     """UsageError (exit 2) for a dub option outside its range: what needs neither the inputs
     nor the model to check (``**_``: the other options of a batch)."""
     check_range("--steps", steps, at_least=1)
@@ -253,6 +256,7 @@ def _check_dub_options(*, steps: int | None = None, strength: float | None = Non
     check_seed(seed)
     check_device(device)
     check_choice("--renderer", renderer, RENDERERS)
+    check_range("--references", references, at_least=1)
 
 
 def cache_list(cache_dir: str | Path | None = None) -> list[RunSummary]:
@@ -546,7 +550,8 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
              steps: int | None = None, seed: int = 0, strength: float | None = None,
              device: str = "auto", work_dir: str | Path = "eval", report: str | Path | None = None,
              strips: bool = True, seconds: float | None = None,
-             renderer: str = DEFAULT_RENDERER, reference_gap: float = REFERENCE_GAP_SECONDS,
+             renderer: str = DEFAULT_RENDERER, references: int = 1,
+             reference_gap: float = REFERENCE_GAP_SECONDS,
              cache_dir: str | Path | None = None,
              progress: StageProgress | None = None) -> EvalReport:
     """Reconstruction protocol over ``clips``: each is dubbed from its own speech (loop "cut")
@@ -564,7 +569,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     from dubtool.pipeline.run import Inputs, run_front
 
     _check_dub_options(steps=steps, strength=strength, seed=seed, device=device,
-                       renderer=renderer)
+                       renderer=renderer, references=references)
     check_range("--seconds", seconds, above=0)
     check_range("--reference-gap", reference_gap, at_least=0)
     if not clips:
@@ -582,7 +587,8 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
                                                               work / "clips")
         dubbed = dub(clip, speech, work / f"{Path(clip).stem}.dubbed.mp4", model=loaded,
                      steps=steps, seed=seed, strength=strength, device=device, loop="cut",
-                     renderer=renderer, reconstruction_gap=reference_gap, cache_dir=cache_dir)
+                     renderer=renderer, references=references,
+                     reconstruction_gap=reference_gap, cache_dir=cache_dir)
         inputs = Inputs.of(clip, speech)
         with inputs.open_cache(cache_dir) as cache:
             track = run_front(cache, inputs, loop="cut", whole_video=True).track
@@ -596,6 +602,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
                 "steps": diffusion.sample_steps if steps is None else steps,
                 "strength": diffusion.strength if strength is None else strength,
                 "seed": seed, "device": str(dev), "seconds": seconds, "renderer": renderer,
+                "references": references,
                 "reference_gap": reference_gap,
                 "identity": "dlib face recognition ResNet" if identity else NOT_INSTALLED}
     summary = summarise(results)
@@ -628,7 +635,7 @@ BUNDLED_CLIP = Path(__file__).resolve().parent / "data" / "may_5s.mp4"  # packag
 def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
           model: str | Path = DEFAULT_MODEL, steps: int | None = None, device: str = "auto",
           repeat: int = 1, batch_size: int = 1, renderer: str = DEFAULT_RENDERER,
-          report: str | Path | None = None) -> BenchReport:
+          references: int = 1, report: str | Path | None = None) -> BenchReport:
     """Speed of every stage on ``clip`` (default: the bundled 5 s clip; its own audio is the
     speech unless ``speech``): one dub from an empty cache (cold), ``repeat`` with everything
     cached (warm), a fresh ``dubtool dub`` process from an empty cache (start-up included),
@@ -649,7 +656,8 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
     from dubtool.nets.io import load_model
 
     check_range("--repeat", repeat, at_least=0)
-    _check_dub_options(steps=steps, batch_size=batch_size, device=device, renderer=renderer)
+    _check_dub_options(steps=steps, batch_size=batch_size, device=device, renderer=renderer,
+                       references=references)
     clip = Path(clip) if clip is not None else BUNDLED_CLIP
     probe_video(clip)  # a clear error before any work for a clip that is not a video
     dev = resolve_device(device)
@@ -661,18 +669,19 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
         for n in range(1 + repeat):
             result = dub(clip, speech, scratch / "out.mp4", model=loaded, steps=steps,
                          batch_size=batch_size, device=device, cache_dir=scratch / "cache",
-                         loop="cut", renderer=renderer)
+                         loop="cut", renderer=renderer, references=references)
             runs.append(bench_run("cold" if n == 0 else "warm", result.stages,
                                   result.wall_seconds, result.frames, result.seconds_of_video))
         command = [sys.executable, "-m", "dubtool", "dub", "--model", str(loaded.folder),
                    "--device", device, "--batch-size", str(batch_size), "--loop", "cut",
-                   "--renderer", renderer,
+                   "--renderer", renderer, "--references", str(references),
                    "--cache-dir", str(scratch / "process-cache"), "-o",
                    str(scratch / "process.mp4"),
                    *([] if steps is None else ["--steps", str(steps)]),
                    "--", str(clip), str(speech)]
         process = process_seconds(command)
-    settings = {"renderer": renderer, "steps": steps, "batch_size": batch_size, "device": device,
+    settings = {"renderer": renderer, "references": references, "steps": steps,
+                "batch_size": batch_size, "device": device,
                 "precision": str(sampling_precision(dev)), **machine()}
     bench_report = BenchReport(str(clip), result.frames, result.seconds_of_video,
                                ffmpeg_floor(clip), process, peak_rss_mb(), runs, settings)

@@ -105,6 +105,9 @@ def _call(fn: Callable[[], T]) -> T:
 RendererOption = Annotated[str, typer.Option(help="How the lower face is made: native (from "
                           "the video's own frames, at the face's own size) or diffusion (the "
                           "model, at its crop size).")]
+ReferencesOption = Annotated[int, typer.Option(help="Native renderer: how many of the video's "
+                             "frames the lower face may be drawn from (1: the reference frame; "
+                             "more: per frame the nearest mouth shape among that many).")]
 
 
 @contextmanager
@@ -155,6 +158,7 @@ def dub_cmd(
                     "cut (the speech).")] = "pingpong",
     face: FaceOption = "largest",
     renderer: RendererOption = DEFAULT_RENDERER,
+    references: ReferencesOption = 1,
     cache_dir: CacheDir = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute every stage.")] = False,
     keep_cache: Annotated[bool, typer.Option("--keep-cache/--clean-cache", help="Keep the "
@@ -168,7 +172,8 @@ def dub_cmd(
         result = _call(lambda: api.dub(
             video, speech, output, model=model, steps=steps, seed=seed, strength=strength,
             batch_size=batch_size, device=device, reference_frame=reference_frame, face=choice,
-            loop=loop, renderer=renderer, cache_dir=cache_dir, force=force, keep_cache=keep_cache,
+            loop=loop, renderer=renderer, references=references, cache_dir=cache_dir,
+            force=force, keep_cache=keep_cache,
             progress=progress))
     out.print(", ".join(f"{r.stage} {r.status} ({r.seconds:.1f} s)" for r in result.stages))
     passed = (f", [yellow]{result.passed_through} passed through without a face[/]"
@@ -211,6 +216,7 @@ def batch_cmd(
     loop: Annotated[str, typer.Option(help="pingpong, loop or cut.")] = "pingpong",
     face: FaceOption = "largest",
     renderer: RendererOption = DEFAULT_RENDERER,
+    references: ReferencesOption = 1,
     shard: Annotated[str, typer.Option(help="K/N: do every N-th job starting at the K-th, to "
                      "split a batch over machines.")] = "1/1",
     jobs: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
@@ -234,7 +240,8 @@ def batch_cmd(
         task = bars.add_task("batch", total=len(items), last="")
         outcomes = _call(lambda: api.batch(
             items, model=model, force=force, device=device, jobs=jobs, steps=steps, seed=seed,
-            loop=loop, face=choice, renderer=renderer, cache_dir=cache_dir,
+            loop=loop, face=choice, renderer=renderer, references=references,
+            cache_dir=cache_dir,
             on_done=lambda o: bars.update(task, advance=1, last=f"{o.item.video.name} {o.status}")))
     table = Table("video", "speech", "status", "seconds", "output / reason")
     colours = {"done": "green", "skipped": "yellow", "failed": "red"}
@@ -479,6 +486,7 @@ def eval_cmd(
     strength: Annotated[float | None, typer.Option(help="Sampling strength (default: the "
                         "model's).")] = None,
     renderer: RendererOption = DEFAULT_RENDERER,
+    references: ReferencesOption = 1,
     reference_gap: Annotated[float, typer.Option(help="No reference from within this many "
                              "seconds of the frame it is pasted on (frames that cannot meet "
                              "it are not scored).")] = api.REFERENCE_GAP_SECONDS,
@@ -498,6 +506,7 @@ def eval_cmd(
                                             strength=strength, device=device,
                                             work_dir=work_dir, report=report,
                                             seconds=seconds, renderer=renderer,
+                                            references=references,
                                             reference_gap=reference_gap, cache_dir=cache_dir,
                                             progress=progress))
     from dubtool.evaluation.evaluate import VARIANTS
@@ -538,13 +547,14 @@ def bench_cmd(
     repeat: Annotated[int, typer.Option(help="Warm (cached) runs after the cold one.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Chunks denoised together.")] = 1,
     renderer: RendererOption = DEFAULT_RENDERER,
+    references: ReferencesOption = 1,
     report: Annotated[Path | None, typer.Option("-o", "--report", help="Write JSON.")] = None,
 ) -> None:
     """Speed per stage (ms/frame), real-time factor, peak memory, beside ffmpeg's floor; and
     the whole time of a fresh `dubtool dub` process."""
     result = _call(lambda: api.bench(clip, speech, model=model, steps=steps, device=device,
                                      repeat=repeat, batch_size=batch_size, renderer=renderer,
-                                     report=report))
+                                     references=references, report=report))
     stages = list(result.runs[0].stage_seconds)
     table = Table("run", *[f"{s} ms/fr" for s in stages], "wall s", "RTF",
                   title=f"{result.clip}: {result.frames} frames, {result.video_seconds:.1f} s")

@@ -30,7 +30,7 @@ from dubtool.face.indices import (
     mouth_opening,
 )
 
-POOL_SIZE = 48          # candidate frames at most
+POOL_SIZE = 48          # candidate frames at most (``--references``)
 CANDIDATES = 8          # per output frame, the best this many enter the path search
 SWITCH_COST = 0.08      # in shape units (eye distances): a switch must gain at least this
 POSE_WEIGHT = 0.5       # pose residual against mouth-shape distance
@@ -139,15 +139,16 @@ def cross_fades(path: np.ndarray, fade: int) -> tuple[np.ndarray, np.ndarray]:
 
 def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np.ndarray,
                       plan: np.ndarray, *, exclude_frames: int = 0, anchor: int | None = None,
-                      forced: int | None = None) -> ReferencePlan:
+                      forced: int | None = None, pool_size: int = POOL_SIZE) -> ReferencePlan:
     """The reference plan of a dub.
 
     track_points (F, 131, 2) source landmarks (pixels); detected (F,) which have a face;
     target (O, 131, 2) each output frame's target landmarks in its source frame's crop box;
     plan (O,) the source frame of each output frame. ``anchor``: a frame the candidates always
     include (the dub's single reference: every output frame it is allowed for has a
-    candidate). ``forced``: one frame for every output frame (``--reference-frame``). Output
-    frames without an allowed candidate take the candidate farthest in time.
+    candidate); ``pool_size``: how many candidates at most (1: the anchor alone).
+    ``forced``: one frame for every output frame (``--reference-frame``). Output frames
+    without an allowed candidate take the candidate farthest in time.
     """
     frames = len(plan)
     if forced is not None:
@@ -162,7 +163,7 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
     if anchor is None or not detected[anchor]:
         opening = mouth_opening(track_points[faces])
         anchor = int(faces[np.argsort(opening)[len(faces) // 2]])
-    pool = spread_pool(shapes, faces, POOL_SIZE, first=anchor)
+    pool = spread_pool(shapes, faces, pool_size, first=anchor)
     at = np.searchsorted(faces, pool)
     pool_shapes, pool_poses = shapes[at], poses[at]
     # Target landmarks are in crop units: their shapes come out in the same eye-distance units.
