@@ -203,7 +203,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
 
     start = time.perf_counter()
     _check_dub_options(steps=steps, strength=strength, batch_size=batch_size, seed=seed,
-                       device=device, reference_frame=reference_frame, renderer=renderer)
+                       device=device, reference_frame=reference_frame, renderer=renderer,
+                       references=references)
     check_range("reconstruction_gap", reconstruction_gap, at_least=0)
     inputs = Inputs.of(video, speech)
     target = Path(output) if output is not None else Path(f"{inputs.video.stem}.dubbed.mp4")
