@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
@@ -55,6 +56,7 @@ class FaceTrack:
     ms_per_frame: float
     faces_seen: int = 1
     face: FaceChoice = "largest"
+    mouth_sharpness: np.ndarray | None = None  # (F,) detail of each frame's mouth (0: none)
 
     @property
     def frames(self) -> int:
@@ -75,8 +77,10 @@ class FaceTrack:
         return (self.points - offset) / size
 
     def save(self, folder: Path) -> None:
+        sharpness = (np.zeros(self.frames, np.float32) if self.mouth_sharpness is None
+                     else self.mouth_sharpness)
         np.savez(folder / "track.npz", mesh=self.mesh, detected=self.detected,
-                 points=self.points, boxes=self.boxes)
+                 points=self.points, boxes=self.boxes, mouth_sharpness=sharpness)
         (folder / "track.json").write_text(json.dumps(
             {"detector": self.detector, "ms_per_frame": self.ms_per_frame,
              "faces_seen": self.faces_seen, "face": self.face}))
@@ -86,7 +90,8 @@ class FaceTrack:
         meta = json.loads((folder / "track.json").read_text())
         with np.load(folder / "track.npz", allow_pickle=False) as data:
             return cls(meta["detector"], data["mesh"], data["detected"], data["points"],
-                       data["boxes"], meta["ms_per_frame"], meta["faces_seen"], meta["face"])
+                       data["boxes"], meta["ms_per_frame"], meta["faces_seen"], meta["face"],
+                       data["mouth_sharpness"])
 
 
 def _fill_gaps(series: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -137,6 +142,7 @@ def track_faces(video: VideoInfo, detector: Detector, face: FaceChoice = "larges
     total = video.frame_count if frames is None else min(frames, video.frame_count)
     mesh = np.full((total, 478, 3), np.nan, np.float32)
     detected = np.zeros(total, bool)
+    mouth_sharpness = np.zeros(total, np.float32)
     picker = FacePicker(face, video.width, video.height)
     spent, faces_seen = 0.0, 0
     with detector:
@@ -149,8 +155,22 @@ def track_faces(video: VideoInfo, detector: Detector, face: FaceChoice = "larges
             if found is not None:
                 mesh[i] = found
                 detected[i] = True
+                mouth_sharpness[i] = measure_mouth_sharpness(frame, found)
             if progress is not None:
                 progress(i + 1, total)
     points, boxes = smooth_track(select_points(mesh)[..., :2], detected, video.fps)
     return FaceTrack(detector.name, mesh, detected, points, boxes, 1000 * spent / max(total, 1),
-                     faces_seen, face)
+                     faces_seen, face, mouth_sharpness)
+
+
+def measure_mouth_sharpness(frame: np.ndarray, mesh: np.ndarray) -> float:
+    """Variance of the Laplacian (grey) in the box of the face's 57 lip/jaw points: how much
+    detail the frame's mouth shows (motion blur and focus lower it)."""
+    content = select_points(mesh)[CONTENT_SLICE, :2]
+    h, w = frame.shape[:2]
+    x0, y0 = np.clip(np.floor(content.min(axis=0)).astype(int), 0, [w, h])
+    x1, y1 = np.clip(np.ceil(content.max(axis=0)).astype(int), 0, [w, h])
+    if x1 - x0 < 3 or y1 - y0 < 3:
+        return 0.0
+    grey = cv2.cvtColor(np.ascontiguousarray(frame[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+    return float(cv2.Laplacian(grey, cv2.CV_32F).var())
