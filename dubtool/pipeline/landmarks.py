@@ -79,8 +79,9 @@ class FaceTrack:
     def save(self, folder: Path) -> None:
         sharpness = (np.zeros(self.frames, np.float32) if self.mouth_sharpness is None
                      else self.mouth_sharpness)
-        np.savez(folder / "track.npz", mesh=self.mesh, detected=self.detected,
-                 points=self.points, boxes=self.boxes, mouth_sharpness=sharpness)
+        np.save(folder / "mesh.npy", self.mesh)
+        np.savez(folder / "track.npz", detected=self.detected, points=self.points,
+                 boxes=self.boxes, mouth_sharpness=sharpness)
         (folder / "track.json").write_text(json.dumps(
             {"detector": self.detector, "ms_per_frame": self.ms_per_frame,
              "faces_seen": self.faces_seen, "face": self.face}))
@@ -89,7 +90,10 @@ class FaceTrack:
     def load(cls, folder: Path) -> FaceTrack:
         meta = json.loads((folder / "track.json").read_text())
         with np.load(folder / "track.npz", allow_pickle=False) as data:
-            return cls(meta["detector"], data["mesh"], data["detected"], data["points"],
+            # The raw mesh (5.7 KB a frame) is mapped, not read: what a dub keeps in memory
+            # stays small however long the video.
+            return cls(meta["detector"], np.load(folder / "mesh.npy", mmap_mode="r"),
+                       data["detected"], data["points"],
                        data["boxes"], meta["ms_per_frame"], meta["faces_seen"], meta["face"],
                        data["mouth_sharpness"])
 
