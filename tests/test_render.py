@@ -168,18 +168,3 @@ def test_the_single_reference_is_far_from_as_many_frames_as_can_be() -> None:
     # Without the rule: the frame of median opening.
     opening = mouth_opening(track.points)
     assert opening[pick_reference_frame(track)] == np.sort(opening)[50]
-
-
-def test_the_reference_is_the_sharpest_of_the_typical_mouths() -> None:
-    from dubtool.pipeline.run import pick_reference_frame
-
-    rng = np.random.default_rng(8)
-    openings = np.linspace(0, 0.1, 50)
-    track = _track(np.stack([_face(v, rng) for v in openings]))
-    opening = mouth_opening(track.points)
-    typical = np.argsort(np.abs(opening - np.median(opening)))[:5]  # 10% of 50
-    sharpness = np.ones(50, np.float32)
-    sharpness[typical[3]] = 5.0
-    sharpness[np.argmax(opening)] = 9.0  # sharper still, but a wide-open mouth
-    track.mouth_sharpness = sharpness
-    assert pick_reference_frame(track) == typical[3]

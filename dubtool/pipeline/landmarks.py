@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
@@ -56,7 +55,6 @@ class FaceTrack:
     ms_per_frame: float
     faces_seen: int = 1
     face: FaceChoice = "largest"
-    mouth_sharpness: np.ndarray | None = None  # (F,) detail of each frame's mouth (0: none)
 
     @property
     def frames(self) -> int:
@@ -77,11 +75,9 @@ class FaceTrack:
         return (self.points - offset) / size
 
     def save(self, folder: Path) -> None:
-        sharpness = (np.zeros(self.frames, np.float32) if self.mouth_sharpness is None
-                     else self.mouth_sharpness)
         np.save(folder / "mesh.npy", self.mesh)
         np.savez(folder / "track.npz", detected=self.detected, points=self.points,
-                 boxes=self.boxes, mouth_sharpness=sharpness)
+                 boxes=self.boxes)
         (folder / "track.json").write_text(json.dumps(
             {"detector": self.detector, "ms_per_frame": self.ms_per_frame,
              "faces_seen": self.faces_seen, "face": self.face}))
@@ -93,9 +89,8 @@ class FaceTrack:
             # The raw mesh (5.7 KB a frame) is mapped, not read: what a dub keeps in memory
             # stays small however long the video.
             return cls(meta["detector"], np.load(folder / "mesh.npy", mmap_mode="r"),
-                       data["detected"], data["points"],
-                       data["boxes"], meta["ms_per_frame"], meta["faces_seen"], meta["face"],
-                       data["mouth_sharpness"])
+                       data["detected"], data["points"], data["boxes"], meta["ms_per_frame"],
+                       meta["faces_seen"], meta["face"])
 
 
 def _fill_gaps(series: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -146,7 +141,6 @@ def track_faces(video: VideoInfo, detector: Detector, face: FaceChoice = "larges
     total = video.frame_count if frames is None else min(frames, video.frame_count)
     mesh = np.full((total, 478, 3), np.nan, np.float32)
     detected = np.zeros(total, bool)
-    mouth_sharpness = np.zeros(total, np.float32)
     picker = FacePicker(face, video.width, video.height)
     spent, faces_seen = 0.0, 0
     with detector:
@@ -159,22 +153,8 @@ def track_faces(video: VideoInfo, detector: Detector, face: FaceChoice = "larges
             if found is not None:
                 mesh[i] = found
                 detected[i] = True
-                mouth_sharpness[i] = measure_mouth_sharpness(frame, found)
             if progress is not None:
                 progress(i + 1, total)
     points, boxes = smooth_track(select_points(mesh)[..., :2], detected, video.fps)
     return FaceTrack(detector.name, mesh, detected, points, boxes, 1000 * spent / max(total, 1),
-                     faces_seen, face, mouth_sharpness)
-
-
-def measure_mouth_sharpness(frame: np.ndarray, mesh: np.ndarray) -> float:
-    """Variance of the Laplacian (grey) in the box of the face's 57 lip/jaw points: how much
-    detail the frame's mouth shows (motion blur and focus lower it)."""
-    content = select_points(mesh)[CONTENT_SLICE, :2]
-    h, w = frame.shape[:2]
-    x0, y0 = np.clip(np.floor(content.min(axis=0)).astype(int), 0, [w, h])
-    x1, y1 = np.clip(np.ceil(content.max(axis=0)).astype(int), 0, [w, h])
-    if x1 - x0 < 3 or y1 - y0 < 3:
-        return 0.0
-    grey = cv2.cvtColor(np.ascontiguousarray(frame[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
-    return float(cv2.Laplacian(grey, cv2.CV_32F).var())
+                     faces_seen, face)

@@ -115,27 +115,19 @@ class DubStages:
     reference_frame: int
 
 
-TYPICAL_FRACTION = 0.1  # the reference is the sharpest of this fraction of most typical mouths
-
-
 def pick_reference_frame(track: FaceTrack, plan: np.ndarray | None = None,
                          exclude_frames: int = 0) -> int:
-    """A source frame with a face and a typical mouth: of the TYPICAL_FRACTION of the frames
-    whose lip opening is nearest the median, the one whose mouth shows the most detail (the
-    reference's pixels are what the native renderer shows). With ``exclude_frames``, only the
-    frames at least that far from as many of the ``plan``'s frames as any are considered."""
+    """A source frame with a face and a typical mouth (the median lip opening); with
+    ``exclude_frames``, one at least that far from as many of the ``plan``'s frames as any."""
     faces = np.nonzero(track.detected)[0]
     if len(faces) == 0:
         return 0
+    typical = np.abs(np.argsort(np.argsort(mouth_opening(track.points[faces])))
+                     - len(faces) // 2)
     if exclude_frames > 0 and plan is not None:
         allowed = (np.abs(plan[None] - faces[:, None]) >= exclude_frames).sum(axis=1)
-        faces = faces[allowed == allowed.max()]
-    opening = mouth_opening(track.points[faces])
-    typical = faces[np.argsort(np.abs(opening - np.median(opening)), kind="stable")]
-    typical = typical[:max(1, round(TYPICAL_FRACTION * len(faces)))]
-    if track.mouth_sharpness is None:
-        return int(typical[0])
-    return int(typical[np.argmax(track.mouth_sharpness[typical])])
+        return int(faces[np.lexsort((typical, -allowed))[0]])
+    return int(faces[np.argmin(typical)])
 
 
 def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_digest: str,
