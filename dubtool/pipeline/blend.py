@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dubtool.arrays import DiskArray
 from dubtool.face.indices import JAW, NOSE, ORDER
 from dubtool.media.frames import VideoWriter, read_frames_in_order
 from dubtool.media.probe import VideoInfo
@@ -51,10 +52,12 @@ def match_colour(generated: np.ndarray, original: np.ndarray, mask: np.ndarray) 
     return cv2.add(generated, (*offset, 0.0))  # saturating, per channel
 
 
-def blended_frames(video: VideoInfo, track: FaceTrack, plan: np.ndarray, target: np.ndarray,
-                   crops: np.ndarray, generated: Iterator[np.ndarray],
+def blended_frames(video: VideoInfo, track: FaceTrack, plan: np.ndarray,
+                   target: np.ndarray | DiskArray, crops: np.ndarray,
+                   generated: Iterator[np.ndarray],
                    scratch: Path) -> Iterator[tuple[np.ndarray, bool]]:
-    """(frame, dubbed) for every output frame; ``generated`` yields one crop per output frame."""
+    """(frame, dubbed) for every output frame; ``generated`` yields one crop per output frame,
+    ``target`` (O, 131, 2) holds its landmarks (on disk: read a frame's at a time)."""
     original_points = track.crop_points()
     size = crops.shape[1]
     for o, (frame, new_crop) in enumerate(zip(read_frames_in_order(video, plan, scratch),
