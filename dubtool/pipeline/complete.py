@@ -37,7 +37,7 @@ from dubtool.pipeline.landmarks import FaceTrack
 PAUSE_SECONDS = 0.25
 FADE_FRAMES = 2        # frames over which the mouth closes into or opens out of a pause
 CLOSED_FRACTION = 0.1  # the closed shape: median of this most-closed fraction of the frames
-OUTPUT_CHUNK = 4096    # output frames of the targets computed and written at once
+OUTPUT_CHUNK = 1024    # output frames of the targets computed and written at once
 TARGET_FILE, PREDICTED_FILE, REFERENCES_FILE = "target.npy", "predicted.npy", "references.npy"
 
 
