@@ -168,8 +168,10 @@ def test_memory_stays_flat_with_speech_length(tiny_model: Path, tmp_path: Path) 
     """Peak RSS of a whole dub in a fresh process, a real video in ping-pong: 30 s of real
     speech vs 5 minutes. The shipped 5 s clip at 2 fps (10 frames) keeps the long dub quick
     while the speech and its mel grow tenfold; ping-pong turns 33 times, its ways back read
-    from the scratch file. Runs of one dub differ by up to 7 MiB; 1ea4833, which held the
-    speech and its mel in memory, grew by 22 MiB here (564 to 586 MiB)."""
+    from the scratch file. glibc's mmap threshold is fixed: left to adapt, it lets freed
+    blocks pile up in the heap by a few MiB more in a longer run (bounded: the same 10 MiB
+    after 10 min as after 1 h, docs/robustness.md), noise that would hide a real growth.
+    1ea4833, which held the speech and its mel in memory, grew by 22 MiB here (526 to 547)."""
     video = tmp_path / "may_2fps.mp4"
     ffmpeg("-i", str(Path(dubtool.__file__).parent / "data" / "may_5s.mp4"), "-vf", "fps=2",
            str(video))
@@ -187,12 +189,12 @@ def test_memory_stays_flat_with_speech_length(tiny_model: Path, tmp_path: Path) 
         proc = subprocess.run([sys.executable, "-c", script, str(video), str(voice),
                                str(tmp_path / f"out{seconds}.mp4"), str(tiny_model),
                                str(tmp_path / f"cache{seconds}")], capture_output=True,
-                              text=True)
+                              text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
         assert proc.returncode == 0, proc.stderr
         assert probe_video(tmp_path / f"out{seconds}.mp4").frame_count == 2 * seconds
         peaks[seconds] = int(proc.stdout.split()[-1]) / 1024  # MiB
     print(f"peak RSS: 30 s speech {peaks[30]:.0f} MiB, 300 s speech {peaks[300]:.0f} MiB")
-    assert peaks[300] - peaks[30] < 12
+    assert peaks[300] - peaks[30] < 5
 
 
 # -- video formats ------------------------------------------------------------------------------
