@@ -143,8 +143,8 @@ def predict_content(completion: LandmarkCompletion, points: np.ndarray, referenc
         np.add.at(total, index - done, content * weights[None, :, None, None])
         np.add.at(counts, index - done, np.broadcast_to(weights, index.shape))
         # The windows start in order: frames before the next one's start are complete.
-        final = int(starts[first + windows_per_batch]) if first + windows_per_batch < len(
-            starts) else len(padded)
+        following = first + windows_per_batch
+        final = int(starts[following]) if following < len(starts) else len(padded)
         ready = min(final, output_frames)
         if ready > done:
             out[done:ready] = (total[:ready - done] / counts[:ready - done, None, None]
