@@ -191,6 +191,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     video but never from within that long of the frame they serve. Options outside their
     range raise UsageError before any work.
     """
+    import numpy as np
+
     from dubtool.devices import resolve_device
     from dubtool.media.frames import check_output_path
     from dubtool.media.probe import probe_video
@@ -237,11 +239,13 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
                              None if progress is None else
                              lambda done, total: progress("blend", done, total))
         records = list(cache.records)
+        # A map that outlives the cache entry's removal and holds only what a caller reads.
+        landmarks = np.load(stages.completion.target.path, mmap_mode="r")
     if not keep_cache:
         clean_runs(cache.root, [cache.key])
     return DubResult(target, front.extracted.output_seconds, len(plan), dubbed,
                      len(plan) - dubbed, time.perf_counter() - start, stages.reference_frame,
-                     front.track.faces_seen, records, stages.completion.target)
+                     front.track.faces_seen, records, landmarks)
 
 
 def _check_dub_options(*, steps: int | None = None, strength: float | None = None,

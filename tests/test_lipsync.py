@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dubtool.evaluation.metrics import articulation, opening_correlation
-from dubtool.face.indices import CONTENT_SLICE, ORDER, inner_lip_opening
+from dubtool.face.indices import CONTENT_SLICE, ORDER, POSE_SLICE, inner_lip_opening
 from dubtool.media.audio import SAMPLE_RATE, load_speech, mel_spectrogram, pauses, voice_activity
 from dubtool.nets.config import TrainingConfig
 from dubtool.nets.landmark_completion import LandmarkCompletion
@@ -111,10 +111,11 @@ def test_pause_closes_the_mouth_to_the_videos_closed_shape(espeak: str, tmp_path
     torch.nn.init.normal_(completion.head[1].weight, std=0.05)  # a mouth that moves
     track = _track(60, np.random.default_rng(0))
     plan = np.arange(frames) % 60
-    result = complete_stage.complete(completion, track, plan, mel, FPS)
-    opening = inner_lip_opening(result.target)
+    result = complete_stage.complete(completion, track, plan, mel, FPS, tmp_path)
+    target, predicted = result.target[:], result.predicted[:]
+    opening = inner_lip_opening(target)
     closed = complete_stage.closed_mouth(track.crop_points(), track.detected)
-    closed_points = result.target[gap[0]].copy()
+    closed_points = target[gap[0]].copy()
     closed_points[CONTENT_SLICE] = closed
     closed_level = inner_lip_opening(closed_points)
     assert np.allclose(opening[gap], closed_level, atol=1e-6), "closed and still in the pause"
@@ -124,7 +125,7 @@ def test_pause_closes_the_mouth_to_the_videos_closed_shape(espeak: str, tmp_path
     near_pause = np.convolve(paused, np.ones(2 * complete_stage.FADE_FRAMES + 1), "same") > 0
     speaking = np.nonzero(~near_pause)[0]
     assert len(speaking) > 20
-    assert np.allclose(result.target[speaking][:, CONTENT_SLICE], result.predicted[speaking])
+    assert np.allclose(target[speaking][:, CONTENT_SLICE], predicted[speaking])
     assert np.abs(opening[speaking] - closed_level).max() > 1e-3
 
 
@@ -133,10 +134,43 @@ def test_close_pauses_fades_in_and_out() -> None:
     closed = np.zeros((57, 2), np.float32)
     paused = np.zeros(12, bool)
     paused[5:7] = True
-    out = complete_stage.close_pauses(content, closed, paused)[:, 0, 0]
+    weight = complete_stage.closing_weight(paused)
+    out = complete_stage.close_pauses(content, closed, weight)[:, 0, 0]
     assert out[5] == out[6] == 0.0
     assert out[4] == pytest.approx(1 / 3) and out[7] == pytest.approx(1 / 3)
     assert out[3] == pytest.approx(2 / 3) and out[2] == 1.0 and out[9] == 1.0
+
+
+def test_completion_reads_the_mel_and_writes_its_frames_by_parts(tmp_path: Path) -> None:
+    """The complete stage reads the dB mel from disk a window batch at a time, normalises only
+    those columns and writes the frames as they are finished: the same lip/jaw as from the
+    whole normalised mel held in memory."""
+    from test_nets import tiny_config
+
+    from dubtool.arrays import DiskArray
+    from dubtool.media.audio import mel_normalisation, normalise_mel
+
+    torch.manual_seed(0)
+    completion = LandmarkCompletion(tiny_config().completion)
+    torch.nn.init.normal_(completion.head[1].weight, std=0.05)
+    track = _track(30, np.random.default_rng(0))
+    points = track.crop_points()
+    plan = np.arange(407) % 30
+    refs = complete_stage.reference_frames(track.detected, completion.config.references)
+    mel = np.random.default_rng(1).normal(-50, 15, (80, 1300)).astype(np.float32)
+    whole = complete_stage.predict_content(completion, points, points[refs], plan,
+                                           normalise_mel(mel), FPS)
+    np.save(tmp_path / "mel.npy", mel)
+    out = DiskArray.create(tmp_path / "predicted.npy", whole.shape, np.float32)
+    complete_stage.predict_content(completion, points, points[refs], plan,
+                                   DiskArray.open(tmp_path / "mel.npy"), FPS,
+                                   windows_per_batch=5, normalisation=mel_normalisation(mel),
+                                   out=out)
+    assert np.allclose(out[:], whole, atol=1e-5)
+    result = complete_stage.complete(completion, track, plan, DiskArray.open(tmp_path / "mel.npy"),
+                                     FPS, tmp_path)
+    assert isinstance(result.target, DiskArray) and result.target.shape == (407, 131, 2)
+    assert np.array_equal(result.target[:][:, POSE_SLICE], points[plan][:, POSE_SLICE])
 
 
 def test_windows_cover_every_frame_and_long_speech_stays_batched() -> None:

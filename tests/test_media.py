@@ -7,14 +7,20 @@ import numpy as np
 import pytest
 from conftest import ffmpeg, make_tone, make_video
 
+from dubtool.arrays import DiskArray
 from dubtool.errors import InputNotFound, InvalidMedia, OutputError
+from dubtool.media import audio
 from dubtool.media.audio import (
     MEL_FLOOR_DB,
     N_MELS,
     SAMPLE_RATE,
+    decode_speech,
     load_speech,
+    mel_length,
+    mel_normalisation,
     mel_spectrogram,
     mel_window,
+    voice_activity,
 )
 from dubtool.media.frames import (
     VideoWriter,
@@ -151,6 +157,63 @@ def test_mel_equals_librosas(seconds: float) -> None:
         fmin=55.0, fmax=7600.0, power=2.0, center=True)
     expected = np.maximum(10.0 * np.log10(np.maximum(expected, 1e-10)), MEL_FLOOR_DB)
     assert np.abs(mel_spectrogram(samples) - expected).max() < 1e-3  # dB
+
+
+def _speech_like(seconds: float, seed: int = 0) -> np.ndarray:
+    """A gliding tone over noise, with quiet gaps (pauses for the statistics to skip)."""
+    t = np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    rng = np.random.default_rng(seed)
+    loud = np.where((t % 3.0) < 2.2, 1.0, 1e-3)
+    return (loud * (0.3 * np.sin(2 * np.pi * (150 + 40 * (t % 5)) * t)
+                    + 0.05 * rng.standard_normal(len(t)))).astype(np.float32)
+
+
+def test_mel_by_blocks_from_disk_equals_the_whole_array_at_once(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    # extract writes the speech to disk and computes its mel MEL_BLOCK columns at a time into
+    # a file: the same numbers as one transform of the whole array (2.4 blocks, a ragged end).
+    samples = _speech_like(2.4 * audio.MEL_BLOCK / 80 + 0.0071)
+    padded = np.pad(samples, audio.WIN_LENGTH // 2)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, 800)[::200]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(800) / 800)
+    power = np.abs(np.fft.rfft(window * frames, axis=-1).astype(np.complex64)) ** 2
+    whole = np.maximum(10.0 * np.log10(np.maximum(audio.mel_filters() @ power.T, 1e-10)),
+                       MEL_FLOOR_DB).astype(np.float32)
+    samples.tofile(tmp_path / "speech.f32")
+    on_disk = DiskArray.raw(tmp_path / "speech.f32", np.float32)
+    out = DiskArray.create(tmp_path / "mel.npy", (N_MELS, mel_length(len(samples))), np.float32)
+    mel_spectrogram(on_disk, out=out)
+    assert np.array_equal(np.load(tmp_path / "mel.npy"), whole)  # a plain .npy file
+    monkeypatch.setattr(audio, "MEL_BLOCK", 1000)  # block edges elsewhere
+    assert np.array_equal(mel_spectrogram(samples), whole)
+
+
+def test_speech_decoded_to_a_file_is_the_speech_decoded_to_memory(tmp_path: Path) -> None:
+    path = make_tone(tmp_path / "s.m4a", seconds=1.3, rate=22050, channels=2)
+    on_disk = decode_speech(path, tmp_path / "speech.f32")
+    assert np.array_equal(on_disk[:], load_speech(path))
+    silent = make_video(tmp_path / "silent.mp4", audio=False)
+    with pytest.raises(InvalidMedia, match="no audio stream"):
+        decode_speech(silent, tmp_path / "none.f32")
+
+
+def test_streamed_statistics_equal_the_whole_arrays(monkeypatch) -> None:
+    # Normalisation and voice activity read the mel MEL_BLOCK columns at a time: the mean and
+    # spread of its voiced columns and the voiced frames are those of the whole array.
+    mel = mel_spectrogram(_speech_like(70.0))
+    energy = mel.mean(axis=0)
+    voiced = energy >= np.percentile(energy, 95) - audio.VOICED_RANGE_DB
+    assert 0.5 < voiced.mean() < 0.9  # the pauses are left out
+    stats = mel_normalisation(mel)
+    picked = mel[:, voiced].astype(np.float64)
+    assert np.allclose(stats.mean[:, 0], picked.mean(axis=1), rtol=1e-6, atol=1e-5)
+    assert np.allclose(stats.spread[:, 0], picked.std(axis=1) + 1.0, rtol=1e-6)
+    active = voice_activity(mel, 25, 1750)
+    monkeypatch.setattr(audio, "MEL_BLOCK", 37)
+    small = mel_normalisation(mel)
+    assert np.allclose(small.mean, stats.mean, rtol=1e-6) and np.allclose(small.spread,
+                                                                          stats.spread, rtol=1e-6)
+    assert np.array_equal(voice_activity(mel, 25, 1750), active)
 
 
 def test_mel_needs_no_librosa() -> None:

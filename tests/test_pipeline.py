@@ -15,6 +15,7 @@ import pytest
 from conftest import make_tone, make_video
 
 from dubtool.errors import CacheError, UsageError
+from dubtool.media.audio import load_speech, mel_spectrogram
 from dubtool.media.frames import VideoWriter, read_frames
 from dubtool.media.probe import probe_video
 from dubtool.pipeline.cache import (
@@ -56,12 +57,16 @@ def test_loop_cut_and_still_plans() -> None:
 def test_extract_plans_the_speech_length(tmp_path: Path) -> None:
     video = make_video(tmp_path / "v.mp4", seconds=1.0)
     speech = make_tone(tmp_path / "s.wav", seconds=2.2)
-    result = extract(video, speech, "pingpong")
+    folder = tmp_path / "extract"
+    folder.mkdir()
+    result = extract(video, speech, "pingpong", folder)
     assert len(result.plan) == 55 and result.plan.max() == 24
     assert result.mel.shape[0] == 80 and abs(result.mel.shape[1] - 2.2 * 80) <= 2
     assert result.output_seconds == pytest.approx(2.2)
-    result.save(tmp_path)
-    again = type(result).load(tmp_path)
+    # The mel on disk is the one of the speech decoded whole; the decoded speech is not kept.
+    assert np.array_equal(result.mel[:], mel_spectrogram(load_speech(speech)))
+    assert sorted(p.name for p in folder.iterdir()) == ["info.json", "mel.npy", "plan.npy"]
+    again = type(result).load(folder)
     assert again.video == result.video and np.array_equal(again.plan, result.plan)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
+from dubtool.arrays import DiskArray
 from dubtool.errors import InvalidMedia
 from dubtool.media.probe import check_readable, probe_audio, run_tool
 
@@ -28,6 +30,11 @@ VAD_RANGE_DB = 35.0
 VAD_FLOOR_DB = -75.0
 
 
+def _decode_command(path: Path, target: str) -> list[str]:
+    return ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
+            "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-y", target]
+
+
 def load_speech(path: str | Path) -> np.ndarray:
     """Decode the first audio stream of any file ffmpeg reads to float32 mono at 16 kHz.
 
@@ -35,13 +42,23 @@ def load_speech(path: str | Path) -> np.ndarray:
     """
     path = check_readable(path)
     probe_audio(path)  # a clear error for files without an audio stream
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
-           "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "pipe:1"]
-    raw = run_tool(cmd, path, "audio could not be decoded")
+    raw = run_tool(_decode_command(path, "pipe:1"), path, "audio could not be decoded")
     samples = np.frombuffer(raw, np.float32)
     if samples.size == 0:
         raise InvalidMedia("audio stream holds no samples", path)
     return samples.copy()
+
+
+def decode_speech(path: str | Path, target: Path) -> DiskArray:
+    """``load_speech`` into the file ``target`` (raw float32) rather than memory: ffmpeg writes
+    it, so an hour of speech (230 MB) never passes through this process."""
+    path = check_readable(path)
+    probe_audio(path)
+    run_tool(_decode_command(path, str(target)), path, "audio could not be decoded")
+    samples = DiskArray.raw(target, np.float32)
+    if len(samples) == 0:
+        raise InvalidMedia("audio stream holds no samples", path)
+    return samples
 
 
 # The mel spectrogram is librosa's melspectrogram (Slaney mel scale and norm, periodic Hann
@@ -51,7 +68,7 @@ def load_speech(path: str | Path) -> np.ndarray:
 MEL_FMIN, MEL_FMAX = 55.0, 7600.0
 _MEL_BREAK_HZ, _MEL_BREAK, _HZ_PER_MEL = 1000.0, 15.0, 200.0 / 3  # linear below 1 kHz, log above
 _MEL_LOG_STEP = np.log(6.4) / 27
-_STFT_BLOCK = 2048  # frames transformed at once: flat memory for hours of speech
+MEL_BLOCK = 512  # mel columns (6.4 s) computed or read at once: flat memory for hours of speech
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
@@ -75,21 +92,48 @@ def mel_filters() -> np.ndarray:
     return filters.astype(np.float32)
 
 
-def mel_spectrogram(samples: np.ndarray) -> np.ndarray:
+def mel_length(samples: int) -> int:
+    """Columns of the log-mel of ``samples`` samples."""
+    return 1 + samples // HOP_LENGTH
+
+
+def _mel_columns(samples: np.ndarray | DiskArray, start: int, stop: int) -> np.ndarray:
+    """Columns start:stop of the log-mel, reading only the samples they need."""
+    # Column t is the window over samples t * HOP - WIN / 2 .. t * HOP + WIN / 2, zeros outside.
+    lo, hi = start * HOP_LENGTH - WIN_LENGTH // 2, (stop - 1) * HOP_LENGTH + WIN_LENGTH // 2
+    segment = np.zeros(hi - lo, np.float32)
+    first, last = max(lo, 0), min(hi, len(samples))
+    if last > first:
+        segment[first - lo:last - lo] = samples[first:last]
+    frames = np.lib.stride_tricks.sliding_window_view(segment, WIN_LENGTH)[::HOP_LENGTH]
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WIN_LENGTH) / WIN_LENGTH)
+    # float64 transform stored as complex64, as librosa does, for the same rounding
+    power = np.abs(np.fft.rfft(window * frames, axis=-1).astype(np.complex64)) ** 2
+    mel = mel_filters() @ power.T
+    return np.maximum(10.0 * np.log10(np.maximum(mel, 1e-10)), MEL_FLOOR_DB).astype(np.float32)
+
+
+def mel_spectrogram(samples: np.ndarray | DiskArray, out: DiskArray | None = None
+                    ) -> np.ndarray | DiskArray:
     """Log-mel spectrogram in dB, shape (80, 1 + samples // 200).
 
     Column t is centred on time t / 80 s (half a window of zeros is padded at both ends).
+    Computed MEL_BLOCK columns at a time, from samples on disk into ``out`` (an (80, T)
+    DiskArray) if given: memory stays flat however long the speech.
     """
-    padded = np.pad(samples.astype(np.float32), WIN_LENGTH // 2)
-    frames = np.lib.stride_tricks.sliding_window_view(padded, WIN_LENGTH)[::HOP_LENGTH]
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WIN_LENGTH) / WIN_LENGTH)
-    mel = np.empty((N_MELS, len(frames)), np.float32)
-    for start in range(0, len(frames), _STFT_BLOCK):
-        # float64 transform stored as complex64, as librosa does, for the same rounding
-        block = np.fft.rfft(window * frames[start:start + _STFT_BLOCK], axis=-1)
-        power = np.abs(block.astype(np.complex64)) ** 2
-        mel[:, start:start + _STFT_BLOCK] = mel_filters() @ power.T
-    return np.maximum(10.0 * np.log10(np.maximum(mel, 1e-10)), MEL_FLOOR_DB).astype(np.float32)
+    columns = mel_length(len(samples))
+    mel = np.empty((N_MELS, columns), np.float32) if out is None else out
+    for start in range(0, columns, MEL_BLOCK):
+        stop = min(start + MEL_BLOCK, columns)
+        mel[:, start:stop] = _mel_columns(samples, start, stop)
+    return mel
+
+
+def mel_energy(mel: np.ndarray | DiskArray) -> np.ndarray:
+    """(T,) the mean dB of each column of a log-mel (80, T), read MEL_BLOCK columns at a time."""
+    blocks = [mel[:, start:start + MEL_BLOCK].mean(axis=0)
+              for start in range(0, mel.shape[1], MEL_BLOCK)]
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
 def _loud_level(energy: np.ndarray) -> float:
@@ -97,30 +141,62 @@ def _loud_level(energy: np.ndarray) -> float:
     return float(np.percentile(energy, 95)) if energy.size else MEL_FLOOR_DB
 
 
-def normalise_mel(mel: np.ndarray) -> np.ndarray:
-    """Per-utterance, per-bin standardisation of a log-mel (80, T) dB -> (80, T) unitless.
+@dataclass(frozen=True)
+class MelNormalisation:
+    """An utterance's per-bin statistics (80, 1): what ``apply`` standardises a log-mel by."""
+
+    mean: np.ndarray
+    spread: np.ndarray
+
+    def apply(self, mel: np.ndarray) -> np.ndarray:
+        """(80, n) dB columns of the utterance -> (80, n) unitless, clipped to +-NORMALISED_CLIP."""
+        return np.clip((mel - self.mean) / self.spread, -NORMALISED_CLIP,
+                       NORMALISED_CLIP).astype(np.float32)
+
+
+def mel_normalisation(mel: np.ndarray | DiskArray) -> MelNormalisation:
+    """Per-utterance, per-bin statistics of a log-mel (80, T) dB, T >= 1.
 
     Mean and spread come from the voiced frames (within VOICED_RANGE_DB of the loud ones), so
     a voice's pitch, a microphone or a room's colour shift the features far less than in dB,
-    and long pauses do not skew the statistics. Clipped to +-NORMALISED_CLIP; silence sits
-    near the low clip.
+    and long pauses do not skew the statistics. Accumulated MEL_BLOCK columns at a time
+    (Chan's merge of block means and squared deviations, in float64): flat memory.
     """
+    energy = mel_energy(mel)
+    voiced = energy >= _loud_level(energy) - VOICED_RANGE_DB
+    count, mean, squares = 0, np.zeros(N_MELS), np.zeros(N_MELS)
+    for start in range(0, mel.shape[1], MEL_BLOCK):
+        block = mel[:, start:start + MEL_BLOCK][:, voiced[start:start + MEL_BLOCK]]
+        n = block.shape[1]
+        if n == 0:
+            continue
+        block = block.astype(np.float64)
+        block_mean = block.mean(axis=1)
+        delta = block_mean - mean
+        total = count + n
+        mean = mean + delta * (n / total)
+        squares = (squares + ((block - block_mean[:, None]) ** 2).sum(axis=1)
+                   + delta**2 * (count * n / total))
+        count = total
+    spread = np.sqrt(squares / count) + 1.0  # +1 dB: flat bins stay finite
+    return MelNormalisation(mean[:, None].astype(np.float32), spread[:, None].astype(np.float32))
+
+
+def normalise_mel(mel: np.ndarray) -> np.ndarray:
+    """Per-utterance, per-bin standardisation of a whole log-mel (80, T) dB -> (80, T)
+    unitless (``mel_normalisation``); silence sits near the low clip."""
     if mel.shape[1] == 0:
         return mel.astype(np.float32)
-    energy = mel.mean(axis=0)
-    voiced = energy >= _loud_level(energy) - VOICED_RANGE_DB
-    mean = mel[:, voiced].mean(axis=1, keepdims=True)
-    spread = mel[:, voiced].std(axis=1, keepdims=True) + 1.0  # +1 dB: flat bins stay finite
-    return np.clip((mel - mean) / spread, -NORMALISED_CLIP, NORMALISED_CLIP).astype(np.float32)
+    return mel_normalisation(mel).apply(mel)
 
 
-def voice_activity(mel: np.ndarray, fps: Fraction | float, frames: int) -> np.ndarray:
+def voice_activity(mel: np.ndarray | DiskArray, fps: Fraction | float, frames: int) -> np.ndarray:
     """(frames,) bool: whether speech sounds during each video frame of a log-mel (80, T) dB.
 
     A mel frame is voiced when its mean energy is within VAD_RANGE_DB of the utterance's loud
     frames and above VAD_FLOOR_DB; a video frame is voiced when any mel frame of its span is.
     """
-    energy = mel.mean(axis=0)
+    energy = mel_energy(mel)
     voiced = (energy >= _loud_level(energy) - VAD_RANGE_DB) & (energy > VAD_FLOOR_DB)
     spans = np.arange(frames + 1) / float(fps) * MEL_STEPS_PER_SECOND
     out = np.zeros(frames, bool)
@@ -147,18 +223,25 @@ def pauses(active: np.ndarray, fps: Fraction | float, min_seconds: float) -> np.
     return out
 
 
+def mel_window_start(frame_index: int, fps: Fraction | float, width: int = MEL_WINDOW) -> int:
+    """The first mel column (maybe outside the speech) of video frame ``frame_index``'s window."""
+    return round((frame_index + 0.5) / float(fps) * MEL_STEPS_PER_SECOND) - width // 2
+
+
 def mel_window(mel: np.ndarray, frame_index: int, fps: Fraction | float,
-               width: int = MEL_WINDOW, fill: float = MEL_FLOOR_DB) -> np.ndarray:
+               width: int = MEL_WINDOW, fill: float = MEL_FLOOR_DB, first_column: int = 0,
+               columns: int | None = None) -> np.ndarray:
     """The (80, width) mel window centred on the middle of video frame ``frame_index``.
 
     Outside the speech the window is filled with ``fill`` (the silence floor of a dB mel;
     -NORMALISED_CLIP for a normalised one), so the first and last frames see silence, not a
-    copy of the edge.
+    copy of the edge. ``mel`` may be a part of a longer mel of ``columns`` columns, starting at
+    its column ``first_column``, that holds every column of the window within the speech.
     """
-    centre = (frame_index + 0.5) / float(fps) * MEL_STEPS_PER_SECOND
-    start = round(centre) - width // 2
+    columns = mel.shape[1] if columns is None else columns
+    start = mel_window_start(frame_index, fps, width)
     out = np.full((mel.shape[0], width), fill, np.float32)
-    lo, hi = max(start, 0), min(start + width, mel.shape[1])
+    lo, hi = max(start, 0), min(start + width, columns)
     if hi > lo:
-        out[:, lo - start:hi - start] = mel[:, lo:hi]
+        out[:, lo - start:hi - start] = mel[:, lo - first_column:hi - first_column]
     return out

@@ -21,8 +21,17 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter1d
 
+from dubtool.arrays import DiskArray
 from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE, inner_lip_opening
-from dubtool.media.audio import NORMALISED_CLIP, mel_window, normalise_mel, pauses, voice_activity
+from dubtool.media.audio import (
+    NORMALISED_CLIP,
+    MelNormalisation,
+    mel_normalisation,
+    mel_window,
+    mel_window_start,
+    pauses,
+    voice_activity,
+)
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.pipeline.landmarks import FaceTrack
 
@@ -30,28 +39,26 @@ PAUSE_SECONDS = 0.25
 FADE_FRAMES = 2        # frames over which the mouth closes into or opens out of a pause
 CLOSED_FRACTION = 0.1  # the closed shape: median of this most-closed fraction of the frames
 SMOOTH_SECONDS = 0.04  # the predicted lip/jaw are smoothed over time by a Gaussian this wide
+OUTPUT_CHUNK = 1024    # output frames of the targets computed and written at once
+TARGET_FILE, PREDICTED_FILE, REFERENCES_FILE = "target.npy", "predicted.npy", "references.npy"
 
 
 @dataclass
 class Completion:
     """target (O, 131, 2): pose of the planned source frame + predicted lip/jaw, normalised to
     that frame's crop box. references (N,) source frames whose landmarks were the references.
-    predicted (O, 57, 2): the completion's own lip/jaw, before pauses were closed.
+    predicted (O, 57, 2): the completion's own lip/jaw, before pauses were closed. The
+    per-output-frame arrays stay on disk (an hour at 25 fps is 135 MB).
     """
 
-    target: np.ndarray
+    target: DiskArray
     references: np.ndarray
-    predicted: np.ndarray
-
-    def save(self, folder: Path) -> None:
-        np.save(folder / "target.npy", self.target)
-        np.save(folder / "references.npy", self.references)
-        np.save(folder / "predicted.npy", self.predicted)
+    predicted: DiskArray
 
     @classmethod
     def load(cls, folder: Path) -> Completion:
-        return cls(np.load(folder / "target.npy"), np.load(folder / "references.npy"),
-                   np.load(folder / "predicted.npy"))
+        return cls(DiskArray.open(folder / TARGET_FILE), np.load(folder / REFERENCES_FILE),
+                   DiskArray.open(folder / PREDICTED_FILE))
 
 
 def reference_frames(detected: np.ndarray, count: int) -> np.ndarray:
@@ -88,43 +95,69 @@ def window_starts(frames: int, window: int) -> np.ndarray:
 
 @torch.inference_mode()
 def predict_content(completion: LandmarkCompletion, points: np.ndarray, references: np.ndarray,
-                    plan: np.ndarray, features: np.ndarray, fps: Fraction | float,
-                    device: torch.device | str = "cpu", windows_per_batch: int = 32
-                    ) -> np.ndarray:
+                    plan: np.ndarray, features: np.ndarray | DiskArray, fps: Fraction | float,
+                    device: torch.device | str = "cpu", windows_per_batch: int = 32,
+                    normalisation: MelNormalisation | None = None,
+                    out: DiskArray | None = None) -> np.ndarray | DiskArray:
     """(O, 57, 2) lip/jaw points for the O output frames of ``plan`` (source frame per output
     frame): points (S, 131, 2) crop-normalised source landmarks, references (N, 131, 2),
-    features: the normalised mel (80, T) of the speech. Works window batch by window batch,
-    so memory stays flat in the speech's length."""
+    features: the normalised mel (80, T) of the speech, or its dB mel with the
+    ``normalisation`` that makes it so. Works window batch by window batch, reading (and
+    normalising) only the mel columns a batch hears, and writes each frame into ``out``
+    (default: a new array) once no later window holds it, so memory stays flat in the
+    speech's length."""
     config = completion.config
-    window = config.window
+    window, width = config.window, config.mel_window
     output_frames = len(plan)
     # Pad short outputs to one window by repeating the last frame.
     padded = np.concatenate([np.arange(output_frames),
                              np.full(max(0, window - output_frames), output_frames - 1)])
     starts = window_starts(output_frames, window)
     weights = np.hanning(window + 2)[1:-1]  # > 0 everywhere, largest in the middle
-    total = np.zeros((len(padded), config.content_points, 2), np.float64)
-    counts = np.zeros(len(padded))
+    if out is None:
+        out = np.empty((output_frames, config.content_points, 2), np.float32)
+    # Weighted sums over the windows so far of the frames from ``done`` on.
+    done = 0
+    total = np.zeros((0, config.content_points, 2), np.float64)
+    counts = np.zeros(0)
+    columns = features.shape[1]
     refs = torch.from_numpy(references[None].astype(np.float32)).to(device)
     for first in range(0, len(starts), windows_per_batch):
         batch = starts[first:first + windows_per_batch]
         index = batch[:, None] + np.arange(window)
         frames = padded[index]
-        mels = np.stack([[mel_window(features, int(o), fps, config.mel_window,
-                                     fill=-NORMALISED_CLIP) for o in row] for row in frames])
+        lo = max(mel_window_start(int(frames.min()), fps, width), 0)
+        hi = max(lo, min(mel_window_start(int(frames.max()), fps, width) + width, columns))
+        heard = features[:, lo:hi]
+        if normalisation is not None:
+            heard = normalisation.apply(heard)
+        mels = np.stack([[mel_window(heard, int(o), fps, width, fill=-NORMALISED_CLIP,
+                                     first_column=lo, columns=columns) for o in row]
+                         for row in frames])
         content = completion(
             torch.from_numpy(points[plan[frames]][:, :, POSE_SLICE].astype(np.float32)).to(device),
             refs.expand(len(batch), -1, -1, -1),
             torch.from_numpy(mels).to(device)).float().cpu().numpy()
-        np.add.at(total, index, content * weights[None, :, None, None])
-        np.add.at(counts, index, np.broadcast_to(weights, index.shape))
-    return (total / counts[:, None, None])[:output_frames].astype(np.float32)
+        grow = int(index.max()) + 1 - done - len(counts)
+        if grow > 0:
+            total = np.concatenate([total, np.zeros((grow, *total.shape[1:]))])
+            counts = np.concatenate([counts, np.zeros(grow)])
+        np.add.at(total, index - done, content * weights[None, :, None, None])
+        np.add.at(counts, index - done, np.broadcast_to(weights, index.shape))
+        # The windows start in order: frames before the next one's start are complete.
+        following = first + windows_per_batch
+        final = int(starts[following]) if following < len(starts) else len(padded)
+        ready = min(final, output_frames)
+        if ready > done:
+            out[done:ready] = (total[:ready - done] / counts[:ready - done, None, None]
+                               ).astype(np.float32)
+        total, counts, done = total[final - done:], counts[final - done:], final
+    return out
 
 
-def close_pauses(content: np.ndarray, closed: np.ndarray, paused: np.ndarray) -> np.ndarray:
-    """(O, 57, 2) lip/jaw with the ``paused`` frames set to the ``closed`` shape (57, 2),
-    cross-faded over FADE_FRAMES frames on the speech side of each pause's edges."""
-    # Weight of the closed shape: 1 in pauses, falling linearly to 0 over FADE_FRAMES.
+def closing_weight(paused: np.ndarray) -> np.ndarray:
+    """(O,) how far each frame's mouth is closed for the ``paused`` frames: 1 in pauses,
+    falling linearly to 0 over FADE_FRAMES frames on the speech side of each pause's edges."""
     distance = np.full(len(paused), np.inf)
     last = -np.inf
     for i in range(len(paused)):
@@ -134,25 +167,45 @@ def close_pauses(content: np.ndarray, closed: np.ndarray, paused: np.ndarray) ->
     for i in reversed(range(len(paused))):
         last = i if paused[i] else last
         distance[i] = min(distance[i], last - i)
-    weight = np.clip(1.0 - distance / (FADE_FRAMES + 1), 0.0, 1.0)[:, None, None]
+    return np.clip(1.0 - distance / (FADE_FRAMES + 1), 0.0, 1.0)
+
+
+def close_pauses(content: np.ndarray, closed: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """(O, 57, 2) lip/jaw cross-faded to the ``closed`` shape (57, 2) by ``weight`` (O,)
+    (``closing_weight``)."""
+    weight = weight[:, None, None]
     return (weight * closed[None] + (1 - weight) * content).astype(np.float32)
 
 
 def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
-             mel: np.ndarray, fps: Fraction, device: torch.device | str = "cpu") -> Completion:
+             mel: np.ndarray | DiskArray, fps: Fraction, folder: Path,
+             device: torch.device | str = "cpu") -> Completion:
     """Target landmarks for the O output frames of ``plan`` from the speech's log-mel (80, T)
-    dB: the completion's lip/jaw, closed in the speech's pauses."""
+    dB: the completion's lip/jaw, closed in the speech's pauses. Writes the Completion's
+    arrays into ``folder``, OUTPUT_CHUNK frames at a time."""
     points = track.crop_points()
     refs = reference_frames(track.detected, completion.config.references)
-    predicted = predict_content(completion, points, points[refs], plan, normalise_mel(mel),
-                                fps, device)
+    np.save(folder / REFERENCES_FILE, refs)
+    predicted = predict_content(
+        completion, points, points[refs], plan, mel, fps, device,
+        normalisation=mel_normalisation(mel),
+        out=DiskArray.create(folder / PREDICTED_FILE,
+                             (len(plan), completion.config.content_points, 2), np.float32))
+    weight = closing_weight(pauses(voice_activity(mel, fps, len(plan)), fps, PAUSE_SECONDS))
+    closed = closed_mouth(points, track.detected)
+    target = DiskArray.create(folder / TARGET_FILE, (len(plan), *points.shape[1:]), np.float32)
     # The windows' predictions jitter from frame to frame by more than a mouth moves: a
     # Gaussian of 0.04 s (a frame at 25 fps) removes it (measured on the 7 validation clips:
     # the opening's correlation with the face track's +0.03 on average, every clip higher).
-    predicted = gaussian_filter1d(predicted, SMOOTH_SECONDS * float(fps), axis=0,
-                                  mode="nearest").astype(np.float32)
-    paused = pauses(voice_activity(mel, fps, len(plan)), fps, PAUSE_SECONDS)
-    target = points[plan].copy()
-    target[:, CONTENT_SLICE] = close_pauses(predicted, closed_mouth(points, track.detected),
-                                            paused)
-    return Completion(target.astype(np.float32), refs, predicted)
+    # Each part is smoothed with enough of its neighbours to equal smoothing all at once.
+    sigma = SMOOTH_SECONDS * float(fps)
+    halo = int(4.0 * sigma + 0.5) + 1  # gaussian_filter1d's reach (truncate=4)
+    for start in range(0, len(plan), OUTPUT_CHUNK):
+        stop = min(start + OUTPUT_CHUNK, len(plan))
+        low, high = max(0, start - halo), min(len(plan), stop + halo)
+        content = gaussian_filter1d(predicted[low:high], sigma, axis=0, mode="nearest")
+        frames = points[plan[start:stop]]
+        frames[:, CONTENT_SLICE] = close_pauses(content[start - low:stop - low], closed,
+                                                weight[start:stop])
+        target[start:stop] = frames
+    return Completion.load(folder)

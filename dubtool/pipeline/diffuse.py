@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dubtool.arrays import DiskArray
 from dubtool.face.warp import warp_face
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import VideoInfo
@@ -78,13 +79,14 @@ class LowerFaceGenerator:
     """What stays fixed across the chunks of one dub: model, reference features, targets."""
 
     def __init__(self, model: LoadedModel, crops: np.ndarray, plan: np.ndarray,
-                 target: np.ndarray, has_face: np.ndarray, reference_frame: int,
+                 target: np.ndarray | DiskArray, has_face: np.ndarray, reference_frame: int,
                  reference_points: np.ndarray, settings: DiffusionSettings,
                  device: torch.device, precision: torch.dtype = torch.float32) -> None:
         """crops (F, S, S, 3) per source frame; plan (O,) source frame per output frame;
-        target (O, 131, 2) landmarks; has_face (F,) whether the source frame has a face;
-        reference_points (131, 2) the reference frame's landmarks in its crop; precision: the
-        autocast type of the networks (weights stay float32)."""
+        target (O, 131, 2) landmarks (on disk: read a chunk's at a time); has_face (F,)
+        whether the source frame has a face; reference_points (131, 2) the reference frame's
+        landmarks in its crop; precision: the autocast type of the networks (weights stay
+        float32)."""
         if model.dubber is None:
             raise ValueError("the model has no trained dubbing network")
         self.model, self.crops, self.plan, self.target = model, crops, plan, target

@@ -8,39 +8,33 @@ from pathlib import Path
 
 import numpy as np
 
-from dubtool.media.audio import SAMPLE_RATE, load_speech, mel_spectrogram
+from dubtool.arrays import DiskArray
+from dubtool.media.audio import N_MELS, SAMPLE_RATE, decode_speech, mel_length, mel_spectrogram
 from dubtool.media.probe import AudioInfo, VideoInfo, probe_audio, probe_video
 from dubtool.pipeline.plan import frame_plan, output_frame_count
+
+MEL_FILE = "mel.npy"
+SAMPLES_FILE = "speech.f32"  # the decoded speech, removed once its mel is written
 
 
 @dataclass
 class Extracted:
     """What the later stages need to know about the inputs.
 
-    ``speech`` is 16 kHz mono float32 (samples,), ``mel`` is (80, T) log-mel of it, and
-    ``plan`` (output_frames,) gives the source frame of every output frame. Without speech
+    ``mel`` is the (80, T) log-mel of the speech, on disk (an hour is 320 MB), and ``plan``
+    (output_frames,) gives the source frame of every output frame. Without speech
     (``dubtool landmarks``) the plan is every source frame once and there is no mel.
     """
 
     video: VideoInfo
     speech_info: AudioInfo | None
-    speech: np.ndarray | None
-    mel: np.ndarray | None
+    mel: DiskArray | None
     plan: np.ndarray
     loop: str
 
     @property
     def output_seconds(self) -> float:
         return len(self.plan) / float(self.video.fps)
-
-    def save(self, folder: Path) -> None:
-        info = {"video": self.video.to_json(), "loop": self.loop,
-                "speech": None if self.speech_info is None else vars(self.speech_info)}
-        (folder / "info.json").write_text(json.dumps(info, indent=1))
-        np.save(folder / "plan.npy", self.plan)
-        if self.speech is not None:
-            np.save(folder / "speech.npy", self.speech)
-            np.save(folder / "mel.npy", self.mel)
 
     @classmethod
     def load(cls, folder: Path) -> Extracted:
@@ -49,23 +43,35 @@ class Extracted:
         return cls(
             video=VideoInfo.from_json(info["video"]),
             speech_info=AudioInfo(**info["speech"]) if has_speech else None,
-            speech=np.load(folder / "speech.npy") if has_speech else None,
-            mel=np.load(folder / "mel.npy") if has_speech else None,
+            mel=DiskArray.open(folder / MEL_FILE) if has_speech else None,
             plan=np.load(folder / "plan.npy"),
             loop=info["loop"],
         )
 
 
-def extract(video_path: str | Path, speech_path: str | Path | None = None,
-            loop: str = "pingpong") -> Extracted:
-    """Probe ``video_path`` and, given speech, decode it and plan one output frame per 1/fps s."""
+def extract(video_path: str | Path, speech_path: str | Path | None, loop: str,
+            folder: Path) -> Extracted:
+    """Probe ``video_path`` and, given speech, decode it and plan one output frame per 1/fps s.
+
+    Writes the stage into the empty ``folder``: info.json, plan.npy and the speech's mel.npy.
+    The speech goes through a file, never whole through memory: ffmpeg decodes it to
+    SAMPLES_FILE, whose mel is computed block by block.
+    """
     video = probe_video(video_path)
+    speech_info = None
     if speech_path is None:
         plan = np.arange(video.frame_count, dtype=np.int64)
-        return Extracted(video, None, None, None, plan, loop)
-    speech_info = probe_audio(speech_path)
-    speech = load_speech(speech_path)
-    mel = mel_spectrogram(speech)
-    frames = output_frame_count(len(speech) / SAMPLE_RATE, video.fps, video.frame_count, loop)
-    plan = frame_plan(video.frame_count, frames, loop)
-    return Extracted(video, speech_info, speech, mel, plan, loop)
+    else:
+        speech_info = probe_audio(speech_path)
+        samples = decode_speech(speech_path, folder / SAMPLES_FILE)
+        mel = DiskArray.create(folder / MEL_FILE, (N_MELS, mel_length(len(samples))), np.float32)
+        mel_spectrogram(samples, out=mel)
+        samples.path.unlink()
+        frames = output_frame_count(len(samples) / SAMPLE_RATE, video.fps, video.frame_count,
+                                    loop)
+        plan = frame_plan(video.frame_count, frames, loop)
+    info = {"video": video.to_json(), "loop": loop,
+            "speech": None if speech_info is None else vars(speech_info)}
+    (folder / "info.json").write_text(json.dumps(info, indent=1))
+    np.save(folder / "plan.npy", plan)
+    return Extracted.load(folder)

@@ -37,6 +37,7 @@ POSE_WEIGHT = 0.5       # pose residual against mouth-shape distance
 OPENING_WEIGHT = 2.0    # inner-lip opening (eye distances) against mouth-shape distance
 NARROWING_SHARE = 0.25  # of that weight, for a source more open than the target
 FADE_FRAMES = 3         # a switch is cross-faded over this many frames
+TARGET_CHUNK = 4096     # output frames whose costs are computed at once
 
 
 @dataclass
@@ -158,24 +159,33 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
     if len(faces) == 0:
         zeros = np.zeros(frames, np.int64)
         return ReferencePlan(zeros, zeros.copy(), np.zeros(frames, np.float32), zeros[:1])
-    template = np.median(track_points[faces], axis=0)
-    shapes, poses = face_frame_shapes(track_points[faces], template)
     if anchor is None or not detected[anchor]:
         opening = mouth_opening(track_points[faces])
         anchor = int(faces[np.argsort(opening)[len(faces) // 2]])
+    if pool_size == 1 or len(faces) == 1:  # one reference (the default): nothing to choose
+        same = np.full(frames, anchor, np.int64)
+        return ReferencePlan(same, same.copy(), np.zeros(frames, np.float32), same[:1])
+    template = np.median(track_points[faces], axis=0)
+    shapes, poses = face_frame_shapes(track_points[faces], template)
     pool = spread_pool(shapes, faces, pool_size, first=anchor)
     at = np.searchsorted(faces, pool)
     pool_shapes, pool_poses = shapes[at], poses[at]
-    # Target landmarks are in crop units: their shapes come out in the same eye-distance units.
-    target_shapes, target_poses = face_frame_shapes(target, template / interocular(template))
-    shape_cost = np.sqrt(((target_shapes[:, None] - pool_shapes[None]) ** 2).mean(-1))
-    pose_cost = np.sqrt(((target_poses[:, None] - pool_poses[None]) ** 2).mean(-1))
-    # How far the lips part decides what the inside of the mouth shows, so it is weighed on
-    # its own, and a source that is less open than the target costs more than a more open
-    # one: the warp can press lips together, but it has no inside to show between them.
-    wider = inner_lip_opening(target)[:, None] - inner_lip_opening(track_points[pool])[None]
-    opening_cost = np.where(wider > 0, wider, -NARROWING_SHARE * wider)
-    cost = shape_cost + POSE_WEIGHT * pose_cost + OPENING_WEIGHT * opening_cost
+    pool_opening = inner_lip_opening(track_points[pool])
+    # Target landmarks are in crop units: their shapes come out in the same eye-distance
+    # units. Read a part at a time: the targets of a long speech stay on disk.
+    cost = np.empty((frames, len(pool)))
+    for start in range(0, frames, TARGET_CHUNK):
+        part = np.asarray(target[start:start + TARGET_CHUNK])
+        target_shapes, target_poses = face_frame_shapes(part, template / interocular(template))
+        shape_cost = np.sqrt(((target_shapes[:, None] - pool_shapes[None]) ** 2).mean(-1))
+        pose_cost = np.sqrt(((target_poses[:, None] - pool_poses[None]) ** 2).mean(-1))
+        # How far the lips part decides what the inside of the mouth shows, so it is weighed
+        # on its own, and a source less open than the target costs more than a more open one:
+        # the warp can press lips together, but it has no inside to show between them.
+        wider = inner_lip_opening(part)[:, None] - pool_opening[None]
+        opening_cost = np.where(wider > 0, wider, -NARROWING_SHARE * wider)
+        cost[start:start + len(part)] = (shape_cost + POSE_WEIGHT * pose_cost
+                                         + OPENING_WEIGHT * opening_cost)
     if exclude_frames > 0:
         near = np.abs(plan[:, None] - pool[None]) < exclude_frames
         far = np.argmax(np.abs(plan[:, None] - pool[None]), axis=1)

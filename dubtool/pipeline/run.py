@@ -77,8 +77,7 @@ def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
                              inputs.speech_digest, loop)
     folder = cache.run_stage(
         "extract", extract_fp,
-        lambda out: extract_stage.extract(inputs.video, inputs.speech, loop).save(out),
-        force=force)
+        lambda out: extract_stage.extract(inputs.video, inputs.speech, loop, out), force=force)
     extracted = Extracted.load(folder)
 
     # Only the source frames the plan uses are tracked (and cropped): a short speech over a
@@ -156,8 +155,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     folder = cache.run_stage(
         "complete", complete_fp,
         lambda out: complete_stage.complete(model.dubber.completion, track, plan,
-                                            front.extracted.mel,
-                                            video.fps, device).save(out),
+                                            front.extracted.mel, video.fps, out, device),
         force=force)
     completion = Completion.load(folder)
 

@@ -81,7 +81,7 @@ def _write_clip(folder: Path, video: Path, person: str, front, crop_size: int) -
     write_crops(extracted.video, track, crop_size, tmp)  # the dub pipeline's crops, same file
     np.save(tmp / "points.npy", track.crop_points())
     np.save(tmp / "detected.npy", track.detected)
-    np.save(tmp / "mel.npy", extracted.mel.astype(np.float32))
+    np.save(tmp / "mel.npy", extracted.mel[:])
     fps = extracted.video.fps
     (tmp / "meta.json").write_text(json.dumps({
         "fps": f"{fps.numerator}/{fps.denominator}", "video": str(video), "person": person,
