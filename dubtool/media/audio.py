@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -10,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from dubtool.arrays import DiskArray
-from dubtool.errors import InvalidMedia
+from dubtool.errors import InvalidMedia, MissingDependency
 from dubtool.media.probe import check_readable, probe_audio, run_tool
 
 SAMPLE_RATE = 16_000
@@ -30,9 +33,9 @@ VAD_RANGE_DB = 35.0
 VAD_FLOOR_DB = -75.0
 
 
-def _decode_command(path: Path, target: str) -> list[str]:
+def _decode_command(path: Path) -> list[str]:
     return ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
-            "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-y", target]
+            "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "pipe:1"]
 
 
 def load_speech(path: str | Path) -> np.ndarray:
@@ -42,7 +45,7 @@ def load_speech(path: str | Path) -> np.ndarray:
     """
     path = check_readable(path)
     probe_audio(path)  # a clear error for files without an audio stream
-    raw = run_tool(_decode_command(path, "pipe:1"), path, "audio could not be decoded")
+    raw = run_tool(_decode_command(path), path, "audio could not be decoded")
     samples = np.frombuffer(raw, np.float32)
     if samples.size == 0:
         raise InvalidMedia("audio stream holds no samples", path)
@@ -50,11 +53,29 @@ def load_speech(path: str | Path) -> np.ndarray:
 
 
 def decode_speech(path: str | Path, target: Path) -> DiskArray:
-    """``load_speech`` into the file ``target`` (raw float32) rather than memory: ffmpeg writes
-    it, so an hour of speech (230 MB) never passes through this process."""
+    """``load_speech`` into the file ``target`` (raw float32) rather than memory, a block at a
+    time: an hour of speech (230 MB) never sits whole in this process. This process writes the
+    file, not ffmpeg, so that a full disk is an OSError like any other write of the stage."""
     path = check_readable(path)
     probe_audio(path)
-    run_tool(_decode_command(path, str(target)), path, "audio could not be decoded")
+    with tempfile.TemporaryFile() as log, open(target, "wb") as out:
+        try:
+            proc = subprocess.Popen(_decode_command(path), stdout=subprocess.PIPE,
+                                    stderr=log, stdin=subprocess.DEVNULL)
+        except FileNotFoundError as exc:
+            raise MissingDependency("ffmpeg not found: apt-get install ffmpeg") from exc
+        try:
+            shutil.copyfileobj(proc.stdout, out, 1 << 20)
+        finally:
+            proc.stdout.close()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        if proc.returncode != 0:
+            log.seek(0)
+            lines = log.read().decode(errors="replace").strip().splitlines()
+            tail = lines[-1] if lines else "ffmpeg failed"
+            raise InvalidMedia(f"audio could not be decoded ({tail})", path)
     samples = DiskArray.raw(target, np.float32)
     if len(samples) == 0:
         raise InvalidMedia("audio stream holds no samples", path)

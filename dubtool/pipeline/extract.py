@@ -66,7 +66,7 @@ def extract(video_path: str | Path, speech_path: str | Path | None, loop: str,
         samples = decode_speech(speech_path, folder / SAMPLES_FILE)
         mel = DiskArray.create(folder / MEL_FILE, (N_MELS, mel_length(len(samples))), np.float32)
         mel_spectrogram(samples, out=mel)
-        samples.path.unlink()
+        samples.path.unlink()  # the later stages need the mel alone (an hour's samples: 230 MB)
         frames = output_frame_count(len(samples) / SAMPLE_RATE, video.fps, video.frame_count,
                                     loop)
         plan = frame_plan(video.frame_count, frames, loop)
