@@ -199,8 +199,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     from dubtool.nets.io import LoadedModel, load_model, model_digest
     from dubtool.pipeline.blend import blended_frames, write_video
     from dubtool.pipeline.cache import clean_runs
-    from dubtool.pipeline.diffuse import DiffusionSettings
-    from dubtool.pipeline.render import make_renderer
+    from dubtool.pipeline.render import DiffusionSettings, make_renderer
     from dubtool.pipeline.run import Inputs, run_dub_stages
 
     start = time.perf_counter()
@@ -215,7 +214,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         last = probe_video(inputs.video).frame_count - 1
         check_range("--reference-frame", reference_frame, at_least=0, at_most=last)
     dev = resolve_device(device)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model).to(dev)
+    loaded = (model if isinstance(model, LoadedModel) else
+              load_model(model, completion_only=renderer == "native").to(dev))
     diffusion = loaded.config.diffusion
     # DDIM cannot take more steps than the schedule the model was trained on has.
     check_range("--steps", steps, at_least=1, at_most=diffusion.train_steps)
@@ -512,7 +512,9 @@ class _BatchWorker:
             if item.output.exists() and not self.force:
                 return BatchOutcome(item, "skipped", 0.0, "output exists (use --force)")
             if self.loaded is None:
-                self.loaded = load_model(self.model).to(resolve_device(self.device))
+                native = self.dub_options.get("renderer", DEFAULT_RENDERER) == "native"
+                self.loaded = load_model(self.model, completion_only=native).to(
+                    resolve_device(self.device))
             item.output.parent.mkdir(parents=True, exist_ok=True)
             # Two jobs with the same inputs share a cache entry: the second waits for the first.
             with disk_full_reported(item.output):
@@ -582,7 +584,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
-    loaded = load_model(model).to(dev)
+    loaded = load_model(model, completion_only=renderer == "native").to(dev)
     identity = load_identity_model()
     results = []
     for n, clip in enumerate(clips):
@@ -666,7 +668,7 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
     clip = Path(clip) if clip is not None else BUNDLED_CLIP
     probe_video(clip)  # a clear error before any work for a clip that is not a video
     dev = resolve_device(device)
-    loaded = load_model(model).to(dev)
+    loaded = load_model(model, completion_only=renderer == "native").to(dev)
     speech = Path(speech) if speech is not None else clip
     runs = []
     with tempfile.TemporaryDirectory(prefix="dubtool-bench-") as scratch:

@@ -18,7 +18,8 @@ from dubtool.face.warp import warp_face
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import ffprobe, probe_video
 from dubtool.nets.io import load_model
-from dubtool.pipeline.diffuse import DiffusionSettings, LowerFaceGenerator
+from dubtool.pipeline.diffuse import LowerFaceGenerator
+from dubtool.pipeline.render import DiffusionSettings
 
 
 def frames_of(path: Path) -> np.ndarray:
@@ -44,6 +45,24 @@ def test_package_exports_the_library_api_without_loading_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_native_dub_loads_the_completion_alone(face_clip: Path, tiny_model: Path,
+                                                   tmp_path: Path) -> None:
+    """diffusers takes seconds to import: the native renderer needs only the completion."""
+    speech = make_tone(tmp_path / "speech.wav", seconds=0.4)
+    code = ("import sys, dubtool; dubtool.dub(sys.argv[1], sys.argv[2], sys.argv[3], "
+            "model=sys.argv[4], cache_dir=sys.argv[5], device='cpu'); "
+            "print([m for m in ('diffusers', 'dubtool.nets.autoencoder') if m in sys.modules])")
+    run = subprocess.run([sys.executable, "-c", code, str(face_clip), str(speech),
+                          str(tmp_path / "out.mp4"), str(tiny_model), str(tmp_path / "cache")],
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+    model = load_model(tiny_model, completion_only=True)
+    assert model.autoencoder is None and model.dubber is None
+    full = load_model(tiny_model)
+    for name, weight in model.completion.state_dict().items():
+        assert torch.equal(weight, full.dubber.completion.state_dict()[name])
 
 
 @pytest.mark.parametrize(("renderer", "stages"), [

@@ -11,6 +11,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -18,10 +19,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dubtool.errors import ModelError
-from dubtool.nets.autoencoder import FaceAutoencoder
 from dubtool.nets.config import MODELS_DIR, ModelConfig
-from dubtool.nets.dubber import DubbingModel
+from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.pipeline.cache import file_digest
+
+if TYPE_CHECKING:  # diffusers takes seconds to import: only the diffusion path loads it
+    from dubtool.nets.autoencoder import FaceAutoencoder
+    from dubtool.nets.dubber import DubbingModel
 
 CONFIG_FILE = "config.json"
 AUTOENCODER_FILE = "autoencoder.safetensors"
@@ -45,12 +49,13 @@ def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] |
 
 
 def load_weights(module: nn.Module, path: str | Path, new_modules: tuple[str, ...] = (),
-                 ignore: tuple[str, ...] = ()) -> None:
+                 ignore: tuple[str, ...] = (), prefix: str = "") -> None:
     """Fill ``module`` from a safetensors file whose names and shapes must match exactly,
     except that weights under the ``new_modules`` prefixes may be missing from the file (they
     keep their initial values: growing a trained model by zero-initialised parts), and that
     weights under the ``ignore`` prefixes are neither read from the file nor required (a part
-    filled from elsewhere, e.g. a separately trained landmark completion)."""
+    filled from elsewhere, e.g. a separately trained landmark completion). ``prefix``: only
+    the file's weights under it are read, without it (one part of a larger network)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ModelError("only .safetensors weight files are loaded", path)
@@ -60,6 +65,8 @@ def load_weights(module: nn.Module, path: str | Path, new_modules: tuple[str, ..
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"not a readable safetensors file ({exc})", path) from exc
+    if prefix:
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if ignore:
         tensors = {k: v for k, v in tensors.items() if not k.startswith(ignore)}
         new_modules = (*new_modules, *ignore)
@@ -80,15 +87,23 @@ def load_weights(module: nn.Module, path: str | Path, new_modules: tuple[str, ..
 
 @dataclass
 class LoadedModel:
+    """A model folder's networks: the landmark completion (every renderer's), and the
+    autoencoder and dubbing model (the diffusion renderer's; None when not loaded)."""
+
     folder: Path
     config: ModelConfig
-    autoencoder: FaceAutoencoder
+    autoencoder: FaceAutoencoder | None
     dubber: DubbingModel | None
+    completion: LandmarkCompletion | None = None
+
+    def __post_init__(self) -> None:
+        if self.completion is None and self.dubber is not None:
+            self.completion = self.dubber.completion
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-        self.autoencoder.to(device, dtype)
-        if self.dubber is not None:
-            self.dubber.to(device, dtype)
+        for part in (self.autoencoder, self.dubber, self.completion):
+            if part is not None:
+                part.to(device, dtype)
         return self
 
 
@@ -130,6 +145,9 @@ def with_completion(base: str | Path, completion: str | Path, config: ModelConfi
     """Write a model folder at ``folder``: the ``base`` model folder's autoencoder, appearance
     encoder and denoiser with the landmark completion of ``completion`` (safetensors) and
     ``config``'s completion and training settings (half precision, as shipped)."""
+    from dubtool.nets.autoencoder import FaceAutoencoder
+    from dubtool.nets.dubber import DubbingModel
+
     base = resolve_model_folder(base)
     base_config = ModelConfig.load(base / CONFIG_FILE)
     autoencoder = FaceAutoencoder(base_config.autoencoder)
@@ -142,14 +160,27 @@ def with_completion(base: str | Path, completion: str | Path, config: ModelConfi
     return save_model(folder, merged, autoencoder, dubber, half=True)
 
 
-def load_model(name_or_path: str | Path, need_dubber: bool = True) -> LoadedModel:
-    """Build the networks from the folder's config and fill them from its safetensors."""
+def load_model(name_or_path: str | Path, need_dubber: bool = True,
+               completion_only: bool = False) -> LoadedModel:
+    """Build the networks from the folder's config and fill them from its safetensors.
+    ``completion_only``: the landmark completion alone (what the native renderer needs: the
+    autoencoder and denoiser, and diffusers, are not loaded)."""
     folder = resolve_model_folder(name_or_path)
     for entry in folder.iterdir():
         if entry.suffix in (".pt", ".pth", ".ckpt", ".bin", ".pkl"):
             raise ModelError(f"holds pickle-format weights ({entry.name}); only safetensors "
                              "are loaded", folder)
     config = ModelConfig.load(folder / CONFIG_FILE)
+    if completion_only:
+        if not (folder / DUBBER_FILE).exists():
+            raise ModelError("has no trained dubbing model (dubber.safetensors): train one "
+                             "with 'dubtool train dubber'", folder)
+        completion = LandmarkCompletion(config.completion)
+        load_weights(completion, folder / DUBBER_FILE, prefix="completion.")
+        return LoadedModel(folder, config, None, None, completion.eval())
+    from dubtool.nets.autoencoder import FaceAutoencoder
+    from dubtool.nets.dubber import DubbingModel
+
     autoencoder = FaceAutoencoder(config.autoencoder)
     load_weights(autoencoder, folder / AUTOENCODER_FILE)
     autoencoder.eval().requires_grad_(False)

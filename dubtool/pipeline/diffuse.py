@@ -12,19 +12,20 @@ lips and jaw where the speech wants them, the denoiser redraws the mouth from th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dubtool.arrays import DiskArray
+from dubtool.errors import ModelError
 from dubtool.face.warp import warp_face
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import VideoInfo
 from dubtool.nets.io import LoadedModel
 from dubtool.nets.sampling import inpaint_lower_half, lower_half_mask, make_scheduler
 from dubtool.pipeline.landmarks import FaceTrack
+from dubtool.pipeline.render import DiffusionSettings
 
 CROPS_FILE = "crops.npy"
 
@@ -58,19 +59,6 @@ def to_images(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-@dataclass(frozen=True)
-class DiffusionSettings:
-    """How the lower faces are sampled. ``batch_size`` chunks are denoised together: the video
-    is diffused as that many contiguous streams side by side, each starting without motion
-    frames (1: one stream, temporal context carried through the whole video)."""
-
-    steps: int
-    eta: float = 0.0
-    seed: int = 0
-    strength: float = 1.0
-    batch_size: int = 1
-
-
 def chunk_count(output_frames: int, chunk_frames: int) -> int:
     return -(-output_frames // chunk_frames)
 
@@ -87,8 +75,9 @@ class LowerFaceGenerator:
         whether the source frame has a face; reference_points (131, 2) the reference frame's
         landmarks in its crop; precision: the autocast type of the networks (weights stay
         float32)."""
-        if model.dubber is None:
-            raise ValueError("the model has no trained dubbing network")
+        if model.dubber is None or model.autoencoder is None:
+            raise ModelError("was loaded without the diffusion renderer's networks "
+                             "(load_model(..., completion_only=False))", model.folder)
         self.model, self.crops, self.plan, self.target = model, crops, plan, target
         self.has_face = has_face
         self.settings, self.device, self.precision = settings, device, precision

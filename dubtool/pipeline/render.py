@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     import torch
 
     from dubtool.nets.io import LoadedModel
-    from dubtool.pipeline.diffuse import DiffusionSettings
     from dubtool.pipeline.run import StageProgress
 
 # The side at which the native renderer works at most: a larger face box is drawn at this size
@@ -164,6 +163,19 @@ class NativeFaces:
         face[top:] = lower
         mask = lower_face_mask([self.crop_points[source], self.target[o]], size)
         return match_colour(face, original, mask), mask
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """How the lower faces are sampled. ``batch_size`` chunks are denoised together: the video
+    is diffused as that many contiguous streams side by side, each starting without motion
+    frames (1: one stream, temporal context carried through the whole video)."""
+
+    steps: int
+    eta: float = 0.0
+    seed: int = 0
+    strength: float = 1.0
+    batch_size: int = 1
 
 
 class DiffusionRenderer:

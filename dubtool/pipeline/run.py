@@ -154,7 +154,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                               front.landmarks_fp, model_digest)
     folder = cache.run_stage(
         "complete", complete_fp,
-        lambda out: complete_stage.complete(model.dubber.completion, track, plan,
+        lambda out: complete_stage.complete(model.completion, track, plan,
                                             front.extracted.mel, video.fps, out, device),
         force=force)
     completion = Completion.load(folder)
