@@ -4,11 +4,11 @@ A renderer runs its own cached stages after ``complete`` and returns ``LowerFace
 output frame with a face, the new lower face in that frame's face box and the soft mask it is
 pasted through (the blend stage does the pasting, whatever the renderer).
 
-- ``native``: drawn from the video's own frames at the face's own size in the frame. Each
-  output frame takes the source frame whose mouth shape is nearest its target landmarks
-  (``pipeline.references``), bent onto those landmarks by the thin-plate spline and resampled
-  bicubically, colour-matched to the frame. Nothing is scaled up from a small image, and an
-  open mouth shows the teeth and inside of a frame where the mouth was open.
+- ``native``: drawn from the video's own frames at the face's own size in the frame: the
+  reference frame (or, with ``references`` > 1, per output frame the source frame whose mouth
+  shape is nearest its target landmarks, ``pipeline.references``), bent onto the target
+  landmarks by the thin-plate spline and resampled bicubically, colour-matched to the frame.
+  Nothing is scaled up from a small image.
 - ``diffusion``: the paper's model: one reference face at the model's crop size (128 px for
   ``cpu-128``), warped to the targets and refined by the TalkFormer denoiser in chunks, then
   scaled up into the frame.
@@ -17,6 +17,7 @@ pasted through (the blend stage does the pasting, whatever the renderer).
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,7 @@ class NativeRenderer:
             forced=job.reference_frame if job.forced else None,
             pool_size=self.references).save(out), force=job.force)
         references = ReferencePlan.load(folder)
-        crops_fp = fingerprint("reference-crops", code_digest(references_stage), fp,
+        crops_fp = fingerprint("reference-crops", code_digest(sys.modules[__name__]), fp,
                                NATIVE_MAX_SIZE)
         folder = cache.run_stage(
             "reference-crops", crops_fp,
