@@ -414,7 +414,7 @@ def _interrupting(monkeypatch, stage: str) -> None:
         "crops": (FaceTrack, "box", 5),
         "complete": (complete, "mel_window", 10),
         "diffuse": (diffuse.LowerFaceGenerator, "generate", 3),
-        "references": (references, "face_frame_shapes", 0),
+        "references": (references.ReferencePlan, "save", 0),
         "reference-crops": (FaceTrack, "box", 2),
         "blend": (VideoWriter, "write", 10),
     }
@@ -497,6 +497,12 @@ def test_untrusted_model_folder_cannot_run_code(tiny_model: Path, short_face: Pa
     shutil.copytree(tiny_model, evil)
     config = json.loads((evil / "config.json").read_text())
     config["denoiser"]["channels"] = [16, 32, 64]
+    (evil / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["dub", "--model", str(evil), "--renderer", "diffusion",
+                                 str(short_face), str(speech)])
+    assert result.exit_code == 6 and "weights do not match the config" in one_line_error(result)
+    # The native renderer loads the completion alone, and checks it as strictly.
+    config["completion"]["ff_dim"] *= 2
     (evil / "config.json").write_text(json.dumps(config))
     result = runner.invoke(app, ["dub", "--model", str(evil), str(short_face), str(speech)])
     assert result.exit_code == 6 and "weights do not match the config" in one_line_error(result)
