@@ -19,6 +19,7 @@ from dubtool.pipeline.references import (
     cross_fades,
 )
 from dubtool.pipeline.render import NativeFaces
+from dubtool.pipeline.run import pick_reference_frame
 
 LOWER_LIP = np.arange(LIPS_SLICE.start, NUM_POINTS)[[11, 12, 13, 14, 15, 16, 17, 18, 19,
                                                       31, 32, 33, 34, 35, 36, 37, 38, 39]]
@@ -73,7 +74,8 @@ def test_the_reference_is_the_frame_whose_mouth_is_nearest_in_any_pose() -> None
     track = _track(sources)
     wanted = np.repeat([0.0, 0.06, 0.12, 0.03], 10)  # each held for 10 frames
     target = np.stack([_moved(_face(v, rng), 1.1, 0.1, (0.05, 0.0)) for v in wanted])
-    chosen = choose_references(track.points, track.detected, target, np.zeros(40, np.int64))
+    chosen = choose_references(track.points, track.detected, target, np.zeros(40, np.int64),
+                               anchor=pick_reference_frame(track))
     # The nearest shape, or one a step more open (the warp can close a mouth, not open one).
     wider = openings[chosen.source] - wanted
     assert (wider >= -1e-9).all() and (wider <= 0.0051).all()
@@ -90,7 +92,8 @@ def test_no_reference_is_taken_from_near_the_frame_it_is_pasted_on() -> None:
     plan = np.arange(120)
     target = track.crop_points()
     gap = 25
-    leaky = choose_references(track.points, track.detected, target, plan)
+    leaky = choose_references(track.points, track.detected, target, plan,
+                              anchor=pick_reference_frame(track))
     assert (np.abs(leaky.source - plan) < gap).mean() > 0.3  # the test can see a leak
     anchor = 110
     safe = choose_references(track.points, track.detected, target, plan, exclude_frames=gap,
@@ -108,7 +111,8 @@ def test_candidates_are_bounded_whatever_the_length() -> None:
     sources = np.stack([_face(v, rng) for v in openings])
     track = _track(sources)
     plan = np.arange(2000)
-    chosen = choose_references(track.points, track.detected, track.crop_points(), plan)
+    chosen = choose_references(track.points, track.detected, track.crop_points(), plan,
+                               anchor=pick_reference_frame(track))
     assert len(chosen.pool) == references.POOL_SIZE
     assert len(chosen.used) <= references.POOL_SIZE
 
@@ -152,14 +156,12 @@ def test_a_forced_reference_serves_every_frame() -> None:
     rng = np.random.default_rng(5)
     track = _track(np.stack([_face(v, rng) for v in np.linspace(0, 0.1, 30)]))
     chosen = choose_references(track.points, track.detected, track.crop_points(),
-                               np.arange(30), forced=7)
+                               np.arange(30), anchor=7, forced=7)
     assert (chosen.source == 7).all() and (chosen.outgoing_weight == 0).all()
     assert chosen.used.tolist() == [7]
 
 
 def test_the_single_reference_is_far_from_as_many_frames_as_can_be() -> None:
-    from dubtool.pipeline.run import pick_reference_frame
-
     rng = np.random.default_rng(6)
     track = _track(np.stack([_face(v, rng) for v in rng.uniform(0, 0.1, 100)]))
     plan = np.arange(40)  # the first 40 frames are dubbed

@@ -27,7 +27,6 @@ from dubtool.face.indices import (
     POSE_SLICE,
     inner_lip_opening,
     interocular,
-    mouth_opening,
 )
 
 POOL_SIZE = 48          # candidate frames at most (``--references``)
@@ -139,17 +138,18 @@ def cross_fades(path: np.ndarray, fade: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np.ndarray,
-                      plan: np.ndarray, *, exclude_frames: int = 0, anchor: int | None = None,
+                      plan: np.ndarray, *, anchor: int, exclude_frames: int = 0,
                       forced: int | None = None, pool_size: int = POOL_SIZE) -> ReferencePlan:
     """The reference plan of a dub.
 
     track_points (F, 131, 2) source landmarks (pixels); detected (F,) which have a face;
     target (O, 131, 2) each output frame's target landmarks in its source frame's crop box;
-    plan (O,) the source frame of each output frame. ``anchor``: a frame the candidates always
-    include (the dub's single reference: every output frame it is allowed for has a
-    candidate); ``pool_size``: how many candidates at most (1: the anchor alone).
-    ``forced``: one frame for every output frame (``--reference-frame``). Output frames
-    without an allowed candidate take the candidate farthest in time.
+    plan (O,) the source frame of each output frame. ``anchor``: a frame with a face that the
+    candidates always include (the dub's single reference, ``run.pick_reference_frame``: every
+    output frame it is allowed for has a candidate); ``pool_size``: how many candidates at
+    most (1: the anchor alone). ``forced``: one frame for every output frame
+    (``--reference-frame``). Output frames without an allowed candidate take the candidate
+    farthest in time.
     """
     frames = len(plan)
     if forced is not None:
@@ -159,9 +159,6 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
     if len(faces) == 0:
         zeros = np.zeros(frames, np.int64)
         return ReferencePlan(zeros, zeros.copy(), np.zeros(frames, np.float32), zeros[:1])
-    if anchor is None or not detected[anchor]:
-        opening = mouth_opening(track_points[faces])
-        anchor = int(faces[np.argsort(opening)[len(faces) // 2]])
     if pool_size == 1 or len(faces) == 1:  # one reference (the default): nothing to choose
         same = np.full(frames, anchor, np.int64)
         return ReferencePlan(same, same.copy(), np.zeros(frames, np.float32), same[:1])

@@ -67,6 +67,7 @@ class RenderJob:
     plan: np.ndarray            # (O,) source frame of each output frame
     target: np.ndarray          # (O, 131, 2) target landmarks in each source frame's crop box
     upstream: str               # fingerprint of everything the targets depend on
+    track_fp: str               # fingerprint of the face track (what crops depend on)
     reference_frame: int        # the one reference (forced, or the dub's typical frame)
     forced: bool                # whether --reference-frame forced it
     exclude_frames: int         # references at least this far from the frame they serve
@@ -193,7 +194,7 @@ class DiffusionRenderer:
 
         model, settings, track, plan = self.model, self.settings, job.track, job.plan
         size = model.config.crop_size
-        crops_fp = fingerprint("crops", code_digest(diffuse_stage), job.upstream, size)
+        crops_fp = fingerprint("crops", code_digest(diffuse_stage), job.track_fp, size)
         folder = job.cache.run_stage(
             "crops", crops_fp, lambda out: diffuse_stage.write_crops(job.video, track, size, out),
             force=job.force)

@@ -168,8 +168,8 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
         raise InvalidMedia(f"--reference-frame {reference_frame} is outside the "
                            f"{track.frames} frames of the video that the speech uses",
                            video.path)
-    job = RenderJob(cache, video, track, plan, completion.target, complete_fp, reference_frame,
-                    forced, exclude, force, progress)
+    job = RenderJob(cache, video, track, plan, completion.target, complete_fp,
+                    front.landmarks_fp, reference_frame, forced, exclude, force, progress)
     return DubStages(front, completion, renderer.render(job), reference_frame)
 
 
