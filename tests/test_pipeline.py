@@ -28,7 +28,7 @@ from dubtool.pipeline.cache import (
     list_runs,
 )
 from dubtool.pipeline.extract import extract
-from dubtool.pipeline.landmarks import smooth_track
+from dubtool.pipeline.landmarks import FaceTrack, smooth_track
 from dubtool.pipeline.plan import frame_plan, output_frame_count
 from dubtool.pipeline.run import Inputs, run_front
 
@@ -425,3 +425,43 @@ def test_cache_limit_setting(monkeypatch) -> None:
         monkeypatch.setenv(LIMIT_VARIABLE, bad)
         with pytest.raises(UsageError, match=f"DUBTOOL_CACHE_LIMIT_GB '{bad}': must be"):
             cache_limit_bytes()
+
+
+def test_track_writes_the_raw_mesh_to_disk_by_blocks(tmp_path: Path, monkeypatch) -> None:
+    """With a mesh file the raw mesh goes to disk MESH_BLOCK frames at a time (what memory
+    holds stays small for long videos): the same track as in memory, NaN where no face, and
+    saving leaves the file as written."""
+    from dubtool.arrays import DiskArray
+    from dubtool.pipeline import landmarks as landmarks_stage
+
+    video = probe_video(make_video(tmp_path / "v.mp4", seconds=0.8, size="64x48", audio=False))
+    rng = np.random.default_rng(0)
+    base = rng.uniform(10, 40, (478, 3)).astype(np.float32)
+
+    class Scripted:
+        name = "scripted"
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def detect_all(self, frame: np.ndarray) -> list[np.ndarray]:
+            self.calls += 1
+            return [] if self.calls % 5 == 3 else [base + self.calls * 0.1]
+
+    monkeypatch.setattr(landmarks_stage, "MESH_BLOCK", 4)
+    in_memory = landmarks_stage.track_faces(video, Scripted())
+    on_disk = landmarks_stage.track_faces(video, Scripted(), mesh_file=tmp_path / "mesh.npy")
+    assert isinstance(on_disk.mesh, DiskArray) and on_disk.frames == video.frame_count == 20
+    np.testing.assert_array_equal(on_disk.mesh[:], in_memory.mesh)
+    np.testing.assert_array_equal(on_disk.points, in_memory.points)
+    assert (~on_disk.detected).sum() == 4 and np.isnan(on_disk.mesh[:][~on_disk.detected]).all()
+    np.testing.assert_allclose(on_disk.mesh[19], base + 2.0, rtol=1e-6)
+    on_disk.save(tmp_path)
+    loaded = FaceTrack.load(tmp_path)
+    np.testing.assert_array_equal(np.asarray(loaded.mesh), in_memory.mesh)

@@ -170,3 +170,30 @@ def test_the_single_reference_is_far_from_as_many_frames_as_can_be() -> None:
     # Without the rule: the frame of median opening.
     opening = mouth_opening(track.points)
     assert opening[pick_reference_frame(track)] == np.sort(opening)[50]
+
+
+def test_a_soft_reference_is_sharpened_to_the_videos_typical_detail() -> None:
+    """``match_detail`` brings a blurred face's mouth detail up to the typical one (within the
+    bisection's step), leaves a face that already holds it as it is, and never sharpens past
+    MAX_SHARPENING."""
+    from dubtool.pipeline import render
+    from dubtool.pipeline.render import match_detail, mouth_detail
+
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8), (0, 0), 1.5)
+    points = _face(0.05, rng)
+    typical = mouth_detail(texture, points)
+    soft = cv2.GaussianBlur(texture, (0, 0), 0.8)
+    assert mouth_detail(soft, points) < 0.6 * typical
+    sharpened = match_detail(soft, points, typical)
+    assert typical <= mouth_detail(sharpened, points) < 1.05 * typical
+    assert np.array_equal(match_detail(texture, points, typical), texture)
+    assert np.array_equal(match_detail(sharpened, points, 0.5 * typical), sharpened)
+    # Far softer than any unsharp mask can mend: the largest amount, no more.
+    flat = cv2.GaussianBlur(texture, (0, 0), 6.0)
+    most = match_detail(flat, points, typical)
+    assert mouth_detail(most, points) < typical
+    blurred = cv2.GaussianBlur(flat, (0, 0), 1.0)
+    expected = cv2.addWeighted(flat, 1 + render.MAX_SHARPENING, blurred,
+                               -render.MAX_SHARPENING, 0.0)
+    assert np.array_equal(most, expected)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
+from dubtool.arrays import DiskArray
 from dubtool.face.choose import FacePicker
 from dubtool.face.crop import CropBox, face_box
 from dubtool.face.detect import Detector
@@ -32,6 +33,9 @@ BOX_SIZE_SIGMA_S = 0.4
 POSE_SIGMA_S = 0.04
 CONTENT_SIGMA_S = 0.02
 
+MESH_FILE = "mesh.npy"
+MESH_BLOCK = 256  # frames of raw mesh held in memory before they are written out
+
 Progress = Callable[[int, int], None]
 
 
@@ -40,6 +44,7 @@ class FaceTrack:
     """A face over F frames.
 
     mesh      (F, 478, 3) float32  raw detector points in pixels, NaN where no face was found
+                                   (in memory, or on disk as a DiskArray or memory map)
     detected  (F,) bool            whether the detector found the face in the frame
     points    (F, 131, 2) float32  the ordered points in pixels, smoothed, gaps interpolated
     boxes     (F, 3) int32         crop box per frame: x0, y0, size (pixels)
@@ -75,7 +80,8 @@ class FaceTrack:
         return (self.points - offset) / size
 
     def save(self, folder: Path) -> None:
-        np.save(folder / "mesh.npy", self.mesh)
+        if not (isinstance(self.mesh, DiskArray) and self.mesh.path == folder / MESH_FILE):
+            np.save(folder / MESH_FILE, self.mesh)
         np.savez(folder / "track.npz", detected=self.detected, points=self.points,
                  boxes=self.boxes)
         (folder / "track.json").write_text(json.dumps(
@@ -88,7 +94,7 @@ class FaceTrack:
         with np.load(folder / "track.npz", allow_pickle=False) as data:
             # The raw mesh (5.7 KB a frame) is mapped, not read: what a dub keeps in memory
             # stays small however long the video.
-            return cls(meta["detector"], np.load(folder / "mesh.npy", mmap_mode="r"),
+            return cls(meta["detector"], np.load(folder / MESH_FILE, mmap_mode="r"),
                        data["detected"], data["points"], data["boxes"], meta["ms_per_frame"],
                        meta["faces_seen"], meta["face"])
 
@@ -135,11 +141,17 @@ def smooth_track(points: np.ndarray, detected: np.ndarray,
 
 
 def track_faces(video: VideoInfo, detector: Detector, face: FaceChoice = "largest",
-                progress: Progress | None = None, frames: int | None = None) -> FaceTrack:
+                progress: Progress | None = None, frames: int | None = None,
+                mesh_file: Path | None = None) -> FaceTrack:
     """Detect the faces in the first ``frames`` frames of ``video`` (default: all; streamed,
-    one at a time) and follow the one that ``face`` picks."""
+    one at a time) and follow the one that ``face`` picks. With ``mesh_file`` the raw mesh
+    (5.7 KB a frame) goes to that .npy file MESH_BLOCK frames at a time instead of memory, so
+    that memory grows only by the 131 points (1 KB a frame) with the video's length."""
     total = video.frame_count if frames is None else min(frames, video.frame_count)
-    mesh = np.full((total, 478, 3), np.nan, np.float32)
+    mesh = (np.empty((total, 478, 3), np.float32) if mesh_file is None
+            else DiskArray.create(mesh_file, (total, 478, 3), np.float32))
+    block = np.full((MESH_BLOCK, 478, 3), np.nan, np.float32)
+    raw_points = np.empty((total, NUM_POINTS, 2), np.float32)
     detected = np.zeros(total, bool)
     picker = FacePicker(face, video.width, video.height)
     spent, faces_seen = 0.0, 0
@@ -150,11 +162,16 @@ def track_faces(video: VideoInfo, detector: Detector, face: FaceChoice = "larges
             found = picker.pick(faces)
             spent += time.perf_counter() - start
             faces_seen = max(faces_seen, len(faces))
+            row = i % MESH_BLOCK
             if found is not None:
-                mesh[i] = found
+                block[row] = found
                 detected[i] = True
+            raw_points[i] = select_points(block[row])[:, :2]
+            if row == MESH_BLOCK - 1 or i == total - 1:
+                mesh[i - row:i + 1] = block[:row + 1]
+                block.fill(np.nan)
             if progress is not None:
                 progress(i + 1, total)
-    points, boxes = smooth_track(select_points(mesh)[..., :2], detected, video.fps)
+    points, boxes = smooth_track(raw_points, detected, video.fps)
     return FaceTrack(detector.name, mesh, detected, points, boxes, 1000 * spent / max(total, 1),
                      faces_seen, face)

@@ -8,7 +8,8 @@ pasted through (the blend stage does the pasting, whatever the renderer).
   reference frame (or, with ``references`` > 1, per output frame the source frame whose mouth
   shape is nearest its target landmarks, ``pipeline.references``), bent onto the target
   landmarks by the thin-plate spline and resampled bicubically, colour-matched to the frame.
-  Nothing is scaled up from a small image.
+  Nothing is scaled up from a small image; a reference softer than the video's typical frame
+  (motion blur, focus) is sharpened to the typical detail (``match_detail``).
 - ``diffusion``: the paper's model: one reference face at the model's crop size (128 px for
   ``cpu-128``), warped to the targets and refined by the TalkFormer denoiser in chunks, then
   scaled up into the frame.
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 import cv2
 import numpy as np
 
+from dubtool.face.indices import CONTENT_SLICE
 from dubtool.face.warp import warp_face
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import VideoInfo
@@ -47,6 +49,11 @@ NATIVE_MAX_SIZE = 512
 # Bicubic: a smooth sub-pixel warp of a 512 px face keeps 0.89 of its sharpness (bilinear 0.59,
 # Lanczos 0.93 at four times the time).
 NATIVE_INTERPOLATION = cv2.INTER_CUBIC
+# A reference's detail is matched to the median over the frames with a face among the first
+# DETAIL_FRAMES (or up to the last reference, when later) of the video.
+DETAIL_FRAMES = 250
+DETAIL_TOLERANCE = 0.9  # references with at least this share of the typical detail stay as is
+MAX_SHARPENING = 1.5    # the unsharp mask's largest amount
 
 
 class LowerFaces(Protocol):
@@ -116,17 +123,61 @@ def native_size(box_size: int) -> int:
     return max(2, min(box_size, NATIVE_MAX_SIZE))
 
 
+def mouth_detail(face: np.ndarray, points: np.ndarray) -> float:
+    """The variance of the Laplacian (grey) of a face crop (S, S, 3) inside the box of its 57
+    lip/jaw ``points`` (131, 2; crop units): how much fine detail the part a dub redraws
+    holds (what ``evaluation.metrics.sharpness`` compares)."""
+    size = len(face)
+    content = points[CONTENT_SLICE] * size
+    x0, y0 = np.clip(np.floor(content.min(axis=0)).astype(int), 0, size - 1)
+    x1, y1 = np.clip(np.ceil(content.max(axis=0)).astype(int), x0 + 1, size)
+    grey = cv2.cvtColor(np.ascontiguousarray(face[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
+def match_detail(face: np.ndarray, points: np.ndarray, detail: float) -> np.ndarray:
+    """``face`` (S, S, 3) uint8 sharpened by an unsharp mask (Gaussian of 1 px) of the
+    smallest amount, up to MAX_SHARPENING, that brings its ``mouth_detail`` to ``detail``;
+    unchanged when it holds DETAIL_TOLERANCE of that already."""
+    if mouth_detail(face, points) >= DETAIL_TOLERANCE * detail:
+        return face
+    blurred = cv2.GaussianBlur(face, (0, 0), 1.0)
+
+    def sharpened(amount: float) -> np.ndarray:
+        return cv2.addWeighted(face, 1 + amount, blurred, -amount, 0.0)
+
+    def short(amount: float) -> bool:
+        return mouth_detail(sharpened(amount), points) < detail
+
+    low, high = 0.0, MAX_SHARPENING
+    if short(high):
+        return sharpened(high)
+    for _ in range(8):  # the detail grows with the amount: bisect
+        middle = (low + high) / 2
+        low, high = (middle, high) if short(middle) else (low, middle)
+    return sharpened(high)
+
+
 def write_reference_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray,
                           folder: Path) -> None:
-    """The face crop of each of ``frames`` at its own size (at most NATIVE_MAX_SIZE)."""
+    """The face crop of each of ``frames`` at its own size (at most NATIVE_MAX_SIZE), its
+    detail matched (``match_detail``) to the median over the video's first frames."""
     wanted = {int(f) for f in frames if track.detected[int(f)]}
-    crops = {}
+    crops, details = {}, []
+    points = track.crop_points()
     if wanted:
-        for i, frame in enumerate(read_frames(video, max(wanted) + 1)):
+        count = max(max(wanted) + 1, min(DETAIL_FRAMES, track.frames))
+        for i, frame in enumerate(read_frames(video, count)):
+            if not track.detected[i]:
+                continue
+            box = track.box(i)
+            face = box.crop(frame, native_size(box.size))
+            details.append(mouth_detail(face, points[i]))
             if i in wanted:
-                box = track.box(i)
-                crops[f"frame{i}"] = box.crop(frame, native_size(box.size))
-    np.savez(folder / "reference_crops.npz", **crops)
+                crops[i] = face
+    typical = float(np.median(details)) if details else 0.0
+    np.savez(folder / "reference_crops.npz", **{
+        f"frame{i}": match_detail(face, points[i], typical) for i, face in crops.items()})
 
 
 def load_reference_crops(folder: Path) -> dict[int, np.ndarray]:
