@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from dubtool.evaluation.bench import BenchReport
     from dubtool.nets.io import LoadedModel
+    from dubtool.pipeline.adapt import Adaptation
     from dubtool.pipeline.cache import RunSummary, StageRecord
     from dubtool.pipeline.extract import Extracted
     from dubtool.pipeline.landmarks import FaceTrack
@@ -157,6 +158,7 @@ class DubResult:
     # (frames, 131, 2) the landmarks the lower face was drawn to, normalised to each frame's
     # crop box: the frame's pose points with the lip/jaw points predicted from the speech.
     landmarks: np.ndarray | None = field(default=None, repr=False)
+    adaptation: Adaptation | None = None  # what the adapt stage did (None: not asked for)
 
     @property
     def real_time_factor(self) -> float:
@@ -171,7 +173,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         loop: str = "pingpong", renderer: str = DEFAULT_RENDERER, references: int = 1,
         cache_dir: str | Path | None = None, force: bool = False,
         keep_cache: bool = True, lock_timeout: float = 0.0,
-        reconstruction_gap: float | None = None,
+        reconstruction_gap: float | None = None, adapt: bool = True,
         progress: StageProgress | None = None) -> DubResult:
     """Dub ``video`` with ``speech``: the lower face follows the new speech.
 
@@ -229,8 +231,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
                                 make_renderer(renderer, loaded, digest, settings, dev,
                                               references),
                                 loop=loop, face=face, reference_frame=reference_frame,
-                                reconstruction_gap=reconstruction_gap, device=dev, force=force,
-                                progress=progress)
+                                reconstruction_gap=reconstruction_gap, adapt=adapt, seed=seed,
+                                device=dev, force=force, progress=progress)
         front = stages.front
         plan = front.extracted.plan
         frames = blended_frames(front.extracted.video, front.track, plan, stages.faces,
@@ -245,7 +247,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         clean_runs(cache.root, [cache.key])
     return DubResult(target, front.extracted.output_seconds, len(plan), dubbed,
                      len(plan) - dubbed, time.perf_counter() - start, stages.reference_frame,
-                     front.track.faces_seen, records, landmarks)
+                     front.track.faces_seen, records, landmarks, stages.adaptation)
 
 
 def _check_dub_options(*, steps: int | None = None, strength: float | None = None,
@@ -558,7 +560,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
              device: str = "auto", work_dir: str | Path = "eval", report: str | Path | None = None,
              strips: bool = True, seconds: float | None = None,
              renderer: str = DEFAULT_RENDERER, references: int = 1,
-             reference_gap: float = REFERENCE_GAP_SECONDS,
+             reference_gap: float = REFERENCE_GAP_SECONDS, adapt: bool = True,
              cache_dir: str | Path | None = None,
              progress: StageProgress | None = None) -> EvalReport:
     """Reconstruction protocol over ``clips``: each is dubbed from its own speech (loop "cut")
@@ -567,7 +569,8 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     to them) and compared. No reference, of the dub or of the static mouth, comes from within
     ``reference_gap`` seconds of the frame it is pasted on (drawn from the whole clip); frames
     for which the static mouth's reference is that near are left out of every variant's
-    scores. Writes ``report`` (.json or .md) and strip images into ``work_dir``."""
+    scores; nor does the adaptation (``adapt``) learn from such frames. Writes ``report``
+    (.json or .md) and strip images into ``work_dir``."""
     from dubtool.devices import resolve_device
     from dubtool.evaluation.evaluate import evaluate_clip, summarise
     from dubtool.evaluation.identity import NOT_INSTALLED, load_identity_model
@@ -595,7 +598,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
         dubbed = dub(clip, speech, work / f"{Path(clip).stem}.dubbed.mp4", model=loaded,
                      steps=steps, seed=seed, strength=strength, device=device, loop="cut",
                      renderer=renderer, references=references,
-                     reconstruction_gap=reference_gap, cache_dir=cache_dir)
+                     reconstruction_gap=reference_gap, adapt=adapt, cache_dir=cache_dir)
         inputs = Inputs.of(clip, speech)
         with inputs.open_cache(cache_dir) as cache:
             track = run_front(cache, inputs, loop="cut", whole_video=True).track
@@ -610,7 +613,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
                 "strength": diffusion.strength if strength is None else strength,
                 "seed": seed, "device": str(dev), "seconds": seconds, "renderer": renderer,
                 "references": references,
-                "reference_gap": reference_gap,
+                "reference_gap": reference_gap, "adapt": adapt,
                 "identity": "dlib face recognition ResNet" if identity else NOT_INSTALLED}
     summary = summarise(results)
     files = write_strips(work / "strips", results) if strips else []
@@ -642,7 +645,8 @@ BUNDLED_CLIP = Path(__file__).resolve().parent / "data" / "may_5s.mp4"  # packag
 def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
           model: str | Path = DEFAULT_MODEL, steps: int | None = None, device: str = "auto",
           repeat: int = 1, batch_size: int = 1, renderer: str = DEFAULT_RENDERER,
-          references: int = 1, report: str | Path | None = None) -> BenchReport:
+          references: int = 1, adapt: bool = True,
+          report: str | Path | None = None) -> BenchReport:
     """Speed of every stage on ``clip`` (default: the bundled 5 s clip; its own audio is the
     speech unless ``speech``): one dub from an empty cache (cold), ``repeat`` with everything
     cached (warm), a fresh ``dubtool dub`` process from an empty cache (start-up included),
@@ -676,18 +680,19 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
         for n in range(1 + repeat):
             result = dub(clip, speech, scratch / "out.mp4", model=loaded, steps=steps,
                          batch_size=batch_size, device=device, cache_dir=scratch / "cache",
-                         loop="cut", renderer=renderer, references=references)
+                         loop="cut", renderer=renderer, references=references, adapt=adapt)
             runs.append(bench_run("cold" if n == 0 else "warm", result.stages,
                                   result.wall_seconds, result.frames, result.seconds_of_video))
         command = [sys.executable, "-m", "dubtool", "dub", "--model", str(loaded.folder),
                    "--device", device, "--batch-size", str(batch_size), "--loop", "cut",
                    "--renderer", renderer, "--references", str(references),
+                   "--adapt" if adapt else "--no-adapt",
                    "--cache-dir", str(scratch / "process-cache"), "-o",
                    str(scratch / "process.mp4"),
                    *([] if steps is None else ["--steps", str(steps)]),
                    "--", str(clip), str(speech)]
         process = process_seconds(command)
-    settings = {"renderer": renderer, "references": references, "steps": steps,
+    settings = {"renderer": renderer, "references": references, "adapt": adapt, "steps": steps,
                 "batch_size": batch_size, "device": device,
                 "precision": str(sampling_precision(dev)), **machine()}
     bench_report = BenchReport(str(clip), result.frames, result.seconds_of_video,

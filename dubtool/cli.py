@@ -108,6 +108,9 @@ RendererOption = Annotated[str, typer.Option(help="How the lower face is made: n
 ReferencesOption = Annotated[int, typer.Option(help="Native renderer: how many of the video's "
                              "frames the lower face may be drawn from (1: the reference frame; "
                              "more: per frame the nearest mouth shape among that many).")]
+AdaptOption = Annotated[bool, typer.Option("--adapt/--no-adapt", help="First fine-tune the lip "
+                        "model on the video's own sound and lips (when it has sound and "
+                        "enough frames with a face).")]
 
 
 @contextmanager
@@ -159,6 +162,7 @@ def dub_cmd(
     face: FaceOption = "largest",
     renderer: RendererOption = DEFAULT_RENDERER,
     references: ReferencesOption = 1,
+    adapt: AdaptOption = True,
     cache_dir: CacheDir = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute every stage.")] = False,
     keep_cache: Annotated[bool, typer.Option("--keep-cache/--clean-cache", help="Keep the "
@@ -172,14 +176,18 @@ def dub_cmd(
         result = _call(lambda: api.dub(
             video, speech, output, model=model, steps=steps, seed=seed, strength=strength,
             batch_size=batch_size, device=device, reference_frame=reference_frame, face=choice,
-            loop=loop, renderer=renderer, references=references, cache_dir=cache_dir,
-            force=force, keep_cache=keep_cache,
-            progress=progress))
+            loop=loop, renderer=renderer, references=references, adapt=adapt,
+            cache_dir=cache_dir, force=force, keep_cache=keep_cache, progress=progress))
     out.print(", ".join(f"{r.stage} {r.status} ({r.seconds:.1f} s)" for r in result.stages))
     passed = (f", [yellow]{result.passed_through} passed through without a face[/]"
               if result.passed_through else "")
     if result.faces_seen > 1:
         passed += f" (up to {result.faces_seen} faces in a frame: dubbed the {describe(choice)})"
+    if result.adaptation is not None:
+        a = result.adaptation
+        out.print(f"lips adapted to the video's own speech ({a.seconds:.1f} s, loss "
+                  f"{a.loss_before:.4f} -> {a.loss_after:.4f})" if a.adapted
+                  else f"lips not adapted: {a.reason}")
     wall = process_seconds()
     out.print(f"[bold green]{result.output}[/]: {result.seconds_of_video:.2f} s, "
               f"{result.dubbed_frames} frames dubbed{passed}; wall {wall:.1f} s since start "
@@ -217,6 +225,7 @@ def batch_cmd(
     face: FaceOption = "largest",
     renderer: RendererOption = DEFAULT_RENDERER,
     references: ReferencesOption = 1,
+    adapt: AdaptOption = True,
     shard: Annotated[str, typer.Option(help="K/N: do every N-th job starting at the K-th, to "
                      "split a batch over machines.")] = "1/1",
     jobs: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
@@ -240,7 +249,7 @@ def batch_cmd(
         task = bars.add_task("batch", total=len(items), last="")
         outcomes = _call(lambda: api.batch(
             items, model=model, force=force, device=device, jobs=jobs, steps=steps, seed=seed,
-            loop=loop, face=choice, renderer=renderer, references=references,
+            loop=loop, face=choice, renderer=renderer, references=references, adapt=adapt,
             cache_dir=cache_dir,
             on_done=lambda o: bars.update(task, advance=1, last=f"{o.item.video.name} {o.status}")))
     table = Table("video", "speech", "status", "seconds", "output / reason")
@@ -490,6 +499,7 @@ def eval_cmd(
     reference_gap: Annotated[float, typer.Option(help="No reference from within this many "
                              "seconds of the frame it is pasted on (frames that cannot meet "
                              "it are not scored).")] = api.REFERENCE_GAP_SECONDS,
+    adapt: AdaptOption = True,
     cache_dir: CacheDir = None,
 ) -> None:
     """Quality against ground truth: the model beside the original and a static mouth."""
@@ -507,8 +517,8 @@ def eval_cmd(
                                             work_dir=work_dir, report=report,
                                             seconds=seconds, renderer=renderer,
                                             references=references,
-                                            reference_gap=reference_gap, cache_dir=cache_dir,
-                                            progress=progress))
+                                            reference_gap=reference_gap, adapt=adapt,
+                                            cache_dir=cache_dir, progress=progress))
     from dubtool.evaluation.evaluate import VARIANTS
 
     # The terminal shows the main metrics; the report (-o) holds them all.
@@ -548,13 +558,14 @@ def bench_cmd(
     batch_size: Annotated[int, typer.Option(help="Chunks denoised together.")] = 1,
     renderer: RendererOption = DEFAULT_RENDERER,
     references: ReferencesOption = 1,
+    adapt: AdaptOption = True,
     report: Annotated[Path | None, typer.Option("-o", "--report", help="Write JSON.")] = None,
 ) -> None:
     """Speed per stage (ms/frame), real-time factor, peak memory, beside ffmpeg's floor; and
     the whole time of a fresh `dubtool dub` process."""
     result = _call(lambda: api.bench(clip, speech, model=model, steps=steps, device=device,
                                      repeat=repeat, batch_size=batch_size, renderer=renderer,
-                                     references=references, report=report))
+                                     references=references, adapt=adapt, report=report))
     stages = list(result.runs[0].stage_seconds)
     table = Table("run", *[f"{s} ms/fr" for s in stages], "wall s", "RTF",
                   title=f"{result.clip}: {result.frames} frames, {result.video_seconds:.1f} s")

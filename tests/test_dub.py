@@ -66,8 +66,8 @@ def test_the_native_dub_loads_the_completion_alone(face_clip: Path, tiny_model: 
 
 
 @pytest.mark.parametrize(("renderer", "stages"), [
-    ("native", ["extract", "landmarks", "complete", "references", "reference-crops"]),
-    ("diffusion", ["extract", "landmarks", "complete", "crops", "diffuse"])])
+    ("native", ["extract", "landmarks", "adapt", "complete", "references", "reference-crops"]),
+    ("diffusion", ["extract", "landmarks", "adapt", "complete", "crops", "diffuse"])])
 def test_dub_end_to_end(face_clip: Path, tiny_model: Path, tmp_path: Path, renderer: str,
                         stages: list[str]) -> None:
     speech = make_tone(tmp_path / "speech.wav", seconds=1.5)
@@ -349,7 +349,7 @@ def test_bench_reports_cold_and_warm_runs(face_clip: Path, tiny_model: Path,
     assert [r.kind for r in result.runs] == ["cold", "warm"]
     assert result.frames == 50 and result.video_seconds == 2.0
     cold, warm = result.runs
-    assert set(cold.stage_seconds) == {"extract", "landmarks", "complete", "references",
+    assert set(cold.stage_seconds) == {"extract", "landmarks", "adapt", "complete", "references",
                                        "reference-crops", "blend"}
     assert all(v >= 0 for v in cold.stage_ms_per_frame.values())
     assert set(cold.stage_status.values()) == {"ran"}

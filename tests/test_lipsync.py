@@ -19,7 +19,7 @@ from dubtool.nets.config import TrainingConfig
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.pipeline import complete as complete_stage
 from dubtool.pipeline.landmarks import FaceTrack
-from dubtool.training.dubber import completion_losses
+from dubtool.training.losses import completion_losses
 
 FPS = Fraction(25)
 

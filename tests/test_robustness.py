@@ -394,7 +394,7 @@ def _interrupting(monkeypatch, stage: str) -> None:
     """Make the dub raise KeyboardInterrupt (Ctrl-C) in the middle of ``stage``."""
     from dubtool.face.detect import FaceMeshDetector
     from dubtool.media.frames import VideoWriter
-    from dubtool.pipeline import complete, diffuse, extract, references
+    from dubtool.pipeline import adapt, complete, diffuse, extract, references
     from dubtool.pipeline.landmarks import FaceTrack
 
     def after(calls: int, real):
@@ -412,6 +412,7 @@ def _interrupting(monkeypatch, stage: str) -> None:
         "extract": (extract, "mel_spectrogram", 0),
         "landmarks": (FaceMeshDetector, "detect_all", 10),
         "crops": (FaceTrack, "box", 5),
+        "adapt": (adapt, "learnable_frames", 0),
         "complete": (complete, "mel_window", 10),
         "diffuse": (diffuse.LowerFaceGenerator, "generate", 3),
         "references": (references.ReferencePlan, "save", 0),
@@ -423,7 +424,7 @@ def _interrupting(monkeypatch, stage: str) -> None:
 
 
 @pytest.mark.parametrize(("stage", "renderer"), [
-    ("extract", "native"), ("landmarks", "native"), ("complete", "native"),
+    ("extract", "native"), ("landmarks", "native"), ("adapt", "native"), ("complete", "native"),
     ("references", "native"), ("reference-crops", "native"), ("blend", "native"),
     ("crops", "diffusion"), ("diffuse", "diffusion"), ("blend", "diffusion")])
 def test_ctrl_c_in_each_stage_stops_cleanly_and_resumes(dub, short_face: Path, speech: Path,

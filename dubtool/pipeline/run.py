@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the model stages need torch: `dubtool landmarks` runs witho
     import torch
 
     from dubtool.nets.io import LoadedModel
+    from dubtool.pipeline.adapt import Adaptation
     from dubtool.pipeline.complete import Completion
     from dubtool.pipeline.render import LowerFaces, Renderer
 
@@ -90,7 +91,7 @@ def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
                 progress("landmarks", done, total)
 
         track = landmarks_stage.track_faces(extracted.video, make_detector(detector), face, step,
-                                            used)
+                                            used, out / landmarks_stage.MESH_FILE)
         track.save(out)
 
     # The face track depends on the video and how much of it is used: a new speech as long as
@@ -112,6 +113,7 @@ class DubStages:
     completion: Completion
     faces: LowerFaces
     reference_frame: int
+    adaptation: Adaptation | None = None  # None: not asked for
 
 
 def pick_reference_frame(track: FaceTrack, plan: np.ndarray | None = None,
@@ -132,16 +134,19 @@ def pick_reference_frame(track: FaceTrack, plan: np.ndarray | None = None,
 def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_digest: str,
                    renderer: Renderer, *, loop: str = "pingpong", face: FaceChoice = "largest",
                    reference_frame: int | None = None, reconstruction_gap: float | None = None,
-                   device: torch.device | None = None, force: bool = False,
-                   progress: StageProgress | None = None) -> DubStages:
-    """extract, landmarks, complete and the renderer's stages, each through the cache.
+                   adapt: bool = True, seed: int = 0, device: torch.device | None = None,
+                   force: bool = False, progress: StageProgress | None = None) -> DubStages:
+    """extract, landmarks, adapt, complete and the renderer's stages, each through the cache.
 
     ``reconstruction_gap`` (seconds): the reconstruction protocol's rule. References are drawn
     from the whole video (all of it is tracked) but never from within that many seconds of
-    the frame they are pasted on, so a clip dubbed from its own speech copies no ground truth.
+    the frame they are pasted on, and the completion is not adapted on those frames either,
+    so a clip dubbed from its own speech copies no ground truth. ``adapt``: fine-tune the
+    completion on the video's own sound and lips first (``pipeline.adapt``; ``seed``).
     """
     import torch
 
+    from dubtool.pipeline import adapt as adapt_stage
     from dubtool.pipeline import complete as complete_stage
     from dubtool.pipeline.complete import Completion
     from dubtool.pipeline.render import RenderJob
@@ -150,16 +155,29 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     front = run_front(cache, inputs, loop=loop, face=face, force=force, progress=progress,
                       whole_video=reconstruction_gap is not None)
     video, track, plan = front.extracted.video, front.track, front.extracted.plan
+    exclude = round(reconstruction_gap * float(video.fps)) if reconstruction_gap else 0
+    completion_model, adaptation, adapt_fp = model.completion, None, None
+    if adapt:
+        # The speech matters only through the plan, and only when frames near it are excluded.
+        adapt_fp = fingerprint("adapt", code_digest(adapt_stage), front.landmarks_fp,
+                               model_digest, seed, exclude,
+                               front.extract_fp if exclude else None)
+        folder = cache.run_stage(
+            "adapt", adapt_fp,
+            lambda out: adapt_stage.adapt(model.completion, video, track, plan, out,
+                                          model.config.training, exclude_frames=exclude,
+                                          seed=seed, device=device), force=force)
+        adaptation = adapt_stage.Adaptation.load(folder)
+        completion_model = adapt_stage.adapted_completion(model.completion, folder)
     complete_fp = fingerprint("complete", code_digest(complete_stage), front.extract_fp,
-                              front.landmarks_fp, model_digest)
+                              front.landmarks_fp, model_digest, adapt_fp)
     folder = cache.run_stage(
         "complete", complete_fp,
-        lambda out: complete_stage.complete(model.completion, track, plan,
+        lambda out: complete_stage.complete(completion_model, track, plan,
                                             front.extracted.mel, video.fps, out, device),
         force=force)
     completion = Completion.load(folder)
 
-    exclude = round(reconstruction_gap * float(video.fps)) if reconstruction_gap else 0
     forced = reference_frame is not None
     if reference_frame is None:
         reference_frame = pick_reference_frame(track, plan, exclude)
@@ -170,6 +188,6 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                            video.path)
     job = RenderJob(cache, video, track, plan, completion.target, complete_fp,
                     front.landmarks_fp, reference_frame, forced, exclude, force, progress)
-    return DubStages(front, completion, renderer.render(job), reference_frame)
+    return DubStages(front, completion, renderer.render(job), reference_frame, adaptation)
 
 

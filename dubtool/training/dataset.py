@@ -29,7 +29,6 @@ from dubtool.face.indices import MIRROR
 from dubtool.face.warp import warp_face
 from dubtool.media.audio import NORMALISED_CLIP, mel_window, normalise_mel
 from dubtool.pipeline.cache import write_json_atomic
-from dubtool.pipeline.diffuse import load_crops, write_crops
 from dubtool.pipeline.run import Inputs, run_front
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".m4v"}
@@ -76,6 +75,8 @@ def _write_clip(folder: Path, video: Path, person: str, front, crop_size: int) -
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    from dubtool.pipeline.diffuse import write_crops  # diffusers: only where crops are written
+
     track, extracted = front.track, front.extracted
     frames = track.frames
     write_crops(extracted.video, track, crop_size, tmp)  # the dub pipeline's crops, same file
@@ -138,6 +139,8 @@ def prepare(videos: str | Path, output: str | Path, crop_size: int = 128,
     disjoint parts; such a part writes ``shard_file`` instead of the split, and
     ``merge_shards`` joins the parts into one data set without reading the videos again.
     """
+    from dubtool.pipeline.diffuse import load_crops
+
     root = Path(videos).resolve()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -248,6 +251,8 @@ class Clip:
 
     @classmethod
     def load(cls, folder: Path) -> Clip:
+        from dubtool.pipeline.diffuse import load_crops  # diffusers: not for clips in memory
+
         meta = json.loads((folder / "meta.json").read_text())
         mel = np.load(folder / "mel.npy")
         return cls(folder.name, meta["person"], Fraction(meta["fps"]),
@@ -284,9 +289,21 @@ class PreparedData:
         offsets = (json.loads(offsets_path.read_text())
                    if offsets_path.is_file() and not ignore_offsets else {})
         dropped = set(offsets.get("dropped", []))
-        self.clips = [Clip.load(self.folder / name) for name in names if name not in dropped]
-        for clip in self.clips:
+        clips = [Clip.load(self.folder / name) for name in names if name not in dropped]
+        for clip in clips:
             clip.offset = int(offsets.get("applied", {}).get(clip.name, 0))
+        self._index(clips, person_exponent)
+
+    @classmethod
+    def of_clips(cls, clips: list[Clip], crop_size: int = 0) -> PreparedData:
+        """A sampler over clips already in memory (people drawn evenly), not a folder."""
+        data = cls.__new__(cls)
+        data.folder, data.crop_size = None, crop_size
+        data._index(clips, 0.0)
+        return data
+
+    def _index(self, clips: list[Clip], person_exponent: float) -> None:
+        self.clips = clips
         self.by_person: dict[str, list[int]] = {}
         for i, clip in enumerate(self.clips):
             self.by_person.setdefault(clip.person, []).append(i)

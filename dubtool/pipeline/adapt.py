@@ -1,0 +1,150 @@
+"""Stage ``adapt``: the landmark completion fine-tuned to the person in the video.
+
+Trained on some fifty people, the completion moves an unseen person's lips only loosely with
+the speech, and a speaker it trained on for 15 minutes far better. The video to dub holds the
+person's own speech in sync with their own lips: ADAPT_STEPS steps of training on windows of it
+(sampled and augmented as ``dubtool train completion`` does, with the same losses) teach the
+completion this person before it hears the new speech. Skipped, and the completion left as it
+is, when the video has no sound or fewer than ADAPT_MIN_SECONDS of frames with a face in the
+part that was tracked: a few seconds are learned by heart rather than generalised from.
+
+In the reconstruction protocol (``exclude_frames`` > 0) no frame within that many frames of an
+output frame is learned from: the lips to be reconstructed are never seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE
+from dubtool.media.audio import (
+    SAMPLE_RATE,
+    decode_speech,
+    mel_spectrogram,
+    normalise_mel,
+)
+from dubtool.media.probe import VideoInfo
+from dubtool.nets.config import TrainingConfig
+from dubtool.nets.io import load_weights, save_weights
+from dubtool.nets.landmark_completion import LandmarkCompletion
+from dubtool.pipeline.landmarks import FaceTrack
+from dubtool.training.dataset import Clip, PreparedData, dubber_batch, sample_seeds
+from dubtool.training.losses import completion_losses
+
+ADAPT_STEPS = 50
+ADAPT_LEARNING_RATE = 1e-4
+ADAPT_BATCH = 16          # windows of CompletionConfig.window frames per step
+ADAPT_MIN_SECONDS = 8.0   # of frames with a face that a window may hold
+ADAPT_MAX_SECONDS = 300.0  # the first this many seconds of the video are learned from at most
+WEIGHTS_FILE, INFO_FILE, SOUND_FILE = "completion.safetensors", "adapt.json", "sound.f32"
+
+
+@dataclass
+class Adaptation:
+    """What the stage did: ``seconds`` of the video learned from, the loss over the first and
+    the last few steps; ``reason`` why it was skipped (``adapted`` False)."""
+
+    adapted: bool
+    seconds: float = 0.0
+    steps: int = 0
+    loss_before: float = float("nan")
+    loss_after: float = float("nan")
+    reason: str = ""
+
+    @classmethod
+    def load(cls, folder: Path) -> Adaptation:
+        return cls(**json.loads((folder / INFO_FILE).read_text()))
+
+
+def learnable_frames(track: FaceTrack, plan: np.ndarray, exclude_frames: int,
+                     fps: Fraction) -> np.ndarray:
+    """(F,) bool over the tracked frames: a face, within the first ADAPT_MAX_SECONDS, and (with
+    ``exclude_frames``) at least that many frames from every frame of the ``plan``."""
+    frames = track.frames
+    usable = track.detected.copy()
+    usable[int(ADAPT_MAX_SECONDS * float(fps)):] = False
+    if exclude_frames > 0:
+        used = np.unique(plan)  # sorted
+        index = np.arange(frames)
+        after = np.clip(np.searchsorted(used, index), 0, len(used) - 1)
+        before = np.clip(after - 1, 0, len(used) - 1)
+        nearest = np.minimum(np.abs(index - used[before]), np.abs(index - used[after]))
+        usable &= nearest >= exclude_frames
+    return usable
+
+
+def adapt(completion: LandmarkCompletion, video: VideoInfo, track: FaceTrack, plan: np.ndarray,
+          folder: Path, training: TrainingConfig, *, exclude_frames: int = 0, seed: int = 0,
+          device: torch.device | str = "cpu") -> Adaptation:
+    """Fine-tune a copy of ``completion`` on the video's own sound and face track; writes
+    INFO_FILE (an ``Adaptation``) and, when adapted, the weights to ``folder``."""
+    usable = learnable_frames(track, plan, exclude_frames, video.fps)
+    seconds = float(usable.sum() / video.fps)
+    result = Adaptation(False, seconds)
+    if not video.has_audio:
+        result.reason = "the video has no sound"
+    elif seconds < ADAPT_MIN_SECONDS:
+        result.reason = (f"{seconds:.1f} s of the video's frames can be learned from, fewer "
+                         f"than {ADAPT_MIN_SECONDS:g}")
+    else:
+        clip = _video_clip(video, track, usable, folder)
+        result = _train(completion, clip, folder, training, seed, device)
+        result.seconds = seconds
+    (folder / INFO_FILE).write_text(json.dumps(vars(result)))
+    return result
+
+
+def adapted_completion(completion: LandmarkCompletion, folder: Path) -> LandmarkCompletion:
+    """The completion the ``adapt`` stage in ``folder`` made (``completion`` if it skipped)."""
+    if not (folder / WEIGHTS_FILE).is_file():
+        return completion
+    adapted = copy.deepcopy(completion)
+    load_weights(adapted, folder / WEIGHTS_FILE)
+    return adapted.eval()
+
+
+def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: Path) -> Clip:
+    """The video's first tracked frames as a training clip: its points, ``usable`` as the
+    frames with a face, its own sound's normalised mel."""
+    last = int(np.nonzero(usable)[0].max()) + 1
+    samples = decode_speech(video.path, folder / SOUND_FILE)
+    needed = min(len(samples), int(np.ceil((last + 1) / float(video.fps) * SAMPLE_RATE)))
+    part = samples[:needed]
+    samples.path.unlink()
+    mel = mel_spectrogram(part)
+    points = track.crop_points()[:last]
+    return Clip("video", "video", video.fps, np.zeros((0, 0, 0, 3), np.uint8), points,
+                usable[:last], mel, normalise_mel(mel))
+
+
+def _train(completion: LandmarkCompletion, clip: Clip, folder: Path, training: TrainingConfig,
+           seed: int, device: torch.device | str) -> Adaptation:
+    config = completion.config
+    net = copy.deepcopy(completion).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=ADAPT_LEARNING_RATE)
+    data = PreparedData.of_clips([clip])
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    losses = []
+    for _ in range(ADAPT_STEPS):
+        batch = dubber_batch(data, sample_seeds(rng, ADAPT_BATCH), config.window,
+                             config.references, 0, rng, images=False)
+        points = torch.from_numpy(batch["points"]).to(device)
+        predicted = net(points[:, :, POSE_SLICE], torch.from_numpy(batch["references"]).to(device),
+                        torch.from_numpy(batch["mel"]).to(device))
+        loss = completion_losses(predicted, points[:, :, CONTENT_SLICE], training)["total"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    save_weights(net, folder / WEIGHTS_FILE)
+    few = max(1, ADAPT_STEPS // 10)
+    return Adaptation(True, steps=ADAPT_STEPS, loss_before=float(np.mean(losses[:few])),
+                      loss_after=float(np.mean(losses[-few:])))
