@@ -271,6 +271,20 @@ def test_output_checks(tmp_path: Path) -> None:
     assert check_output_path(tmp_path / "fine.mp4") == (tmp_path / "fine.mp4").resolve()
 
 
+def test_selected_frames_are_those_frames(tmp_path: Path, face_clip: Path) -> None:
+    info = probe_video(face_clip)  # 50 frames of a real video
+    decoded = np.stack([f.copy() for f in read_frames(info)])
+    picks = [0, 3, 17, 18, 49]
+    selected = np.stack([f.copy() for f in read_frames(info, select=picks)])
+    assert np.array_equal(selected, decoded[picks])
+    # Upright as read_frames gives them: a video stored turned, with a rotation tag.
+    turned = make_video(tmp_path / "turned.mp4", seconds=0.4, size="64x48",
+                        extra=("-metadata:s:v:0", "rotate=90"))
+    info = probe_video(turned)
+    upright = np.stack([f.copy() for f in read_frames(info)])
+    assert np.array_equal(np.stack(list(read_frames(info, select=[2, 7]))), upright[[2, 7]])
+
+
 def test_frames_in_any_order_decode_only_what_is_used_with_a_small_scratch(
         tmp_path: Path, face_clip: Path, monkeypatch) -> None:
     import dubtool.media.frames as frames_module

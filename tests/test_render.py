@@ -197,3 +197,27 @@ def test_a_soft_reference_is_sharpened_to_the_videos_typical_detail() -> None:
     expected = cv2.addWeighted(flat, 1 + render.MAX_SHARPENING, blurred,
                                -render.MAX_SHARPENING, 0.0)
     assert np.array_equal(most, expected)
+
+
+def test_reference_crops_past_the_detail_sample_are_the_frames_own(face_clip, tmp_path,
+                                                                  monkeypatch) -> None:
+    """References after the first DETAIL_FRAMES are read by themselves: the same crops as
+    from reading every frame."""
+    from dubtool.media.frames import read_frames
+    from dubtool.media.probe import probe_video
+    from dubtool.pipeline import render
+    from dubtool.pipeline.run import Inputs, run_front
+
+    inputs = Inputs.of(face_clip)
+    with inputs.open_cache(tmp_path / "cache") as cache:
+        track = run_front(cache, inputs).track
+    video = probe_video(face_clip)
+    monkeypatch.setattr(render, "DETAIL_FRAMES", 10)
+    monkeypatch.setattr(render, "DETAIL_TOLERANCE", 0.0)  # compare the crops unsharpened
+    render.write_reference_crops(video, track, np.array([30, 5, 45, 30]), tmp_path)
+    crops = render.load_reference_crops(tmp_path)
+    assert sorted(crops) == [5, 30, 45]
+    frames = list(read_frames(video))
+    for i, face in crops.items():
+        box = track.box(i)
+        assert np.array_equal(face, box.crop(frames[i], render.native_size(box.size)))

@@ -42,17 +42,26 @@ def _tail(log) -> str:
     return lines[-1] if lines else "ffmpeg failed"
 
 
-def read_frames(info: VideoInfo, frames: int | None = None) -> Iterator[np.ndarray]:
+def read_frames(info: VideoInfo, frames: int | None = None,
+                select: Sequence[int] | None = None) -> Iterator[np.ndarray]:
     """Yield exactly ``frames`` (default ``info.frame_count``, at most that) frames from the
-    start, of shape (height, width, 3), uint8 RGB.
+    start, of shape (height, width, 3), uint8 RGB; with ``select`` (increasing frame indices
+    within the video), exactly those frames: ffmpeg still decodes up to the last of them but
+    converts and pipes only them, several times faster than reading every frame.
 
     ffmpeg applies the rotation metadata, so frames come out upright. A decoder that stops
     short (a damaged tail) has its last good frame repeated, so frame indices stay aligned with
     the plan made from the probe; a file that decodes no frame at all is an InvalidMedia error.
     """
-    count = info.frame_count if frames is None else min(frames, info.frame_count)
+    picks: list[str] = []
+    if select is not None:
+        count = len(select)
+        # Quoted: the commas of eq(n,K) stay inside the select filter's expression.
+        picks = ["-vf", "select='" + "+".join(f"eq(n,{int(k)})" for k in select) + "'"]
+    else:
+        count = info.frame_count if frames is None else min(frames, info.frame_count)
     frame_bytes = info.width * info.height * 3
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", info.path, "-map", "0:v:0",
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", info.path, "-map", "0:v:0", *picks,
            "-fps_mode", "passthrough", "-frames:v", str(count),
            "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
     with tempfile.TemporaryFile() as log:

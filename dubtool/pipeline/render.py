@@ -50,7 +50,7 @@ NATIVE_MAX_SIZE = 512
 # Lanczos 0.93 at four times the time).
 NATIVE_INTERPOLATION = cv2.INTER_CUBIC
 # A reference's detail is matched to the median over the frames with a face among the first
-# DETAIL_FRAMES (or up to the last reference, when later) of the video.
+# DETAIL_FRAMES of the video.
 DETAIL_FRAMES = 250
 DETAIL_TOLERANCE = 0.9  # references with at least this share of the typical detail stay as is
 MAX_SHARPENING = 1.5    # the unsharp mask's largest amount
@@ -161,20 +161,29 @@ def match_detail(face: np.ndarray, points: np.ndarray, detail: float) -> np.ndar
 def write_reference_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray,
                           folder: Path) -> None:
     """The face crop of each of ``frames`` at its own size (at most NATIVE_MAX_SIZE), its
-    detail matched (``match_detail``) to the median over the video's first frames."""
-    wanted = {int(f) for f in frames if track.detected[int(f)]}
+    detail matched (``match_detail``) to the median over the video's first frames. Frames
+    past those are read by themselves (``read_frames(select=)``): a reference far into a long
+    video costs its decoding only."""
+    wanted = sorted({int(f) for f in frames if track.detected[int(f)]})
     crops, details = {}, []
     points = track.crop_points()
+
+    def crop(i: int, frame: np.ndarray) -> np.ndarray:
+        box = track.box(i)
+        return box.crop(frame, native_size(box.size))
+
     if wanted:
-        count = max(max(wanted) + 1, min(DETAIL_FRAMES, track.frames))
-        for i, frame in enumerate(read_frames(video, count)):
-            if not track.detected[i]:
-                continue
-            box = track.box(i)
-            face = box.crop(frame, native_size(box.size))
-            details.append(mouth_detail(face, points[i]))
-            if i in wanted:
-                crops[i] = face
+        first = min(DETAIL_FRAMES, track.frames)
+        for i, frame in enumerate(read_frames(video, first)):
+            if track.detected[i]:
+                face = crop(i, frame)
+                details.append(mouth_detail(face, points[i]))
+                if i in wanted:
+                    crops[i] = face
+        later = [i for i in wanted if i >= first]
+        if later:
+            for i, frame in zip(later, read_frames(video, select=later), strict=True):
+                crops[i] = crop(i, frame)
     typical = float(np.median(details)) if details else 0.0
     np.savez(folder / "reference_crops.npz", **{
         f"frame{i}": match_detail(face, points[i], typical) for i, face in crops.items()})
