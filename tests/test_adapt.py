@@ -82,8 +82,10 @@ def test_adaptation_teaches_the_completion_the_videos_own_lips(espeak: str, tmp_
     monkeypatch.setattr(adapt_stage, "ADAPT_MIN_SECONDS", 1.0)
     monkeypatch.setattr(adapt_stage, "ADAPT_STEPS", 60)
     monkeypatch.setattr(adapt_stage, "ADAPT_LEARNING_RATE", 3e-3)
+    rng_state = torch.get_rng_state()
     result = adapt_stage.adapt(completion, video, track, plan, tmp_path,
                                tiny_config().training)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's draws are its own
     assert result.adapted and result.loss_after < result.loss_before
     assert result.seconds == pytest.approx(video.frame_count / 25)
     adapted = adapt_stage.adapted_completion(completion, tmp_path)

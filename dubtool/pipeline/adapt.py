@@ -25,6 +25,8 @@ import torch
 
 from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE
 from dubtool.media.audio import (
+    MEL_STEPS_PER_SECOND,
+    MEL_WINDOW,
     SAMPLE_RATE,
     decode_speech,
     mel_spectrogram,
@@ -115,7 +117,9 @@ def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: 
     frames with a face, its own sound's normalised mel."""
     last = int(np.nonzero(usable)[0].max()) + 1
     samples = decode_speech(video.path, folder / SOUND_FILE)
-    needed = min(len(samples), int(np.ceil((last + 1) / float(video.fps) * SAMPLE_RATE)))
+    # The last frame's mel window reaches half a window past its end.
+    seconds = last / float(video.fps) + MEL_WINDOW / MEL_STEPS_PER_SECOND
+    needed = min(len(samples), int(np.ceil(seconds * SAMPLE_RATE)))
     part = samples[:needed]
     samples.path.unlink()
     mel = mel_spectrogram(part)
@@ -131,19 +135,21 @@ def _train(completion: LandmarkCompletion, clip: Clip, folder: Path, training: T
     optimizer = torch.optim.AdamW(net.parameters(), lr=ADAPT_LEARNING_RATE)
     data = PreparedData.of_clips([clip])
     rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
     losses = []
-    for _ in range(ADAPT_STEPS):
-        batch = dubber_batch(data, sample_seeds(rng, ADAPT_BATCH), config.window,
-                             config.references, 0, rng, images=False)
-        points = torch.from_numpy(batch["points"]).to(device)
-        predicted = net(points[:, :, POSE_SLICE], torch.from_numpy(batch["references"]).to(device),
-                        torch.from_numpy(batch["mel"]).to(device))
-        loss = completion_losses(predicted, points[:, :, CONTENT_SLICE], training)["total"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    with torch.random.fork_rng(devices=[]):  # dropout's draws, seeded, leave the caller's RNG
+        torch.manual_seed(seed)
+        for _ in range(ADAPT_STEPS):
+            batch = dubber_batch(data, sample_seeds(rng, ADAPT_BATCH), config.window,
+                                 config.references, 0, rng, images=False)
+            points = torch.from_numpy(batch["points"]).to(device)
+            predicted = net(points[:, :, POSE_SLICE],
+                            torch.from_numpy(batch["references"]).to(device),
+                            torch.from_numpy(batch["mel"]).to(device))
+            loss = completion_losses(predicted, points[:, :, CONTENT_SLICE], training)["total"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
     save_weights(net, folder / WEIGHTS_FILE)
     few = max(1, ADAPT_STEPS // 10)
     return Adaptation(True, steps=ADAPT_STEPS, loss_before=float(np.mean(losses[:few])),
