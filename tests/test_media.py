@@ -192,6 +192,10 @@ def test_speech_decoded_to_a_file_is_the_speech_decoded_to_memory(tmp_path: Path
     path = make_tone(tmp_path / "s.m4a", seconds=1.3, rate=22050, channels=2)
     on_disk = decode_speech(path, tmp_path / "speech.f32")
     assert np.array_equal(on_disk[:], load_speech(path))
+    # The first 0.5 s alone: those samples, no more.
+    first = decode_speech(path, tmp_path / "first.f32", 0.5)
+    assert abs(len(first) - 8000) <= 2
+    np.testing.assert_allclose(first[:], load_speech(path)[:len(first)], atol=1e-6)
     silent = make_video(tmp_path / "silent.mp4", audio=False)
     with pytest.raises(InvalidMedia, match="no audio stream"):
         decode_speech(silent, tmp_path / "none.f32")

@@ -33,9 +33,10 @@ VAD_RANGE_DB = 35.0
 VAD_FLOOR_DB = -75.0
 
 
-def _decode_command(path: Path) -> list[str]:
+def _decode_command(path: Path, seconds: float | None = None) -> list[str]:
+    duration = [] if seconds is None else ["-t", f"{seconds:.6f}"]
     return ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
-            "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "pipe:1"]
+            *duration, "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "pipe:1"]
 
 
 def load_speech(path: str | Path) -> np.ndarray:
@@ -52,15 +53,16 @@ def load_speech(path: str | Path) -> np.ndarray:
     return samples.copy()
 
 
-def decode_speech(path: str | Path, target: Path) -> DiskArray:
+def decode_speech(path: str | Path, target: Path, seconds: float | None = None) -> DiskArray:
     """``load_speech`` into the file ``target`` (raw float32) rather than memory, a block at a
-    time: an hour of speech (230 MB) never sits whole in this process. This process writes the
+    time: an hour of speech (230 MB) never sits whole in this process. ``seconds``: only the
+    first that many seconds. This process writes the
     file, not ffmpeg, so that a full disk is an OSError like any other write of the stage."""
     path = check_readable(path)
     probe_audio(path)
     with tempfile.TemporaryFile() as log, open(target, "wb") as out:
         try:
-            proc = subprocess.Popen(_decode_command(path), stdout=subprocess.PIPE,
+            proc = subprocess.Popen(_decode_command(path, seconds), stdout=subprocess.PIPE,
                                     stderr=log, stdin=subprocess.DEVNULL)
         except FileNotFoundError as exc:
             raise MissingDependency("ffmpeg not found: apt-get install ffmpeg") from exc

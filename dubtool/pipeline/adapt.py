@@ -116,11 +116,11 @@ def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: 
     """The video's first tracked frames as a training clip: its points, ``usable`` as the
     frames with a face, its own sound's normalised mel."""
     last = int(np.nonzero(usable)[0].max()) + 1
-    samples = decode_speech(video.path, folder / SOUND_FILE)
-    # The last frame's mel window reaches half a window past its end.
+    # Only the sound the windows hear: the last frame's mel window reaches half a window past
+    # its end (an hour-long video's sound is not decoded for its first minutes).
     seconds = last / float(video.fps) + MEL_WINDOW / MEL_STEPS_PER_SECOND
-    needed = min(len(samples), int(np.ceil(seconds * SAMPLE_RATE)))
-    part = samples[:needed]
+    samples = decode_speech(video.path, folder / SOUND_FILE, seconds)
+    part = samples[:int(np.ceil(seconds * SAMPLE_RATE))]
     samples.path.unlink()
     mel = mel_spectrogram(part)
     points = track.crop_points()[:last]
