@@ -127,8 +127,9 @@ def test_pause_closes_the_mouth_to_the_videos_closed_shape(espeak: str, tmp_path
     near_pause = np.convolve(paused, np.ones(2 * complete_stage.FADE_FRAMES + 1), "same") > 0
     speaking = np.nonzero(~near_pause)[0]
     assert len(speaking) > 20
-    smooth = gaussian_filter1d(predicted, complete_stage.SMOOTH_SECONDS * FPS, axis=0,
-                               mode="nearest")
+    smooth = complete_stage.articulate(
+        gaussian_filter1d(predicted, complete_stage.SMOOTH_SECONDS * FPS, axis=0,
+                          mode="nearest"), complete_stage.ARTICULATION_GAIN, 13)
     assert np.allclose(target[speaking][:, CONTENT_SLICE], smooth[speaking], atol=1e-6)
     assert not np.allclose(smooth, predicted, atol=1e-4)  # the smoothing did something
     monkeypatch.setattr(complete_stage, "OUTPUT_CHUNK", 7)
@@ -136,6 +137,40 @@ def test_pause_closes_the_mouth_to_the_videos_closed_shape(espeak: str, tmp_path
     parts = complete_stage.complete(completion, track, plan, mel, FPS, tmp_path / "by_parts")
     np.testing.assert_allclose(parts.target[:], target, atol=1e-6)
     assert np.abs(opening[speaking] - closed_level).max() > 1e-3
+
+
+def test_articulation_amplifies_the_lips_opening_only() -> None:
+    """articulate: the lips' heights about their centre, less their local mean, times the
+    gain; a still mouth, the jaw, the lips' widths and their centre are left as they are."""
+    from dubtool.face.indices import JAW_SLICE, NUM_POSE
+
+    rng = np.random.default_rng(0)
+    frames = 200
+    shape = rng.uniform(0.3, 0.7, (57, 2)).astype(np.float32)
+    still = np.repeat(shape[None], frames, axis=0)
+    np.testing.assert_allclose(complete_stage.articulate(still, 1.5, 13), still, atol=1e-6)
+    lips = slice(complete_stage.LIPS_IN_CONTENT.start, complete_stage.LIPS_IN_CONTENT.stop)
+    jaw = slice(JAW_SLICE.start - NUM_POSE, JAW_SLICE.stop - NUM_POSE)
+    # Lower lip points (half of them) open and close 0.02 with a 0.4 s period; the head
+    # nods: everything moves up and down together by 0.05 over 4 s.
+    moving = still.copy()
+    lower = np.zeros(57, bool)
+    lower[lips][::2] = True
+    wave = 0.02 * np.sin(2 * np.pi * np.arange(frames) / 10)
+    moving[:, lower, 1] += wave[:, None]
+    moving[..., 1] += 0.05 * np.sin(2 * np.pi * np.arange(frames) / 100)[:, None]
+    out = complete_stage.articulate(moving, 1.5, 13)
+    np.testing.assert_array_equal(out[..., 0], moving[..., 0])
+    np.testing.assert_array_equal(out[:, jaw], moving[:, jaw])
+    np.testing.assert_allclose(out[:, lips, 1].mean(axis=1), moving[:, lips, 1].mean(axis=1),
+                               atol=1e-6)
+    gap = out[:, lower, 1].mean(axis=1) - out[:, lips][:, ~lower[lips], 1].mean(axis=1)
+    before = moving[:, lower, 1].mean(axis=1) - moving[:, lips][:, ~lower[lips], 1].mean(axis=1)
+    middle = slice(20, 180)
+    # The 13-frame mean of a 10-frame wave is -0.2 times it: 1 + 0.5 x 1.2.
+    assert abs(gap[middle].std() / before[middle].std() - 1.6) < 0.01
+    assert np.corrcoef(gap[middle], before[middle])[0, 1] > 0.99
+    np.testing.assert_array_equal(complete_stage.articulate(moving, 1.0, 13), moving)
 
 
 def test_close_pauses_fades_in_and_out() -> None:

@@ -15,12 +15,16 @@ from dubtool.cli import app
 from dubtool.errors import InputNotFound, OutputError
 from dubtool.face.indices import MIRROR, ORDER
 from dubtool.media.audio import NORMALISED_CLIP, mel_window
+from dubtool.training import dataset as dataset_module
 from dubtool.training.dataset import (
     Augment,
+    Clip,
     PreparedData,
+    SoundAugment,
     dubber_batch,
     person_of,
     sample_seeds,
+    stretched_mel_window,
 )
 
 
@@ -115,6 +119,45 @@ def test_sampler_draws_successive_frames_and_a_distant_reference(dataset: Path) 
         assert abs(reference - start) >= 10  # the farthest of a few random face frames
     no_motion = dubber_batch(data, sample_seeds(rng, 2), 5, 4, 2, rng, motion_probability=0.0)
     assert no_motion["motion"].shape == (2, 0, 3, 32, 32)
+
+
+def test_tempo_plays_points_and_sound_faster_or_slower_alike(monkeypatch) -> None:
+    """With ``tempo`` the completion's samples are the clip played at another rate: the
+    points step by the rate (interpolated between frames), each frame's mel window is the
+    mel read at the rate around that frame's own time, rates spread over 1 / 1.25 .. 1.25;
+    without it, the same draws as before."""
+    frames, fps = 200, 25
+    columns = int(frames / fps * 80) + 8
+    ramp = np.arange(frames, dtype=np.float32)
+    points = np.repeat(ramp[:, None, None], 131, axis=1).repeat(2, axis=2)
+    features = np.tile(np.arange(columns, dtype=np.float32) * 0.001, (80, 1))
+    clip = Clip("ramp", "p", fps, np.zeros((0, 0, 0, 3), np.uint8), points,
+                np.ones(frames, bool), features, features)
+    data = PreparedData.of_clips([clip])
+    monkeypatch.setattr(Augment, "draw", classmethod(lambda cls, rng, strength=1.0: cls.none()))
+    monkeypatch.setattr(SoundAugment, "draw", classmethod(lambda cls, rng: cls(0, 0.0, 0.0)))
+    rng = np.random.default_rng(0)
+    batch = dubber_batch(data, sample_seeds(rng, 32), 25, 3, 0, rng, images=False, tempo=0.25)
+    at = batch["points"][:, :, 0, 0]  # the (fractional) clip frame each sample frame is
+    rates = np.diff(at, axis=1)
+    # A steady rate per sample, within the range.
+    np.testing.assert_allclose(rates, np.repeat(rates[:, :1], 24, axis=1), atol=1e-3)
+    assert rates.min() >= 1 / 1.25 - 1e-3 and rates.max() <= 1.25 + 1e-3
+    assert rates[:, 0].max() - rates[:, 0].min() > 0.2
+    middle = (at + 0.5) / fps * 80  # the mel column of each frame's middle
+    heard = batch["mel"][:, :, 0, :] / 0.001
+    np.testing.assert_allclose(heard[:, :, 8], middle, atol=1e-2)
+    np.testing.assert_allclose(heard[:, :, 9] - heard[:, :, 8], np.repeat(rates[:, :1], 25, axis=1),
+                               atol=1e-2)
+    window = stretched_mel_window(features, 100.0, fps, 2.0)
+    np.testing.assert_allclose(window[0] / 0.001, 321.6 + 2.0 * (np.arange(16) - 8), atol=1e-2)
+    edge = stretched_mel_window(features, -3.0, fps, 1.0)
+    assert (edge[:, :4] == -NORMALISED_CLIP).all()  # before the speech: silence
+    plain = dubber_batch(data, sample_seeds(np.random.default_rng(1), 4), 25, 3, 0,
+                         np.random.default_rng(1), images=False)
+    steps = np.diff(plain["points"][:, :, 0, 0], axis=1)
+    assert (steps == 1).all()
+    assert dataset_module.tempo_rate(np.random.default_rng(2), 0.25) != 1.0
 
 
 def test_flip_moves_points_with_the_image() -> None:

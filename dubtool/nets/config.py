@@ -114,6 +114,9 @@ class TrainingConfig:
     # The completion draws training people by footage ** this (0: evenly): speech-to-lip
     # mapping gains from every minute of speech, unlike the appearance the dubber learns.
     completion_person_exponent: float = 0.0
+    # The completion hears its training clips played at rates from 1 / (1 + tempo) to
+    # 1 + tempo (points and sound alike), so that it learns the words at any speaking rate.
+    completion_tempo: float = 0.0
     kl_weight: float = 1e-6
     grad_clip: float = 1.0
     mixed_precision: str = "no"  # "no", "bf16" (CUDA or CPU) or "fp16" (CUDA only)

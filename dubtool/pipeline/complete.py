@@ -4,7 +4,9 @@ The completion transformer predicts windows of ``CompletionConfig.window`` frame
 second, so that it hears the words around each frame); windows overlap by three quarters and
 every frame's prediction is the Hann-weighted mean over the windows that hold it, which joins
 them without seams and trusts each window most in its middle. The pose points come from the
-source frame that the plan puts at each output frame.
+source frame that the plan puts at each output frame. The prediction is smoothed over
+SMOOTH_SECONDS and its lips' opening and closing amplified by ARTICULATION_GAIN (the
+completion under-opens, ``articulate``).
 
 Where the speech pauses for PAUSE_SECONDS or longer (and before the first word and after the
 last) the mouth closes to the video's own closed-mouth shape and holds still, with short
@@ -19,10 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter1d
+from scipy.ndimage import gaussian_filter1d, uniform_filter1d
 
 from dubtool.arrays import DiskArray
-from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE, inner_lip_opening
+from dubtool.face.indices import (
+    CONTENT_SLICE,
+    LIPS_SLICE,
+    NUM_POSE,
+    POSE_SLICE,
+    inner_lip_opening,
+)
 from dubtool.media.audio import (
     NORMALISED_CLIP,
     MelNormalisation,
@@ -39,7 +47,10 @@ PAUSE_SECONDS = 0.25
 FADE_FRAMES = 2        # frames over which the mouth closes into or opens out of a pause
 CLOSED_FRACTION = 0.1  # the closed shape: median of this most-closed fraction of the frames
 SMOOTH_SECONDS = 0.04  # the predicted lip/jaw are smoothed over time by a Gaussian this wide
+ARTICULATION_GAIN = 1.5      # the lips' opening and closing about their local mean, amplified
+ARTICULATION_SECONDS = 0.5   # over a mean this long (see ``articulate``)
 OUTPUT_CHUNK = 1024    # output frames of the targets computed and written at once
+LIPS_IN_CONTENT = slice(LIPS_SLICE.start - NUM_POSE, LIPS_SLICE.stop - NUM_POSE)
 TARGET_FILE, PREDICTED_FILE, REFERENCES_FILE = "target.npy", "predicted.npy", "references.npy"
 
 
@@ -170,6 +181,25 @@ def closing_weight(paused: np.ndarray) -> np.ndarray:
     return np.clip(1.0 - distance / (FADE_FRAMES + 1), 0.0, 1.0)
 
 
+def articulate(content: np.ndarray, gain: float, frames: int) -> np.ndarray:
+    """(O, 57, 2) lip/jaw with the lips' vertical motion about their own centre amplified:
+    each lip point's height over the lips' mean height, minus its mean over ``frames``
+    frames, times ``gain``. The jaw, the mouth's place and its width are left as they are.
+
+    Trained on L1-like losses, the completion hedges: on people it never saw its lips open
+    0.68 as wide as the real ones (7 validation clips), and a gain of 1.5 over 0.5 s brings
+    that to 0.82 at the same lip/jaw L1 (0.0098 crop units) and correlation (-0.006); the
+    training speaker's go from 0.95 to 1.07, correlation 0.860 -> 0.874 (8 GRID clips)."""
+    if gain == 1.0 or len(content) == 0:
+        return content
+    out = content.astype(np.float32, copy=True)
+    lips = out[:, LIPS_IN_CONTENT, 1]
+    height = lips - lips.mean(axis=1, keepdims=True)
+    local = uniform_filter1d(height, max(1, frames), axis=0, mode="nearest")
+    out[:, LIPS_IN_CONTENT, 1] = lips + (gain - 1.0) * (height - local)
+    return out
+
+
 def close_pauses(content: np.ndarray, closed: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """(O, 57, 2) lip/jaw cross-faded to the ``closed`` shape (57, 2) by ``weight`` (O,)
     (``closing_weight``)."""
@@ -199,11 +229,15 @@ def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
     # the opening's correlation with the face track's +0.03 on average, every clip higher).
     # Each part is smoothed with enough of its neighbours to equal smoothing all at once.
     sigma = SMOOTH_SECONDS * float(fps)
-    halo = int(4.0 * sigma + 0.5) + 1  # gaussian_filter1d's reach (truncate=4)
+    mean_frames = round(ARTICULATION_SECONDS * float(fps)) // 2 * 2 + 1
+    # gaussian_filter1d's reach (truncate=4), then the local mean's.
+    halo = int(4.0 * sigma + 0.5) + 1 + mean_frames // 2
     for start in range(0, len(plan), OUTPUT_CHUNK):
         stop = min(start + OUTPUT_CHUNK, len(plan))
         low, high = max(0, start - halo), min(len(plan), stop + halo)
-        content = gaussian_filter1d(predicted[low:high], sigma, axis=0, mode="nearest")
+        content = articulate(gaussian_filter1d(predicted[low:high], sigma, axis=0,
+                                               mode="nearest"),
+                             ARTICULATION_GAIN, mean_frames)
         frames = points[plan[start:stop]]
         frames[:, CONTENT_SLICE] = close_pauses(content[start - low:stop - low], closed,
                                                 weight[start:stop])

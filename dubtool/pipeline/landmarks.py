@@ -104,10 +104,11 @@ def _fill_gaps(series: np.ndarray, valid: np.ndarray) -> np.ndarray:
     if valid.all():
         return series.copy()
     t = np.arange(len(series))
+    known = t[valid]
     flat = series.reshape(len(series), -1)
     filled = np.empty_like(flat)
     for c in range(flat.shape[1]):
-        filled[:, c] = np.interp(t, t[valid], flat[valid, c])
+        filled[:, c] = np.interp(t, known, flat[valid, c])
     return filled.reshape(series.shape)
 
 
@@ -128,16 +129,17 @@ def smooth_track(points: np.ndarray, detected: np.ndarray,
     if not detected.any():
         return (np.zeros((frames, NUM_POINTS, 2), np.float32), np.zeros((frames, 3), np.int32))
     fps = float(fps)
-    filled = _fill_gaps(points.astype(np.float64), detected)
-    smoothed = filled.copy()
-    smoothed[:, POSE_SLICE] = _smooth(filled[:, POSE_SLICE], POSE_SIGMA_S * fps)
-    smoothed[:, CONTENT_SLICE] = _smooth(filled[:, CONTENT_SLICE], CONTENT_SIGMA_S * fps)
-    raw_boxes = np.stack([face_box(p) for p in filled])
+    # float32 throughout (a ten-thousandth of a pixel): float64 copies of an hour's points
+    # would hold some 700 MB at once.
+    smoothed = _fill_gaps(points.astype(np.float32, copy=False), detected)
+    raw_boxes = np.stack([face_box(p) for p in smoothed])
+    smoothed[:, POSE_SLICE] = _smooth(smoothed[:, POSE_SLICE], POSE_SIGMA_S * fps)
+    smoothed[:, CONTENT_SLICE] = _smooth(smoothed[:, CONTENT_SLICE], CONTENT_SIGMA_S * fps)
     centre = _smooth(raw_boxes[:, :2], BOX_CENTRE_SIGMA_S * fps)
     size = _smooth(raw_boxes[:, 2], BOX_SIZE_SIGMA_S * fps)
     boxes = np.stack([CropBox.from_centre(cx, cy, s).as_array()
                       for (cx, cy), s in zip(centre, size, strict=True)])
-    return smoothed.astype(np.float32), boxes.astype(np.int32)
+    return smoothed, boxes.astype(np.int32)
 
 
 def track_faces(video: VideoInfo, detector: Detector, face: FaceChoice = "largest",

@@ -27,7 +27,13 @@ import numpy as np
 from dubtool.errors import InputNotFound, InvalidMedia
 from dubtool.face.indices import MIRROR
 from dubtool.face.warp import warp_face
-from dubtool.media.audio import NORMALISED_CLIP, mel_window, normalise_mel
+from dubtool.media.audio import (
+    MEL_STEPS_PER_SECOND,
+    MEL_WINDOW,
+    NORMALISED_CLIP,
+    mel_window,
+    normalise_mel,
+)
 from dubtool.pipeline.cache import write_json_atomic
 from dubtool.pipeline.run import Inputs, run_front
 
@@ -456,18 +462,57 @@ class DubberSample:
     warped: np.ndarray
 
 
+def tempo_rate(rng: np.random.Generator, tempo: float) -> float:
+    """A playback rate drawn log-uniformly between 1 / (1 + ``tempo``) and 1 + ``tempo``."""
+    return float(np.exp(rng.uniform(-np.log1p(tempo), np.log1p(tempo))))
+
+
+def interpolate_frames(points: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """(len(at), ...) ``points`` (F, ...) at the fractional frames ``at``, linearly."""
+    low = np.clip(np.floor(at).astype(np.int64), 0, len(points) - 1)
+    high = np.clip(low + 1, 0, len(points) - 1)
+    part = (at - low).reshape(-1, *([1] * (points.ndim - 1)))
+    return ((1 - part) * points[low] + part * points[high]).astype(np.float32)
+
+
+def stretched_mel_window(features: np.ndarray, frame: float, fps: Fraction | float,
+                         rate: float, width: int = MEL_WINDOW) -> np.ndarray:
+    """(80, width) the window ``mel_window`` gives of the normalised mel ``features`` played
+    ``rate`` times as fast, centred on the middle of the fractional video frame ``frame``:
+    its columns are the mel's ``rate`` columns apart, interpolated linearly (-NORMALISED_CLIP,
+    silence, outside the speech)."""
+    middle = (frame + 0.5) / float(fps) * MEL_STEPS_PER_SECOND
+    at = middle + rate * (np.arange(width) - width // 2)
+    low = np.floor(at).astype(np.int64)
+    part = (at - low)[None]
+    columns = features.shape[1]
+
+    def column(index: np.ndarray) -> np.ndarray:
+        inside = (index >= 0) & (index < columns)
+        out = np.full((features.shape[0], len(index)), -NORMALISED_CLIP, np.float32)
+        out[:, inside] = features[:, index[inside]]
+        return out
+
+    return ((1 - part) * column(low) + part * column(low + 1)).astype(np.float32)
+
+
 def dubber_sample(data: PreparedData, frames: int, references: int, motion_frames: int,
                   rng: np.random.Generator, augment: bool = True,
-                  images: bool = True, warp: bool = False) -> DubberSample:
+                  images: bool = True, warp: bool = False, tempo: float = 0.0) -> DubberSample:
     """Draw one sample of ``frames`` successive frames, with the ``motion_frames`` before them.
 
     The reference image comes from the frame farthest in time among a few random candidates,
     so that the model cannot copy the target's mouth from it. ``images=False`` leaves out
-    the pictures (empty arrays), for training the landmark completion alone.
+    the pictures (empty arrays), for training the landmark completion alone; then, with
+    ``augment``, ``tempo`` > 0 plays the clip at a rate drawn by ``tempo_rate``.
     """
-    clip = data.pick_clip(rng, lambda c: len(c.runs(frames, motion_frames)) > 0)
-    start = int(rng.choice(clip.runs(frames, motion_frames)))
-    span = np.arange(start, start + frames)
+    # A tempo other than 1 reads the clip faster or slower (points and sound alike): the
+    # frames then span ``need`` of the clip's frames.
+    rate = tempo_rate(rng, tempo) if augment and tempo > 0 and not images else 1.0
+    need = frames if rate == 1.0 else int(np.ceil((frames - 1) * rate)) + 2
+    clip = data.pick_clip(rng, lambda c: len(c.runs(need, motion_frames)) > 0)
+    start = int(rng.choice(clip.runs(need, motion_frames)))
+    span = np.arange(start, start + need)
     faces = np.nonzero(clip.detected)[0]
     others = np.setdiff1d(faces, span)
     if len(others) == 0:
@@ -476,14 +521,21 @@ def dubber_sample(data: PreparedData, frames: int, references: int, motion_frame
     reference_frame = int(candidates[np.argmax(np.abs(candidates - start))])
     reference_sets = rng.choice(others, size=references, replace=len(others) < references)
     aug = Augment.draw(rng) if augment else Augment.none()
-    mel = np.stack([mel_window(clip.features, int(i) - clip.offset, clip.fps,
-                               fill=-NORMALISED_CLIP) for i in span])
+    if rate == 1.0:
+        mel = np.stack([mel_window(clip.features, int(i) - clip.offset, clip.fps,
+                                   fill=-NORMALISED_CLIP) for i in span])
+        points = clip.points[span]
+    else:
+        at = start + rate * np.arange(frames)
+        mel = np.stack([stretched_mel_window(clip.features, t - clip.offset, clip.fps, rate)
+                        for t in at])
+        points = interpolate_frames(clip.points, at)
     if augment:
         mel = SoundAugment.draw(rng).apply(mel, rng)
     none = np.zeros((0, 3, data.crop_size, data.crop_size), np.float32)
     pictures = (lambda first, stop: aug.images(clip.crops[first:stop])) if images else (
         lambda first, stop: none)
-    points = aug.points(clip.points[span])
+    points = aug.points(points)
     reference_image = pictures(reference_frame, reference_frame + 1)
     warped = none
     if images and warp:
@@ -505,7 +557,7 @@ def dubber_sample(data: PreparedData, frames: int, references: int, motion_frame
 def dubber_batch(data: PreparedData, seeds: Sequence[int], frames: int, references: int,
                  motion_frames: int, rng: np.random.Generator, augment: bool = True,
                  motion_probability: float = 0.5, images: bool = True,
-                 warp: bool = False) -> dict[str, np.ndarray]:
+                 warp: bool = False, tempo: float = 0.0) -> dict[str, np.ndarray]:
     """One sample per seed, stacked on a new first axis. Half of the batches (by default)
     carry motion frames, so that the model learns both the first chunk of a video and the next
     ones: drawn from ``rng``, which the processes of a run share, so that all the parts of a
@@ -514,7 +566,7 @@ def dubber_batch(data: PreparedData, seeds: Sequence[int], frames: int, referenc
     """
     motion = motion_frames if rng.random() < motion_probability else 0
     samples = [dubber_sample(data, frames, references, motion, np.random.default_rng(seed),
-                             augment, images, warp) for seed in seeds]
+                             augment, images, warp, tempo) for seed in seeds]
     names = ["frames", "points", "references", "mel", "reference_image", "motion"]
     batch = {name: np.stack([getattr(s, name) for s in samples])
              for name in names + (["warped"] if warp else [])}
