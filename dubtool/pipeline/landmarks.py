@@ -73,11 +73,13 @@ class FaceTrack:
         x0, y0, size = (int(v) for v in self.boxes[frame])
         return CropBox(x0, y0, size)
 
-    def crop_points(self) -> np.ndarray:
-        """Every frame's 131 points normalised to its own crop box: (F, 131, 2), [0, 1] inside."""
-        offset = self.boxes[:, None, :2].astype(np.float32)
-        size = np.maximum(self.boxes[:, None, 2:3], 1).astype(np.float32)  # no face: size 0
-        return (self.points - offset) / size
+    def crop_points(self, frames: int | slice | np.ndarray = slice(None)) -> np.ndarray:
+        """The 131 points of ``frames`` (default all: (F, 131, 2); one frame: (131, 2))
+        normalised to each frame's own crop box, [0, 1] inside."""
+        boxes = self.boxes[frames]
+        offset = boxes[..., None, :2].astype(np.float32)
+        size = np.maximum(boxes[..., None, 2:3], 1).astype(np.float32)  # no face: size 0
+        return (self.points[frames] - offset) / size
 
     def save(self, folder: Path) -> None:
         if not (isinstance(self.mesh, DiskArray) and self.mesh.path == folder / MESH_FILE):

@@ -166,8 +166,6 @@ def write_reference_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray
     video costs its decoding only."""
     wanted = sorted({int(f) for f in frames if track.detected[int(f)]})
     crops, details = {}, []
-    points = track.crop_points()
-
     def crop(i: int, frame: np.ndarray) -> np.ndarray:
         box = track.box(i)
         return box.crop(frame, native_size(box.size))
@@ -177,7 +175,7 @@ def write_reference_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray
         for i, frame in enumerate(read_frames(video, first)):
             if track.detected[i]:
                 face = crop(i, frame)
-                details.append(mouth_detail(face, points[i]))
+                details.append(mouth_detail(face, track.crop_points(i)))
                 if i in wanted:
                     crops[i] = face
         later = [i for i in wanted if i >= first]
@@ -186,7 +184,8 @@ def write_reference_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray
                 crops[i] = crop(i, frame)
     typical = float(np.median(details)) if details else 0.0
     np.savez(folder / "reference_crops.npz", **{
-        f"frame{i}": match_detail(face, points[i], typical) for i, face in crops.items()})
+        f"frame{i}": match_detail(face, track.crop_points(i), typical)
+        for i, face in crops.items()})
 
 
 def load_reference_crops(folder: Path) -> dict[int, np.ndarray]:
@@ -201,10 +200,9 @@ class NativeFaces:
                  references: ReferencePlan, crops: dict[int, np.ndarray]) -> None:
         self.track, self.target, self.plan = track, target, plan
         self.references, self.crops = references, crops
-        self.crop_points = track.crop_points()
 
     def _warped(self, reference: int, o: int, size: int, from_row: int) -> np.ndarray:
-        return warp_face(self.crops[reference], self.crop_points[reference], self.target[o],
+        return warp_face(self.crops[reference], self.track.crop_points(reference), self.target[o],
                          size, NATIVE_INTERPOLATION, from_row)
 
     def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -223,7 +221,7 @@ class NativeFaces:
                                     0.0)
         face = original.copy()
         face[top:] = lower
-        mask = lower_face_mask([self.crop_points[source], self.target[o]], size)
+        mask = lower_face_mask([self.track.crop_points(source), self.target[o]], size)
         return match_colour(face, original, mask), mask
 
 
@@ -271,7 +269,7 @@ class DiffusionRenderer:
         def generator() -> diffuse_stage.LowerFaceGenerator:
             return diffuse_stage.LowerFaceGenerator(
                 model, crops, plan, job.target, track.detected, job.reference_frame,
-                track.crop_points()[job.reference_frame], settings, self.device, precision)
+                track.crop_points(job.reference_frame), settings, self.device, precision)
 
         def chunks(ks: list[int], previous: list[dict | None]) -> list[dict]:
             results = generator().generate(ks, previous)
@@ -295,7 +293,6 @@ class DiffusionFaces:
                  crops: np.ndarray, generated: Iterator[np.ndarray]) -> None:
         self.track, self.target, self.plan, self.crops = track, target, plan, crops
         self.generated, self.next = generated, 0
-        self.crop_points = track.crop_points()
 
     def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         while self.next <= o:  # frames without a face have crops too: skip them
@@ -303,7 +300,7 @@ class DiffusionFaces:
             self.next += 1
         source = int(self.plan[o])
         size = self.crops.shape[1]
-        mask = lower_face_mask([self.crop_points[source], self.target[o]], size)
+        mask = lower_face_mask([self.track.crop_points(source), self.target[o]], size)
         return match_colour(crop, self.crops[source], mask), mask
 
 
