@@ -218,6 +218,50 @@ def test_completion_reads_the_mel_and_writes_its_frames_by_parts(tmp_path: Path)
     assert np.array_equal(result.target[:][:, POSE_SLICE], points[plan][:, POSE_SLICE])
 
 
+def test_the_completions_references_keep_clear_of_the_scored_frames(tmp_path: Path) -> None:
+    """In the reconstruction protocol the completion's reference landmarks and the closed
+    mouth come from frames at least the gap from every output frame (a long video), or, where
+    the output uses the whole video, from within half the gap of the dub's reference frame,
+    which every scored frame is the gap away from (evaluation.scored_frames): the test fails
+    if a frame to be reconstructed could lend its own mouth."""
+    from test_nets import tiny_config
+
+    from dubtool.evaluation.evaluate import scored_frames
+
+    detected = np.ones(400, bool)
+    detected[300:320] = False
+    plan, gap = np.arange(100), 50
+    far = complete_stage.reference_candidates(detected, plan, gap, 0, enough=5)
+    assert far[149:300].all() and far[320:].all() and not far[:149].any() and far.sum() == 231
+    short = np.ones(75, bool)
+    whole = np.arange(75)
+    near = complete_stage.reference_candidates(short, whole, 25, 74, enough=5)
+    scored = scored_frames(75, 74, 25)
+    distance = np.abs(np.nonzero(scored)[0][:, None] - np.nonzero(near)[0][None]).min()
+    assert near.sum() == 12 and distance >= 25 // 2
+    assert complete_stage.reference_candidates(short, whole, 0, 74).all()
+    # Through the stage: the references it saved obey the rule, and the closed shape is that
+    # of those frames only (here the frames far from the plan are the wide open ones).
+    completion = LandmarkCompletion(tiny_config().completion)
+    track = _track(400, np.random.default_rng(0))
+    top, bottom = ORDER.index(13), ORDER.index(14)
+    track.points[150:, bottom, 1] = track.points[150:, top, 1] + 30
+    mel = np.random.default_rng(1).normal(-30, 5, (80, 400)).astype(np.float32)
+    mel[:, 100:200] = -100.0  # a pause of 1.25 s
+    result = complete_stage.complete(completion, track, plan, mel, FPS, tmp_path,
+                                     exclude_frames=gap, reference_frame=200)
+    assert (np.abs(result.references[:, None] - plan[None]) >= gap).all()
+    everywhere = complete_stage.closed_mouth(track.crop_points(), track.detected)
+    clear = complete_stage.closed_mouth(track.crop_points(), np.arange(400) >= 149)
+    assert not np.allclose(everywhere, clear)
+    target = result.target[:]
+    paused = complete_stage.closing_weight(pauses(voice_activity(mel, FPS, 100), FPS,
+                                                  complete_stage.PAUSE_SECONDS)) == 1
+    assert paused.sum() > 20
+    np.testing.assert_allclose(target[paused][:, CONTENT_SLICE],
+                               clear[None].repeat(paused.sum(), 0), atol=1e-6)
+
+
 def test_windows_cover_every_frame_and_long_speech_stays_batched() -> None:
     for frames in (1, 5, 25, 26, 61, 1000):
         starts = complete_stage.window_starts(frames, 25)

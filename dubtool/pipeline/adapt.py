@@ -37,6 +37,7 @@ from dubtool.nets.config import TrainingConfig
 from dubtool.nets.io import load_weights, save_weights
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.pipeline.landmarks import FaceTrack
+from dubtool.pipeline.plan import far_from_plan
 from dubtool.training.dataset import Clip, PreparedData, dubber_batch, sample_seeds
 from dubtool.training.losses import completion_losses
 
@@ -69,16 +70,8 @@ def learnable_frames(track: FaceTrack, plan: np.ndarray, exclude_frames: int,
                      fps: Fraction) -> np.ndarray:
     """(F,) bool over the tracked frames: a face, within the first ADAPT_MAX_SECONDS, and (with
     ``exclude_frames``) at least that many frames from every frame of the ``plan``."""
-    frames = track.frames
-    usable = track.detected.copy()
+    usable = track.detected & far_from_plan(track.frames, plan, exclude_frames)
     usable[int(ADAPT_MAX_SECONDS * float(fps)):] = False
-    if exclude_frames > 0:
-        used = np.unique(plan)  # sorted
-        index = np.arange(frames)
-        after = np.clip(np.searchsorted(used, index), 0, len(used) - 1)
-        before = np.clip(after - 1, 0, len(used) - 1)
-        nearest = np.minimum(np.abs(index - used[before]), np.abs(index - used[after]))
-        usable &= nearest >= exclude_frames
     return usable
 
 

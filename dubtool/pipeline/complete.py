@@ -42,6 +42,7 @@ from dubtool.media.audio import (
 )
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.pipeline.landmarks import FaceTrack
+from dubtool.pipeline.plan import far_from_plan
 
 PAUSE_SECONDS = 0.25
 FADE_FRAMES = 2        # frames over which the mouth closes into or opens out of a pause
@@ -79,6 +80,22 @@ def reference_frames(detected: np.ndarray, count: int) -> np.ndarray:
         return np.zeros(count, np.int64)
     picks = np.linspace(0, len(faces) - 1, count).round().astype(np.int64)
     return faces[picks]
+
+
+def reference_candidates(detected: np.ndarray, plan: np.ndarray, exclude_frames: int = 0,
+                         reference_frame: int = 0, enough: int = 1) -> np.ndarray:
+    """(F,) bool: the frames the completion's reference landmarks and the closed mouth may come
+    from. Every frame with a face; with ``exclude_frames`` (the reconstruction protocol), those
+    at least that far from every frame of the ``plan``, or, when fewer than ``enough`` are,
+    those within half of it of the dub's ``reference_frame``: every frame the protocol scores
+    is at least ``exclude_frames`` from that one, so at least half of it from these."""
+    if exclude_frames <= 0:
+        return detected.copy()
+    far = detected & far_from_plan(len(detected), plan, exclude_frames)
+    if far.sum() >= enough:
+        return far
+    near = np.abs(np.arange(len(detected)) - reference_frame) < max(1, exclude_frames // 2)
+    return detected & near
 
 
 def closed_mouth(points: np.ndarray, detected: np.ndarray) -> np.ndarray:
@@ -212,12 +229,17 @@ def close_pauses(content: np.ndarray, closed: np.ndarray, weight: np.ndarray) ->
 
 def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
              mel: np.ndarray | DiskArray, fps: Fraction, folder: Path,
-             device: torch.device | str = "cpu") -> Completion:
+             device: torch.device | str = "cpu", *, exclude_frames: int = 0,
+             reference_frame: int = 0) -> Completion:
     """Target landmarks for the O output frames of ``plan`` from the speech's log-mel (80, T)
     dB: the completion's lip/jaw, closed in the speech's pauses. Writes the Completion's
-    arrays into ``folder``, OUTPUT_CHUNK frames at a time."""
+    arrays into ``folder``, OUTPUT_CHUNK frames at a time. ``exclude_frames`` and the dub's
+    ``reference_frame``: where the reference landmarks and the closed mouth may come from in
+    the reconstruction protocol (``reference_candidates``)."""
     points = track.crop_points()
-    refs = reference_frames(track.detected, completion.config.references)
+    candidates = reference_candidates(track.detected, plan, exclude_frames, reference_frame,
+                                      completion.config.references)
+    refs = reference_frames(candidates, completion.config.references)
     np.save(folder / REFERENCES_FILE, refs)
     predicted = predict_content(
         completion, points, points[refs], plan, mel, fps, device,
@@ -225,7 +247,7 @@ def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
         out=DiskArray.create(folder / PREDICTED_FILE,
                              (len(plan), completion.config.content_points, 2), np.float32))
     weight = closing_weight(pauses(voice_activity(mel, fps, len(plan)), fps, PAUSE_SECONDS))
-    closed = closed_mouth(points, track.detected)
+    closed = closed_mouth(points, candidates)
     target = DiskArray.create(folder / TARGET_FILE, (len(plan), *points.shape[1:]), np.float32)
     # The windows' predictions jitter from frame to frame by more than a mouth moves: a
     # Gaussian of 0.04 s (a frame at 25 fps) removes it (measured on the 7 validation clips:

@@ -42,3 +42,17 @@ def frame_plan(source_frames: int, output_frames: int, mode: str = "pingpong") -
     period = 2 * (source_frames - 1)  # 0 1 .. n-1 n-2 .. 1 | 0 1 ..
     phase = i % period
     return np.where(phase < source_frames, phase, period - phase)
+
+
+def far_from_plan(frames: int, plan: np.ndarray, exclude_frames: int) -> np.ndarray:
+    """(frames,) bool: the source frames at least ``exclude_frames`` from every frame of the
+    ``plan`` (all of them when ``exclude_frames`` is 0): what the reconstruction protocol lets
+    the dub learn or take a reference from."""
+    if exclude_frames <= 0 or len(plan) == 0:
+        return np.ones(frames, bool)
+    used = np.unique(plan)  # sorted
+    index = np.arange(frames)
+    after = np.clip(np.searchsorted(used, index), 0, len(used) - 1)
+    before = np.clip(after - 1, 0, len(used) - 1)
+    nearest = np.minimum(np.abs(index - used[before]), np.abs(index - used[after]))
+    return nearest >= exclude_frames

@@ -140,8 +140,10 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
 
     ``reconstruction_gap`` (seconds): the reconstruction protocol's rule. References are drawn
     from the whole video (all of it is tracked) but never from within that many seconds of
-    the frame they are pasted on, and the completion is not adapted on those frames either,
-    so a clip dubbed from its own speech copies no ground truth. ``adapt``: fine-tune the
+    the frame they are pasted on, the completion is not adapted on those frames either, and
+    its reference landmarks and closed mouth come from frames as far from the scored ones
+    (``complete.reference_candidates``), so a clip dubbed from its own speech copies no
+    ground truth. ``adapt``: fine-tune the
     completion on the video's own sound and lips first (``pipeline.adapt``; ``seed``).
     """
     import torch
@@ -169,15 +171,6 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                                           seed=seed, device=device), force=force)
         adaptation = adapt_stage.Adaptation.load(folder)
         completion_model = adapt_stage.adapted_completion(model.completion, folder)
-    complete_fp = fingerprint("complete", code_digest(complete_stage), front.extract_fp,
-                              front.landmarks_fp, model_digest, adapt_fp)
-    folder = cache.run_stage(
-        "complete", complete_fp,
-        lambda out: complete_stage.complete(completion_model, track, plan,
-                                            front.extracted.mel, video.fps, out, device),
-        force=force)
-    completion = Completion.load(folder)
-
     forced = reference_frame is not None
     if reference_frame is None:
         reference_frame = pick_reference_frame(track, plan, exclude)
@@ -186,6 +179,17 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
         raise InvalidMedia(f"--reference-frame {reference_frame} is outside the "
                            f"{track.frames} frames of the video that the speech uses",
                            video.path)
+    complete_fp = fingerprint("complete", code_digest(complete_stage), front.extract_fp,
+                              front.landmarks_fp, model_digest, adapt_fp, exclude,
+                              reference_frame if exclude else None)
+    folder = cache.run_stage(
+        "complete", complete_fp,
+        lambda out: complete_stage.complete(completion_model, track, plan,
+                                            front.extracted.mel, video.fps, out, device,
+                                            exclude_frames=exclude,
+                                            reference_frame=reference_frame),
+        force=force)
+    completion = Completion.load(folder)
     job = RenderJob(cache, video, track, plan, completion.target, complete_fp,
                     front.landmarks_fp, reference_frame, forced, exclude, force, progress)
     return DubStages(front, completion, renderer.render(job), reference_frame, adaptation)
