@@ -5,7 +5,10 @@ Definitions (also printed in reports):
   face is drawn from, or the static mouth's frame) lies within the reference gap (2 s by
   default) of the frame it is pasted on; references come from anywhere in the clip, and the
   frames within the gap of the static mouth's reference frame are not scored, for any variant
-  (their count is the "scored" column).
+  (their count is the "scored" column). The lip model is not adapted on frames within the
+  gap of an output frame, and its reference landmarks and the closed mouth of the pauses
+  come from frames at least the gap from every output frame, or, where the clip has too few,
+  from within half the gap of the reference frame.
 - PSNR, SSIM: on the lower half of the face crop (the region the model regenerates).
 - LMD: mean Euclidean distance between the 57 lip/jaw FaceMesh points of the generated and
   original frames, divided by the inter-ocular distance (outer eye corners 33-263) of the
