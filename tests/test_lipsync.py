@@ -130,7 +130,7 @@ def test_pause_closes_the_mouth_to_the_videos_closed_shape(espeak: str, tmp_path
     smooth = complete_stage.articulate(
         gaussian_filter1d(predicted, complete_stage.SMOOTH_SECONDS * FPS, axis=0,
                           mode="nearest"), complete_stage.ARTICULATION_GAIN,
-        round(complete_stage.ARTICULATION_SECONDS * FPS) // 2 * 2 + 1)
+        complete_stage.articulation_frames(FPS))
     assert np.allclose(target[speaking][:, CONTENT_SLICE], smooth[speaking], atol=1e-6)
     assert not np.allclose(smooth, predicted, atol=1e-4)  # the smoothing did something
     monkeypatch.setattr(complete_stage, "OUTPUT_CHUNK", 7)

@@ -220,6 +220,12 @@ def articulate(content: np.ndarray, gain: float, frames: int) -> np.ndarray:
     return out
 
 
+def articulation_frames(fps: Fraction | float) -> int:
+    """The odd number of frames nearest ARTICULATION_SECONDS: the mean ``articulate`` works
+    about."""
+    return round(ARTICULATION_SECONDS * float(fps)) // 2 * 2 + 1
+
+
 def close_pauses(content: np.ndarray, closed: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """(O, 57, 2) lip/jaw cross-faded to the ``closed`` shape (57, 2) by ``weight`` (O,)
     (``closing_weight``)."""
@@ -254,7 +260,7 @@ def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
     # the opening's correlation with the face track's +0.03 on average, every clip higher).
     # Each part is smoothed with enough of its neighbours to equal smoothing all at once.
     sigma = SMOOTH_SECONDS * float(fps)
-    mean_frames = round(ARTICULATION_SECONDS * float(fps)) // 2 * 2 + 1
+    mean_frames = articulation_frames(fps)
     # gaussian_filter1d's reach (truncate=4), then the local mean's.
     halo = int(4.0 * sigma + 0.5) + 1 + mean_frames // 2
     for start in range(0, len(plan), OUTPUT_CHUNK):

@@ -166,6 +166,7 @@ def write_reference_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray
     video costs its decoding only."""
     wanted = sorted({int(f) for f in frames if track.detected[int(f)]})
     crops, details = {}, []
+
     def crop(i: int, frame: np.ndarray) -> np.ndarray:
         box = track.box(i)
         return box.crop(frame, native_size(box.size))
