@@ -39,7 +39,8 @@ def test_prepare_splits_by_person(dataset: Path) -> None:
     assert clip.crops.shape == (50, 32, 32, 3) and clip.crops.dtype == np.uint8
     assert clip.points.shape == (50, 131, 2) and clip.detected.all()
     assert ((clip.points > 0) & (clip.points < 1)).all()
-    assert clip.mel.shape[0] == 80 and abs(clip.mel.shape[1] - 160) <= 5  # AAC pads a little
+    assert clip.features.shape[0] == 80 and abs(clip.features.shape[1] - 160) <= 5  # AAC pads
+    assert np.abs(clip.features).max() <= NORMALISED_CLIP  # normalised, not dB
 
 
 def test_people_file_names_the_person(tmp_path: Path) -> None:
@@ -132,7 +133,7 @@ def test_tempo_plays_points_and_sound_faster_or_slower_alike(monkeypatch) -> Non
     points = np.repeat(ramp[:, None, None], 131, axis=1).repeat(2, axis=2)
     features = np.tile(np.arange(columns, dtype=np.float32) * 0.001, (80, 1))
     clip = Clip("ramp", "p", fps, np.zeros((0, 0, 0, 3), np.uint8), points,
-                np.ones(frames, bool), features, features)
+                np.ones(frames, bool), features)
     data = PreparedData.of_clips([clip])
     monkeypatch.setattr(Augment, "draw", classmethod(lambda cls, rng, strength=1.0: cls.none()))
     monkeypatch.setattr(SoundAugment, "draw", classmethod(lambda cls, rng: cls(0, 0.0, 0.0)))
@@ -158,6 +159,41 @@ def test_tempo_plays_points_and_sound_faster_or_slower_alike(monkeypatch) -> Non
     steps = np.diff(plain["points"][:, :, 0, 0], axis=1)
     assert (steps == 1).all()
     assert dataset_module.tempo_rate(np.random.default_rng(2), 0.25) != 1.0
+
+
+def test_the_validation_takes_no_reference_from_near_a_scored_frame(monkeypatch) -> None:
+    """The training's opening validation scores the first frames of a clip and takes the
+    completion's reference landmarks a second or more after the last of them; without a gap
+    (the offsets' measure, on training clips) from anywhere in the clip."""
+    from dubtool.nets.landmark_completion import LandmarkCompletion
+    from dubtool.training import dubber as dubber_module
+
+    frames, fps = 120, 25
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0.2, 0.8, (frames, 131, 2)).astype(np.float32)
+    features = np.zeros((80, frames * 4 + 8), np.float32)
+    clip = Clip("c", "p", fps, np.zeros((0, 0, 0, 3), np.uint8), points,
+                np.ones(frames, bool), features)
+    given = []
+    real_predict = dubber_module.predict_content
+
+    def recording(completion, track_points, references, *args, **kwargs):
+        given.append(np.array([int(np.argmin(np.abs(points - r).sum(axis=(1, 2))))
+                               for r in references]))
+        return real_predict(completion, track_points, references, *args, **kwargs)
+
+    monkeypatch.setattr(dubber_module, "predict_content", recording)
+    completion = LandmarkCompletion(tiny_config().completion)
+    mine, real = dubber_module.clip_openings(completion, clip, 500, gap_seconds=1.0)
+    scored = len(mine)
+    assert len(real) == scored and 50 <= scored <= frames - 25
+    assert given[-1].min() >= scored - 1 + 25
+    mine, _ = dubber_module.clip_openings(completion, clip, 60, gap_seconds=1.0)
+    assert len(mine) == 60 and given[-1].min() >= 60 - 1 + 25
+    mine, _ = dubber_module.clip_openings(completion, clip)
+    assert len(mine) == frames and given[-1].min() < 25  # spread over the clip
+    short = Clip("s", "p", fps, clip.crops, points[:20], np.ones(20, bool), features)
+    assert len(dubber_module.clip_openings(completion, short, gap_seconds=1.0)[0]) == 0
 
 
 def test_flip_moves_points_with_the_image() -> None:

@@ -115,10 +115,10 @@ def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: 
     samples = decode_speech(video.path, folder / SOUND_FILE, seconds)
     part = samples[:int(np.ceil(seconds * SAMPLE_RATE))]
     samples.path.unlink()
-    mel = mel_spectrogram(part)
-    points = track.crop_points()[:last]
-    return Clip("video", "video", video.fps, np.zeros((0, 0, 0, 3), np.uint8), points,
-                usable[:last], mel, normalise_mel(mel))
+    features = normalise_mel(mel_spectrogram(part))
+    del part, samples  # the sound's map, and its file's space, go before the training
+    return Clip("video", "video", video.fps, np.zeros((0, 0, 0, 3), np.uint8),
+                track.crop_points()[:last], usable[:last], features)
 
 
 def _train(completion: LandmarkCompletion, clip: Clip, folder: Path, training: TrainingConfig,

@@ -251,8 +251,7 @@ class Clip:
     crops: np.ndarray      # (F, S, S, 3) uint8, memory-mapped
     points: np.ndarray     # (F, 131, 2)
     detected: np.ndarray   # (F,)
-    mel: np.ndarray        # (80, T) log-mel, dB
-    features: np.ndarray   # (80, T) the same, normalised per utterance (what the model hears)
+    features: np.ndarray   # (80, T) the log-mel, normalised per utterance (what the model hears)
     offset: int = 0        # frames the picture lags the sound: frame f hears f - offset
 
     @classmethod
@@ -260,10 +259,9 @@ class Clip:
         from dubtool.pipeline.diffuse import load_crops  # diffusers: not for clips in memory
 
         meta = json.loads((folder / "meta.json").read_text())
-        mel = np.load(folder / "mel.npy")
         return cls(folder.name, meta["person"], Fraction(meta["fps"]),
                    load_crops(folder), np.load(folder / "points.npy"),
-                   np.load(folder / "detected.npy"), mel, normalise_mel(mel))
+                   np.load(folder / "detected.npy"), normalise_mel(np.load(folder / "mel.npy")))
 
     def runs(self, length: int, before: int = 0) -> np.ndarray:
         """Start indices s such that frames s-before .. s+length-1 all hold a face."""

@@ -217,13 +217,30 @@ def _autoencoder_sizes(config: AutoencoderConfig) -> tuple:
             config.layers_per_block, config.norm_groups)
 
 
+VALIDATION_GAP_SECONDS = 1.0  # between the frames a validation scores and its references
+
+
 def clip_openings(completion: LandmarkCompletion, clip: Clip, max_frames: int | None = None,
-                  device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """(F,) the inner-lip opening the completion predicts from ``clip``'s own sound, as the
-    ``complete`` stage predicts it, and (F,) the detected one (NaN where no face); the first
-    ``max_frames`` frames."""
+                  device: torch.device | str = "cpu", gap_seconds: float = 0.0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(S,) the inner-lip opening the completion predicts from ``clip``'s own sound, as the
+    ``complete`` stage predicts it, and (S,) the detected one (NaN where no face), for the
+    first S frames, at most ``max_frames``.
+
+    The completion's reference landmarks are drawn from the whole clip, or, with
+    ``gap_seconds`` (a validation), from frames at least that far after every scored frame,
+    as in the reconstruction protocol: S then leaves that gap and the references at the clip's
+    end, and is 0 when the clip has no face there."""
+    count = completion.config.references
     frames = min(len(clip.points), max_frames or len(clip.points))
-    refs = reference_frames(clip.detected, completion.config.references)
+    allowed = clip.detected.astype(bool)
+    if gap_seconds > 0:
+        gap = max(1, round(gap_seconds * float(clip.fps)))
+        frames = max(0, min(frames, len(clip.points) - gap - count + 1))
+        allowed = allowed & (np.arange(len(clip.points)) >= frames - 1 + gap)
+        if frames == 0 or not allowed.any():
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    refs = reference_frames(allowed, count)
     with evaluating(completion):
         content = predict_content(completion, clip.points, clip.points[refs], np.arange(frames),
                                   clip.features, clip.fps, device)
@@ -235,13 +252,14 @@ def clip_openings(completion: LandmarkCompletion, clip: Clip, max_frames: int | 
 
 def opening_scores(completion: LandmarkCompletion, data: PreparedData,
                    device: torch.device | str = "cpu", max_frames: int = 500,
-                   processes: Processes | None = None) -> dict[str, float]:
+                   processes: Processes | None = None,
+                   gap_seconds: float = VALIDATION_GAP_SECONDS) -> dict[str, float]:
     """How the completion's lips follow the real ones over whole clips of ``data``: the mean
     over clips of the opening correlation and articulation (``evaluation.metrics``) of
-    ``clip_openings`` (first ``max_frames`` frames of each clip; the clips shared among a
-    run's ``processes``)."""
+    ``clip_openings`` (first ``max_frames`` frames of each clip, references ``gap_seconds``
+    after them; the clips shared among a run's ``processes``)."""
     def one(k: int) -> tuple[float, float]:
-        mine, real = clip_openings(completion, data.clips[k], max_frames, device)
+        mine, real = clip_openings(completion, data.clips[k], max_frames, device, gap_seconds)
         return metrics.opening_correlation(mine, real), metrics.articulation(mine, real)
 
     correlations, articulations = zip(*share(processes, len(data.clips), one), strict=True)
