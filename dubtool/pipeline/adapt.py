@@ -118,7 +118,7 @@ def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: 
     features = normalise_mel(mel_spectrogram(part))
     del part, samples  # the sound's map, and its file's space, go before the training
     return Clip("video", "video", video.fps, np.zeros((0, 0, 0, 3), np.uint8),
-                track.crop_points()[:last], usable[:last], features)
+                track.crop_points(slice(0, last)), usable[:last], features)
 
 
 def _train(completion: LandmarkCompletion, clip: Clip, folder: Path, training: TrainingConfig,
