@@ -38,8 +38,8 @@ Definitions (also printed in reports):
 - stability: mean absolute frame-to-frame change of the mouth region, relative to the
   original's (1.0 = as steady as the original; higher = flicker).
 - identity (with the optional dlib extra): distance between dlib's face recognition
-  descriptors of the generated and original frames, mean over 8 frames (0 = same face; dlib
-  calls two faces the same person below 0.6).
+  descriptors of the generated and original frames, mean over up to 32 scored frames spread
+  over the clip (0 = same face; dlib calls two faces the same person below 0.6).
 """
 
 from __future__ import annotations
