@@ -27,7 +27,6 @@ from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE
 from dubtool.media.audio import (
     MEL_STEPS_PER_SECOND,
     MEL_WINDOW,
-    SAMPLE_RATE,
     decode_speech,
     mel_spectrogram,
     normalise_mel,
@@ -112,11 +111,11 @@ def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: 
     # Only the sound the windows hear: the last frame's mel window reaches half a window past
     # its end (an hour-long video's sound is not decoded for its first minutes).
     seconds = last / float(video.fps) + MEL_WINDOW / MEL_STEPS_PER_SECOND
+    # ffmpeg stops at ``seconds``; the mel is read from the file block by block (five
+    # minutes of sound would be 19 MB more in memory).
     samples = decode_speech(video.path, folder / SOUND_FILE, seconds)
-    part = samples[:int(np.ceil(seconds * SAMPLE_RATE))]
+    features = normalise_mel(mel_spectrogram(samples))
     samples.path.unlink()
-    features = normalise_mel(mel_spectrogram(part))
-    del part, samples  # the sound's map, and its file's space, go before the training
     return Clip("video", "video", video.fps, np.zeros((0, 0, 0, 3), np.uint8),
                 track.crop_points(slice(0, last)), usable[:last], features)
 
