@@ -109,7 +109,7 @@ def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: 
     frames with a face, its own sound's normalised mel."""
     last = int(np.nonzero(usable)[0].max()) + 1
     # Only the sound the windows hear: the last frame's mel window reaches half a window past
-    # its end (an hour-long video's sound is not decoded for its first minutes).
+    # its end (an hour-long video's sound is decoded for the learned minutes only).
     seconds = last / float(video.fps) + MEL_WINDOW / MEL_STEPS_PER_SECOND
     # ffmpeg stops at ``seconds``; the mel is read from the file block by block (five
     # minutes of sound would be 19 MB more in memory).

@@ -254,7 +254,7 @@ def opening_scores(completion: LandmarkCompletion, data: PreparedData,
                    device: torch.device | str = "cpu", max_frames: int = 500,
                    processes: Processes | None = None,
                    gap_seconds: float = VALIDATION_GAP_SECONDS) -> dict[str, float]:
-    """How the completion's lips follow the real ones over whole clips of ``data``: the mean
+    """How the completion's lips follow the real ones over the clips of ``data``: the mean
     over clips of the opening correlation and articulation (``evaluation.metrics``) of
     ``clip_openings`` (first ``max_frames`` frames of each clip, references ``gap_seconds``
     after them; the clips shared among a run's ``processes``)."""
@@ -276,7 +276,8 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
     """Pre-train the landmark completion module alone (no images: fast) on windows of
     ``CompletionConfig.window`` frames, with ``completion_losses``. Validation reports the
     losses on the validation people and the opening correlation and articulation on their
-    whole clips (and on the held-out clips of the training people, when there are any).
+    clips (and on the held-out clips of the training people, when there are any), scored as
+    ``opening_scores`` does: the references kept a second clear of the scored frames.
     ``init``: a completion safetensors file a new run starts from. Writes
     RUN/model/completion.safetensors for ``train_dubber(completion=...)``; with ``into`` (a
     model folder), RUN/model is also a whole model folder: that model with this completion
