@@ -108,11 +108,10 @@ def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: 
     """The video's first tracked frames as a training clip: its points, ``usable`` as the
     frames with a face, its own sound's normalised mel."""
     last = int(np.nonzero(usable)[0].max()) + 1
-    # Only the sound the windows hear: the last frame's mel window reaches half a window past
-    # its end (an hour-long video's sound is decoded for the learned minutes only).
+    # Only the sound the windows hear (the last frame's mel window reaches half a window past
+    # its end): ffmpeg stops there, and the mel reads the file block by block (five minutes
+    # of sound whole in memory would be 19 MB).
     seconds = last / float(video.fps) + MEL_WINDOW / MEL_STEPS_PER_SECOND
-    # ffmpeg stops at ``seconds``; the mel is read from the file block by block (five
-    # minutes of sound would be 19 MB more in memory).
     samples = decode_speech(video.path, folder / SOUND_FILE, seconds)
     features = normalise_mel(mel_spectrogram(samples))
     samples.path.unlink()

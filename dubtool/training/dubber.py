@@ -34,6 +34,7 @@ from dubtool.nets.io import (
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.nets.sampling import lower_half_mask, make_scheduler, start_timestep
 from dubtool.pipeline.complete import predict_content, reference_frames
+from dubtool.pipeline.plan import far_from_plan
 from dubtool.training.dataset import Clip, PreparedData, dubber_batch, sample_seeds
 from dubtool.training.loop import (
     RunFolder,
@@ -237,7 +238,7 @@ def clip_openings(completion: LandmarkCompletion, clip: Clip, max_frames: int | 
     if gap_seconds > 0:
         gap = max(1, round(gap_seconds * float(clip.fps)))
         frames = max(0, min(frames, len(clip.points) - gap - count + 1))
-        allowed = allowed & (np.arange(len(clip.points)) >= frames - 1 + gap)
+        allowed = allowed & far_from_plan(len(clip.points), np.arange(frames), gap)
         if frames == 0 or not allowed.any():
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
     refs = reference_frames(allowed, count)
