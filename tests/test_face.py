@@ -6,7 +6,7 @@ import pytest
 
 from dubtool.errors import MissingDependency
 from dubtool.face import indices
-from dubtool.face.crop import CropBox, face_box
+from dubtool.face.crop import CropBox, box_arrays, face_box
 from dubtool.face.detect import FaceAlignmentDetector, FaceMeshDetector, ibug68_to_points131
 from dubtool.face.warp import thin_plate_map, warp_face
 from dubtool.media.frames import read_frames
@@ -89,6 +89,16 @@ def test_box_coordinates_round_trip() -> None:
     assert np.allclose(box.to_frame(box.to_crop(pts)), pts)
     cx, cy, size = face_box(pts)
     assert (cx, cy) == (100.0, 80.0) and size > 50
+
+
+def test_boxes_made_at_once_round_like_one_at_a_time() -> None:
+    rng = np.random.default_rng(0)
+    centre = rng.uniform(-20, 400, (500, 2))
+    centre[:50] = np.round(centre[:50]) + 0.5  # halves: rounded to even either way
+    size = np.concatenate([rng.uniform(0, 300, 450), np.arange(50) + 0.5])
+    one_by_one = [CropBox.from_centre(cx, cy, s).as_array()
+                  for (cx, cy), s in zip(centre, size, strict=True)]
+    np.testing.assert_array_equal(box_arrays(centre, size), np.stack(one_by_one))
 
 
 # -- detection on a real face -----------------------------------------------------------

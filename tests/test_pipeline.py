@@ -351,6 +351,54 @@ def test_smoothing_fills_gaps_and_removes_jitter() -> None:
     assert np.abs(np.diff(boxes[:, 2])).max() <= 1
 
 
+def test_smoothing_by_parts_equals_smoothing_at_once(monkeypatch) -> None:
+    """Smoothed SMOOTH_CHUNK frames at a time, each part with the neighbours its smoothing
+    and its gap filling reach: the same points and boxes as in one part, gaps across the
+    parts' edges and at the track's ends included."""
+    from dubtool.pipeline import landmarks as landmarks_stage
+
+    rng = np.random.default_rng(1)
+    frames = 300
+    points = (rng.uniform(100, 300, (131, 2))
+              + rng.normal(0, 2, (frames, 131, 2))).astype(np.float32)
+    detected = rng.random(frames) > 0.2
+    detected[:7] = detected[-5:] = False
+    detected[95:130] = False  # a gap longer than a part
+    whole, whole_boxes = smooth_track(points, detected, 25)
+    monkeypatch.setattr(landmarks_stage, "SMOOTH_CHUNK", 16)
+    parts, part_boxes = smooth_track(points, detected, 25)
+    np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(part_boxes, whole_boxes)
+
+
+def test_smoothing_into_a_file_holds_a_few_bytes_a_frame(tmp_path: Path,
+                                                         monkeypatch) -> None:
+    """Smoothed into a DiskArray, a track's memory does not grow with its length: the peak
+    is a few bytes a frame (flags, boxes) above a constant (one part)."""
+    import tracemalloc
+
+    from dubtool.arrays import DiskArray
+    from dubtool.pipeline import landmarks as landmarks_stage
+
+    monkeypatch.setattr(landmarks_stage, "SMOOTH_CHUNK", 256)
+    rng = np.random.default_rng(0)
+    peaks = {}
+    for frames in (5_000, 20_000):
+        points = DiskArray.create(tmp_path / f"raw{frames}.npy", (frames, 131, 2), np.float32)
+        points[:] = (rng.uniform(100, 300, (131, 2))
+                     + rng.normal(0, 1, (frames, 131, 2))).astype(np.float32)
+        detected = rng.random(frames) > 0.1
+        out = DiskArray.create(tmp_path / f"out{frames}.npy", (frames, 131, 2), np.float32)
+        tracemalloc.start()
+        try:
+            smooth_track(points, detected, 25, out)
+            peaks[frames] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    per_frame = (peaks[20_000] - peaks[5_000]) / 15_000
+    assert per_frame < 150, per_frame  # the points alone are 1,048 bytes a frame
+
+
 def test_smoothing_holds_little_more_than_its_output() -> None:
     """An hour's track is smoothed without float64 copies: the peak memory of smooth_track
     stays under 2.5 KB a frame (its float32 output alone is 1 KB; float64 work arrays of the
@@ -448,10 +496,10 @@ def test_cache_limit_setting(monkeypatch) -> None:
             cache_limit_bytes()
 
 
-def test_track_writes_the_raw_mesh_to_disk_by_blocks(tmp_path: Path, monkeypatch) -> None:
-    """With a mesh file the raw mesh goes to disk MESH_BLOCK frames at a time (what memory
-    holds stays small for long videos): the same track as in memory, NaN where no face, and
-    saving leaves the file as written."""
+def test_track_writes_the_raw_mesh_and_points_to_disk(tmp_path: Path, monkeypatch) -> None:
+    """With a folder the raw mesh goes to disk MESH_BLOCK frames at a time and the smoothed
+    points to their file (what memory holds stays small for long videos): the same track as
+    in memory, NaN where no face, and saving leaves the files as written."""
     from dubtool.arrays import DiskArray
     from dubtool.pipeline import landmarks as landmarks_stage
 
@@ -477,12 +525,13 @@ def test_track_writes_the_raw_mesh_to_disk_by_blocks(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(landmarks_stage, "MESH_BLOCK", 4)
     in_memory = landmarks_stage.track_faces(video, Scripted())
-    on_disk = landmarks_stage.track_faces(video, Scripted(), mesh_file=tmp_path / "mesh.npy")
+    on_disk = landmarks_stage.track_faces(video, Scripted(), folder=tmp_path)
     assert isinstance(on_disk.mesh, DiskArray) and on_disk.frames == video.frame_count == 20
+    assert isinstance(on_disk.points, DiskArray)
     np.testing.assert_array_equal(on_disk.mesh[:], in_memory.mesh)
-    np.testing.assert_array_equal(on_disk.points, in_memory.points)
+    np.testing.assert_array_equal(on_disk.points[:], in_memory.points)
     assert (~on_disk.detected).sum() == 4 and np.isnan(on_disk.mesh[:][~on_disk.detected]).all()
     np.testing.assert_allclose(on_disk.mesh[19], base + 2.0, rtol=1e-6)
     on_disk.save(tmp_path)
     loaded = FaceTrack.load(tmp_path)
-    np.testing.assert_array_equal(np.asarray(loaded.mesh), in_memory.mesh)
+    np.testing.assert_array_equal(loaded.mesh[:], in_memory.mesh)

@@ -85,6 +85,14 @@ class CropBox:
         return points[..., :2] * self.size + np.array([self.x0, self.y0], np.float32)
 
 
+def box_arrays(centre: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """``CropBox.from_centre`` of many boxes at once: centres (N, 2) and sizes (N,) ->
+    (N, 3) int32 rows x0, y0, size (the same rounding: half to even)."""
+    side = np.maximum(np.round(size), 2)
+    corner = np.round(centre - side[:, None] / 2)
+    return np.concatenate([corner, side[:, None]], axis=1).astype(np.int32)
+
+
 def face_box(points: np.ndarray, margin: float = CROP_MARGIN) -> np.ndarray:
     """Centre and side of the square crop around one face: (131, 2) px -> (cx, cy, size)."""
     lo, hi = points[:, :2].min(axis=0), points[:, :2].max(axis=0)

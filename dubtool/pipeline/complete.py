@@ -27,6 +27,7 @@ from dubtool.arrays import DiskArray
 from dubtool.face.indices import (
     CONTENT_SLICE,
     LIPS_SLICE,
+    NUM_POINTS,
     NUM_POSE,
     POSE_SLICE,
     inner_lip_opening,
@@ -41,12 +42,13 @@ from dubtool.media.audio import (
     voice_activity,
 )
 from dubtool.nets.landmark_completion import LandmarkCompletion
-from dubtool.pipeline.landmarks import FaceTrack
+from dubtool.pipeline.landmarks import CropPoints, FaceTrack, PointSource
 from dubtool.pipeline.plan import far_from_plan
 
 PAUSE_SECONDS = 0.25
 FADE_FRAMES = 2        # frames over which the mouth closes into or opens out of a pause
 CLOSED_FRACTION = 0.1  # the closed shape: median of this most-closed fraction of the frames
+CLOSED_MAX_FRAMES = 500  # but of no more frames than this (20 s at 25 fps)
 SMOOTH_SECONDS = 0.04  # the predicted lip/jaw are smoothed over time by a Gaussian this wide
 ARTICULATION_GAIN = 1.5      # the lips' opening and closing about their local mean, amplified
 ARTICULATION_SECONDS = 2.0   # over a mean this long (see ``articulate``)
@@ -98,15 +100,17 @@ def reference_candidates(detected: np.ndarray, plan: np.ndarray, exclude_frames:
     return detected & near
 
 
-def closed_mouth(points: np.ndarray, detected: np.ndarray) -> np.ndarray:
-    """(57, 2) the video's own closed-mouth lip/jaw shape (crop units): the median over the
-    frames whose inner lips are closest (CLOSED_FRACTION of the frames with a face)."""
+def closed_mouth(points: PointSource, detected: np.ndarray) -> np.ndarray:
+    """(57, 2) the video's own closed-mouth lip/jaw shape (in the units of ``points``, (F, 131,
+    2), any array-like): the median over the frames whose inner lips are closest
+    (CLOSED_FRACTION of the frames with a face, at most CLOSED_MAX_FRAMES)."""
     faces = np.nonzero(detected)[0]
     if len(faces) == 0:  # nothing will be dubbed: any shape does
-        return np.median(points[:, CONTENT_SLICE], axis=0)
-    opening = inner_lip_opening(points[faces])
-    count = max(1, round(CLOSED_FRACTION * len(faces)))
-    closest = faces[np.argsort(opening, kind="stable")[:count]]
+        return points[0][CONTENT_SLICE]
+    opening = np.concatenate([inner_lip_opening(points[faces[i:i + OUTPUT_CHUNK]])
+                              for i in range(0, len(faces), OUTPUT_CHUNK)])
+    count = min(max(1, round(CLOSED_FRACTION * len(faces))), CLOSED_MAX_FRAMES)
+    closest = np.sort(faces[np.argsort(opening, kind="stable")[:count]])
     return np.median(points[closest][:, CONTENT_SLICE], axis=0)
 
 
@@ -122,13 +126,15 @@ def window_starts(frames: int, window: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def predict_content(completion: LandmarkCompletion, points: np.ndarray, references: np.ndarray,
+def predict_content(completion: LandmarkCompletion, points: PointSource | CropPoints,
+                    references: np.ndarray,
                     plan: np.ndarray, features: np.ndarray | DiskArray, fps: Fraction | float,
                     device: torch.device | str = "cpu", windows_per_batch: int = 32,
                     normalisation: MelNormalisation | None = None,
                     out: DiskArray | None = None) -> np.ndarray | DiskArray:
     """(O, 57, 2) lip/jaw points for the O output frames of ``plan`` (source frame per output
-    frame): points (S, 131, 2) crop-normalised source landmarks, references (N, 131, 2),
+    frame): points (S, 131, 2) crop-normalised source landmarks (any array-like, read a batch
+    at a time), references (N, 131, 2),
     features: the normalised mel (80, T) of the speech, or its dB mel with the
     ``normalisation`` that makes it so. Works window batch by window batch, reading (and
     normalising) only the mel columns a batch hears, and writes each frame into ``out``
@@ -242,7 +248,7 @@ def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
     arrays into ``folder``, OUTPUT_CHUNK frames at a time. ``exclude_frames`` and the dub's
     ``reference_frame``: where the reference landmarks and the closed mouth may come from in
     the reconstruction protocol (``reference_candidates``)."""
-    points = track.crop_points()
+    points = track.cropped  # read by parts: the whole track would grow with the video
     candidates = reference_candidates(track.detected, plan, exclude_frames, reference_frame,
                                       completion.config.references)
     refs = reference_frames(candidates, completion.config.references)
@@ -254,7 +260,7 @@ def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
                              (len(plan), completion.config.content_points, 2), np.float32))
     weight = closing_weight(pauses(voice_activity(mel, fps, len(plan)), fps, PAUSE_SECONDS))
     closed = closed_mouth(points, candidates)
-    target = DiskArray.create(folder / TARGET_FILE, (len(plan), *points.shape[1:]), np.float32)
+    target = DiskArray.create(folder / TARGET_FILE, (len(plan), NUM_POINTS, 2), np.float32)
     # The windows' predictions jitter from frame to frame by more than a mouth moves: a
     # Gaussian of 0.04 s (a frame at 25 fps) removes it (measured on the 7 validation clips:
     # the opening's correlation with the face track's +0.03 on average, every clip higher).

@@ -19,7 +19,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from dubtool.arrays import DiskArray
 from dubtool.face.choose import FacePicker
-from dubtool.face.crop import CropBox, face_box
+from dubtool.face.crop import CropBox, box_arrays, face_box
 from dubtool.face.detect import Detector
 from dubtool.face.indices import CONTENT_SLICE, NUM_POINTS, POSE_SLICE, select_points
 from dubtool.media.frames import read_frames
@@ -33,10 +33,14 @@ BOX_SIZE_SIGMA_S = 0.4
 POSE_SIGMA_S = 0.04
 CONTENT_SIGMA_S = 0.02
 
-MESH_FILE = "mesh.npy"
+MESH_FILE, POINTS_FILE = "mesh.npy", "points.npy"
 MESH_BLOCK = 256  # frames of raw mesh held in memory before they are written out
+SMOOTH_CHUNK = 4096  # frames smoothed at once
+FRAME_CHUNK = 4096   # frames read at once by FaceTrack.map_points
 
 Progress = Callable[[int, int], None]
+# Per-frame points (F, 131, 2): an array, or anything that reads frames by index (a DiskArray).
+PointSource = np.ndarray | DiskArray
 
 
 @dataclass
@@ -44,18 +48,21 @@ class FaceTrack:
     """A face over F frames.
 
     mesh      (F, 478, 3) float32  raw detector points in pixels, NaN where no face was found
-                                   (in memory, or on disk as a DiskArray or memory map)
     detected  (F,) bool            whether the detector found the face in the frame
     points    (F, 131, 2) float32  the ordered points in pixels, smoothed, gaps interpolated
     boxes     (F, 3) int32         crop box per frame: x0, y0, size (pixels)
     faces_seen                     the most faces found in one frame (the track follows one)
     face                           how that one was chosen (``--face``)
+
+    ``mesh`` and ``points`` are arrays, or DiskArrays (a loaded track: reading a frame reads
+    that frame alone, so a dub's memory does not grow with the video's length); whole-track
+    measures go through ``map_points``.
     """
 
     detector: str
-    mesh: np.ndarray
+    mesh: PointSource
     detected: np.ndarray
-    points: np.ndarray
+    points: PointSource
     boxes: np.ndarray
     ms_per_frame: float
     faces_seen: int = 1
@@ -81,11 +88,24 @@ class FaceTrack:
         size = np.maximum(boxes[..., None, 2:3], 1).astype(np.float32)  # no face: size 0
         return (self.points[frames] - offset) / size
 
+    @property
+    def cropped(self) -> CropPoints:
+        """``crop_points`` as an array-like: ``track.cropped[index]`` reads those frames."""
+        return CropPoints(self)
+
+    def map_points(self, measure: Callable[[np.ndarray], np.ndarray],
+                   frames: np.ndarray) -> np.ndarray:
+        """``measure`` ((n, 131, 2) pixel points -> (n, ...)) over the points of ``frames``
+        (int array), read FRAME_CHUNK frames at a time."""
+        parts = [measure(self.points[frames[i:i + FRAME_CHUNK]])
+                 for i in range(0, len(frames), FRAME_CHUNK)]
+        return np.concatenate(parts) if parts else measure(self.points[frames])
+
     def save(self, folder: Path) -> None:
-        if not (isinstance(self.mesh, DiskArray) and self.mesh.path == folder / MESH_FILE):
-            np.save(folder / MESH_FILE, self.mesh)
-        np.savez(folder / "track.npz", detected=self.detected, points=self.points,
-                 boxes=self.boxes)
+        for array, name in ((self.mesh, MESH_FILE), (self.points, POINTS_FILE)):
+            if not (isinstance(array, DiskArray) and array.path == folder / name):
+                np.save(folder / name, array[:])
+        np.savez(folder / "track.npz", detected=self.detected, boxes=self.boxes)
         (folder / "track.json").write_text(json.dumps(
             {"detector": self.detector, "ms_per_frame": self.ms_per_frame,
              "faces_seen": self.faces_seen, "face": self.face}))
@@ -94,23 +114,35 @@ class FaceTrack:
     def load(cls, folder: Path) -> FaceTrack:
         meta = json.loads((folder / "track.json").read_text())
         with np.load(folder / "track.npz", allow_pickle=False) as data:
-            # The raw mesh (5.7 KB a frame) is mapped, not read: what a dub keeps in memory
-            # stays small however long the video.
-            return cls(meta["detector"], np.load(folder / MESH_FILE, mmap_mode="r"),
-                       data["detected"], data["points"], data["boxes"], meta["ms_per_frame"],
-                       meta["faces_seen"], meta["face"])
+            return cls(meta["detector"], DiskArray.open(folder / MESH_FILE), data["detected"],
+                       DiskArray.open(folder / POINTS_FILE), data["boxes"],
+                       meta["ms_per_frame"], meta["faces_seen"], meta["face"])
 
 
-def _fill_gaps(series: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Linear interpolation over frames where ``valid`` is False; ends hold the nearest value."""
+class CropPoints:
+    """A track's points normalised to its crop boxes, read by parts: ``view[index]`` is
+    ``track.crop_points(index)`` (for what indexes an (F, 131, 2) array)."""
+
+    def __init__(self, track: FaceTrack) -> None:
+        self.track = track
+
+    def __len__(self) -> int:
+        return self.track.frames
+
+    def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray:
+        return self.track.crop_points(index)
+
+
+def _fill_gaps(series: np.ndarray, valid: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Linear interpolation over the rows where ``valid`` is False, from the valid rows at
+    ``times`` (increasing frame numbers, one per row); ends hold the nearest value."""
     if valid.all():
         return series.copy()
-    t = np.arange(len(series))
-    known = t[valid]
+    known = times[valid]
     flat = series.reshape(len(series), -1)
     filled = np.empty_like(flat)
     for c in range(flat.shape[1]):
-        filled[:, c] = np.interp(t, known, flat[valid, c])
+        filled[:, c] = np.interp(times, known, flat[valid, c])
     return filled.reshape(series.shape)
 
 
@@ -120,42 +152,84 @@ def _smooth(series: np.ndarray, sigma_frames: float) -> np.ndarray:
     return gaussian_filter1d(series, sigma_frames, axis=0, mode="nearest")
 
 
-def smooth_track(points: np.ndarray, detected: np.ndarray,
-                 fps: Fraction | float) -> tuple[np.ndarray, np.ndarray]:
+def _filled_points(points: PointSource, detected: np.ndarray, known: np.ndarray, lo: int,
+                   hi: int) -> np.ndarray:
+    """(hi - lo, 131, 2) float32: frames lo..hi of ``points`` with the frames without a face
+    interpolated from the nearest frames with one (which may lie outside lo..hi)."""
+    inside = known[(known >= lo) & (known < hi)]
+    before, after = known[known < lo][-1:], known[known >= hi][:1]
+    if len(inside) == hi - lo:
+        return np.asarray(points[lo:hi], np.float32)
+    times = np.concatenate([before, np.arange(lo, hi), after])
+    valid = np.concatenate([np.ones(len(before), bool), detected[lo:hi],
+                            np.ones(len(after), bool)])
+    series = np.zeros((len(times), NUM_POINTS, 2), np.float32)
+    series[valid] = points[times[valid]]
+    return _fill_gaps(series, valid, times)[len(before):len(before) + hi - lo]
+
+
+def smooth_track(points: PointSource, detected: np.ndarray, fps: Fraction | float,
+                 out: np.ndarray | DiskArray | None = None) -> tuple[np.ndarray | DiskArray,
+                                                                      np.ndarray]:
     """Smooth raw 131-point tracks and derive stable crop boxes.
 
-    points (F, 131, 2) px with anything where ``detected`` is False -> (points (F, 131, 2)
-    float32, boxes (F, 3) int32). With no face in any frame, both are all zeros.
+    points (F, 131, 2) px (an array, or anything that reads its frames by index) with anything
+    where ``detected`` is False -> (points (F, 131, 2) float32, written into ``out`` when given,
+    boxes (F, 3) int32). With no face in any frame, both are all zeros. Works SMOOTH_CHUNK
+    frames at a time, each read with the neighbours its smoothing reaches, so that besides
+    the output it holds a few bytes a frame whatever the track's length.
     """
     frames = len(detected)
+    if out is None:
+        out = np.empty((frames, NUM_POINTS, 2), np.float32)
     if not detected.any():
-        return (np.zeros((frames, NUM_POINTS, 2), np.float32), np.zeros((frames, 3), np.int32))
+        for start in range(0, frames, SMOOTH_CHUNK):
+            out[start:start + SMOOTH_CHUNK] = 0.0
+        return out, np.zeros((frames, 3), np.int32)
     fps = float(fps)
-    # float32 throughout (a ten-thousandth of a pixel): with float64 copies the smoothing
-    # peaked at 5.4 KB a frame (490 MB for an hour at 25 fps), now at 1.7 KB.
-    smoothed = _fill_gaps(points.astype(np.float32, copy=False), detected)
-    raw_boxes = np.stack([face_box(p) for p in smoothed])
-    smoothed[:, POSE_SLICE] = _smooth(smoothed[:, POSE_SLICE], POSE_SIGMA_S * fps)
-    smoothed[:, CONTENT_SLICE] = _smooth(smoothed[:, CONTENT_SLICE], CONTENT_SIGMA_S * fps)
+    known = np.nonzero(detected)[0]
+    pose_sigma, content_sigma = POSE_SIGMA_S * fps, CONTENT_SIGMA_S * fps
+    halo = int(4.0 * max(pose_sigma, content_sigma) + 0.5) + 1  # gaussian_filter1d's reach
+    raw_boxes = np.empty((frames, 3), np.float64)
+    for start in range(0, frames, SMOOTH_CHUNK):
+        stop = min(start + SMOOTH_CHUNK, frames)
+        lo, hi = max(0, start - halo), min(frames, stop + halo)
+        # float32 throughout (a ten-thousandth of a pixel).
+        part = _filled_points(points, detected, known, lo, hi)
+        raw_boxes[start:stop] = [face_box(p) for p in part[start - lo:stop - lo]]
+        part[:, POSE_SLICE] = _smooth(part[:, POSE_SLICE], pose_sigma)
+        part[:, CONTENT_SLICE] = _smooth(part[:, CONTENT_SLICE], content_sigma)
+        out[start:stop] = part[start - lo:stop - lo]
     centre = _smooth(raw_boxes[:, :2], BOX_CENTRE_SIGMA_S * fps)
     size = _smooth(raw_boxes[:, 2], BOX_SIZE_SIGMA_S * fps)
-    boxes = np.stack([CropBox.from_centre(cx, cy, s).as_array()
-                      for (cx, cy), s in zip(centre, size, strict=True)])
-    return smoothed, boxes.astype(np.int32)
+    return out, box_arrays(centre, size)
+
+
+class _MeshPoints:
+    """The 131 ordered points (x, y) of a raw mesh (F, 478, 3), read a part at a time."""
+
+    def __init__(self, mesh: np.ndarray | DiskArray) -> None:
+        self.mesh = mesh
+
+    def __len__(self) -> int:
+        return len(self.mesh)
+
+    def __getitem__(self, index: object) -> np.ndarray:
+        return select_points(self.mesh[index])[..., :2]
 
 
 def track_faces(video: VideoInfo, detector: Detector, face: FaceChoice = "largest",
                 progress: Progress | None = None, frames: int | None = None,
-                mesh_file: Path | None = None) -> FaceTrack:
+                folder: Path | None = None) -> FaceTrack:
     """Detect the faces in the first ``frames`` frames of ``video`` (default: all; streamed,
-    one at a time) and follow the one that ``face`` picks. With ``mesh_file`` the raw mesh
-    (5.7 KB a frame) goes to that .npy file MESH_BLOCK frames at a time instead of memory, so
-    that memory grows only by the 131 points (1 KB a frame) with the video's length."""
+    one at a time) and follow the one that ``face`` picks. With ``folder`` the raw mesh (5.7
+    KB a frame, MESH_BLOCK frames at a time) and the smoothed points (1 KB a frame) go to its
+    MESH_FILE and POINTS_FILE instead of memory, so that memory does not grow with the
+    video's length (but for a few bytes a frame: the detection flags and crop boxes)."""
     total = video.frame_count if frames is None else min(frames, video.frame_count)
-    mesh = (np.empty((total, 478, 3), np.float32) if mesh_file is None
-            else DiskArray.create(mesh_file, (total, 478, 3), np.float32))
+    mesh = (np.empty((total, 478, 3), np.float32) if folder is None
+            else DiskArray.create(folder / MESH_FILE, (total, 478, 3), np.float32))
     block = np.full((MESH_BLOCK, 478, 3), np.nan, np.float32)
-    raw_points = np.empty((total, NUM_POINTS, 2), np.float32)
     detected = np.zeros(total, bool)
     picker = FacePicker(face, video.width, video.height)
     spent, faces_seen = 0.0, 0
@@ -170,12 +244,13 @@ def track_faces(video: VideoInfo, detector: Detector, face: FaceChoice = "larges
             if found is not None:
                 block[row] = found
                 detected[i] = True
-            raw_points[i] = select_points(block[row])[:, :2]
             if row == MESH_BLOCK - 1 or i == total - 1:
                 mesh[i - row:i + 1] = block[:row + 1]
                 block.fill(np.nan)
             if progress is not None:
                 progress(i + 1, total)
-    points, boxes = smooth_track(raw_points, detected, video.fps)
+    out = (None if folder is None
+           else DiskArray.create(folder / POINTS_FILE, (total, NUM_POINTS, 2), np.float32))
+    points, boxes = smooth_track(_MeshPoints(mesh), detected, video.fps, out)
     return FaceTrack(detector.name, mesh, detected, points, boxes, 1000 * spent / max(total, 1),
                      faces_seen, face)

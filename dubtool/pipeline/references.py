@@ -30,6 +30,7 @@ from dubtool.face.indices import (
 )
 
 POOL_SIZE = 48          # candidate frames at most (``--references``)
+SHAPE_FRAMES = 4096     # the candidates are chosen among at most this many frames
 CANDIDATES = 8          # per output frame, the best this many enter the path search
 SWITCH_COST = 0.08      # in shape units (eye distances): a switch must gain at least this
 POSE_WEIGHT = 0.5       # pose residual against mouth-shape distance
@@ -142,7 +143,8 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
                       forced: int | None = None, pool_size: int = POOL_SIZE) -> ReferencePlan:
     """The reference plan of a dub.
 
-    track_points (F, 131, 2) source landmarks (pixels); detected (F,) which have a face;
+    track_points (F, 131, 2) source landmarks (pixels; any array-like, e.g. the track's
+    DiskArray); detected (F,) which have a face;
     target (O, 131, 2) each output frame's target landmarks in its source frame's crop box;
     plan (O,) the source frame of each output frame. ``anchor``: a frame with a face that the
     candidates always include (the dub's single reference, ``run.pick_reference_frame``: every
@@ -162,12 +164,18 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
     if pool_size == 1 or len(faces) == 1:  # one reference (the default): nothing to choose
         same = np.full(frames, anchor, np.int64)
         return ReferencePlan(same, same.copy(), np.zeros(frames, np.float32), same[:1])
-    template = np.median(track_points[faces], axis=0)
-    shapes, poses = face_frame_shapes(track_points[faces], template)
+    # The pool is spread over at most SHAPE_FRAMES frames (evenly over the video, the anchor
+    # among them): what this holds stays the same however long the video.
+    if len(faces) > SHAPE_FRAMES:
+        spread = faces[np.linspace(0, len(faces) - 1, SHAPE_FRAMES).round().astype(np.int64)]
+        faces = np.union1d(spread, [anchor])
+    seen = track_points[faces]
+    template = np.median(seen, axis=0)
+    shapes, poses = face_frame_shapes(seen, template)
     pool = spread_pool(shapes, faces, pool_size, first=anchor)
     at = np.searchsorted(faces, pool)
     pool_shapes, pool_poses = shapes[at], poses[at]
-    pool_opening = inner_lip_opening(track_points[pool])
+    pool_opening = inner_lip_opening(seen[at])
     # Target landmarks are in crop units: their shapes come out in the same eye-distance
     # units. Read a part at a time: the targets of a long speech stay on disk.
     cost = np.empty((frames, len(pool)))

@@ -201,9 +201,10 @@ class NativeFaces:
                  references: ReferencePlan, crops: dict[int, np.ndarray]) -> None:
         self.track, self.target, self.plan = track, target, plan
         self.references, self.crops = references, crops
+        self.crop_points = {r: track.crop_points(r) for r in crops}
 
     def _warped(self, reference: int, o: int, size: int, from_row: int) -> np.ndarray:
-        return warp_face(self.crops[reference], self.track.crop_points(reference), self.target[o],
+        return warp_face(self.crops[reference], self.crop_points[reference], self.target[o],
                          size, NATIVE_INTERPOLATION, from_row)
 
     def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

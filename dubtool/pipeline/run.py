@@ -91,7 +91,7 @@ def run_front(cache: RunCache, inputs: Inputs, *, loop: str = "pingpong",
                 progress("landmarks", done, total)
 
         track = landmarks_stage.track_faces(extracted.video, make_detector(detector), face, step,
-                                            used, out / landmarks_stage.MESH_FILE)
+                                            used, out)
         track.save(out)
 
     # The face track depends on the video and how much of it is used: a new speech as long as
@@ -123,7 +123,7 @@ def pick_reference_frame(track: FaceTrack, plan: np.ndarray | None = None,
     faces = np.nonzero(track.detected)[0]
     if len(faces) == 0:
         return 0
-    typical = np.abs(np.argsort(np.argsort(mouth_opening(track.points[faces])))
+    typical = np.abs(np.argsort(np.argsort(track.map_points(mouth_opening, faces)))
                      - len(faces) // 2)
     if exclude_frames > 0 and plan is not None:
         allowed = (np.abs(plan[None] - faces[:, None]) >= exclude_frames).sum(axis=1)
