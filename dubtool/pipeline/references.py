@@ -9,7 +9,8 @@ the source changes only when the shapes call for it, and each switch is cross-fa
 frames.
 
 The candidates are at most ``POOL_SIZE`` frames spread over the video's mouth shapes
-(farthest-point sampling), which bounds the work and the cache whatever the video's length.
+(farthest-point sampling among at most ``SHAPE_FRAMES`` frames spread evenly over the video),
+which bounds the work, the memory and the cache whatever the video's length.
 ``exclude_frames`` keeps every candidate that many frames or more away from the frame it would
 be pasted on: the reconstruction protocol's rule, so that no ground-truth mouth is copied.
 """
