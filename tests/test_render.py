@@ -8,7 +8,14 @@ import cv2
 import numpy as np
 
 from dubtool.evaluation.evaluate import scored_frames
-from dubtool.face.indices import CONTENT_SLICE, LIPS_SLICE, NUM_POINTS, ORDER, mouth_opening
+from dubtool.face.indices import (
+    CONTENT_SLICE,
+    LIPS_SLICE,
+    NUM_POINTS,
+    ORDER,
+    inner_lip_opening,
+    mouth_opening,
+)
 from dubtool.face.warp import warp_face
 from dubtool.pipeline import references
 from dubtool.pipeline.landmarks import FaceTrack
@@ -221,3 +228,44 @@ def test_reference_crops_past_the_detail_sample_are_the_frames_own(face_clip, tm
     for i, face in crops.items():
         box = track.box(i)
         assert np.array_equal(face, box.crop(frames[i], render.native_size(box.size)))
+
+
+def test_the_pool_is_drawn_from_a_bounded_spread_of_frames(monkeypatch, tmp_path) -> None:
+    """A long video's candidates come from at most SHAPE_FRAMES frames spread evenly over it,
+    the anchor always among them; a track read from disk gives the plan it gives in memory."""
+    rng = np.random.default_rng(4)
+    openings = 0.06 + 0.05 * np.sin(np.arange(200) * 0.3)
+    track = _track(np.stack([_face(v, rng) for v in openings]))
+    target = np.stack([_face(v, rng) for v in (0.0, 0.1, 0.05)])
+    plan = np.zeros(3, np.int64)
+    monkeypatch.setattr(references, "SHAPE_FRAMES", 9)
+    anchor = 101  # not on the spread of 9 frames over 200
+    spread = np.linspace(0, 199, 9).round().astype(int)
+    chosen = choose_references(track.points, track.detected, target, plan, anchor=anchor,
+                               pool_size=6)
+    assert len(chosen.pool) == 6 and anchor in chosen.pool
+    assert set(chosen.pool) <= {*spread, anchor}
+    track.save(tmp_path)
+    loaded = FaceTrack.load(tmp_path)
+    from_disk = choose_references(loaded.points, loaded.detected, target, plan, anchor=anchor,
+                                  pool_size=6)
+    np.testing.assert_array_equal(from_disk.source, chosen.source)
+    np.testing.assert_array_equal(from_disk.pool, chosen.pool)
+
+
+def test_the_closed_shape_is_the_median_of_a_bounded_number_of_frames(monkeypatch) -> None:
+    """The closed mouth: the median of the CLOSED_FRACTION least open frames, but of no more
+    than CLOSED_MAX_FRAMES, read from a track on disk the same as from memory."""
+    from dubtool.pipeline import complete as complete_stage
+
+    rng = np.random.default_rng(5)
+    openings = rng.permutation(np.linspace(0.0, 0.1, 100))
+    track = _track(np.stack([_face(v, rng) for v in openings]))
+    points = track.crop_points()
+    order = np.argsort(inner_lip_opening(points))
+    ten = complete_stage.closed_mouth(points, track.detected)
+    np.testing.assert_allclose(ten, np.median(points[order[:10]][:, CONTENT_SLICE], axis=0))
+    monkeypatch.setattr(complete_stage, "CLOSED_MAX_FRAMES", 3)
+    three = complete_stage.closed_mouth(track.cropped, track.detected)
+    np.testing.assert_allclose(three, np.median(points[order[:3]][:, CONTENT_SLICE], axis=0))
+    assert not np.allclose(three, ten)

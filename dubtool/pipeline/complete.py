@@ -42,7 +42,7 @@ from dubtool.media.audio import (
     voice_activity,
 )
 from dubtool.nets.landmark_completion import LandmarkCompletion
-from dubtool.pipeline.landmarks import CropPoints, FaceTrack, PointSource
+from dubtool.pipeline.landmarks import CropPoints, FaceTrack, PointSource, map_points
 from dubtool.pipeline.plan import far_from_plan
 
 PAUSE_SECONDS = 0.25
@@ -107,8 +107,7 @@ def closed_mouth(points: PointSource, detected: np.ndarray) -> np.ndarray:
     faces = np.nonzero(detected)[0]
     if len(faces) == 0:  # nothing will be dubbed: any shape does
         return points[0][CONTENT_SLICE]
-    opening = np.concatenate([inner_lip_opening(points[faces[i:i + OUTPUT_CHUNK]])
-                              for i in range(0, len(faces), OUTPUT_CHUNK)])
+    opening = map_points(points, inner_lip_opening, faces)
     count = min(max(1, round(CLOSED_FRACTION * len(faces))), CLOSED_MAX_FRAMES)
     closest = np.sort(faces[np.argsort(opening, kind="stable")[:count]])
     return np.median(points[closest][:, CONTENT_SLICE], axis=0)

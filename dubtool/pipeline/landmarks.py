@@ -36,7 +36,7 @@ CONTENT_SIGMA_S = 0.02
 MESH_FILE, POINTS_FILE = "mesh.npy", "points.npy"
 MESH_BLOCK = 256  # frames of raw mesh held in memory before they are written out
 SMOOTH_CHUNK = 4096  # frames smoothed at once
-FRAME_CHUNK = 4096   # frames read at once by FaceTrack.map_points
+FRAME_CHUNK = 4096   # frames read at once by map_points
 
 Progress = Callable[[int, int], None]
 # Per-frame points (F, 131, 2): an array, or anything that reads frames by index (a DiskArray).
@@ -55,8 +55,8 @@ class FaceTrack:
     face                           how that one was chosen (``--face``)
 
     ``mesh`` and ``points`` are arrays, or DiskArrays (a loaded track: reading a frame reads
-    that frame alone, so a dub's memory does not grow with the video's length); whole-track
-    measures go through ``map_points``.
+    that frame alone, so a dub's memory does not grow with the video's length); measures over
+    the whole track go through ``map_points``.
     """
 
     detector: str
@@ -93,14 +93,6 @@ class FaceTrack:
         """``crop_points`` as an array-like: ``track.cropped[index]`` reads those frames."""
         return CropPoints(self)
 
-    def map_points(self, measure: Callable[[np.ndarray], np.ndarray],
-                   frames: np.ndarray) -> np.ndarray:
-        """``measure`` ((n, 131, 2) pixel points -> (n, ...)) over the points of ``frames``
-        (int array), read FRAME_CHUNK frames at a time."""
-        parts = [measure(self.points[frames[i:i + FRAME_CHUNK]])
-                 for i in range(0, len(frames), FRAME_CHUNK)]
-        return np.concatenate(parts) if parts else measure(self.points[frames])
-
     def save(self, folder: Path) -> None:
         for array, name in ((self.mesh, MESH_FILE), (self.points, POINTS_FILE)):
             if not (isinstance(array, DiskArray) and array.path == folder / name):
@@ -117,6 +109,15 @@ class FaceTrack:
             return cls(meta["detector"], DiskArray.open(folder / MESH_FILE), data["detected"],
                        DiskArray.open(folder / POINTS_FILE), data["boxes"],
                        meta["ms_per_frame"], meta["faces_seen"], meta["face"])
+
+
+def map_points(points: PointSource | CropPoints, measure: Callable[[np.ndarray], np.ndarray],
+               frames: np.ndarray) -> np.ndarray:
+    """``measure`` ((n, 131, 2) points -> (n, ...)) over the ``frames`` (int array) of
+    ``points`` (any array-like), read FRAME_CHUNK frames at a time."""
+    parts = [measure(points[frames[i:i + FRAME_CHUNK]])
+             for i in range(0, len(frames), FRAME_CHUNK)]
+    return np.concatenate(parts) if parts else measure(points[frames])
 
 
 class CropPoints:

@@ -123,8 +123,8 @@ def pick_reference_frame(track: FaceTrack, plan: np.ndarray | None = None,
     faces = np.nonzero(track.detected)[0]
     if len(faces) == 0:
         return 0
-    typical = np.abs(np.argsort(np.argsort(track.map_points(mouth_opening, faces)))
-                     - len(faces) // 2)
+    opening = landmarks_stage.map_points(track.points, mouth_opening, faces)
+    typical = np.abs(np.argsort(np.argsort(opening)) - len(faces) // 2)
     if exclude_frames > 0 and plan is not None:
         allowed = (np.abs(plan[None] - faces[:, None]) >= exclude_frames).sum(axis=1)
         return int(faces[np.lexsort((typical, -allowed))[0]])
