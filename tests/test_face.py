@@ -99,6 +99,11 @@ def test_boxes_made_at_once_round_like_one_at_a_time() -> None:
     one_by_one = [CropBox.from_centre(cx, cy, s).as_array()
                   for (cx, cy), s in zip(centre, size, strict=True)]
     np.testing.assert_array_equal(box_arrays(centre, size), np.stack(one_by_one))
+    # Python's own rounding of the same values (half to even, sides of at least 2 px).
+    sides = [max(round(s), 2) for s in size]
+    expected = [[round(cx - d / 2), round(cy - d / 2), d]
+                for (cx, cy), d in zip(centre, sides, strict=True)]
+    np.testing.assert_array_equal(box_arrays(centre, size), expected)
 
 
 # -- detection on a real face -----------------------------------------------------------

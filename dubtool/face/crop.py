@@ -25,8 +25,8 @@ class CropBox:
 
     @classmethod
     def from_centre(cls, cx: float, cy: float, size: float) -> CropBox:
-        side = max(round(size), 2)
-        return cls(round(cx - side / 2), round(cy - side / 2), side)
+        x0, y0, side = box_arrays(np.array([[cx, cy]], np.float64), np.array([size]))[0]
+        return cls(int(x0), int(y0), int(side))
 
     def as_array(self) -> np.ndarray:
         return np.array([self.x0, self.y0, self.size], np.int32)
@@ -86,8 +86,8 @@ class CropBox:
 
 
 def box_arrays(centre: np.ndarray, size: np.ndarray) -> np.ndarray:
-    """``CropBox.from_centre`` of many boxes at once: centres (N, 2) and sizes (N,) ->
-    (N, 3) int32 rows x0, y0, size (the same rounding: half to even)."""
+    """Square boxes around centres (N, 2) with sides (N,), whole pixels (rounded half to even,
+    at least 2 px) -> (N, 3) int32 rows x0, y0, size; ``CropBox.from_centre`` of one."""
     side = np.maximum(np.round(size), 2)
     corner = np.round(centre - side[:, None] / 2)
     return np.concatenate([corner, side[:, None]], axis=1).astype(np.int32)
