@@ -26,6 +26,7 @@ from dubtool.errors import (
     disk_full_reported,
 )
 from dubtool.options import (
+    DEFAULT_REFERENCES,
     DEFAULT_RENDERER,
     MIXED_PRECISIONS,
     RENDERERS,
@@ -170,7 +171,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         model: str | Path | LoadedModel = DEFAULT_MODEL, steps: int | None = None, seed: int = 0,
         eta: float | None = None, strength: float | None = None, batch_size: int = 1,
         device: str = "auto", reference_frame: int | None = None, face: FaceChoice = "largest",
-        loop: str = "pingpong", renderer: str = DEFAULT_RENDERER, references: int = 1,
+        loop: str = "pingpong", renderer: str = DEFAULT_RENDERER,
+        references: int = DEFAULT_REFERENCES,
         cache_dir: str | Path | None = None, force: bool = False,
         keep_cache: bool = True, lock_timeout: float = 0.0,
         reconstruction_gap: float | None = None, adapt: bool = True,
@@ -188,7 +190,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     ``renderer``: how the lower face is made (``pipeline.render``: ``native`` from the video's
     own frames at their own size, ``diffusion`` by the model at its crop size);
     ``references``: how many of the video's frames the native renderer may draw from (1: the
-    reference frame alone; more: per output frame the nearest mouth shape among that many).
+    reference frame alone; more: per output frame the nearest mouth shape among that many, the
+    reference frame preferred, ``pipeline.references``).
     ``reconstruction_gap`` (seconds; the eval's protocol): references come from the whole
     video but never from within that long of the frame they serve. Options outside their
     range raise UsageError before any work.
@@ -253,7 +256,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
 def _check_dub_options(*, steps: int | None = None, strength: float | None = None,
                        batch_size: int = 1, seed: int = 0, device: str = "auto",
                        reference_frame: int | None = None, renderer: str = DEFAULT_RENDERER,
-                       references: int = 1, **_: object) -> None:
+                       references: int = DEFAULT_REFERENCES, **_: object) -> None:
     """UsageError (exit 2) for a dub option outside its range: what needs neither the inputs
     nor the model to check (``**_``: the other options of a batch)."""
     check_range("--steps", steps, at_least=1)
@@ -559,7 +562,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
              steps: int | None = None, seed: int = 0, strength: float | None = None,
              device: str = "auto", work_dir: str | Path = "eval", report: str | Path | None = None,
              strips: bool = True, seconds: float | None = None,
-             renderer: str = DEFAULT_RENDERER, references: int = 1,
+             renderer: str = DEFAULT_RENDERER, references: int = DEFAULT_REFERENCES,
              reference_gap: float = REFERENCE_GAP_SECONDS, adapt: bool = True,
              cache_dir: str | Path | None = None,
              progress: StageProgress | None = None) -> EvalReport:
@@ -645,7 +648,7 @@ BUNDLED_CLIP = Path(__file__).resolve().parent / "data" / "may_5s.mp4"  # packag
 def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
           model: str | Path = DEFAULT_MODEL, steps: int | None = None, device: str = "auto",
           repeat: int = 1, batch_size: int = 1, renderer: str = DEFAULT_RENDERER,
-          references: int = 1, adapt: bool = True,
+          references: int = DEFAULT_REFERENCES, adapt: bool = True,
           report: str | Path | None = None) -> BenchReport:
     """Speed of every stage on ``clip`` (default: the bundled 5 s clip; its own audio is the
     speech unless ``speech``): one dub from an empty cache (cold), ``repeat`` with everything

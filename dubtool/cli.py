@@ -26,7 +26,14 @@ from rich.table import Table
 
 from dubtool import api
 from dubtool.errors import EXIT_BATCH_FAILURES, EXIT_INTERRUPTED, DubtoolError, disk_full_error
-from dubtool.options import DEFAULT_RENDERER, DETECTORS, LOOP_MODES, describe, parse_face_choice
+from dubtool.options import (
+    DEFAULT_REFERENCES,
+    DEFAULT_RENDERER,
+    DETECTORS,
+    LOOP_MODES,
+    describe,
+    parse_face_choice,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Visual dubbing: re-generate the lower face of a talking video to follow "
@@ -106,8 +113,9 @@ RendererOption = Annotated[str, typer.Option(help="How the lower face is made: n
                           "the video's own frames, at the face's own size) or diffusion (the "
                           "model, at its crop size).")]
 ReferencesOption = Annotated[int, typer.Option(help="Native renderer: how many of the video's "
-                             "frames the lower face may be drawn from (1: the reference frame; "
-                             "more: per frame the nearest mouth shape among that many).")]
+                             "frames the lower face may be drawn from (1: the reference frame "
+                             "alone; more: per frame the nearest mouth shape among that many, "
+                             "the reference frame preferred).")]
 AdaptOption = Annotated[bool, typer.Option("--adapt/--no-adapt", help="First fine-tune the lip "
                         "model on the video's own sound and lips (when it has sound and "
                         "enough frames with a face).")]
@@ -161,7 +169,7 @@ def dub_cmd(
                     "cut (the speech).")] = "pingpong",
     face: FaceOption = "largest",
     renderer: RendererOption = DEFAULT_RENDERER,
-    references: ReferencesOption = 1,
+    references: ReferencesOption = DEFAULT_REFERENCES,
     adapt: AdaptOption = True,
     cache_dir: CacheDir = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute every stage.")] = False,
@@ -224,7 +232,7 @@ def batch_cmd(
     loop: Annotated[str, typer.Option(help="pingpong, loop or cut.")] = "pingpong",
     face: FaceOption = "largest",
     renderer: RendererOption = DEFAULT_RENDERER,
-    references: ReferencesOption = 1,
+    references: ReferencesOption = DEFAULT_REFERENCES,
     adapt: AdaptOption = True,
     shard: Annotated[str, typer.Option(help="K/N: do every N-th job starting at the K-th, to "
                      "split a batch over machines.")] = "1/1",
@@ -495,7 +503,7 @@ def eval_cmd(
     strength: Annotated[float | None, typer.Option(help="Sampling strength (default: the "
                         "model's).")] = None,
     renderer: RendererOption = DEFAULT_RENDERER,
-    references: ReferencesOption = 1,
+    references: ReferencesOption = DEFAULT_REFERENCES,
     reference_gap: Annotated[float, typer.Option(help="No reference from within this many "
                              "seconds of the frame it is pasted on (frames that cannot meet "
                              "it are not scored).")] = api.REFERENCE_GAP_SECONDS,
@@ -557,7 +565,7 @@ def bench_cmd(
     repeat: Annotated[int, typer.Option(help="Warm (cached) runs after the cold one.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Chunks denoised together.")] = 1,
     renderer: RendererOption = DEFAULT_RENDERER,
-    references: ReferencesOption = 1,
+    references: ReferencesOption = DEFAULT_REFERENCES,
     adapt: AdaptOption = True,
     report: Annotated[Path | None, typer.Option("-o", "--report", help="Write JSON.")] = None,
 ) -> None:

@@ -15,6 +15,7 @@ DETECTORS = ("mediapipe", "face-alignment")
 FACE_CHOICES = ("largest", "center")
 RENDERERS = ("native", "diffusion")  # pipeline/render.py; the first is the default
 DEFAULT_RENDERER = RENDERERS[0]
+DEFAULT_REFERENCES = 48  # frames the native renderer may draw from (pipeline/references.py)
 MIXED_PRECISIONS = ("no", "bf16", "fp16")  # training's --mixed-precision and the configs'
 MAX_SEED = 2**32 - 1  # numpy's generators take at most this; torch's seeds derive from it
 

@@ -17,6 +17,7 @@ from dubtool.face.indices import (
     mouth_opening,
 )
 from dubtool.face.warp import warp_face
+from dubtool.options import DEFAULT_REFERENCES
 from dubtool.pipeline import references
 from dubtool.pipeline.landmarks import FaceTrack
 from dubtool.pipeline.references import (
@@ -82,10 +83,29 @@ def test_the_reference_is_the_frame_whose_mouth_is_nearest_in_any_pose() -> None
     wanted = np.repeat([0.0, 0.06, 0.12, 0.03], 10)  # each held for 10 frames
     target = np.stack([_moved(_face(v, rng), 1.1, 0.1, (0.05, 0.0)) for v in wanted])
     chosen = choose_references(track.points, track.detected, target, np.zeros(40, np.int64),
-                               anchor=pick_reference_frame(track))
+                               anchor=pick_reference_frame(track), anchor_preference=0.0)
     # The nearest shape, or one a step more open (the warp can close a mouth, not open one).
     wider = openings[chosen.source] - wanted
     assert (wider >= -1e-9).all() and (wider <= 0.0051).all()
+
+
+def test_the_reference_frame_serves_unless_another_mouth_is_much_nearer() -> None:
+    rng = np.random.default_rng(8)
+    openings = np.linspace(0.0, 0.12, 25)
+    track = _track(np.stack([_face(v, rng) for v in openings]))
+    anchor = 12  # opening 0.06
+    wanted = np.repeat([0.06, 0.065, 0.055, 0.12, 0.0], 10)
+    target = np.stack([_face(v, rng) for v in wanted])
+    plan = np.zeros(len(wanted), np.int64)
+    preferred = choose_references(track.points, track.detected, target, plan, anchor=anchor)
+    nearest = choose_references(track.points, track.detected, target, plan, anchor=anchor,
+                                anchor_preference=0.0)
+    # Near the anchor's shape the anchor serves; the wide-open and the closed mouths come from
+    # frames that have them.
+    assert (preferred.source[:30] == anchor).all()
+    assert (nearest.source[10:30] != anchor).all()  # the test can see the preference
+    assert (np.abs(openings[preferred.source[30:40]] - 0.12) <= 0.0051).all()
+    assert (openings[preferred.source[40:]] <= 0.0051).all()
 
 
 def test_no_reference_is_taken_from_near_the_frame_it_is_pasted_on() -> None:
@@ -120,8 +140,8 @@ def test_candidates_are_bounded_whatever_the_length() -> None:
     plan = np.arange(2000)
     chosen = choose_references(track.points, track.detected, track.crop_points(), plan,
                                anchor=pick_reference_frame(track))
-    assert len(chosen.pool) == references.POOL_SIZE
-    assert len(chosen.used) <= references.POOL_SIZE
+    assert len(chosen.pool) == DEFAULT_REFERENCES
+    assert len(chosen.used) <= DEFAULT_REFERENCES
 
 
 def test_best_path_switches_only_when_it_pays() -> None:

@@ -8,7 +8,13 @@ head pose. The choice is a best path through time (Viterbi) with a cost for ever
 the source changes only when the shapes call for it, and each switch is cross-faded over a few
 frames.
 
-The candidates are at most ``POOL_SIZE`` frames spread over the video's mouth shapes
+The dub's reference frame (the anchor) is preferred: another frame replaces it only where its
+mouth is nearer the target by ANCHOR_PREFERENCE or more, as for a wide-open mouth drawn from a
+closed reference. Every source's landmarks err a little differently (a detector's), and each
+switch of source carries its error into the mouth's shape; one reference for most frames keeps
+the opening as steady as one reference alone, and the others bring what it cannot show.
+
+The candidates are at most ``DEFAULT_REFERENCES`` frames spread over the video's mouth shapes
 (farthest-point sampling among at most ``SHAPE_FRAMES`` frames spread evenly over the video),
 which bounds the work, the memory and the cache whatever the video's length.
 ``exclude_frames`` keeps every candidate that many frames or more away from the frame it would
@@ -29,8 +35,9 @@ from dubtool.face.indices import (
     inner_lip_opening,
     interocular,
 )
+from dubtool.options import DEFAULT_REFERENCES
 
-POOL_SIZE = 48          # candidate frames at most (``--references``)
+ANCHOR_PREFERENCE = 0.05  # in shape units: what another source must gain on the anchor
 SHAPE_FRAMES = 4096     # the candidates are chosen among at most this many frames
 CANDIDATES = 8          # per output frame, the best this many enter the path search
 SWITCH_COST = 0.08      # in shape units (eye distances): a switch must gain at least this
@@ -141,7 +148,8 @@ def cross_fades(path: np.ndarray, fade: int) -> tuple[np.ndarray, np.ndarray]:
 
 def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np.ndarray,
                       plan: np.ndarray, *, anchor: int, exclude_frames: int = 0,
-                      forced: int | None = None, pool_size: int = POOL_SIZE) -> ReferencePlan:
+                      forced: int | None = None, pool_size: int = DEFAULT_REFERENCES,
+                      anchor_preference: float = ANCHOR_PREFERENCE) -> ReferencePlan:
     """The reference plan of a dub.
 
     track_points (F, 131, 2) source landmarks (pixels; any array-like, e.g. the track's
@@ -150,7 +158,8 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
     plan (O,) the source frame of each output frame. ``anchor``: a frame with a face that the
     candidates always include (the dub's single reference, ``run.pick_reference_frame``: every
     output frame it is allowed for has a candidate); ``pool_size``: how many candidates at
-    most (1: the anchor alone). ``forced``: one frame for every output frame
+    most (1: the anchor alone); ``anchor_preference``: the cost (shape units) every other
+    candidate pays on every frame it serves. ``forced``: one frame for every output frame
     (``--reference-frame``). Output frames without an allowed candidate take the candidate
     farthest in time.
     """
@@ -192,6 +201,7 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
         opening_cost = np.where(wider > 0, wider, -NARROWING_SHARE * wider)
         cost[start:start + len(part)] = (shape_cost + POSE_WEIGHT * pose_cost
                                          + OPENING_WEIGHT * opening_cost)
+    cost[:, pool != anchor] += anchor_preference
     if exclude_frames > 0:
         near = np.abs(plan[:, None] - pool[None]) < exclude_frames
         far = np.argmax(np.abs(plan[:, None] - pool[None]), axis=1)

@@ -4,10 +4,11 @@ A renderer runs its own cached stages after ``complete`` and returns ``LowerFace
 output frame with a face, the new lower face in that frame's face box and the soft mask it is
 pasted through (the blend stage does the pasting, whatever the renderer).
 
-- ``native``: drawn from the video's own frames at the face's own size in the frame: the
-  reference frame (or, with ``references`` > 1, per output frame the source frame whose mouth
-  shape is nearest its target landmarks, ``pipeline.references``), bent onto the target
-  landmarks by the thin-plate spline and resampled bicubically, colour-matched to the frame.
+- ``native``: drawn from the video's own frames at the face's own size in the frame: per
+  output frame the source frame whose mouth shape is nearest its target landmarks, the
+  reference frame preferred (``pipeline.references``; ``references`` 1: the reference frame
+  alone), bent onto the target landmarks by the thin-plate spline and resampled bicubically,
+  colour-matched to the frame.
   Nothing is scaled up from a small image; a reference softer than the video's typical frame
   (motion blur, focus) is sharpened to the typical detail (``match_detail``).
 - ``diffusion``: the paper's model: one reference face at the model's crop size (128 px for
@@ -31,6 +32,7 @@ from dubtool.face.indices import CONTENT_SLICE
 from dubtool.face.warp import warp_face
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import VideoInfo
+from dubtool.options import DEFAULT_REFERENCES
 from dubtool.pipeline import references as references_stage
 from dubtool.pipeline.blend import MASK_TOP, lower_face_mask, match_colour
 from dubtool.pipeline.cache import RunCache, code_digest, fingerprint, load_chunk
@@ -92,11 +94,12 @@ class Renderer(Protocol):
 
 class NativeRenderer:
     """``references``: how many of the video's frames the lower faces may be drawn from (1:
-    the reference frame alone; more: per output frame, the nearest mouth among that many)."""
+    the reference frame alone; more: per output frame, the nearest mouth among that many, the
+    reference frame preferred)."""
 
     name = "native"
 
-    def __init__(self, references: int = 1) -> None:
+    def __init__(self, references: int = DEFAULT_REFERENCES) -> None:
         self.references = references
 
     def render(self, job: RenderJob) -> LowerFaces:
@@ -308,7 +311,7 @@ class DiffusionFaces:
 
 def make_renderer(name: str, model: LoadedModel, model_digest: str,
                   settings: DiffusionSettings, device: torch.device,
-                  references: int = 1) -> Renderer:
+                  references: int = DEFAULT_REFERENCES) -> Renderer:
     """The renderer called ``name`` (one of ``options.RENDERERS``); ``references``: the native
     renderer's."""
     if name == "native":
