@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import cv2
 import numpy as np
@@ -142,6 +143,25 @@ def test_candidates_are_bounded_whatever_the_length() -> None:
                                anchor=pick_reference_frame(track))
     assert len(chosen.pool) == DEFAULT_REFERENCES
     assert len(chosen.used) <= DEFAULT_REFERENCES
+
+
+def test_choosing_references_holds_a_few_megabytes_whatever_the_speech_length() -> None:
+    rng = np.random.default_rng(9)
+    track = _track(np.stack([_face(v, rng) for v in rng.uniform(0, 0.12, 200)]))
+    peaks = []
+    for frames in (1000, 5000):
+        target = np.stack([_face(v, rng) for v in rng.uniform(0, 0.12, frames)]
+                          ).astype(np.float32)
+        plan = np.zeros(frames, np.int64)
+        tracemalloc.start()
+        choose_references(track.points, track.detected, target, plan, anchor=10)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    # The per-frame costs (48 candidates, float32) and the path's back-pointers (int16):
+    # 288 bytes a frame; the candidates' differences are computed a part at a time (before:
+    # all at once, 23 KB a frame).
+    assert (peaks[1] - peaks[0]) / 4000 < 600
+    assert peaks[1] < 20 * 2**20
 
 
 def test_best_path_switches_only_when_it_pays() -> None:

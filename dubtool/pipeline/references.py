@@ -45,7 +45,8 @@ POSE_WEIGHT = 0.5       # pose residual against mouth-shape distance
 OPENING_WEIGHT = 2.0    # inner-lip opening (eye distances) against mouth-shape distance
 NARROWING_SHARE = 0.25  # of that weight, for a source more open than the target
 FADE_FRAMES = 3         # a switch is cross-faded over this many frames
-TARGET_CHUNK = 4096     # output frames whose costs are computed at once
+TARGET_CHUNK = 256      # output frames whose costs are computed at once (a part's pose
+                        # differences with 48 candidates: 7 MB)
 
 
 @dataclass
@@ -117,8 +118,8 @@ def best_path(cost: np.ndarray, switch_cost: float) -> np.ndarray:
     """Viterbi over (O, K) per-frame costs (inf: not allowed) with ``switch_cost`` for every
     change of column: (O,) the column of each row on the cheapest path."""
     frames, columns = cost.shape
-    total = cost[0].copy()
-    back = np.zeros((frames, columns), np.int64)
+    total = cost[0].astype(np.float64)  # sums over a long video: float32 would round them
+    back = np.zeros((frames, columns), np.int16 if columns < 2**15 else np.int64)
     for o in range(1, frames):
         best = int(np.argmin(total))
         switch = total[best] + switch_cost
@@ -188,7 +189,10 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
     pool_opening = inner_lip_opening(seen[at])
     # Target landmarks are in crop units: their shapes come out in the same eye-distance
     # units. Read a part at a time: the targets of a long speech stay on disk.
-    cost = np.empty((frames, len(pool)))
+    keep = min(CANDIDATES, len(pool))
+    # Each part of the targets is priced at once and only its per-frame costs are kept:
+    # the candidates' differences of a whole long speech would not fit.
+    cost = np.empty((frames, len(pool)), np.float32)
     for start in range(0, frames, TARGET_CHUNK):
         part = np.asarray(target[start:start + TARGET_CHUNK])
         target_shapes, target_poses = face_frame_shapes(part, template / interocular(template))
@@ -199,19 +203,16 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
         # the warp can press lips together, but it has no inside to show between them.
         wider = inner_lip_opening(part)[:, None] - pool_opening[None]
         opening_cost = np.where(wider > 0, wider, -NARROWING_SHARE * wider)
-        cost[start:start + len(part)] = (shape_cost + POSE_WEIGHT * pose_cost
-                                         + OPENING_WEIGHT * opening_cost)
-    cost[:, pool != anchor] += anchor_preference
-    if exclude_frames > 0:
-        near = np.abs(plan[:, None] - pool[None]) < exclude_frames
-        far = np.argmax(np.abs(plan[:, None] - pool[None]), axis=1)
-        cost = np.where(near, np.inf, cost)
-        stuck = np.isinf(cost).all(axis=1)
-        cost[stuck, far[stuck]] = 0.0
-    keep = min(CANDIDATES, len(pool))
-    # Only each frame's best few take part: the rest are priced out.
-    threshold = np.partition(cost, keep - 1, axis=1)[:, keep - 1:keep]
-    cost = np.where(cost <= threshold, cost, np.inf)
+        part_cost = (shape_cost + POSE_WEIGHT * pose_cost + OPENING_WEIGHT * opening_cost
+                     + np.where(pool != anchor, anchor_preference, 0.0)[None])
+        if exclude_frames > 0:
+            distance = np.abs(plan[start:start + len(part), None] - pool[None])
+            part_cost = np.where(distance < exclude_frames, np.inf, part_cost)
+            stuck = np.nonzero(np.isinf(part_cost).all(axis=1))[0]
+            part_cost[stuck, np.argmax(distance[stuck], axis=1)] = 0.0
+        # Only each frame's best few take part: the rest are priced out.
+        threshold = np.partition(part_cost, keep - 1, axis=1)[:, keep - 1:keep]
+        cost[start:start + len(part)] = np.where(part_cost <= threshold, part_cost, np.inf)
     path = pool[best_path(cost, SWITCH_COST)]
     outgoing, weight = cross_fades(path, FADE_FRAMES)
     if exclude_frames > 0:
