@@ -187,11 +187,10 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
     at = np.searchsorted(faces, pool)
     pool_shapes, pool_poses = shapes[at], poses[at]
     pool_opening = inner_lip_opening(seen[at])
-    # Target landmarks are in crop units: their shapes come out in the same eye-distance
-    # units. Read a part at a time: the targets of a long speech stay on disk.
     keep = min(CANDIDATES, len(pool))
-    # Each part of the targets is priced at once and only its per-frame costs are kept:
-    # the candidates' differences of a whole long speech would not fit.
+    # Target landmarks are in crop units: their shapes come out in the same eye-distance
+    # units. Read and priced a part at a time: the targets of a long speech stay on disk, and
+    # only each frame's costs are kept (the candidates' differences of them all would not fit).
     cost = np.empty((frames, len(pool)), np.float32)
     for start in range(0, frames, TARGET_CHUNK):
         part = np.asarray(target[start:start + TARGET_CHUNK])
