@@ -172,7 +172,7 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
     if len(faces) == 0:
         zeros = np.zeros(frames, np.int64)
         return ReferencePlan(zeros, zeros.copy(), np.zeros(frames, np.float32), zeros[:1])
-    if pool_size == 1 or len(faces) == 1:  # one reference (the default): nothing to choose
+    if pool_size == 1 or len(faces) == 1:  # one reference: nothing to choose
         same = np.full(frames, anchor, np.int64)
         return ReferencePlan(same, same.copy(), np.zeros(frames, np.float32), same[:1])
     # The pool is spread over at most SHAPE_FRAMES frames (evenly over the video, the anchor
@@ -188,6 +188,7 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
     pool_shapes, pool_poses = shapes[at], poses[at]
     pool_opening = inner_lip_opening(seen[at])
     keep = min(CANDIDATES, len(pool))
+    preference = np.where(pool != anchor, anchor_preference, 0.0)[None]
     # Target landmarks are in crop units: their shapes come out in the same eye-distance
     # units. Read and priced a part at a time: the targets of a long speech stay on disk, and
     # only each frame's costs are kept (the candidates' differences of them all would not fit).
@@ -203,7 +204,7 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
         wider = inner_lip_opening(part)[:, None] - pool_opening[None]
         opening_cost = np.where(wider > 0, wider, -NARROWING_SHARE * wider)
         part_cost = (shape_cost + POSE_WEIGHT * pose_cost + OPENING_WEIGHT * opening_cost
-                     + np.where(pool != anchor, anchor_preference, 0.0)[None])
+                     + preference)
         if exclude_frames > 0:
             distance = np.abs(plan[start:start + len(part), None] - pool[None])
             part_cost = np.where(distance < exclude_frames, np.inf, part_cost)

@@ -77,7 +77,8 @@ class RenderJob:
     target: np.ndarray          # (O, 131, 2) target landmarks in each source frame's crop box
     upstream: str               # fingerprint of everything the targets depend on
     track_fp: str               # fingerprint of the face track (what crops depend on)
-    reference_frame: int        # the one reference (forced, or the dub's typical frame)
+    reference_frame: int        # the dub's reference (forced, or its typical frame): the
+                                # only one, or the preferred one of several
     forced: bool                # whether --reference-frame forced it
     exclude_frames: int         # references at least this far from the frame they serve
     force: bool = False
