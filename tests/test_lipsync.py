@@ -312,7 +312,7 @@ def test_offsets_file_shifts_and_drops_training_clips(tmp_path: Path) -> None:
     data = PreparedData(tmp_path, "train")
     assert [c.name for c in data.clips] == ["a", "c"]
     assert [c.offset for c in data.clips] == [2, 0]
-    from dubtool.media.audio import NORMALISED_CLIP, mel_window
+    from dubtool.media.audio import NORMALISED_MEL, feature_window
 
     only_a = PreparedData(tmp_path, "train")
     only_a.clips = only_a.clips[:1]
@@ -322,10 +322,10 @@ def test_offsets_file_shifts_and_drops_training_clips(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     batch = dubber_batch(only_a, sample_seeds(rng, 4), 3, 1, 0, rng, augment=False,
                          images=False)
-    for sample_points, sample_mel in zip(batch["points"], batch["mel"], strict=True):
+    for sample_points, sample_mel in zip(batch["points"], batch["speech"], strict=True):
         start = round((float(sample_points[0, 0, 0]) - 0.3) * 100)
         for k in range(3):
-            heard = mel_window(clip.features, start + k - 2, clip.fps, fill=-NORMALISED_CLIP)
+            heard = feature_window(clip.features, start + k - 2, clip.fps, timing=NORMALISED_MEL)
             assert np.allclose(sample_mel[k], heard)
-            unshifted = mel_window(clip.features, start + k, clip.fps, fill=-NORMALISED_CLIP)
+            unshifted = feature_window(clip.features, start + k, clip.fps, timing=NORMALISED_MEL)
             assert not np.allclose(sample_mel[k], unshifted)

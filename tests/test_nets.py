@@ -61,7 +61,7 @@ def tiny_batch(config: ModelConfig, batch: int = 2, motion: int = 2, seed: int =
         "frames": torch.rand(batch, frames, 3, size, size, generator=g) * 2 - 1,
         "points": points,
         "references": 0.2 + 0.6 * torch.rand(batch, refs, 131, 2, generator=g),
-        "mel": torch.randn(batch, frames, 80, 16, generator=g) * 20 - 40,
+        "speech": torch.randn(batch, frames, 80, 16, generator=g) * 20 - 40,
         "reference_image": torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
         "motion": torch.rand(batch, motion, 3, size, size, generator=g) * 2 - 1,
     }
@@ -80,9 +80,9 @@ def test_shapes_through_every_module(models) -> None:
     latents = ae.encode(batch["frames"].flatten(0, 1))
     assert latents.shape == (6, 4, 8, 8)
     assert ae.decode(latents).shape == (6, 3, 32, 32)
-    content = model.completion(batch["points"][:, :, :74], batch["references"], batch["mel"])
+    content = model.completion(batch["points"][:, :, :74], batch["references"], batch["speech"])
     assert content.shape == (2, 3, 57, 2)
-    landmarks = model.complete(batch["points"], batch["references"], batch["mel"])
+    landmarks = model.complete(batch["points"], batch["references"], batch["speech"])
     assert landmarks.shape == (2, 3, 131, 2)
     assert torch.equal(landmarks[:, :, :74], batch["points"][:, :, :74])
     features = model.appearance(latents[:2])
@@ -243,7 +243,7 @@ def test_save_load_gives_bit_identical_outputs(models, tmp_path: Path) -> None:
 
     def generate(m: DubbingModel) -> torch.Tensor:
         with torch.no_grad():
-            landmarks = m.complete(batch["points"], batch["references"], batch["mel"])
+            landmarks = m.complete(batch["points"], batch["references"], batch["speech"])
         cond = m.conditioning(landmarks, known[:2])
         return inpaint_lower_half(m.denoiser, known, cond, make_scheduler(config.diffusion), 3,
                                   generator=torch.Generator().manual_seed(1))

@@ -413,7 +413,7 @@ def _interrupting(monkeypatch, stage: str) -> None:
         "landmarks": (FaceMeshDetector, "detect_all", 10),
         "crops": (FaceTrack, "box", 5),
         "adapt": (adapt, "learnable_frames", 0),
-        "complete": (complete, "mel_window", 10),
+        "complete": (complete, "feature_window", 10),
         "diffuse": (diffuse.LowerFaceGenerator, "generate", 3),
         "references": (references.ReferencePlan, "save", 0),
         "reference-crops": (FaceTrack, "box", 2),

@@ -14,7 +14,7 @@ from dubtool import api
 from dubtool.cli import app
 from dubtool.errors import InputNotFound, OutputError
 from dubtool.face.indices import MIRROR, ORDER
-from dubtool.media.audio import NORMALISED_CLIP, mel_window
+from dubtool.media.audio import NORMALISED_CLIP, NORMALISED_MEL, feature_window
 from dubtool.training import dataset as dataset_module
 from dubtool.training.dataset import (
     Augment,
@@ -24,7 +24,7 @@ from dubtool.training.dataset import (
     dubber_batch,
     person_of,
     sample_seeds,
-    stretched_mel_window,
+    stretched_feature_window,
 )
 
 
@@ -94,7 +94,7 @@ def test_sampler_draws_successive_frames_and_a_distant_reference(dataset: Path) 
     assert batch["frames"].shape == (3, 5, 3, 32, 32)
     assert batch["points"].shape == (3, 5, 131, 2)
     assert batch["references"].shape == (3, 4, 131, 2)
-    assert batch["mel"].shape == (3, 5, 80, 16)
+    assert batch["speech"].shape == (3, 5, 80, 16)
     assert batch["reference_image"].shape == (3, 3, 32, 32)
     assert batch["motion"].shape == (3, 2, 3, 32, 32)
     assert batch["frames"].min() >= -1 and batch["frames"].max() <= 1
@@ -113,8 +113,8 @@ def test_sampler_draws_successive_frames_and_a_distant_reference(dataset: Path) 
         assert frames == list(range(start, start + 5))
         assert [index(image) for image in batch["motion"][b]] == [start - 2, start - 1]
         np.testing.assert_allclose(batch["points"][b], clip.points[start:start + 5], atol=1e-6)
-        heard = mel_window(clip.features, start + 2, clip.fps, fill=-NORMALISED_CLIP)
-        np.testing.assert_array_equal(batch["mel"][b][2], heard)
+        heard = feature_window(clip.features, start + 2, clip.fps, timing=NORMALISED_MEL)
+        np.testing.assert_array_equal(batch["speech"][b][2], heard)
         reference = index(batch["reference_image"][b])
         assert clip.detected[reference] and not start <= reference < start + 5
         assert abs(reference - start) >= 10  # the farthest of a few random face frames
@@ -146,13 +146,13 @@ def test_tempo_plays_points_and_sound_faster_or_slower_alike(monkeypatch) -> Non
     assert rates.min() >= 1 / 1.25 - 1e-3 and rates.max() <= 1.25 + 1e-3
     assert rates[:, 0].max() - rates[:, 0].min() > 0.2
     middle = (at + 0.5) / fps * 80  # the mel column of each frame's middle
-    heard = batch["mel"][:, :, 0, :] / 0.001
+    heard = batch["speech"][:, :, 0, :] / 0.001
     np.testing.assert_allclose(heard[:, :, 8], middle, atol=1e-2)
     np.testing.assert_allclose(heard[:, :, 9] - heard[:, :, 8], np.repeat(rates[:, :1], 25, axis=1),
                                atol=1e-2)
-    window = stretched_mel_window(features, 100.0, fps, 2.0)
+    window = stretched_feature_window(features, 100.0, fps, 2.0)
     np.testing.assert_allclose(window[0] / 0.001, 321.6 + 2.0 * (np.arange(16) - 8), atol=1e-2)
-    edge = stretched_mel_window(features, -3.0, fps, 1.0)
+    edge = stretched_feature_window(features, -3.0, fps, 1.0)
     assert (edge[:, :4] == -NORMALISED_CLIP).all()  # before the speech: silence
     plain = dubber_batch(data, sample_seeds(np.random.default_rng(1), 4), 25, 3, 0,
                          np.random.default_rng(1), images=False)

@@ -105,14 +105,20 @@ def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
 
 
 @functools.cache
-def mel_filters() -> np.ndarray:
-    """(80, 401) triangular filters over the STFT bins, each normalised to unit area."""
-    edges = _mel_to_hz(np.linspace(*_hz_to_mel(np.array([MEL_FMIN, MEL_FMAX])), N_MELS + 2))
-    ramps = edges[:, None] - np.fft.rfftfreq(WIN_LENGTH, 1.0 / SAMPLE_RATE)[None, :]
+def mel_filter_bank(n_fft: int, fmin: float, fmax: float, bands: int) -> np.ndarray:
+    """(bands, n_fft // 2 + 1) Slaney triangular filters over the STFT bins, each normalised
+    to unit area (librosa's ``filters.mel`` with its defaults)."""
+    edges = _mel_to_hz(np.linspace(*_hz_to_mel(np.array([fmin, fmax])), bands + 2))
+    ramps = edges[:, None] - np.fft.rfftfreq(n_fft, 1.0 / SAMPLE_RATE)[None, :]
     widths = np.diff(edges)
     rising, falling = -ramps[:-2] / widths[:-1, None], ramps[2:] / widths[1:, None]
     filters = np.maximum(0, np.minimum(rising, falling)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
     return filters.astype(np.float32)
+
+
+def mel_filters() -> np.ndarray:
+    """(80, 401) the filters of the dub's own log-mel."""
+    return mel_filter_bank(WIN_LENGTH, MEL_FMIN, MEL_FMAX, N_MELS)
 
 
 def mel_length(samples: int) -> int:
@@ -246,25 +252,41 @@ def pauses(active: np.ndarray, fps: Fraction | float, min_seconds: float) -> np.
     return out
 
 
-def mel_window_start(frame_index: int, fps: Fraction | float, width: int = MEL_WINDOW) -> int:
-    """The first mel column (maybe outside the speech) of video frame ``frame_index``'s window."""
-    return round((frame_index + 0.5) / float(fps) * MEL_STEPS_PER_SECOND) - width // 2
+@dataclass(frozen=True)
+class FeatureTiming:
+    """How the columns of speech features (C, T) line up with time: ``rate`` columns a second,
+    column t centred on (t + ``centre``) / ``rate`` s, ``silence`` the value outside the
+    speech."""
+
+    rate: float
+    centre: float
+    silence: float
+
+    def window_start(self, frame_index: int, fps: Fraction | float, width: int) -> int:
+        """The first column (maybe outside the speech) of video frame ``frame_index``'s window
+        of ``width`` columns, centred on the frame's middle."""
+        return round((frame_index + 0.5) / float(fps) * self.rate - self.centre) - width // 2
 
 
-def mel_window(mel: np.ndarray, frame_index: int, fps: Fraction | float,
-               width: int = MEL_WINDOW, fill: float = MEL_FLOOR_DB, first_column: int = 0,
-               columns: int | None = None) -> np.ndarray:
-    """The (80, width) mel window centred on the middle of video frame ``frame_index``.
+MEL_DB = FeatureTiming(MEL_STEPS_PER_SECOND, 0.0, MEL_FLOOR_DB)  # ``mel_spectrogram``
+NORMALISED_MEL = FeatureTiming(MEL_STEPS_PER_SECOND, 0.0, -NORMALISED_CLIP)  # ``normalise_mel``
 
-    Outside the speech the window is filled with ``fill`` (the silence floor of a dB mel;
-    -NORMALISED_CLIP for a normalised one), so the first and last frames see silence, not a
-    copy of the edge. ``mel`` may be a part of a longer mel of ``columns`` columns, starting at
-    its column ``first_column``, that holds every column of the window within the speech.
+
+def feature_window(features: np.ndarray, frame_index: int, fps: Fraction | float,
+                   width: int = MEL_WINDOW, timing: FeatureTiming = MEL_DB,
+                   first_column: int = 0, columns: int | None = None) -> np.ndarray:
+    """The (C, width) window of ``features`` (C, T) centred on the middle of video frame
+    ``frame_index``.
+
+    Outside the speech the window holds ``timing.silence``, so the first and last frames hear
+    silence, not a copy of the edge. ``features`` may be a part of longer features of
+    ``columns`` columns, starting at its column ``first_column``, that holds every column of
+    the window within the speech.
     """
-    columns = mel.shape[1] if columns is None else columns
-    start = mel_window_start(frame_index, fps, width)
-    out = np.full((mel.shape[0], width), fill, np.float32)
+    columns = features.shape[1] if columns is None else columns
+    start = timing.window_start(frame_index, fps, width)
+    out = np.full((features.shape[0], width), timing.silence, np.float32)
     lo, hi = max(start, 0), min(start + width, columns)
     if hi > lo:
-        out[:, lo - start:hi - start] = mel[:, lo - first_column:hi - first_column]
+        out[:, lo - start:hi - start] = features[:, lo - first_column:hi - first_column]
     return out

@@ -15,13 +15,19 @@ from typing import Any
 
 from dubtool.errors import ModelError
 from dubtool.face.indices import NUM_CONTENT, NUM_POINTS, NUM_POSE, ORDER
-from dubtool.media.audio import MEL_WINDOW, N_MELS
+from dubtool.media.audio import MEL_WINDOW, N_MELS, NORMALISED_MEL, FeatureTiming
+from dubtool.nets.speech_encoder import ENCODER_STATES, STATE_DIM
 from dubtool.options import MIXED_PRECISIONS
 
 # The shipped configs and models are package data (dubtool/models): found the same way in a
 # checkout, an editable install and an installed wheel.
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 CONFIGS_DIR = MODELS_DIR / "configs"
+# CompletionConfig.speech_features: each front end's channels and timing.
+SPEECH_CHANNELS = {"mel": N_MELS, "whisper": STATE_DIM}
+SPEECH_TIMING = {"mel": NORMALISED_MEL, "whisper": ENCODER_STATES}
+# Model folders written before the speech features could be chosen name them so.
+LEGACY_COMPLETION_FIELDS = {"mel_bins": "speech_channels", "mel_window": "speech_window"}
 
 
 @dataclass(frozen=True)
@@ -58,10 +64,23 @@ class CompletionConfig:
     heads: int = 4
     ff_dim: int = 512
     dropout: float = 0.1
-    mel_bins: int = N_MELS   # must match the audio front end (media.audio)
-    mel_window: int = MEL_WINDOW  # mel steps seen per frame (0.2 s)
+    # What the completion hears: "mel" (the per-utterance normalised log-mel, 80 bins at 80
+    # steps a second) or "whisper" (Whisper tiny.en's encoder states, 384 at 50 a second:
+    # nets.speech_encoder); speech_channels must be that front end's.
+    speech_features: str = "mel"
+    speech_channels: int = N_MELS
+    speech_window: int = MEL_WINDOW  # steps of the features heard per frame (0.2 s of mel)
+    speech_lead: int = 0  # steps the window's middle lies after the frame's (mouths lead sounds)
+    speech_reduce: int = 0  # > 0: channels the features are first reduced to, at half the rate
     pose_points: int = NUM_POSE
     content_points: int = NUM_CONTENT
+
+    @property
+    def speech_timing(self) -> FeatureTiming:
+        """How the features this completion hears line up with the video's frames: the
+        front end's timing, each frame's window ``speech_lead`` steps later."""
+        timing = SPEECH_TIMING[self.speech_features]
+        return dataclasses.replace(timing, centre=timing.centre - self.speech_lead)
 
 
 @dataclass(frozen=True)
@@ -144,8 +163,13 @@ class ModelConfig:
         scale = self.denoiser.sketch_scale
         if scale < 0 or scale & (scale - 1):
             problems.append("denoiser.sketch_scale must be 0 or a power of two")
-        if self.completion.mel_bins != N_MELS:
-            problems.append(f"completion.mel_bins must be {N_MELS}, the audio front end's")
+        features = SPEECH_CHANNELS.get(self.completion.speech_features)
+        if features is None:
+            problems.append("completion.speech_features must be one of "
+                            + ", ".join(SPEECH_CHANNELS))
+        elif self.completion.speech_channels != features:
+            problems.append(f"completion.speech_channels must be {features}, the "
+                            f"{self.completion.speech_features} front end's")
         if self.completion.window < self.completion.frames:
             problems.append("completion.window must be at least completion.frames")
         if self.training.mixed_precision not in MIXED_PRECISIONS:
@@ -170,6 +194,8 @@ class ModelConfig:
         try:
             kwargs: dict[str, Any] = {}
             for key, value in data.items():
+                if key == "completion":
+                    value = {LEGACY_COMPLETION_FIELDS.get(k, k): v for k, v in value.items()}
                 if key in parts:
                     kwargs[key] = _build(parts[key], value)
                 elif key == "landmark_order":

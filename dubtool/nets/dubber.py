@@ -16,14 +16,14 @@ from dubtool.nets.landmark_completion import LandmarkCompletion
 
 
 def complete_landmarks(completion: LandmarkCompletion, points: torch.Tensor,
-                       references: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+                       references: torch.Tensor, speech: torch.Tensor) -> torch.Tensor:
     """Target full-face landmarks: the frames' pose points with lip/jaw from the speech.
 
     points (B, L, 131, 2) (only the pose part is read), references (B, N, 131, 2),
-    mel (B, L, 80, 16) -> (B, L, 131, 2).
+    speech (B, L, C, W) the frames' windows of speech features -> (B, L, 131, 2).
     """
     pose = points[:, :, POSE_SLICE]
-    return torch.cat([pose, completion(pose, references, mel)], dim=2)
+    return torch.cat([pose, completion(pose, references, speech)], dim=2)
 
 
 class DubbingModel(nn.Module):
@@ -35,9 +35,9 @@ class DubbingModel(nn.Module):
         self.denoiser = Denoiser(config.denoiser)
 
     def complete(self, points: torch.Tensor, references: torch.Tensor,
-                 mel: torch.Tensor) -> torch.Tensor:
+                 speech: torch.Tensor) -> torch.Tensor:
         """``complete_landmarks`` with this model's completion module."""
-        return complete_landmarks(self.completion, points, references, mel)
+        return complete_landmarks(self.completion, points, references, speech)
 
     def conditioning(self, landmarks: torch.Tensor, reference_latent: torch.Tensor,
                      motion_latents: torch.Tensor | None = None) -> Conditioning:

@@ -1,7 +1,8 @@
 """Audio-driven landmark completion (paper III-B): speech + pose -> lip and jaw landmarks.
 
-For each of L successive frames the transformer sees one frame token: the frame's mel window
-(1D convolutions along time, the mel bins as channels) plus its 74 pose points (an MLP),
+For each of L successive frames the transformer sees one frame token: the frame's window of
+speech features (1D convolutions along time, the features as channels: the log-mel or the
+speech encoder's states, ``CompletionConfig.speech_features``) plus its 74 pose points (an MLP),
 plus a sinusoidal position. N reference tokens (full-face landmark sets from other frames of
 the same video, 1D convolutions along the ordered point set) tell it the speaker's mouth.
 Each frame's lip/jaw points are read from its token, as an offset from the mean lip/jaw shape
@@ -69,22 +70,32 @@ class PoseEmbedding(nn.Module):
         return self.mlp((points - 0.5).flatten(1))
 
 
-class MelEmbedding(nn.Module):
-    """1D convolutions along time over one normalised mel window, the bins as channels:
-    (B, mel_bins, window) -> one token (B, d). Flattened, not pooled: where in the window a
-    sound falls is when the mouth moves."""
+class SpeechEmbedding(nn.Module):
+    """1D convolutions along time over one frame's window of speech features (the mel's bins
+    or the speech encoder's states as channels): (B, channels, window) -> one token (B, d).
+    Flattened, not pooled: where in the window a sound falls is when the mouth moves.
 
-    def __init__(self, mel_bins: int, window: int, d_model: int, width: int = 128) -> None:
+    ``reduce`` > 0: the features are first taken to that many channels at half the rate (a
+    convolution of 2 steps, stride 2): the encoder's 384 states every 20 ms carry more than a
+    25 fps mouth needs, and convolving them whole made the embedding 9 tenths of a training
+    step's cost."""
+
+    def __init__(self, channels: int, window: int, d_model: int, width: int = 128,
+                 reduce: int = 0) -> None:
         super().__init__()
+        self.reduce = (nn.Sequential(nn.Conv1d(channels, reduce, 2, stride=2), nn.SiLU())
+                       if reduce else nn.Identity())
+        if reduce:
+            channels, window = reduce, window // 2
         self.convs = nn.Sequential(
-            nn.Conv1d(mel_bins, width, 3, padding=1), nn.SiLU(),
+            nn.Conv1d(channels, width, 3, padding=1), nn.SiLU(),
             nn.Conv1d(width, width, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv1d(width, width, 3, stride=2, padding=1), nn.SiLU(),
         )
         self.proj = nn.Linear(width * _reduced(window, 2), d_model)
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.convs(mel).flatten(1))
+    def forward(self, speech: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.convs(self.reduce(speech)).flatten(1))
 
 
 class LandmarkCompletion(nn.Module):
@@ -94,7 +105,8 @@ class LandmarkCompletion(nn.Module):
         d = config.d_model
         self.pose_embed = PoseEmbedding(config.pose_points, d)
         self.reference_embed = PointSetEmbedding(config.pose_points + config.content_points, d)
-        self.audio_embed = MelEmbedding(config.mel_bins, config.mel_window, d)
+        self.audio_embed = SpeechEmbedding(config.speech_channels, config.speech_window, d,
+                                           reduce=config.speech_reduce)
         self.modality = nn.Parameter(torch.randn(2, d) * 0.02)  # frame, reference
         layer = nn.TransformerEncoderLayer(d, config.heads, config.ff_dim, config.dropout,
                                            activation="gelu", batch_first=True, norm_first=True)
@@ -105,18 +117,19 @@ class LandmarkCompletion(nn.Module):
         nn.init.zeros_(self.head[1].bias)
 
     def forward(self, pose: torch.Tensor, references: torch.Tensor,
-                mel: torch.Tensor) -> torch.Tensor:
+                speech: torch.Tensor) -> torch.Tensor:
         """Lip and jaw points of L frames.
 
-        pose (B, L, 74, 2), references (B, N, 131, 2), mel (B, L, mel_bins, mel_window) of
-        the per-utterance normalised log-mel (``media.audio.normalise_mel``) -> (B, L, 57, 2);
-        all points normalised to the face crop.
+        pose (B, L, 74, 2), references (B, N, 131, 2), speech (B, L, speech_channels,
+        speech_window): each frame's window of the speech features (the per-utterance
+        normalised log-mel, ``media.audio.normalise_mel``, or the speech encoder's states)
+        -> (B, L, 57, 2); all points normalised to the face crop.
         """
         b, frames = pose.shape[:2]
         n = references.shape[1]
         d = self.config.d_model
         frame_tokens = (self.pose_embed(pose.flatten(0, 1)).view(b, frames, d)
-                        + self.audio_embed(mel.flatten(0, 1)).view(b, frames, d)
+                        + self.audio_embed(speech.flatten(0, 1)).view(b, frames, d)
                         + sinusoidal_positions(frames, d, pose.device) + self.modality[0])
         ref_tokens = self.reference_embed(references.flatten(0, 1)).view(b, n, d) + self.modality[1]
         out = self.encoder(torch.cat([frame_tokens, ref_tokens], dim=1))

@@ -24,17 +24,12 @@ import numpy as np
 import torch
 
 from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE
-from dubtool.media.audio import (
-    MEL_STEPS_PER_SECOND,
-    MEL_WINDOW,
-    decode_speech,
-    mel_spectrogram,
-    normalise_mel,
-)
+from dubtool.media.audio import decode_speech, mel_spectrogram, normalise_mel
 from dubtool.media.probe import VideoInfo
-from dubtool.nets.config import TrainingConfig
+from dubtool.nets.config import CompletionConfig, TrainingConfig
 from dubtool.nets.io import load_weights, save_weights
 from dubtool.nets.landmark_completion import LandmarkCompletion
+from dubtool.pipeline import speech
 from dubtool.pipeline.landmarks import FaceTrack
 from dubtool.pipeline.plan import far_from_plan
 from dubtool.training.dataset import Clip, PreparedData, dubber_batch, sample_seeds
@@ -88,7 +83,7 @@ def adapt(completion: LandmarkCompletion, video: VideoInfo, track: FaceTrack, pl
         result.reason = (f"{seconds:.1f} s of the video's frames can be learned from, fewer "
                          f"than {ADAPT_MIN_SECONDS:g}")
     else:
-        clip = _video_clip(video, track, usable, folder)
+        clip = _video_clip(video, track, usable, folder, completion.config)
         result = _train(completion, clip, folder, training, seed, device)
         result.seconds = seconds
     (folder / INFO_FILE).write_text(json.dumps(vars(result)))
@@ -104,17 +99,25 @@ def adapted_completion(completion: LandmarkCompletion, folder: Path) -> Landmark
     return adapted.eval()
 
 
-def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: Path) -> Clip:
+def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: Path,
+                config: CompletionConfig) -> Clip:
     """The video's first tracked frames as a training clip: its points, ``usable`` as the
-    frames with a face, its own sound's normalised mel."""
+    frames with a face, the features of its own sound that ``config`` hears."""
     last = int(np.nonzero(usable)[0].max()) + 1
-    # Only the sound the windows hear (the last frame's mel window reaches half a window past
-    # its end): ffmpeg stops there, and the mel reads the file block by block (five minutes
-    # of sound whole in memory would be 19 MB).
-    seconds = last / float(video.fps) + MEL_WINDOW / MEL_STEPS_PER_SECOND
-    samples = decode_speech(video.path, folder / SOUND_FILE, seconds)
-    features = normalise_mel(mel_spectrogram(samples))
-    samples.path.unlink()
+    timing = config.speech_timing
+    # Only the sound the windows hear (the last frame's window reaches half a window past
+    # its end): ffmpeg stops there, and the features read the file block by block (five
+    # minutes of sound whole in memory would be 19 MB).
+    reach = config.speech_window + abs(config.speech_lead)
+    seconds = last / float(video.fps) + reach / timing.rate
+    if config.speech_features == "whisper":
+        states = speech.encode_file(video.path, folder, seconds)
+        features = states[:].astype(np.float32)
+        states.path.unlink()
+    else:
+        samples = decode_speech(video.path, folder / SOUND_FILE, seconds)
+        features = normalise_mel(mel_spectrogram(samples))
+        samples.path.unlink()
     return Clip("video", "video", video.fps, np.zeros((0, 0, 0, 3), np.uint8),
                 track.crop_points(slice(0, last)), usable[:last], features)
 
@@ -124,7 +127,7 @@ def _train(completion: LandmarkCompletion, clip: Clip, folder: Path, training: T
     config = completion.config
     net = copy.deepcopy(completion).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=ADAPT_LEARNING_RATE)
-    data = PreparedData.of_clips([clip])
+    data = PreparedData.of_clips([clip], hearing=config)
     rng = np.random.default_rng(seed)
     losses = []
     with torch.random.fork_rng(devices=[]):  # dropout's draws, seeded, leave the caller's RNG
@@ -135,7 +138,7 @@ def _train(completion: LandmarkCompletion, clip: Clip, folder: Path, training: T
             points = torch.from_numpy(batch["points"]).to(device)
             predicted = net(points[:, :, POSE_SLICE],
                             torch.from_numpy(batch["references"]).to(device),
-                            torch.from_numpy(batch["mel"]).to(device))
+                            torch.from_numpy(batch["speech"]).to(device))
             loss = completion_losses(predicted, points[:, :, CONTENT_SLICE], training)["total"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

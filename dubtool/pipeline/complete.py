@@ -33,11 +33,9 @@ from dubtool.face.indices import (
     inner_lip_opening,
 )
 from dubtool.media.audio import (
-    NORMALISED_CLIP,
     MelNormalisation,
+    feature_window,
     mel_normalisation,
-    mel_window,
-    mel_window_start,
     pauses,
     voice_activity,
 )
@@ -134,13 +132,14 @@ def predict_content(completion: LandmarkCompletion, points: PointSource | CropPo
     """(O, 57, 2) lip/jaw points for the O output frames of ``plan`` (source frame per output
     frame): points (S, 131, 2) crop-normalised source landmarks (any array-like, read a batch
     at a time), references (N, 131, 2),
-    features: the normalised mel (80, T) of the speech, or its dB mel with the
-    ``normalisation`` that makes it so. Works window batch by window batch, reading (and
-    normalising) only the mel columns a batch hears, and writes each frame into ``out``
+    features (C, T): the speech features the completion hears (``speech_features`` of its
+    config: the normalised mel, or its dB mel with the ``normalisation`` that makes it so; or
+    the speech encoder's states). Works window batch by window batch, reading (and
+    normalising) only the columns a batch hears, and writes each frame into ``out``
     (default: a new array) once no later window holds it, so memory stays flat in the
     speech's length."""
     config = completion.config
-    window, width = config.window, config.mel_window
+    window, width, timing = config.window, config.speech_window, config.speech_timing
     output_frames = len(plan)
     # Pad short outputs to one window by repeating the last frame.
     padded = np.concatenate([np.arange(output_frames),
@@ -159,18 +158,18 @@ def predict_content(completion: LandmarkCompletion, points: PointSource | CropPo
         batch = starts[first:first + windows_per_batch]
         index = batch[:, None] + np.arange(window)
         frames = padded[index]
-        lo = max(mel_window_start(int(frames.min()), fps, width), 0)
-        hi = max(lo, min(mel_window_start(int(frames.max()), fps, width) + width, columns))
+        lo = max(timing.window_start(int(frames.min()), fps, width), 0)
+        hi = max(lo, min(timing.window_start(int(frames.max()), fps, width) + width, columns))
         heard = features[:, lo:hi]
         if normalisation is not None:
             heard = normalisation.apply(heard)
-        mels = np.stack([[mel_window(heard, int(o), fps, width, fill=-NORMALISED_CLIP,
-                                     first_column=lo, columns=columns) for o in row]
-                         for row in frames])
+        speech = np.stack([[feature_window(heard, int(o), fps, width, timing, first_column=lo,
+                                           columns=columns) for o in row]
+                           for row in frames])
         content = completion(
             torch.from_numpy(points[plan[frames]][:, :, POSE_SLICE].astype(np.float32)).to(device),
             refs.expand(len(batch), -1, -1, -1),
-            torch.from_numpy(mels).to(device)).float().cpu().numpy()
+            torch.from_numpy(speech).to(device)).float().cpu().numpy()
         grow = int(index.max()) + 1 - done - len(counts)
         if grow > 0:
             total = np.concatenate([total, np.zeros((grow, *total.shape[1:]))])
@@ -240,21 +239,28 @@ def close_pauses(content: np.ndarray, closed: np.ndarray, weight: np.ndarray) ->
 
 def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
              mel: np.ndarray | DiskArray, fps: Fraction, folder: Path,
-             device: torch.device | str = "cpu", *, exclude_frames: int = 0,
-             reference_frame: int = 0) -> Completion:
-    """Target landmarks for the O output frames of ``plan`` from the speech's log-mel (80, T)
-    dB: the completion's lip/jaw, closed in the speech's pauses. Writes the Completion's
-    arrays into ``folder``, OUTPUT_CHUNK frames at a time. ``exclude_frames`` and the dub's
-    ``reference_frame``: where the reference landmarks and the closed mouth may come from in
-    the reconstruction protocol (``reference_candidates``)."""
+             device: torch.device | str = "cpu", *, states: np.ndarray | DiskArray | None = None,
+             exclude_frames: int = 0, reference_frame: int = 0) -> Completion:
+    """Target landmarks for the O output frames of ``plan`` from the speech: the completion's
+    lip/jaw from its log-mel (80, T) dB, or from the speech encoder's ``states`` (384, T') for
+    a completion that hears them, closed in the speech's pauses (found on the mel). Writes
+    the Completion's arrays into ``folder``, OUTPUT_CHUNK frames at a time.
+    ``exclude_frames`` and the dub's ``reference_frame``: where the reference landmarks and
+    the closed mouth may come from in the reconstruction protocol (``reference_candidates``)."""
     points = track.cropped  # read by parts: the whole track would grow with the video
     candidates = reference_candidates(track.detected, plan, exclude_frames, reference_frame,
                                       completion.config.references)
     refs = reference_frames(candidates, completion.config.references)
     np.save(folder / REFERENCES_FILE, refs)
+    if completion.config.speech_features == "whisper":
+        if states is None:
+            raise ValueError("this completion hears the speech encoder's states: none given")
+        features, normalisation = states, None
+    else:
+        features, normalisation = mel, mel_normalisation(mel)
     predicted = predict_content(
-        completion, points, points[refs], plan, mel, fps, device,
-        normalisation=mel_normalisation(mel),
+        completion, points, points[refs], plan, features, fps, device,
+        normalisation=normalisation,
         out=DiskArray.create(folder / PREDICTED_FILE,
                              (len(plan), completion.config.content_points, 2), np.float32))
     weight = closing_weight(pauses(voice_activity(mel, fps, len(plan)), fps, PAUSE_SECONDS))

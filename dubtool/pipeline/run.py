@@ -136,7 +136,8 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                    reference_frame: int | None = None, reconstruction_gap: float | None = None,
                    adapt: bool = True, seed: int = 0, device: torch.device | None = None,
                    force: bool = False, progress: StageProgress | None = None) -> DubStages:
-    """extract, landmarks, adapt, complete and the renderer's stages, each through the cache.
+    """extract, landmarks, adapt, speech (for a completion that hears the speech encoder),
+    complete and the renderer's stages, each through the cache.
 
     ``reconstruction_gap`` (seconds): the reconstruction protocol's rule. References are drawn
     from the whole video (all of it is tracked) but never from within that many seconds of
@@ -150,6 +151,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
 
     from dubtool.pipeline import adapt as adapt_stage
     from dubtool.pipeline import complete as complete_stage
+    from dubtool.pipeline import speech as speech_stage
     from dubtool.pipeline.complete import Completion
     from dubtool.pipeline.render import RenderJob
 
@@ -179,14 +181,21 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
         raise InvalidMedia(f"--reference-frame {reference_frame} is outside the "
                            f"{track.frames} frames of the video that the speech uses",
                            video.path)
+    states, speech_fp = None, None
+    if model.completion.config.speech_features == "whisper":
+        speech_fp = fingerprint("speech", code_digest(speech_stage), inputs.speech_digest)
+        folder = cache.run_stage(
+            "speech", speech_fp, lambda out: speech_stage.encode_file(inputs.speech, out),
+            force=force)
+        states = speech_stage.load(folder)
     complete_fp = fingerprint("complete", code_digest(complete_stage), front.extract_fp,
-                              front.landmarks_fp, model_digest, adapt_fp, exclude,
+                              front.landmarks_fp, model_digest, adapt_fp, speech_fp, exclude,
                               reference_frame if exclude else None)
     folder = cache.run_stage(
         "complete", complete_fp,
         lambda out: complete_stage.complete(completion_model, track, plan,
                                             front.extracted.mel, video.fps, out, device,
-                                            exclude_frames=exclude,
+                                            states=states, exclude_frames=exclude,
                                             reference_frame=reference_frame),
         force=force)
     completion = Completion.load(folder)

@@ -6,6 +6,7 @@ folder per clip holding
     points.npy    (F, 131, 2) float32  the 131 points normalised to the crop
     detected.npy  (F,) bool            whether the face was found in the frame
     mel.npy       (80, T) float32      log-mel of the clip's own speech
+    whisper.npy   (384, T) float16     the speech encoder's states of it (nets.speech_encoder)
     meta.json                          fps, source video, person
 Crops are stored uncompressed so that training memory-maps them instead of loading all.
 """
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -28,12 +30,14 @@ from dubtool.errors import InputNotFound, InvalidMedia
 from dubtool.face.indices import MIRROR
 from dubtool.face.warp import warp_face
 from dubtool.media.audio import (
-    MEL_STEPS_PER_SECOND,
     MEL_WINDOW,
     NORMALISED_CLIP,
-    mel_window,
+    NORMALISED_MEL,
+    FeatureTiming,
+    feature_window,
     normalise_mel,
 )
+from dubtool.nets.config import CompletionConfig
 from dubtool.pipeline.cache import write_json_atomic
 from dubtool.pipeline.run import Inputs, run_front
 
@@ -42,6 +46,7 @@ PEOPLE_FILE = "PEOPLE.tsv"
 DATASET_FILE = "dataset.json"
 OFFSETS_FILE = "offsets.json"  # measured audio-video offsets (training.offsets)
 HELDOUT_EVERY = 10
+STATES_FILE = "whisper.npy"  # the speech encoder's states of a clip's sound
 
 PrepareProgress = Callable[[str, int, int], None]
 
@@ -89,12 +94,22 @@ def _write_clip(folder: Path, video: Path, person: str, front, crop_size: int) -
     np.save(tmp / "points.npy", track.crop_points())
     np.save(tmp / "detected.npy", track.detected)
     np.save(tmp / "mel.npy", extracted.mel[:])
+    _write_states(tmp, video)
     fps = extracted.video.fps
     (tmp / "meta.json").write_text(json.dumps({
         "fps": f"{fps.numerator}/{fps.denominator}", "video": str(video), "person": person,
         "frames": frames, "faces": track.faces_found}))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+def _write_states(folder: Path, video: Path) -> None:
+    """The speech encoder's states of ``video``'s sound into ``folder``/STATES_FILE."""
+    from dubtool.pipeline import speech
+
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        speech.encode_file(video, Path(tmp))
+        os.replace(Path(tmp) / speech.STATES_FILE, folder / STATES_FILE)
 
 
 def _validation_people(frames_by_person: dict[str, int], fraction: float) -> set[str]:
@@ -179,9 +194,12 @@ def prepare(videos: str | Path, output: str | Path, crop_size: int = 128,
         if not (meta.exists() and json.loads(meta.read_text()).get("frames") == track.frames
                 and load_crops(folder).shape[1] == crop_size):
             _write_clip(folder, video, person, front, crop_size)
-        elif (saved := json.loads(meta.read_text()))["person"] != person:
-            # PEOPLE.tsv (or the folder) now names someone else: the crops stay valid.
-            write_json_atomic(meta, {**saved, "person": person})
+        else:
+            if (saved := json.loads(meta.read_text()))["person"] != person:
+                # PEOPLE.tsv (or the folder) now names someone else: the crops stay valid.
+                write_json_atomic(meta, {**saved, "person": person})
+            if not (folder / STATES_FILE).is_file():  # prepared before the speech encoder
+                _write_states(folder, video)
         reports.append(ClipReport(name, person, track.frames, track.faces_found, "train"))
     if progress is not None:
         progress("", len(all_videos), len(all_videos))
@@ -251,17 +269,27 @@ class Clip:
     crops: np.ndarray      # (F, S, S, 3) uint8, memory-mapped
     points: np.ndarray     # (F, 131, 2)
     detected: np.ndarray   # (F,)
-    features: np.ndarray   # (80, T) the log-mel, normalised per utterance (what the model hears)
+    # (C, T) what the model hears: the log-mel normalised per utterance, or the speech
+    # encoder's states
+    features: np.ndarray
     offset: int = 0        # frames the picture lags the sound: frame f hears f - offset
 
     @classmethod
-    def load(cls, folder: Path) -> Clip:
+    def load(cls, folder: Path, speech_features: str = "mel") -> Clip:
+        """The clip in ``folder``, hearing ``speech_features`` ("mel" or "whisper")."""
         from dubtool.pipeline.diffuse import load_crops  # diffusers: not for clips in memory
 
         meta = json.loads((folder / "meta.json").read_text())
+        if speech_features == "whisper":
+            if not (folder / STATES_FILE).is_file():
+                raise InputNotFound(f"has no speech encoder states ({STATES_FILE}): run "
+                                    "'dubtool prepare' again to add them", folder)
+            features = np.load(folder / STATES_FILE).astype(np.float32)
+        else:
+            features = normalise_mel(np.load(folder / "mel.npy"))
         return cls(folder.name, meta["person"], Fraction(meta["fps"]),
                    load_crops(folder), np.load(folder / "points.npy"),
-                   np.load(folder / "detected.npy"), normalise_mel(np.load(folder / "mel.npy")))
+                   np.load(folder / "detected.npy"), features)
 
     def runs(self, length: int, before: int = 0) -> np.ndarray:
         """Start indices s such that frames s-before .. s+length-1 all hold a face."""
@@ -277,11 +305,14 @@ class PreparedData:
     """The clips of one split, with a sampler that picks people evenly, or by their footage
     to the power ``person_exponent`` (0: evenly; 1: by frames, as if every clip were one).
     The audio-video offsets of OFFSETS_FILE are applied (clips it drops are left out) unless
-    ``ignore_offsets``."""
+    ``ignore_offsets``. Samples hear the speech features of ``hearing`` (a completion's
+    config: which features, how many steps a frame, when; default the mel's)."""
 
     def __init__(self, folder: str | Path, split: str, person_exponent: float = 0.0,
-                 ignore_offsets: bool = False) -> None:
+                 ignore_offsets: bool = False, hearing: CompletionConfig | None = None
+                 ) -> None:
         self.folder = Path(folder)
+        self.hearing = hearing or CompletionConfig()
         info_path = self.folder / DATASET_FILE
         if not info_path.is_file():
             raise InputNotFound("not a prepared data set (no dataset.json): run "
@@ -293,16 +324,19 @@ class PreparedData:
         offsets = (json.loads(offsets_path.read_text())
                    if offsets_path.is_file() and not ignore_offsets else {})
         dropped = set(offsets.get("dropped", []))
-        clips = [Clip.load(self.folder / name) for name in names if name not in dropped]
+        clips = [Clip.load(self.folder / name, self.hearing.speech_features) for name in names
+                 if name not in dropped]
         for clip in clips:
             clip.offset = int(offsets.get("applied", {}).get(clip.name, 0))
         self._index(clips, person_exponent)
 
     @classmethod
-    def of_clips(cls, clips: list[Clip], crop_size: int = 0) -> PreparedData:
+    def of_clips(cls, clips: list[Clip], crop_size: int = 0,
+                 hearing: CompletionConfig | None = None) -> PreparedData:
         """A sampler over clips already in memory (people drawn evenly), not a folder."""
         data = cls.__new__(cls)
         data.folder, data.crop_size = None, crop_size
+        data.hearing = hearing or CompletionConfig()
         data._index(clips, 0.0)
         return data
 
@@ -413,6 +447,23 @@ class SoundAugment:
         return np.clip(out, -NORMALISED_CLIP, NORMALISED_CLIP).astype(np.float32)
 
 
+@dataclass
+class StateNoise:
+    """Gaussian noise on the speech encoder's states (whose voice invariance the encoder
+    already learned: no pitch or tilt to fake), alike in size for every window of a sample."""
+
+    noise: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> StateNoise:
+        return cls(float(rng.uniform(0.0, 0.3)))
+
+    def apply(self, states: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        noise = rng.standard_normal(states.shape, dtype=np.float32)
+        noise *= self.noise
+        return noise + states
+
+
 # -- samples --------------------------------------------------------------------------------
 
 
@@ -444,8 +495,8 @@ def autoencoder_batch(data: PreparedData, seeds: Sequence[int], augment: bool = 
 class DubberSample:
     """One batched-sequential sample: L successive frames of one clip.
 
-    frames (L, 3, S, S); points (L, 131, 2); references (N, 131, 2); mel (L, 80, 16) windows
-    of the normalised mel;
+    frames (L, 3, S, S); points (L, 131, 2); references (N, 131, 2); speech (L, C, W): each
+    frame's window of the clip's speech features;
     reference_image (1, 3, S, S); motion (M, 3, S, S), M may be 0; warped (L, 3, S, S): the
     reference image bent onto each frame's points (only when asked for). Without images, the
     picture arrays are empty.
@@ -454,7 +505,7 @@ class DubberSample:
     frames: np.ndarray
     points: np.ndarray
     references: np.ndarray
-    mel: np.ndarray
+    speech: np.ndarray
     reference_image: np.ndarray
     motion: np.ndarray
     warped: np.ndarray
@@ -473,13 +524,14 @@ def interpolate_frames(points: np.ndarray, at: np.ndarray) -> np.ndarray:
     return ((1 - part) * points[low] + part * points[high]).astype(np.float32)
 
 
-def stretched_mel_window(features: np.ndarray, frame: float, fps: Fraction | float,
-                         rate: float, width: int = MEL_WINDOW) -> np.ndarray:
-    """(80, width) the window ``mel_window`` gives of the normalised mel ``features`` played
-    ``rate`` times as fast, centred on the middle of the fractional video frame ``frame``:
-    its columns are the mel's ``rate`` columns apart, interpolated linearly (-NORMALISED_CLIP,
-    silence, outside the speech)."""
-    middle = (frame + 0.5) / float(fps) * MEL_STEPS_PER_SECOND
+def stretched_feature_window(features: np.ndarray, frame: float, fps: Fraction | float,
+                             rate: float, width: int = MEL_WINDOW,
+                             timing: FeatureTiming = NORMALISED_MEL) -> np.ndarray:
+    """(C, width) the window ``feature_window`` gives of ``features`` (C, T) played ``rate``
+    times as fast, centred on the middle of the fractional video frame ``frame``: its columns
+    are ``rate`` columns apart, interpolated linearly (``timing.silence`` outside the
+    speech)."""
+    middle = (frame + 0.5) / float(fps) * timing.rate - timing.centre
     at = middle + rate * (np.arange(width) - width // 2)
     low = np.floor(at).astype(np.int64)
     part = (at - low)[None]
@@ -487,7 +539,7 @@ def stretched_mel_window(features: np.ndarray, frame: float, fps: Fraction | flo
 
     def column(index: np.ndarray) -> np.ndarray:
         inside = (index >= 0) & (index < columns)
-        out = np.full((features.shape[0], len(index)), -NORMALISED_CLIP, np.float32)
+        out = np.full((features.shape[0], len(index)), timing.silence, np.float32)
         out[:, inside] = features[:, index[inside]]
         return out
 
@@ -519,17 +571,19 @@ def dubber_sample(data: PreparedData, frames: int, references: int, motion_frame
     reference_frame = int(candidates[np.argmax(np.abs(candidates - start))])
     reference_sets = rng.choice(others, size=references, replace=len(others) < references)
     aug = Augment.draw(rng) if augment else Augment.none()
+    width, timing = data.hearing.speech_window, data.hearing.speech_timing
     if rate == 1.0:
-        mel = np.stack([mel_window(clip.features, int(i) - clip.offset, clip.fps,
-                                   fill=-NORMALISED_CLIP) for i in span])
+        speech = np.stack([feature_window(clip.features, int(i) - clip.offset, clip.fps, width,
+                                          timing) for i in span])
         points = clip.points[span]
     else:
         at = start + rate * np.arange(frames)
-        mel = np.stack([stretched_mel_window(clip.features, t - clip.offset, clip.fps, rate)
-                        for t in at])
+        speech = np.stack([stretched_feature_window(clip.features, t - clip.offset, clip.fps,
+                                                    rate, width, timing) for t in at])
         points = interpolate_frames(clip.points, at)
     if augment:
-        mel = SoundAugment.draw(rng).apply(mel, rng)
+        sound = SoundAugment if data.hearing.speech_features == "mel" else StateNoise
+        speech = sound.draw(rng).apply(speech, rng)
     none = np.zeros((0, 3, data.crop_size, data.crop_size), np.float32)
     pictures = (lambda first, stop: aug.images(clip.crops[first:stop])) if images else (
         lambda first, stop: none)
@@ -545,7 +599,7 @@ def dubber_sample(data: PreparedData, frames: int, references: int, motion_frame
         frames=pictures(span[0], span[-1] + 1),
         points=points,
         references=aug.points(clip.points[reference_sets]),
-        mel=mel.astype(np.float32),
+        speech=speech.astype(np.float32),
         reference_image=reference_image,
         motion=pictures(start - motion_frames, start),
         warped=warped,
@@ -565,7 +619,7 @@ def dubber_batch(data: PreparedData, seeds: Sequence[int], frames: int, referenc
     motion = motion_frames if rng.random() < motion_probability else 0
     samples = [dubber_sample(data, frames, references, motion, np.random.default_rng(seed),
                              augment, images, warp, tempo) for seed in seeds]
-    names = ["frames", "points", "references", "mel", "reference_image", "motion"]
+    names = ["frames", "points", "references", "speech", "reference_image", "motion"]
     batch = {name: np.stack([getattr(s, name) for s in samples])
              for name in names + (["warped"] if warp else [])}
     if images:  # one reference picture per sample: (B, 3, S, S)

@@ -56,7 +56,7 @@ def completed_landmarks(completion: LandmarkCompletion, batch: dict[str, torch.T
     """The target landmarks predicted from the speech (B, L, 131, 2), and the completion's
     losses against the detected lip/jaw points (``completion_losses``)."""
     target = batch["points"]
-    predicted = complete_landmarks(completion, target, batch["references"], batch["mel"])
+    predicted = complete_landmarks(completion, target, batch["references"], batch["speech"])
     losses = completion_losses(predicted[:, :, CONTENT_SLICE], target[:, :, CONTENT_SLICE],
                                config)
     return predicted, losses
@@ -288,7 +288,7 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
                                    grad_accum)
     dev = processes.device
     train, val = load_splits(data_dir, config, config.training.completion_person_exponent)
-    heldout = PreparedData(data_dir, "heldout")
+    heldout = PreparedData(data_dir, "heldout", hearing=config.completion)
     run = RunFolder(run_dir, config, resume, processes.main)
     torch.manual_seed(seed)
     completion = LandmarkCompletion(config.completion).to(dev)
@@ -304,7 +304,7 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
                   augment: bool) -> dict:
         batch = dubber_batch(data, seeds, c.window, c.references, 0, rng, augment,
                              images=False, tempo=config.training.completion_tempo)
-        return to_tensors({k: batch[k] for k in ("points", "references", "mel")}, dev)
+        return to_tensors({k: batch[k] for k in ("points", "references", "speech")}, dev)
 
     def validation_losses(k: int) -> dict[str, float]:
         rng = np.random.default_rng([4321, k])

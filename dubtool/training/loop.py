@@ -204,14 +204,14 @@ def load_splits(data_dir: str | Path, config: ModelConfig, person_exponent: floa
                 ) -> tuple[PreparedData, PreparedData]:
     """Training and validation clips (validation falls back to training if it is empty); the
     training people drawn by their footage to the power ``person_exponent``."""
-    train = PreparedData(data_dir, "train", person_exponent)
+    train = PreparedData(data_dir, "train", person_exponent, hearing=config.completion)
     if not train.clips:
         raise InputNotFound("the data set has no training clips", data_dir)
     if train.crop_size != config.crop_size:
         raise InvalidMedia(f"data set crops are {train.crop_size} px but the config wants "
                           f"{config.crop_size} px: prepare it with --crop-size "
                           f"{config.crop_size}", data_dir)
-    val = PreparedData(data_dir, "val")
+    val = PreparedData(data_dir, "val", hearing=config.completion)
     return train, (val if val.clips else train)
 
 
