@@ -309,3 +309,28 @@ def test_the_closed_shape_is_the_median_of_a_bounded_number_of_frames(monkeypatc
     three = complete_stage.closed_mouth(track.cropped, track.detected)
     np.testing.assert_allclose(three, np.median(points[order[:3]][:, CONTENT_SLICE], axis=0))
     assert not np.allclose(three, ten)
+
+
+def test_in_a_pause_a_closed_mouth_is_drawn_from_a_closed_source() -> None:
+    """The warp presses an open source's lips onto closed targets, but its dark inside still
+    shows: in the speech's pauses the anchor is not preferred and a more open source pays for
+    all of its opening, and the most closed frame is always a candidate."""
+    rng = np.random.default_rng(3)
+    openings = np.linspace(0.0, 0.12, 25)
+    track = _track(np.stack([_face(v, rng) for v in openings]))
+    anchor = 12  # opening 0.06
+    target = np.stack([_face(0.045, rng) for _ in range(40)])
+    plan = np.zeros(40, np.int64)
+    closing = np.zeros(40, np.float32)
+    closing[10:30] = 1.0
+    before = choose_references(track.points, track.detected, target, plan, anchor=anchor)
+    assert (before.source == anchor).all()  # the test can see the change
+    after = choose_references(track.points, track.detected, target, plan, anchor=anchor,
+                              closing=closing)
+    assert (openings[after.source[10:30]] <= 0.0451).all()
+    assert (after.source[:5] == anchor).all() and (after.source[-5:] == anchor).all()
+    def pool(closing: np.ndarray | None) -> list[int]:
+        return list(choose_references(track.points, track.detected, target, plan, anchor=6,
+                                      closing=closing, pool_size=2).pool)
+
+    assert pool(None) == [6, 24] and pool(closing) == [0, 6, 24]

@@ -53,24 +53,28 @@ ARTICULATION_SECONDS = 2.0   # over a mean this long (see ``articulate``)
 OUTPUT_CHUNK = 1024    # output frames of the targets computed and written at once
 LIPS_IN_CONTENT = slice(LIPS_SLICE.start - NUM_POSE, LIPS_SLICE.stop - NUM_POSE)
 TARGET_FILE, PREDICTED_FILE, REFERENCES_FILE = "target.npy", "predicted.npy", "references.npy"
+CLOSING_FILE = "closing.npy"
 
 
 @dataclass
 class Completion:
     """target (O, 131, 2): pose of the planned source frame + predicted lip/jaw, normalised to
     that frame's crop box. references (N,) source frames whose landmarks were the references.
-    predicted (O, 57, 2): the completion's own lip/jaw, before pauses were closed. The
-    per-output-frame arrays stay on disk (an hour at 25 fps is 135 MB).
+    predicted (O, 57, 2): the completion's own lip/jaw, before pauses were closed. closing
+    (O,): how far each frame's mouth was closed to the video's closed shape (1 in the speech's
+    pauses, ``closing_weight``). The per-output-frame points stay on disk (an hour at 25 fps
+    is 135 MB).
     """
 
     target: DiskArray
     references: np.ndarray
     predicted: DiskArray
+    closing: np.ndarray
 
     @classmethod
     def load(cls, folder: Path) -> Completion:
         return cls(DiskArray.open(folder / TARGET_FILE), np.load(folder / REFERENCES_FILE),
-                   DiskArray.open(folder / PREDICTED_FILE))
+                   DiskArray.open(folder / PREDICTED_FILE), np.load(folder / CLOSING_FILE))
 
 
 def reference_frames(detected: np.ndarray, count: int) -> np.ndarray:
@@ -264,6 +268,7 @@ def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
         out=DiskArray.create(folder / PREDICTED_FILE,
                              (len(plan), completion.config.content_points, 2), np.float32))
     weight = closing_weight(pauses(voice_activity(mel, fps, len(plan)), fps, PAUSE_SECONDS))
+    np.save(folder / CLOSING_FILE, weight.astype(np.float32))
     closed = closed_mouth(points, candidates)
     target = DiskArray.create(folder / TARGET_FILE, (len(plan), NUM_POINTS, 2), np.float32)
     # The windows' predictions jitter from frame to frame by more than a mouth moves: a

@@ -75,6 +75,7 @@ class RenderJob:
     track: FaceTrack
     plan: np.ndarray            # (O,) source frame of each output frame
     target: np.ndarray          # (O, 131, 2) target landmarks in each source frame's crop box
+    closing: np.ndarray         # (O,) 1 where the mouth is closed for a pause (complete)
     upstream: str               # fingerprint of everything the targets depend on
     track_fp: str               # fingerprint of the face track (what crops depend on)
     reference_frame: int        # the dub's reference (forced, or its typical frame): the
@@ -111,7 +112,7 @@ class NativeRenderer:
             track.points, track.detected, job.target, job.plan,
             exclude_frames=job.exclude_frames, anchor=job.reference_frame,
             forced=job.reference_frame if job.forced else None,
-            pool_size=self.references).save(out), force=job.force)
+            pool_size=self.references, closing=job.closing).save(out), force=job.force)
         references = ReferencePlan.load(folder)
         crops_fp = fingerprint("reference-crops", code_digest(sys.modules[__name__]), fp,
                                NATIVE_MAX_SIZE)

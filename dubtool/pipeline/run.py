@@ -199,7 +199,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                                             reference_frame=reference_frame),
         force=force)
     completion = Completion.load(folder)
-    job = RenderJob(cache, video, track, plan, completion.target, complete_fp,
+    job = RenderJob(cache, video, track, plan, completion.target, completion.closing, complete_fp,
                     front.landmarks_fp, reference_frame, forced, exclude, force, progress)
     return DubStages(front, completion, renderer.render(job), reference_frame, adaptation)
 
