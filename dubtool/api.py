@@ -112,6 +112,7 @@ def _write_debug_video(result: LandmarksResult, progress: StageProgress | None) 
 
 def _write_points_json(result: LandmarksResult) -> None:
     from dubtool.face.indices import NUM_POSE, ORDER
+    from dubtool.media.frames import replace_output
 
     video, track = result.extracted.video, result.track
     frames = []
@@ -135,7 +136,7 @@ def _write_points_json(result: LandmarksResult) -> None:
     tmp = result.json_path.with_name(f".{result.json_path.name}.partial-{os.getpid()}")
     try:
         tmp.write_text(json.dumps(data))
-        os.replace(tmp, result.json_path)
+        replace_output(tmp, result.json_path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -357,6 +358,52 @@ def test_output_folder_missing_or_read_only_and_output_equal_to_input(
         locked.chmod(0o555)
     result = dub(short_face, speech, locked / "out.mp4")
     assert result.exit_code == 5 and "output folder is not writable" in one_line_error(result)
+
+
+def test_output_that_is_a_fifo_is_refused_before_any_work_and_left_as_it_is(
+        dub, short_face: Path, speech: Path, tmp_path: Path) -> None:
+    """Issue 26.1: the finished dub was renamed over an output that is not a regular file
+    (`-o /dev/null` as root made /dev/null a file). A FIFO given as the output (or as the
+    landmarks' JSON) is refused before any work and stays a FIFO."""
+    fifo = tmp_path / "out.fifo.mp4"
+    os.mkfifo(fifo)
+    result = dub(short_face, speech, fifo)
+    assert result.exit_code == 5
+    line = one_line_error(result)
+    assert str(fifo) in line and "FIFO" in line and "not a regular file" in line
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert not (tmp_path / "cache").exists()  # before any work
+    result = runner.invoke(app, ["landmarks", "--cache-dir", str(tmp_path / "cache"), "--json",
+                                 str(fifo), str(short_face)])
+    assert result.exit_code == 5 and "FIFO" in one_line_error(result)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("#!/nonexistent/interpreter\n", "a program or library it needs is missing"),  # ENOENT
+    ("not a program\n", "Exec format error"),  # ENOEXEC
+])
+def test_a_tool_that_is_there_but_cannot_start_is_not_reported_missing(
+        dub, short_face: Path, speech: Path, tmp_path: Path, monkeypatch,
+        content: str, reason: str) -> None:
+    """Issue 26.1: any failure to start ffmpeg or ffprobe was "not found"; only a missing
+    executable is. One that is on the PATH but cannot run says so and why (exit 7)."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("ffprobe", "ffmpeg"):
+        (tools / name).write_text(content)
+        (tools / name).chmod(0o755)
+    # Alone on the PATH: a process searching it goes on to the next folder past such a file.
+    monkeypatch.setenv("PATH", str(tools))
+    result = dub(short_face, speech)
+    assert result.exit_code == 7, result.output
+    line = one_line_error(result)
+    assert f"{tools / 'ffprobe'}: ffprobe could not be started" in line and reason in line
+    assert "not found" not in line
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    result = dub(short_face, speech)
+    assert result.exit_code == 7 and "ffprobe not found" in one_line_error(result)
 
 
 def _limited_dub(tiny_model: Path, video: Path, speech: Path, output: Path, cache: Path,

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import signal
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -21,19 +22,11 @@ import numpy as np
 
 from dubtool.errors import (
     InvalidMedia,
-    MissingDependency,
     OutputError,
     disk_full_error,
     disk_full_reported,
 )
-from dubtool.media.probe import VideoInfo
-
-
-def _popen(cmd: list[str], **kwargs) -> subprocess.Popen:
-    try:
-        return subprocess.Popen(cmd, **kwargs)
-    except FileNotFoundError as exc:
-        raise MissingDependency("ffmpeg not found: apt-get install ffmpeg") from exc
+from dubtool.media.probe import VideoInfo, start_tool
 
 
 def _tail(log) -> str:
@@ -65,7 +58,7 @@ def read_frames(info: VideoInfo, frames: int | None = None,
            "-fps_mode", "passthrough", "-frames:v", str(count),
            "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
     with tempfile.TemporaryFile() as log:
-        proc = _popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+        proc = start_tool(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
         last = None
         produced = 0
         try:
@@ -145,7 +138,9 @@ def _keep_jpeg(store, frame: np.ndarray, offsets: list[tuple[int, int]], path: P
 
 
 def check_output_path(output: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
-    """The absolute output path; OutputError if it cannot be written or would clobber an input."""
+    """The absolute output path; OutputError if it cannot be written or would clobber an input,
+    or if it exists and is not a regular file: a device, FIFO or socket would be replaced by
+    the rename that ends the writing (``-o /dev/null`` as root made /dev/null a file)."""
     output = Path(output).resolve()
     for given in inputs:
         if Path(given).resolve() == output:
@@ -153,12 +148,37 @@ def check_output_path(output: str | Path, inputs: Sequence[str | Path] = ()) -> 
                               output)
     if output.is_dir():
         raise OutputError("output path is a folder", output)
+    kind = _special_file(output)
+    if kind is not None:
+        raise OutputError(f"output path is {kind}, not a regular file; refusing to replace "
+                          "it (give a file name)", output)
     parent = output.parent
     if not parent.is_dir():
         raise OutputError("output folder does not exist", parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError("output folder is not writable", parent)
     return output
+
+
+def replace_output(partial: Path, output: Path) -> None:
+    """Rename the finished ``partial`` over ``output``, unless ``output`` has become a device,
+    FIFO or socket since ``check_output_path``: it is never replaced."""
+    kind = _special_file(output)
+    if kind is not None:
+        raise OutputError(f"output path is {kind}, not a regular file; refusing to replace "
+                          "it (give a file name)", output)
+    os.replace(partial, output)
+
+
+def _special_file(path: Path) -> str | None:
+    """What ``path`` is when it exists and is neither a regular file nor a folder."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # not there (or not reachable: the folder checks say why)
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), None)
 
 
 def _remove_dead_partials(paths: Iterator[Path]) -> None:
@@ -210,7 +230,7 @@ class VideoWriter:
             cmd += ["-f", "mp4"]
         cmd.append(str(self.partial))
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
-        self._proc = _popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        self._proc = start_tool(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=self._log)
         self.frames_written = 0
 
@@ -247,7 +267,7 @@ class VideoWriter:
                 self._proc.stdin.close()
             if self._proc.wait() != 0 or self.frames_written == 0:
                 raise self._failure()
-            os.replace(self.partial, self.output)
+            replace_output(self.partial, self.output)
         finally:
             self._log.close()
             self.partial.unlink(missing_ok=True)
