@@ -72,12 +72,12 @@ def landmarks(video: str | Path, output: str | Path | None = None,
     The video at ``output`` shows the 131 points (pose and lip/jaw in two colours) and the crop
     box on every frame, with the original audio. ``json_path`` gets the points per frame.
     """
-    from dubtool.media.frames import check_output_path
+    from dubtool.media.frames import check_output_path, check_video_output
     from dubtool.pipeline.run import Inputs, run_front
 
     inputs = Inputs.of(video)
-    targets = [p for p in (output, json_path) if p is not None]
-    checked = [check_output_path(p, [inputs.video]) for p in targets]
+    checked = [check(p, [inputs.video]) for p, check in
+               ((output, check_video_output), (json_path, check_output_path)) if p is not None]
     if len(set(checked)) < len(checked):
         raise OutputError("the video and JSON outputs must be different files", checked[0])
     with inputs.open_cache(cache_dir) as cache:
@@ -112,7 +112,7 @@ def _write_debug_video(result: LandmarksResult, progress: StageProgress | None) 
 
 def _write_points_json(result: LandmarksResult) -> None:
     from dubtool.face.indices import NUM_POSE, ORDER
-    from dubtool.media.frames import replace_output
+    from dubtool.media.frames import partial_path, replace_output
 
     video, track = result.extracted.video, result.track
     frames = []
@@ -133,7 +133,7 @@ def _write_points_json(result: LandmarksResult) -> None:
                   f"{NUM_POSE} are pose points, the rest lip/jaw",
         "mediapipe_indices": list(ORDER), "frames": frames,
     }
-    tmp = result.json_path.with_name(f".{result.json_path.name}.partial-{os.getpid()}")
+    tmp = partial_path(result.json_path)
     try:
         tmp.write_text(json.dumps(data))
         replace_output(tmp, result.json_path)
@@ -200,7 +200,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     import numpy as np
 
     from dubtool.devices import resolve_device
-    from dubtool.media.frames import check_output_path
+    from dubtool.media.frames import check_video_output
     from dubtool.media.probe import probe_video
     from dubtool.nets.io import LoadedModel, load_model, model_digest
     from dubtool.pipeline.blend import blended_frames, write_video
@@ -215,7 +215,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     check_range("reconstruction_gap", reconstruction_gap, at_least=0)
     inputs = Inputs.of(video, speech)
     target = Path(output) if output is not None else Path(f"{inputs.video.stem}.dubbed.mp4")
-    target = check_output_path(target, [inputs.video, inputs.speech])
+    target = check_video_output(target, [inputs.video, inputs.speech])
     if reference_frame is not None:
         last = probe_video(inputs.video).frame_count - 1
         check_range("--reference-frame", reference_frame, at_least=0, at_most=last)

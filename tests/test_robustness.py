@@ -406,6 +406,48 @@ def test_a_tool_that_is_there_but_cannot_start_is_not_reported_missing(
     assert result.exit_code == 7 and "ffprobe not found" in one_line_error(result)
 
 
+def test_webm_output_holds_vp9_and_opus_and_an_unsupported_extension_is_refused(
+        dub, short_face: Path, speech: Path, tmp_path: Path) -> None:
+    """Issue 26.2: `-o out.webm` held H.264 + AAC. The codecs follow the container (WebM:
+    VP9 + Opus); an extension dubtool cannot fill is refused before any work, naming those
+    it can."""
+    result = dub(short_face, speech, tmp_path / "out.avi")
+    assert result.exit_code == 5
+    line = one_line_error(result)
+    assert "out.avi" in line and ".mp4, .m4v, .mov, .mkv, .webm" in line
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out.avi").exists()
+    result = dub(short_face, speech, tmp_path / "out.webm")
+    assert result.exit_code == 0, result.output
+    streams = ffprobe(tmp_path / "out.webm")["streams"]
+    assert {s["codec_type"]: s["codec_name"] for s in streams} == {"video": "vp9",
+                                                                   "audio": "opus"}
+    assert probe_video(tmp_path / "out.webm").frame_count == 25
+
+
+def test_output_name_of_250_characters(dub, short_face: Path, speech: Path,
+                                       tmp_path: Path) -> None:
+    """Issue 26.3: a valid name of 250 characters gave `internal error: OSError: [Errno 36]
+    File name too long` (the partial file's name added characters past 255 bytes). It works,
+    for the dub and the landmarks' JSON; a name past the file system's limit is refused
+    before any work."""
+    long = tmp_path / ("d" * 246 + ".mp4")
+    result = dub(short_face, speech, long)
+    assert result.exit_code == 0, result.output
+    assert probe_video(long).frame_count == 25
+    points = tmp_path / ("p" * 245 + ".json")
+    result = runner.invoke(app, ["landmarks", "--cache-dir", str(tmp_path / "cache"), "--json",
+                                 str(points), str(short_face)])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(points.read_text())["frames"]) == probe_video(short_face).frame_count
+    assert not leftovers(tmp_path)
+    too_long = tmp_path / ("d" * 252 + ".mp4")
+    result = dub(short_face, speech, too_long, "--cache-dir", str(tmp_path / "other"))
+    assert result.exit_code == 5
+    line = one_line_error(result)
+    assert "file name is too long (256 bytes" in line
+    assert not (tmp_path / "other").exists()
+
+
 def _limited_dub(tiny_model: Path, video: Path, speech: Path, output: Path, cache: Path,
                  limit_bytes: int, *options: str) -> subprocess.CompletedProcess:
     """`dubtool dub` in a child whose files may not grow past ``limit_bytes``: a full disk."""
