@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from dubtool.errors import (
     DubtoolError,
     InputNotFound,
+    InvalidMedia,
     OutputError,
     UsageError,
     disk_full_reported,
@@ -441,14 +442,28 @@ def batch_items(folder: str | Path | None = None, *, speech: str | Path | None =
         manifest = Path(manifest)
         if not manifest.is_file():
             raise InputNotFound("no such manifest", manifest)
-        with open(manifest, newline="") as f:
-            for row in csv.reader(f):
-                if not row or row[0].strip().lower() in ("video", "") or row[0].startswith("#"):
-                    continue
-                video, voice = (manifest.parent / row[0].strip(), manifest.parent / row[1].strip())
-                output = (manifest.parent / row[2].strip() if len(row) > 2 and row[2].strip()
-                          else out_dir / f"{video.stem}.dubbed.mp4")
-                items.append(BatchItem(video, voice, output))
+        # utf-8-sig: a byte order mark (spreadsheets write one) is not part of the first cell.
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            try:
+                for row in reader:
+                    cells = [cell.strip() for cell in row]
+                    if not any(cells) or cells[0].lower() == "video" or cells[0].startswith("#"):
+                        continue
+                    while cells and not cells[-1]:
+                        cells.pop()  # trailing commas
+                    if not 2 <= len(cells) <= 3 or not all(cells[:2]):
+                        raise InvalidMedia(f"row {reader.line_num}: expected video,speech"
+                                           f"[,output], found {','.join(row)[:120]!r}",
+                                           manifest)
+                    video, voice = manifest.parent / cells[0], manifest.parent / cells[1]
+                    output = (manifest.parent / cells[2] if len(cells) > 2
+                              else out_dir / f"{video.stem}.dubbed.mp4")
+                    items.append(BatchItem(video, voice, output))
+            except UnicodeDecodeError as exc:
+                raise InvalidMedia(f"not UTF-8 text ({exc.reason})", manifest) from None
+            except csv.Error as exc:
+                raise InvalidMedia(f"row {reader.line_num}: {exc}", manifest) from None
     else:
         if folder is None or not Path(folder).is_dir():
             raise InputNotFound("not a folder", folder or "")
