@@ -594,6 +594,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     from dubtool.evaluation.evaluate import evaluate_clip, summarise
     from dubtool.evaluation.identity import NOT_INSTALLED, load_identity_model
     from dubtool.evaluation.report import write_plots, write_report, write_strips
+    from dubtool.media.probe import probe_video
     from dubtool.nets.io import load_model
     from dubtool.pipeline.run import Inputs, run_front
 
@@ -603,6 +604,11 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     check_range("--reference-gap", reference_gap, at_least=0)
     if not clips:
         raise InputNotFound("no clips to evaluate")
+    for clip in clips:
+        # Each clip is dubbed from its own sound: one without is refused before any work.
+        if not probe_video(clip).has_audio:
+            raise InvalidMedia("has no audio stream: dubtool eval dubs each clip from its own "
+                               "speech", clip)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
