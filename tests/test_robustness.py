@@ -291,6 +291,32 @@ def test_face_leaving_the_frame(dub, face_clip: Path, tmp_path: Path) -> None:
     assert 10 <= dubbed <= 40 and "passed through without a face" in text
 
 
+def test_reference_frame_without_a_face_exits_2_naming_the_nearest_frames_with_one(
+        dub, face_clip: Path, tmp_path: Path) -> None:
+    """Issue 26.6: `--reference-frame 0` when frame 0 has no face gave `internal error:
+    KeyError: 0`. It is a usage error (exit 2, as the other option errors), found once the
+    faces are tracked, naming the nearest frames that have one."""
+    gaps = tmp_path / "gaps.mp4"  # frames 0-4 and 15-19 black: no face
+    ffmpeg("-i", str(face_clip), "-t", "1.2", "-vf", "drawbox=x=0:y=0:w=iw:h=ih:color=black:"
+           "t=fill:enable='lt(n,5)+between(n,15,19)'", str(gaps))
+    speech = make_tone(tmp_path / "s.wav", seconds=1.2)
+    detected = dubtool.landmarks(gaps, cache_dir=tmp_path / "cache").track.detected
+    faces = np.nonzero(detected)[0]
+    for frame in (0, 17):
+        assert not detected[frame]
+        result = dub(gaps, speech, None, "--reference-frame", str(frame))
+        assert result.exit_code == 2, result.output
+        before, after = faces[faces < frame], faces[faces > frame]
+        nearest = " and ".join([f"{b} (before)" for b in before[-1:]]
+                               + [f"{a} (after)" for a in after[:1]])
+        assert one_line_error(result) == (
+            f"error: --reference-frame {frame}: no face was found in frame {frame}; the "
+            f"nearest frame{'s' if len(before) else ''} with one: {nearest}")
+        assert not (tmp_path / "out.mp4").exists()
+    result = dub(gaps, speech, None, "--reference-frame", str(faces[0]))
+    assert result.exit_code == 0, result.output
+
+
 @pytest.fixture
 def two_faces(face_clip: Path, tmp_path: Path) -> Path:
     """512x256: the face at half size on the left, near the centre (its middle 64 px from
