@@ -103,9 +103,16 @@ def _end_process_group() -> None:
     torn down aborts the process after its work is done ("terminate called without an active
     exception", SIGABRT). Local to this process (no collective)."""
     # Ctrl-C reaches every process twice (the terminal's, then the launcher passes it on): the
-    # second must not cut this short, and the process is ending anyway.
+    # second must not cut this short; a third (someone insisting) stops waiting for it.
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    caught: list[int] = []
+
+    def interrupted(signum: int, frame: object) -> None:
+        caught.append(signum)
+        if len(caught) > 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupted) if main else None
     try:
         gc.collect()  # the networks, DDP and Accelerate refer to one another
         if torch.distributed.is_initialized():

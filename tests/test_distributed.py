@@ -77,19 +77,21 @@ def train_cli(config: Path, dataset: Path, run: Path, *more: str) -> list[str]:
             str(dataset), "--out", str(run), "--device", "cpu", *more]
 
 
-def threads_at_exit(stderr: str) -> dict[int, list[str]]:
-    """Each process's threads still running as its interpreter exited (clean_exit.py)."""
-    found = re.findall(r"^rank (\d+): \d+ threads at exit: (\[.*\])$", stderr, re.MULTILINE)
-    return {int(rank): ast.literal_eval(names) for rank, names in found}
+def ends(stderr: str) -> dict[int, tuple[str, list[str]]]:
+    """Each process's exit status and the threads still running as its interpreter exited
+    (clean_exit.py)."""
+    found = re.findall(r"rank (\d+): exit (\S+), \d+ threads at exit: (\[[^\]]*\])", stderr)
+    return {int(rank): (code, ast.literal_eval(names)) for rank, code, names in found}
 
 
-def assert_ended_cleanly(stderr: str) -> None:
-    """Both processes reached the end of their interpreter with no thread but the main one
-    (a Gloo thread still running there aborts the process), and none aborted."""
+def assert_ended_cleanly(stderr: str, code: str) -> None:
+    """Both processes exited with ``code`` and reached the end of their interpreter with no
+    thread but the main one (a Gloo thread still running there aborts the process), and none
+    aborted."""
     assert "terminate called" not in stderr and "SIGABRT" not in stderr, stderr[-3000:]
-    threads = threads_at_exit(stderr)
-    assert {rank: len(names) for rank, names in threads.items()} == {0: 1, 1: 1}, (
-        threads, stderr[-3000:])
+    found = ends(stderr)
+    assert {rank: (status, len(names)) for rank, (status, names) in found.items()} == {
+        0: (code, 1), 1: (code, 1)}, (found, stderr[-3000:])
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -229,7 +231,7 @@ def test_two_process_training_ends_with_nothing_left_running(
                               capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
-        assert_ended_cleanly(done.stderr)
+        assert_ended_cleanly(done.stderr, "0")
         assert (run / "model" / "completion.safetensors").exists()
         assert done.stdout.count("2 (global batch 4)") == 1
 
@@ -244,16 +246,13 @@ def test_two_process_training_ends_cleanly_on_errors_and_ctrl_c(dataset: Path,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     config = config_file(tmp_path, 2)
 
-    def exit_codes(stderr: str) -> list[int]:
-        return sorted(int(code) for code in re.findall(r"exitcode\s*: (-?\d+)", stderr))
-
     # cpu-128 wants 128 px crops; the data set has 32 px ones.
     refused = subprocess.run([*launcher("torchrun"), CLEAN_EXIT, *train_cli(
         Path("cpu-128"), dataset, tmp_path / "refused", "--steps", "2")],
         capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode != 0
     assert refused.stderr.count("data set crops are 32 px but the config wants 128 px") == 2
-    assert_ended_cleanly(refused.stderr)
+    assert_ended_cleanly(refused.stderr, "4")
     assert not (tmp_path / "refused").exists()
 
     failed = subprocess.run([*launcher("torchrun"), CLEAN_EXIT, "--fail-at", "2", *train_cli(
@@ -261,9 +260,7 @@ def test_two_process_training_ends_cleanly_on_errors_and_ctrl_c(dataset: Path,
         capture_output=True, text=True, timeout=300, env=env)
     assert failed.returncode != 0
     assert failed.stderr.count("injected failure in forward pass 2") == 2, failed.stderr[-3000:]
-    assert_ended_cleanly(failed.stderr)
-    # torchrun stops a process that is still ending once another has failed (SIGTERM).
-    assert set(exit_codes(failed.stderr)) <= {1, -signal.SIGTERM}, failed.stderr[-3000:]
+    assert_ended_cleanly(failed.stderr, "1")  # dubtool's internal error
 
     run = tmp_path / "interrupted"
     process = subprocess.Popen([*launcher("torchrun"), CLEAN_EXIT, *train_cli(
@@ -281,6 +278,5 @@ def test_two_process_training_ends_cleanly_on_errors_and_ctrl_c(dataset: Path,
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert stderr.count("interrupted:") == 2, stderr[-3000:]
-    assert_ended_cleanly(stderr)
-    assert set(exit_codes(stderr)) <= {130}, stderr[-3000:]
+    assert "interrupted:" in stderr, stderr[-3000:]
+    assert_ended_cleanly(stderr, "130")
