@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from dubtool.errors import (
     DubtoolError,
     InputNotFound,
+    InvalidMedia,
     OutputError,
     UsageError,
     disk_full_reported,
@@ -72,12 +73,12 @@ def landmarks(video: str | Path, output: str | Path | None = None,
     The video at ``output`` shows the 131 points (pose and lip/jaw in two colours) and the crop
     box on every frame, with the original audio. ``json_path`` gets the points per frame.
     """
-    from dubtool.media.frames import check_output_path
+    from dubtool.media.frames import check_output_path, check_video_output
     from dubtool.pipeline.run import Inputs, run_front
 
     inputs = Inputs.of(video)
-    targets = [p for p in (output, json_path) if p is not None]
-    checked = [check_output_path(p, [inputs.video]) for p in targets]
+    checked = [check(p, [inputs.video]) for p, check in
+               ((output, check_video_output), (json_path, check_output_path)) if p is not None]
     if len(set(checked)) < len(checked):
         raise OutputError("the video and JSON outputs must be different files", checked[0])
     with inputs.open_cache(cache_dir) as cache:
@@ -112,6 +113,7 @@ def _write_debug_video(result: LandmarksResult, progress: StageProgress | None) 
 
 def _write_points_json(result: LandmarksResult) -> None:
     from dubtool.face.indices import NUM_POSE, ORDER
+    from dubtool.media.frames import partial_path, replace_output
 
     video, track = result.extracted.video, result.track
     frames = []
@@ -132,10 +134,10 @@ def _write_points_json(result: LandmarksResult) -> None:
                   f"{NUM_POSE} are pose points, the rest lip/jaw",
         "mediapipe_indices": list(ORDER), "frames": frames,
     }
-    tmp = result.json_path.with_name(f".{result.json_path.name}.partial-{os.getpid()}")
+    tmp = partial_path(result.json_path)
     try:
         tmp.write_text(json.dumps(data))
-        os.replace(tmp, result.json_path)
+        replace_output(tmp, result.json_path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -199,7 +201,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     import numpy as np
 
     from dubtool.devices import resolve_device
-    from dubtool.media.frames import check_output_path
+    from dubtool.media.frames import check_video_output
     from dubtool.media.probe import probe_video
     from dubtool.nets.io import LoadedModel, load_model, model_digest
     from dubtool.pipeline.blend import blended_frames, write_video
@@ -214,7 +216,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     check_range("reconstruction_gap", reconstruction_gap, at_least=0)
     inputs = Inputs.of(video, speech)
     target = Path(output) if output is not None else Path(f"{inputs.video.stem}.dubbed.mp4")
-    target = check_output_path(target, [inputs.video, inputs.speech])
+    target = check_video_output(target, [inputs.video, inputs.speech])
     if reference_frame is not None:
         last = probe_video(inputs.video).frame_count - 1
         check_range("--reference-frame", reference_frame, at_least=0, at_most=last)
@@ -440,14 +442,28 @@ def batch_items(folder: str | Path | None = None, *, speech: str | Path | None =
         manifest = Path(manifest)
         if not manifest.is_file():
             raise InputNotFound("no such manifest", manifest)
-        with open(manifest, newline="") as f:
-            for row in csv.reader(f):
-                if not row or row[0].strip().lower() in ("video", "") or row[0].startswith("#"):
-                    continue
-                video, voice = (manifest.parent / row[0].strip(), manifest.parent / row[1].strip())
-                output = (manifest.parent / row[2].strip() if len(row) > 2 and row[2].strip()
-                          else out_dir / f"{video.stem}.dubbed.mp4")
-                items.append(BatchItem(video, voice, output))
+        # utf-8-sig: a byte order mark (spreadsheets write one) is not part of the first cell.
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            try:
+                for row in reader:
+                    cells = [cell.strip() for cell in row]
+                    if not any(cells) or cells[0].lower() == "video" or cells[0].startswith("#"):
+                        continue
+                    while cells and not cells[-1]:
+                        cells.pop()  # trailing commas
+                    if not 2 <= len(cells) <= 3 or not all(cells[:2]):
+                        raise InvalidMedia(f"row {reader.line_num}: expected video,speech"
+                                           f"[,output], found {','.join(row)[:120]!r}",
+                                           manifest)
+                    video, voice = manifest.parent / cells[0], manifest.parent / cells[1]
+                    output = (manifest.parent / cells[2] if len(cells) > 2
+                              else out_dir / f"{video.stem}.dubbed.mp4")
+                    items.append(BatchItem(video, voice, output))
+            except UnicodeDecodeError as exc:
+                raise InvalidMedia(f"not UTF-8 text ({exc.reason})", manifest) from None
+            except csv.Error as exc:
+                raise InvalidMedia(f"row {reader.line_num}: {exc}", manifest) from None
     else:
         if folder is None or not Path(folder).is_dir():
             raise InputNotFound("not a folder", folder or "")
@@ -578,6 +594,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     from dubtool.evaluation.evaluate import evaluate_clip, summarise
     from dubtool.evaluation.identity import NOT_INSTALLED, load_identity_model
     from dubtool.evaluation.report import write_plots, write_report, write_strips
+    from dubtool.media.probe import probe_video
     from dubtool.nets.io import load_model
     from dubtool.pipeline.run import Inputs, run_front
 
@@ -587,6 +604,11 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     check_range("--reference-gap", reference_gap, at_least=0)
     if not clips:
         raise InputNotFound("no clips to evaluate")
+    for clip in clips:
+        # Each clip is dubbed from its own sound: one without is refused before any work.
+        if not probe_video(clip).has_audio:
+            raise InvalidMedia("has no audio stream: dubtool eval dubs each clip from its own "
+                               "speech", clip)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)

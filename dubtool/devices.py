@@ -5,6 +5,8 @@
 - ``training_processes``: where a training runs: one process, or each of the processes that
   ``accelerate launch`` or ``torchrun`` started (one per GPU, or CPU processes over gloo),
   through Hugging Face Accelerate; its device, mixed precision and gradient accumulation.
+  The process group it makes is destroyed as the process exits, however it exits
+  (``_end_process_group``), once each training has closed its ``Processes``.
 - ``autocast``: training's mixed precision (``--mixed-precision`` or the config's
   ``training.mixed_precision``): bf16 on CUDA or CPU, fp16 on CUDA only (with the loss scaling
   of ``training.loop``).
@@ -14,8 +16,14 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
+import importlib
 import os
+import signal
+import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +55,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 @dataclass(frozen=True)
 class Processes:
     """Where a training runs: this process's device, precision and gradient accumulation, and
-    its place among the run's processes (Accelerate's state)."""
+    its place among the run's processes (Accelerate's state). A context manager: ``close``
+    at the end of the block, however it ends."""
 
     accelerator: Accelerator
     device: torch.device
@@ -66,6 +75,53 @@ class Processes:
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
+    def close(self, failure: BaseException | None = None) -> None:
+        """The end of this training: Accelerate lets go of the prepared (DDP) networks, which
+        hold the process group, and so do the frames of ``failure`` (the exception ending the
+        training, whose traceback keeps them: its locals are cleared), so that the group can
+        be freed at exit (``_end_process_group``). The group itself stays for a later
+        training in this process (Accelerate's state is one per process). Local to this
+        process (no collective), so it also runs when another process has failed."""
+        self.accelerator.free_memory()
+        seen: set[int] = set()  # one process: no group, and the locals stay for a debugger
+        while self.count > 1 and failure is not None and id(failure) not in seen:
+            seen.add(id(failure))
+            traceback.clear_frames(failure.__traceback__)  # skips the frames still running
+            failure = failure.__cause__ or failure.__context__
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, kind: type | None, failure: BaseException | None, tb: object) -> None:
+        self.close(failure)
+
+
+def _end_process_group() -> None:
+    """At exit, while the interpreter is whole: destroy the process group Accelerate made,
+    which frees it (nothing else holds it once the trainings are closed) and so joins its
+    threads (Gloo's or NCCL's). A thread of the group still running as the interpreter is
+    torn down aborts the process after its work is done ("terminate called without an active
+    exception", SIGABRT). Local to this process (no collective)."""
+    # Ctrl-C reaches every process twice (the terminal's, then the launcher passes it on): the
+    # second must not cut this short; a third (someone insisting) stops waiting for it.
+    main = threading.current_thread() is threading.main_thread()
+    caught: list[int] = []
+
+    def interrupted(signum: int, frame: object) -> None:
+        caught.append(signum)
+        if len(caught) > 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupted) if main else None
+    try:
+        gc.collect()  # the networks, DDP and Accelerate refer to one another
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        gc.collect()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
 
 def training_processes(device: str = "auto", mixed_precision: str = "no",
                        grad_accum: int = 1, unused_parameters: bool = False) -> Processes:
@@ -73,6 +129,8 @@ def training_processes(device: str = "auto", mixed_precision: str = "no",
     (WORLD_SIZE > 1: each on the GPU of its local rank, or, with ``--device cpu`` or no GPU,
     on the CPU, talking over gloo), else this one on ``--device``. ``unused_parameters``: some
     steps leave some parameters without a gradient (DDP then looks for them, at a cost).
+    Close it when the training ends (``with processes:``); the process group Accelerate makes
+    here is destroyed as the process exits.
     UsageError (exit 2) for an option out of its range or a precision the device lacks,
     before any work."""
     check_device(device)
@@ -86,6 +144,14 @@ def training_processes(device: str = "auto", mixed_precision: str = "no",
     autocast(dev, mixed_precision)
     from accelerate import Accelerator  # only training needs it (and it takes a while to load)
     from accelerate.utils import DistributedDataParallelKwargs
+
+    if several and not torch.distributed.is_initialized():
+        # torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument,
+        # evaluated on import: imported once the group exists (DDP imports it, through
+        # torch._dynamo), they would hold the group for good, and destroying it at exit could
+        # not free it nor join its threads.
+        importlib.import_module("torch.distributed.nn")
+        atexit.register(_end_process_group)  # once: Accelerate makes the group here
 
     # Accelerate's state is one per process: a single process keeps it on its defaults and
     # places the networks itself (``--device cuda:N``), so that trainings on different devices

@@ -9,7 +9,8 @@ Exit codes (documented in the README):
        frame with the face ``--face N`` asks for, ...)
     5  the output cannot be written (missing or read-only folder, output equals an input, ...)
     6  a model folder is missing, incomplete or inconsistent
-    7  an optional dependency or its weights are not installed
+    7  a dependency is not installed or cannot run (ffmpeg, ffprobe, an optional package or
+       its weights)
     8  the cache is busy (another run holds its lock) or damaged
     9  dubtool batch: at least one item failed (the others were done)
     130 interrupted (Ctrl-C); the cache stays consistent and the run can be resumed

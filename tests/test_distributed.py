@@ -4,11 +4,16 @@ Each run is tests/distributed_train.py under torchrun; the one-process runs go t
 api.train in this process. Tiny networks without dropout (tiny_config), 32 px crops.
 """
 
+import ast
 import dataclasses
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +54,44 @@ def launch(*args: str) -> subprocess.CompletedProcess:
 
 
 HELPER = str(TESTS / "distributed_train.py")
+CLEAN_EXIT = str(TESTS / "clean_exit.py")
+
+
+def launcher(name: str) -> list[str]:
+    """The command of ``name`` (torchrun or accelerate launch) that starts two CPU processes
+    of a script (then its arguments)."""
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", "--monitor-interval", "0.2"]
+    with socket.socket() as s:  # accelerate launch has no --standalone: a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
+def train_cli(config: Path, dataset: Path, run: Path, *more: str) -> list[str]:
+    """``-m dubtool train completion`` of ``config`` on ``dataset`` into ``run``."""
+    return ["-m", "dubtool", "train", "completion", "--config", str(config), "--data",
+            str(dataset), "--out", str(run), "--device", "cpu", *more]
+
+
+def ends(stderr: str) -> dict[int, tuple[str, list[str]]]:
+    """Each process's exit status and the threads still running as its interpreter exited
+    (clean_exit.py)."""
+    found = re.findall(r"rank (\d+): exit (\S+), \d+ threads at exit: (\[[^\]]*\])", stderr)
+    return {int(rank): (code, ast.literal_eval(names)) for rank, code, names in found}
+
+
+def assert_ended_cleanly(stderr: str, code: str) -> None:
+    """Both processes exited with ``code`` and reached the end of their interpreter with no
+    thread but the main one (a Gloo thread still running there aborts the process), and none
+    aborted."""
+    assert "terminate called" not in stderr and "SIGABRT" not in stderr, stderr[-3000:]
+    found = ends(stderr)
+    assert {rank: (status, len(names)) for rank, (status, names) in found.items()} == {
+        0: (code, 1), 1: (code, 1)}, (found, stderr[-3000:])
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -170,3 +213,70 @@ def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tmp_path: Path)
         return torch.cat([p.detach().flatten() for p in layer.parameters()])
 
     torch.testing.assert_close(run(2), run(1), rtol=0, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "runs"), [("torchrun", 3), ("accelerate", 1)])
+def test_two_process_training_ends_with_nothing_left_running(
+        name: str, runs: int, dataset: Path, tmp_path: Path) -> None:
+    """Issue 29: a finished 2-process training sometimes aborted at exit (SIGABRT, "terminate
+    called without an active exception"): the process group was never torn down, and Gloo's
+    threads still ran as the interpreter exited. Now every process ends with its main thread
+    alone, run after run, under either launcher."""
+    config = config_file(tmp_path, 2)
+    for k in range(runs):
+        run = tmp_path / f"run{k}"
+        done = subprocess.run([*launcher(name), CLEAN_EXIT, *train_cli(config, dataset, run,
+                                                                      "--steps", "2")],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert_ended_cleanly(done.stderr, "0")
+        assert (run / "model" / "completion.safetensors").exists()
+        assert done.stdout.count("2 (global batch 4)") == 1
+
+
+@pytest.mark.slow
+def test_two_process_training_ends_cleanly_on_errors_and_ctrl_c(dataset: Path,
+                                                                 tmp_path: Path) -> None:
+    """Issue 29, the other ways a run ends: a validation error found once the processes
+    are up (exit 4 in each), an exception in the middle of training in every process (exit
+    1), Ctrl-C (the terminal's SIGINT to every process, then torchrun's: exit 130): each
+    process tears its process group down and ends with its main thread alone."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    config = config_file(tmp_path, 2)
+
+    # cpu-128 wants 128 px crops; the data set has 32 px ones.
+    refused = subprocess.run([*launcher("torchrun"), CLEAN_EXIT, *train_cli(
+        Path("cpu-128"), dataset, tmp_path / "refused", "--steps", "2")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode != 0
+    assert refused.stderr.count("data set crops are 32 px but the config wants 128 px") == 2
+    assert_ended_cleanly(refused.stderr, "4")
+    assert not (tmp_path / "refused").exists()
+
+    failed = subprocess.run([*launcher("torchrun"), CLEAN_EXIT, "--fail-at", "2", *train_cli(
+        config, dataset, tmp_path / "failed", "--steps", "4", "--epoch-steps", "100")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert failed.returncode != 0
+    assert failed.stderr.count("injected failure in forward pass 2") == 2, failed.stderr[-3000:]
+    assert_ended_cleanly(failed.stderr, "1")  # dubtool's internal error
+
+    run = tmp_path / "interrupted"
+    process = subprocess.Popen([*launcher("torchrun"), CLEAN_EXIT, *train_cli(
+        config, dataset, run, "--steps", "1000000", "--epoch-steps", "1000000")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "log.jsonl").exists() and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1.0)  # into the steps
+        os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C in a terminal: every process
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert "interrupted:" in stderr, stderr[-3000:]
+    assert_ended_cleanly(stderr, "130")

@@ -14,6 +14,7 @@ from conftest import ffmpeg, make_tone
 
 import dubtool
 from dubtool import api
+from dubtool.errors import InvalidMedia
 from dubtool.face.warp import warp_face
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import ffprobe, probe_video
@@ -297,6 +298,33 @@ def test_batch_manifest_and_shards(tmp_path: Path) -> None:
     assert items[0].output == tmp_path / "x" / "a_out.mp4"
     assert items[1].output == tmp_path / "o" / "b.dubbed.mp4"
     assert [i.video.name for i in api.batch_items(manifest=manifest, shard=(2, 2))] == ["b.mp4"]
+
+
+def test_batch_manifest_with_a_byte_order_mark_and_malformed_rows(tmp_path: Path) -> None:
+    """Issue 26.4: a manifest starting with a UTF-8 BOM and holding a one-column row gave
+    `internal error: IndexError`. The BOM is not part of the header; a malformed row is a
+    one-line error naming the manifest and the row (exit 4), before any work."""
+    from typer.testing import CliRunner
+
+    from dubtool.cli import app
+
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_bytes("video,speech,output\r\na.mp4,a.wav,\r\n".encode("utf-8-sig"))
+    items = api.batch_items(manifest=manifest, out_dir=tmp_path / "o")
+    assert [(i.video.name, i.speech.name) for i in items] == [("a.mp4", "a.wav")]
+    for rows, row in [("video,speech\na.mp4,a.wav\nb.mp4\n", 3),   # one column
+                      ("a.mp4,a.wav,o.mp4,extra\n", 1),              # four
+                      ("a.mp4,a.wav\n\n# a comment\n,b.wav\n", 4)]:  # no video
+        manifest.write_bytes(rows.encode("utf-8-sig"))
+        result = CliRunner().invoke(app, ["batch", "--manifest", str(manifest), "--model",
+                                          str(tmp_path / "no-model")])
+        assert result.exit_code == 4, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"{manifest}: row {row}: expected video,speech[,output]" in lines[0]
+    manifest.write_bytes(b"a.mp4,\xff\xfe.wav\n")
+    with pytest.raises(InvalidMedia, match="not UTF-8 text"):
+        api.batch_items(manifest=manifest)
 
 
 def test_eval_runs_the_reconstruction_protocol(face_clip: Path, tiny_model: Path,

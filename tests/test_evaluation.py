@@ -243,3 +243,27 @@ def test_sharpness_is_one_for_the_source_and_lower_when_blurred() -> None:
     assert metrics.sharpness(soft, region) < 0.5
     flat = np.full_like(region, 128)
     assert metrics.sharpness(flat, region) == 0.0
+
+
+@pytest.mark.parametrize("seconds", [None, 0.5])
+def test_eval_of_a_clip_without_sound_says_so_before_any_work(seconds: float | None,
+                                                              tiny_model: Path,
+                                                              tmp_path: Path) -> None:
+    """Issue 26.5: `dubtool eval` on a clip without sound gave ffmpeg's words ("could not be
+    cut (To ignore this, add a trailing '?' to the map.)"). It names the clip and says it has
+    no audio stream (exit 4), before any work: no model loaded, no work folder made."""
+    from conftest import make_video
+    from typer.testing import CliRunner
+
+    from dubtool.cli import app
+
+    mute = make_video(tmp_path / "mute clip.mp4", audio=False)
+    args = ["eval", str(mute), "--model", str(tiny_model), "--work-dir",
+            str(tmp_path / "work")]
+    result = CliRunner().invoke(app, args + ([] if seconds is None else
+                                             ["--seconds", str(seconds)]))
+    assert result.exit_code == 4, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: {mute.resolve()}: has no audio stream: dubtool eval dubs each "
+                     "clip from its own speech"], result.stderr
+    assert not (tmp_path / "work").exists()

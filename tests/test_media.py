@@ -28,7 +28,7 @@ from dubtool.media.frames import (
     read_frames,
     read_frames_in_order,
 )
-from dubtool.media.probe import probe_audio, probe_video
+from dubtool.media.probe import ffprobe, probe_audio, probe_video
 
 # -- probe ------------------------------------------------------------------------------
 
@@ -256,6 +256,38 @@ def test_writer_round_trip_with_audio_and_odd_size(tmp_path: Path) -> None:
     assert (info.width, info.height) == (34, 22)  # padded to even sides for yuv420p
     assert info.has_audio
     assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.parametrize(("suffix", "video", "audio", "container"), [
+    (".mp4", "h264", "aac", "mp4"),
+    (".m4v", "h264", "aac", "mp4"),
+    (".mov", "h264", "aac", "mov"),
+    (".mkv", "h264", "aac", "matroska"),
+    (".webm", "vp9", "opus", "webm"),
+])
+def test_writer_codecs_follow_the_container(tmp_path: Path, suffix: str, video: str,
+                                            audio: str, container: str) -> None:
+    """Issue 26.2: `-o out.webm` held H.264 + AAC (as MP4). Each container the README names
+    holds codecs it supports: WebM VP9 + Opus, the others H.264 + AAC."""
+    speech = make_tone(tmp_path / "s.wav", seconds=0.5)
+    out = tmp_path / f"out{suffix}"
+    frame = np.random.default_rng(0).integers(0, 255, (21, 33, 3), dtype=np.uint8)
+    with VideoWriter(out, 33, 21, Fraction(25), audio=speech) as writer:
+        for _ in range(12):
+            writer.write(frame)
+    probe = ffprobe(out)
+    codecs = {s["codec_type"]: s["codec_name"] for s in probe["streams"]}
+    assert codecs == {"video": video, "audio": audio}
+    assert container in probe["format"]["format_name"].split(",")
+    assert probe_video(out).frame_count == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.wav", out.name])
+
+
+def test_writer_refuses_a_container_it_cannot_fill(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match=r"\.avi video: .* one of \.mp4, \.m4v, \.mov, "
+                                          r"\.mkv, \.webm"):
+        VideoWriter(tmp_path / "out.avi", 16, 16, Fraction(25))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_writer_leaves_no_file_when_interrupted(tmp_path: Path) -> None:

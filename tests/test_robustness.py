@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -290,6 +291,32 @@ def test_face_leaving_the_frame(dub, face_clip: Path, tmp_path: Path) -> None:
     assert 10 <= dubbed <= 40 and "passed through without a face" in text
 
 
+def test_reference_frame_without_a_face_exits_2_naming_the_nearest_frames_with_one(
+        dub, face_clip: Path, tmp_path: Path) -> None:
+    """Issue 26.6: `--reference-frame 0` when frame 0 has no face gave `internal error:
+    KeyError: 0`. It is a usage error (exit 2, as the other option errors), found once the
+    faces are tracked, naming the nearest frames that have one."""
+    gaps = tmp_path / "gaps.mp4"  # frames 0-4 and 15-19 black: no face
+    ffmpeg("-i", str(face_clip), "-t", "1.2", "-vf", "drawbox=x=0:y=0:w=iw:h=ih:color=black:"
+           "t=fill:enable='lt(n,5)+between(n,15,19)'", str(gaps))
+    speech = make_tone(tmp_path / "s.wav", seconds=1.2)
+    detected = dubtool.landmarks(gaps, cache_dir=tmp_path / "cache").track.detected
+    faces = np.nonzero(detected)[0]
+    for frame in (0, 17):
+        assert not detected[frame]
+        result = dub(gaps, speech, None, "--reference-frame", str(frame))
+        assert result.exit_code == 2, result.output
+        before, after = faces[faces < frame], faces[faces > frame]
+        nearest = " and ".join([f"{b} (before)" for b in before[-1:]]
+                               + [f"{a} (after)" for a in after[:1]])
+        assert one_line_error(result) == (
+            f"error: --reference-frame {frame}: no face was found in frame {frame}; the "
+            f"nearest frame{'s' if len(before) else ''} with one: {nearest}")
+        assert not (tmp_path / "out.mp4").exists()
+    result = dub(gaps, speech, None, "--reference-frame", str(faces[0]))
+    assert result.exit_code == 0, result.output
+
+
 @pytest.fixture
 def two_faces(face_clip: Path, tmp_path: Path) -> Path:
     """512x256: the face at half size on the left, near the centre (its middle 64 px from
@@ -357,6 +384,94 @@ def test_output_folder_missing_or_read_only_and_output_equal_to_input(
         locked.chmod(0o555)
     result = dub(short_face, speech, locked / "out.mp4")
     assert result.exit_code == 5 and "output folder is not writable" in one_line_error(result)
+
+
+def test_output_that_is_a_fifo_is_refused_before_any_work_and_left_as_it_is(
+        dub, short_face: Path, speech: Path, tmp_path: Path) -> None:
+    """Issue 26.1: the finished dub was renamed over an output that is not a regular file
+    (`-o /dev/null` as root made /dev/null a file). A FIFO given as the output (or as the
+    landmarks' JSON) is refused before any work and stays a FIFO."""
+    fifo = tmp_path / "out.fifo.mp4"
+    os.mkfifo(fifo)
+    result = dub(short_face, speech, fifo)
+    assert result.exit_code == 5
+    line = one_line_error(result)
+    assert str(fifo) in line and "FIFO" in line and "not a regular file" in line
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert not (tmp_path / "cache").exists()  # before any work
+    result = runner.invoke(app, ["landmarks", "--cache-dir", str(tmp_path / "cache"), "--json",
+                                 str(fifo), str(short_face)])
+    assert result.exit_code == 5 and "FIFO" in one_line_error(result)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("#!/nonexistent/interpreter\n", "a program or library it needs is missing"),  # ENOENT
+    ("not a program\n", "Exec format error"),  # ENOEXEC
+])
+def test_a_tool_that_is_there_but_cannot_start_is_not_reported_missing(
+        dub, short_face: Path, speech: Path, tmp_path: Path, monkeypatch,
+        content: str, reason: str) -> None:
+    """Issue 26.1: any failure to start ffmpeg or ffprobe was "not found"; only a missing
+    executable is. One that is on the PATH but cannot run says so and why (exit 7)."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("ffprobe", "ffmpeg"):
+        (tools / name).write_text(content)
+        (tools / name).chmod(0o755)
+    # Alone on the PATH: a process searching it goes on to the next folder past such a file.
+    monkeypatch.setenv("PATH", str(tools))
+    result = dub(short_face, speech)
+    assert result.exit_code == 7, result.output
+    line = one_line_error(result)
+    assert f"{tools / 'ffprobe'}: ffprobe could not be started" in line and reason in line
+    assert "not found" not in line
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    result = dub(short_face, speech)
+    assert result.exit_code == 7 and "ffprobe not found" in one_line_error(result)
+
+
+def test_webm_output_holds_vp9_and_opus_and_an_unsupported_extension_is_refused(
+        dub, short_face: Path, speech: Path, tmp_path: Path) -> None:
+    """Issue 26.2: `-o out.webm` held H.264 + AAC. The codecs follow the container (WebM:
+    VP9 + Opus); an extension dubtool cannot fill is refused before any work, naming those
+    it can."""
+    result = dub(short_face, speech, tmp_path / "out.avi")
+    assert result.exit_code == 5
+    line = one_line_error(result)
+    assert "out.avi" in line and ".mp4, .m4v, .mov, .mkv, .webm" in line
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out.avi").exists()
+    result = dub(short_face, speech, tmp_path / "out.webm")
+    assert result.exit_code == 0, result.output
+    streams = ffprobe(tmp_path / "out.webm")["streams"]
+    assert {s["codec_type"]: s["codec_name"] for s in streams} == {"video": "vp9",
+                                                                   "audio": "opus"}
+    assert probe_video(tmp_path / "out.webm").frame_count == 25
+
+
+def test_output_name_of_250_characters(dub, short_face: Path, speech: Path,
+                                       tmp_path: Path) -> None:
+    """Issue 26.3: a valid name of 250 characters gave `internal error: OSError: [Errno 36]
+    File name too long` (the partial file's name added characters past 255 bytes). It works,
+    for the dub and the landmarks' JSON; a name past the file system's limit is refused
+    before any work."""
+    long = tmp_path / ("d" * 246 + ".mp4")
+    result = dub(short_face, speech, long)
+    assert result.exit_code == 0, result.output
+    assert probe_video(long).frame_count == 25
+    points = tmp_path / ("p" * 245 + ".json")
+    result = runner.invoke(app, ["landmarks", "--cache-dir", str(tmp_path / "cache"), "--json",
+                                 str(points), str(short_face)])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(points.read_text())["frames"]) == probe_video(short_face).frame_count
+    assert not leftovers(tmp_path)
+    too_long = tmp_path / ("d" * 252 + ".mp4")
+    result = dub(short_face, speech, too_long, "--cache-dir", str(tmp_path / "other"))
+    assert result.exit_code == 5
+    line = one_line_error(result)
+    assert "file name is too long (256 bytes" in line
+    assert not (tmp_path / "other").exists()
 
 
 def _limited_dub(tiny_model: Path, video: Path, speech: Path, output: Path, cache: Path,

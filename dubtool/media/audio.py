@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from dubtool.arrays import DiskArray
-from dubtool.errors import InvalidMedia, MissingDependency
-from dubtool.media.probe import check_readable, probe_audio, run_tool
+from dubtool.errors import InvalidMedia
+from dubtool.media.probe import check_readable, probe_audio, run_tool, start_tool
 
 SAMPLE_RATE = 16_000
 N_MELS = 80
@@ -61,11 +61,8 @@ def decode_speech(path: str | Path, target: Path, seconds: float | None = None) 
     path = check_readable(path)
     probe_audio(path)
     with tempfile.TemporaryFile() as log, open(target, "wb") as out:
-        try:
-            proc = subprocess.Popen(_decode_command(path, seconds), stdout=subprocess.PIPE,
-                                    stderr=log, stdin=subprocess.DEVNULL)
-        except FileNotFoundError as exc:
-            raise MissingDependency("ffmpeg not found: apt-get install ffmpeg") from exc
+        proc = start_tool(_decode_command(path, seconds), stdout=subprocess.PIPE, stderr=log,
+                          stdin=subprocess.DEVNULL)
         try:
             shutil.copyfileobj(proc.stdout, out, 1 << 20)
         finally:

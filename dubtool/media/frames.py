@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import secrets
 import signal
+import socket
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -21,19 +25,11 @@ import numpy as np
 
 from dubtool.errors import (
     InvalidMedia,
-    MissingDependency,
     OutputError,
     disk_full_error,
     disk_full_reported,
 )
-from dubtool.media.probe import VideoInfo
-
-
-def _popen(cmd: list[str], **kwargs) -> subprocess.Popen:
-    try:
-        return subprocess.Popen(cmd, **kwargs)
-    except FileNotFoundError as exc:
-        raise MissingDependency("ffmpeg not found: apt-get install ffmpeg") from exc
+from dubtool.media.probe import VideoInfo, start_tool
 
 
 def _tail(log) -> str:
@@ -65,7 +61,7 @@ def read_frames(info: VideoInfo, frames: int | None = None,
            "-fps_mode", "passthrough", "-frames:v", str(count),
            "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
     with tempfile.TemporaryFile() as log:
-        proc = _popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+        proc = start_tool(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
         last = None
         produced = 0
         try:
@@ -145,14 +141,27 @@ def _keep_jpeg(store, frame: np.ndarray, offsets: list[tuple[int, int]], path: P
 
 
 def check_output_path(output: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
-    """The absolute output path; OutputError if it cannot be written or would clobber an input."""
+    """The absolute output path; OutputError if it cannot be written or would clobber an input,
+    or if it exists and is not a regular file: a device, FIFO or socket would be replaced by
+    the rename that ends the writing (``-o /dev/null`` as root made /dev/null a file)."""
     output = Path(output).resolve()
+    try:
+        most = os.pathconf(output.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        most = 255
+    if len(os.fsencode(output.name)) > most:  # before the stat calls, which it would fail
+        raise OutputError(f"file name is too long ({len(os.fsencode(output.name))} bytes; the "
+                          f"file system takes at most {most})", output)
     for given in inputs:
         if Path(given).resolve() == output:
             raise OutputError("output path is the same as an input; refusing to overwrite it",
                               output)
     if output.is_dir():
         raise OutputError("output path is a folder", output)
+    kind = _special_file(output)
+    if kind is not None:
+        raise OutputError(f"output path is {kind}, not a regular file; refusing to replace "
+                          "it (give a file name)", output)
     parent = output.parent
     if not parent.is_dir():
         raise OutputError("output folder does not exist", parent)
@@ -161,10 +170,46 @@ def check_output_path(output: str | Path, inputs: Sequence[str | Path] = ()) -> 
     return output
 
 
-def _remove_dead_partials(paths: Iterator[Path]) -> None:
-    """Delete partial outputs left by killed runs (their PID is in the name and is gone)."""
-    for path in paths:
-        pid = path.name.rsplit(".partial-", 1)[-1].split(".")[0]
+def replace_output(partial: Path, output: Path) -> None:
+    """Rename the finished ``partial`` over ``output``, unless ``output`` has become a device,
+    FIFO or socket since ``check_output_path``: it is never replaced."""
+    kind = _special_file(output)
+    if kind is not None:
+        raise OutputError(f"output path is {kind}, not a regular file; refusing to replace "
+                          "it (give a file name)", output)
+    os.replace(partial, output)
+
+
+def _special_file(path: Path) -> str | None:
+    """What ``path`` is when it exists and is neither a regular file nor a folder."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None  # not there (or not reachable: the folder checks say why)
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), None)
+
+
+# Partial outputs: a short hidden name of fixed length beside the output (the output's own
+# name plus a suffix could pass the file system's 255 bytes), with this machine and process.
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+_PARTIAL_PREFIX = f".dubtool-{_HOST}-"
+
+
+def partial_path(output: Path) -> Path:
+    """A temporary name for ``output`` while it is written: in the same folder (so that the
+    rename that ends the writing is atomic), hidden, short whatever the output's name, with
+    this process's id (``_remove_dead_partials``) and the output's extension."""
+    return output.with_name(f"{_PARTIAL_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.partial"
+                            f"{output.suffix[:16]}")
+
+
+def _remove_dead_partials(folder: Path) -> None:
+    """Delete the partial outputs that processes of this machine left in ``folder`` when they
+    were killed (the process in the name is gone)."""
+    for path in folder.glob(f"{_PARTIAL_PREFIX}*.partial*"):
+        pid = path.name[len(_PARTIAL_PREFIX):].split("-", 1)[0]
         if not pid.isdigit():
             continue
         try:
@@ -175,8 +220,44 @@ def _remove_dead_partials(paths: Iterator[Path]) -> None:
             pass  # alive, someone else's
 
 
+def _h264(crf: int, preset: str) -> list[str]:
+    return ["-c:v", "libx264", "-preset", preset, "-crf", str(crf)]
+
+
+def _vp9(crf: int, preset: str) -> list[str]:
+    # libvpx's realtime mode at its fastest: a few times the frame rate of its good mode, for a
+    # file a little larger; constant quality (-b:v 0), H.264's CRF 18 taken as VP9's 24.
+    return ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-row-mt", "1",
+            "-crf", str(min(63, crf + 6)), "-b:v", "0"]
+
+
+# The containers an output may be, by extension: ffmpeg's muxer, the video encoder's options
+# and the audio's. WebM holds only VP8/VP9/AV1 and Vorbis/Opus.
+CONTAINERS = {
+    ".mp4": ("mp4", _h264, ["-c:a", "aac", "-b:a", "160k"]),
+    ".m4v": ("mp4", _h264, ["-c:a", "aac", "-b:a", "160k"]),
+    ".mov": ("mov", _h264, ["-c:a", "aac", "-b:a", "160k"]),
+    ".mkv": ("matroska", _h264, ["-c:a", "aac", "-b:a", "160k"]),
+    ".webm": ("webm", _vp9, ["-c:a", "libopus", "-b:a", "128k"]),
+}
+DEFAULT_CONTAINER = ".mp4"  # an output without an extension
+
+
+def check_video_output(output: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
+    """``check_output_path`` for a video, whose extension must be one of ``CONTAINERS``'s
+    (or none: MP4): OutputError naming the supported ones otherwise, before any work."""
+    output = check_output_path(output, inputs)
+    suffix = output.suffix.lower()
+    if suffix and suffix not in CONTAINERS:
+        raise OutputError(f"cannot write a {output.suffix} video: the output's extension "
+                          f"must be one of {', '.join(CONTAINERS)}", output)
+    return output
+
+
 class VideoWriter:
-    """Encode RGB frames to H.264 (yuv420p) at a given rate, muxed with an optional audio track.
+    """Encode RGB frames (yuv420p) at a given rate, muxed with an optional audio track, in the
+    container the output's extension names (``CONTAINERS``): H.264 and AAC in MP4, MOV and
+    Matroska, VP9 and Opus in WebM.
 
     The video is written under a temporary name beside the output and renamed only when ffmpeg
     finished without error, so the output path never holds a half-written file.
@@ -189,12 +270,16 @@ class VideoWriter:
                  audio: str | Path | None = None, crf: int = 18, preset: str = "veryfast",
                  audio_seconds: float | None = None) -> None:
         """``audio_seconds``: keep only the audio's first seconds (the speech cut to a shorter
-        video); None keeps it all."""
+        video); None keeps it all. ``crf`` and ``preset``: H.264's (VP9 takes ``crf`` + 6)."""
         self.output = Path(output)
         self.width, self.height = width, height
-        suffix = self.output.suffix or ".mp4"
-        self.partial = self.output.with_name(f".{self.output.stem}.partial-{os.getpid()}{suffix}")
-        _remove_dead_partials(self.output.parent.glob(f".{self.output.stem}.partial-*{suffix}"))
+        suffix = self.output.suffix.lower() or DEFAULT_CONTAINER
+        if suffix not in CONTAINERS:
+            raise OutputError(f"cannot write a {suffix} video: the output's extension must "
+                              f"be one of {', '.join(CONTAINERS)}", self.output)
+        muxer, video_codec, audio_codec = CONTAINERS[suffix]
+        self.partial = partial_path(self.output)
+        _remove_dead_partials(self.output.parent)
         cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y",
                "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
                "-r", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0"]
@@ -202,16 +287,16 @@ class VideoWriter:
             if audio_seconds is not None:
                 cmd += ["-t", f"{audio_seconds:.6f}"]  # an input option: cuts the audio alone
             cmd += ["-i", str(Path(audio).resolve()), "-map", "0:v:0", "-map", "1:a:0?",
-                    "-c:a", "aac", "-b:a", "160k"]
+                    *audio_codec]
         # yuv420p needs even sides: pad odd sizes by one pixel rather than rescaling.
-        cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-preset", preset,
-                "-crf", str(crf), "-pix_fmt", "yuv420p", "-movflags", "+faststart"]
-        if self.output.suffix.lower() not in (".mp4", ".mov", ".mkv", ".m4v"):
-            cmd += ["-f", "mp4"]
-        cmd.append(str(self.partial))
+        cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", *video_codec(crf, preset),
+                "-pix_fmt", "yuv420p"]
+        if muxer in ("mp4", "mov"):
+            cmd += ["-movflags", "+faststart"]
+        cmd += ["-f", muxer, str(self.partial)]
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
-        self._proc = _popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=self._log)
+        self._proc = start_tool(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=self._log)
         self.frames_written = 0
 
     def write(self, frame: np.ndarray) -> None:
@@ -247,7 +332,7 @@ class VideoWriter:
                 self._proc.stdin.close()
             if self._proc.wait() != 0 or self.frames_written == 0:
                 raise self._failure()
-            os.replace(self.partial, self.output)
+            replace_output(self.partial, self.output)
         finally:
             self._log.close()
             self.partial.unlink(missing_ok=True)

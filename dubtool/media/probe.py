@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -76,17 +78,40 @@ def check_readable(path: str | Path) -> Path:
     return path.resolve()
 
 
+# What execve says of a program that is there but cannot run: its interpreter or a library
+# missing (ENOENT), not executable (EACCES), not a program for this machine (ENOEXEC, ...).
+_CANNOT_RUN = {errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ELIBBAD, errno.EISDIR}
+
+
+def start_tool(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen(cmd, **kwargs)`` of ffmpeg or ffprobe (``cmd[0]``). MissingDependency
+    (exit 7) "not found" only when the executable is not on the PATH; when it is there but
+    cannot be run, MissingDependency saying so and why. Any other OSError (no memory, too
+    many processes) is not about the tool: it propagates as it is."""
+    try:
+        return subprocess.Popen(cmd, **kwargs)
+    except OSError as exc:
+        found = shutil.which(cmd[0])
+        if found is None and isinstance(exc, FileNotFoundError):
+            raise MissingDependency(f"{cmd[0]} not found: apt-get install ffmpeg") from exc
+        if exc.errno not in _CANNOT_RUN:
+            raise
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.ENOENT:
+            why += " (a program or library it needs is missing)"
+        raise MissingDependency(f"{cmd[0]} could not be started: {why}", found) from exc
+
+
 def run_tool(cmd: list[str], path: Path, failure: str) -> bytes:
     """Run ffmpeg or ffprobe to completion and return its stdout; on failure, InvalidMedia
     saying ``failure`` with the tool's last line of complaint."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, check=False)
-    except FileNotFoundError as exc:
-        raise MissingDependency(f"{cmd[0]} not found: apt-get install ffmpeg") from exc
+    with start_tool(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    stdin=subprocess.DEVNULL) as proc:
+        stdout, stderr = proc.communicate()
     if proc.returncode != 0:
-        lines = proc.stderr.decode(errors="replace").strip().splitlines()
+        lines = stderr.decode(errors="replace").strip().splitlines()
         raise InvalidMedia(f"{failure} ({lines[-1] if lines else cmd[0] + ' failed'})", path)
-    return proc.stdout
+    return stdout
 
 
 def ffprobe(path: Path, *extra: str) -> dict:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dubtool.errors import InvalidMedia
+from dubtool.errors import InvalidMedia, UsageError
 from dubtool.face.detect import make_detector
 from dubtool.face.indices import mouth_opening
 from dubtool.media.probe import check_readable
@@ -131,6 +131,25 @@ def pick_reference_frame(track: FaceTrack, plan: np.ndarray | None = None,
     return int(faces[np.argmin(typical)])
 
 
+def check_reference_frame(frame: int, track: FaceTrack, video: str | Path) -> None:
+    """``--reference-frame``, once the faces are tracked: within the frames the speech uses
+    (InvalidMedia), and one with a face (UsageError, as the other option errors, naming the
+    nearest frames that have one). With no face in any frame the video passes through."""
+    if not 0 <= frame < track.frames:
+        # Within the video (api.dub checked that) but past the frames this speech uses.
+        raise InvalidMedia(f"--reference-frame {frame} is outside the {track.frames} frames "
+                           "of the video that the speech uses", video)
+    faces = np.nonzero(track.detected)[0]
+    if len(faces) == 0 or track.detected[frame]:
+        return
+    before, after = faces[faces < frame], faces[faces > frame]
+    nearest = ([f"{before[-1]} (before)"] if len(before) else []) + (
+        [f"{after[0]} (after)"] if len(after) else [])
+    raise UsageError(f"--reference-frame {frame}: no face was found in frame {frame}; the "
+                     f"nearest {'frames' if len(nearest) > 1 else 'frame'} with one: "
+                     f"{' and '.join(nearest)}")
+
+
 def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_digest: str,
                    renderer: Renderer, *, loop: str = "pingpong", face: FaceChoice = "largest",
                    reference_frame: int | None = None, reconstruction_gap: float | None = None,
@@ -160,6 +179,8 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                       whole_video=reconstruction_gap is not None)
     video, track, plan = front.extracted.video, front.track, front.extracted.plan
     exclude = round(reconstruction_gap * float(video.fps)) if reconstruction_gap else 0
+    if reference_frame is not None:
+        check_reference_frame(reference_frame, track, video.path)
     completion_model, adaptation, adapt_fp = model.completion, None, None
     if adapt:
         # The speech matters only through the plan, and only when frames near it are excluded.
@@ -176,11 +197,6 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     forced = reference_frame is not None
     if reference_frame is None:
         reference_frame = pick_reference_frame(track, plan, exclude)
-    elif not 0 <= reference_frame < track.frames:
-        # Within the video (api.dub checked that) but past the frames this speech uses.
-        raise InvalidMedia(f"--reference-frame {reference_frame} is outside the "
-                           f"{track.frames} frames of the video that the speech uses",
-                           video.path)
     states, speech_fp = None, None
     if model.completion.config.speech_features == "whisper":
         speech_fp = fingerprint("speech", code_digest(speech_stage), inputs.speech_digest)

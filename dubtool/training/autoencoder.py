@@ -76,45 +76,47 @@ def train_autoencoder(config: ModelConfig, data_dir: str | Path, run_dir: str | 
     ``mixed_precision`` None: the config's."""
     processes = training_processes(device, mixed_precision or config.training.mixed_precision,
                                    grad_accum)
-    dev = processes.device
-    train, val = load_splits(data_dir, config)
-    run = RunFolder(run_dir, config, resume, processes.main)
-    torch.manual_seed(seed)
-    model = FaceAutoencoder(config.autoencoder).to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.autoencoder_learning_rate)
-    state = (run.load({"autoencoder": model}, optimizer) if resume
-             else TrainState(0, np.random.default_rng(seed)))
-    batch = config.training.autoencoder_batch_size
+    with processes:  # the process group torn down however the training ends
+        dev = processes.device
+        train, val = load_splits(data_dir, config)
+        run = RunFolder(run_dir, config, resume, processes.main)
+        torch.manual_seed(seed)
+        model = FaceAutoencoder(config.autoencoder).to(dev)
+        optimizer = torch.optim.AdamW(model.parameters(),
+                                      lr=config.training.autoencoder_learning_rate)
+        state = (run.load({"autoencoder": model}, optimizer) if resume
+                 else TrainState(0, np.random.default_rng(seed)))
+        batch = config.training.autoencoder_batch_size
 
-    patch = config.training.autoencoder_patch
+        patch = config.training.autoencoder_patch
 
-    def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        seeds = sample_seeds(rng, batch, (processes.rank, processes.count))
-        images = autoencoder_batch(train, seeds)
-        if patch and patch < images.shape[-1]:
-            # The autoencoder is fully convolutional: training on random patches costs a
-            # fraction of full crops per step, and it still runs on full crops afterwards.
-            y, x = rng.integers(0, images.shape[-1] - patch + 1, size=2)
-            images = images[:, :, y:y + patch, x:x + patch]
-        images = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
-        return autoencoder_losses(model, images, config.training.kl_weight, generators(seeds))
+        def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
+            seeds = sample_seeds(rng, batch, (processes.rank, processes.count))
+            images = autoencoder_batch(train, seeds)
+            if patch and patch < images.shape[-1]:
+                # The autoencoder is fully convolutional: training on random patches costs a
+                # fraction of full crops per step, and it still runs on full crops afterwards.
+                y, x = rng.integers(0, images.shape[-1] - patch + 1, size=2)
+                images = images[:, :, y:y + patch, x:x + patch]
+            images = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
+            return autoencoder_losses(model, images, config.training.kl_weight, generators(seeds))
 
-    seconds, validation = optimise(
-        run, {"autoencoder": model}, optimizer, state, steps, step_losses,
-        lambda: _validate(model, val, dev, validation_batches, batch, processes),
-        processes=processes, batch=batch, grad_clip=config.training.grad_clip,
-        epoch_steps=epoch_steps, checkpoint_every=checkpoint_every, progress=progress,
-        decay_steps=decay_steps)
-    model_dir = run.folder / "model"
-    if processes.main:
-        scaling = latent_scaling(model, train, dev)
-        final = config.replace(autoencoder=dataclasses.replace(config.autoencoder,
-                                                               scaling_factor=scaling))
-        model.config = final.autoencoder
-        model.vae.register_to_config(scaling_factor=scaling)
-        save_model(model_dir, final, model)
-    processes.accelerator.wait_for_everyone()  # every process returns once the model is there
-    return TrainResult(run.folder, model_dir, state.step, seconds, validation,
-                       sum(p.numel() for p in model.parameters()), processes.count,
-                       batch * processes.count * grad_accum)
+        seconds, validation = optimise(
+            run, {"autoencoder": model}, optimizer, state, steps, step_losses,
+            lambda: _validate(model, val, dev, validation_batches, batch, processes),
+            processes=processes, batch=batch, grad_clip=config.training.grad_clip,
+            epoch_steps=epoch_steps, checkpoint_every=checkpoint_every, progress=progress,
+            decay_steps=decay_steps)
+        model_dir = run.folder / "model"
+        if processes.main:
+            scaling = latent_scaling(model, train, dev)
+            final = config.replace(autoencoder=dataclasses.replace(config.autoencoder,
+                                                                   scaling_factor=scaling))
+            model.config = final.autoencoder
+            model.vae.register_to_config(scaling_factor=scaling)
+            save_model(model_dir, final, model)
+        processes.accelerator.wait_for_everyone()  # every process returns once the model is there
+        return TrainResult(run.folder, model_dir, state.step, seconds, validation,
+                           sum(p.numel() for p in model.parameters()), processes.count,
+                           batch * processes.count * grad_accum)
 

@@ -162,54 +162,55 @@ def train_dubber(config: ModelConfig, data_dir: str | Path, autoencoder_model: s
     # Batches without motion frames leave the motion frames' encoder without a gradient.
     processes = training_processes(device, mixed_precision or config.training.mixed_precision,
                                    grad_accum, unused_parameters=True)
-    dev = processes.device
-    trained = load_model(autoencoder_model, need_dubber=False)
-    ae = trained.config.autoencoder
-    if _autoencoder_sizes(ae) != _autoencoder_sizes(config.autoencoder):
-        raise ModelError("the autoencoder was trained with other sizes than this config's",
-                         trained.folder)
-    config = config.replace(autoencoder=ae)  # keeps the measured latent scaling
-    train, val = load_splits(data_dir, config)
-    run = RunFolder(run_dir, config, resume, processes.main)
-    torch.manual_seed(seed)
-    autoencoder = trained.autoencoder.to(dev)
-    model = DubbingModel(config).to(dev)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.learning_rate)
-    state = (run.load({"dubber": model}, optimizer) if resume
-             else TrainState(0, np.random.default_rng(seed)))
-    if init is not None and not resume:
-        load_weights(model, resolve_model_folder(init) / DUBBER_FILE,
-                     new_modules=("denoiser.sketch.",))
-    if completion is not None:
-        # A pre-trained landmark completion (train_completion): the start of a new run, or a
-        # replacement for the completion module of a resumed one.
-        load_weights(model.completion, completion)
-    scheduler = make_scheduler(config.diffusion)
-    c = config.completion
+    with processes:  # the process group torn down however the training ends
+        dev = processes.device
+        trained = load_model(autoencoder_model, need_dubber=False)
+        ae = trained.config.autoencoder
+        if _autoencoder_sizes(ae) != _autoencoder_sizes(config.autoencoder):
+            raise ModelError("the autoencoder was trained with other sizes than this config's",
+                             trained.folder)
+        config = config.replace(autoencoder=ae)  # keeps the measured latent scaling
+        train, val = load_splits(data_dir, config)
+        run = RunFolder(run_dir, config, resume, processes.main)
+        torch.manual_seed(seed)
+        autoencoder = trained.autoencoder.to(dev)
+        model = DubbingModel(config).to(dev)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.learning_rate)
+        state = (run.load({"dubber": model}, optimizer) if resume
+                 else TrainState(0, np.random.default_rng(seed)))
+        if init is not None and not resume:
+            load_weights(model, resolve_model_folder(init) / DUBBER_FILE,
+                         new_modules=("denoiser.sketch.",))
+        if completion is not None:
+            # A pre-trained landmark completion (train_completion): the start of a new run, or a
+            # replacement for the completion module of a resumed one.
+            load_weights(model.completion, completion)
+        scheduler = make_scheduler(config.diffusion)
+        c = config.completion
 
-    batch_size = config.training.batch_size
+        batch_size = config.training.batch_size
 
-    def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        seeds = sample_seeds(rng, batch_size, (processes.rank, processes.count))
-        batch = dubber_batch(train, seeds, c.frames, c.references,
-                             config.denoiser.motion_frames, rng, warp=refine > 0)
-        return dubber_losses(model, autoencoder, to_tensors(batch, dev), scheduler,
-                             config.training, end2end, generators(seeds), refine)
+        def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
+            seeds = sample_seeds(rng, batch_size, (processes.rank, processes.count))
+            batch = dubber_batch(train, seeds, c.frames, c.references,
+                                 config.denoiser.motion_frames, rng, warp=refine > 0)
+            return dubber_losses(model, autoencoder, to_tensors(batch, dev), scheduler,
+                                 config.training, end2end, generators(seeds), refine)
 
-    seconds, validation = optimise(
-        run, {"dubber": model}, optimizer, state, steps, step_losses,
-        lambda: _validate(model, autoencoder, val, config, scheduler, dev, validation_batches,
-                          end2end, refine, processes),
-        processes=processes, batch=batch_size, grad_clip=config.training.grad_clip,
-        epoch_steps=epoch_steps, checkpoint_every=checkpoint_every, progress=progress,
-        decay_steps=decay_steps)
-    model_dir = run.folder / "model"
-    if processes.main:
-        save_model(model_dir, config, autoencoder, model)
-    processes.accelerator.wait_for_everyone()  # every process returns once the model is there
-    return TrainResult(run.folder, model_dir, state.step, seconds, validation,
-                       sum(p.numel() for p in model.parameters()), processes.count,
-                       batch_size * processes.count * grad_accum)
+        seconds, validation = optimise(
+            run, {"dubber": model}, optimizer, state, steps, step_losses,
+            lambda: _validate(model, autoencoder, val, config, scheduler, dev, validation_batches,
+                              end2end, refine, processes),
+            processes=processes, batch=batch_size, grad_clip=config.training.grad_clip,
+            epoch_steps=epoch_steps, checkpoint_every=checkpoint_every, progress=progress,
+            decay_steps=decay_steps)
+        model_dir = run.folder / "model"
+        if processes.main:
+            save_model(model_dir, config, autoencoder, model)
+        processes.accelerator.wait_for_everyone()  # every process returns once the model is there
+        return TrainResult(run.folder, model_dir, state.step, seconds, validation,
+                           sum(p.numel() for p in model.parameters()), processes.count,
+                           batch_size * processes.count * grad_accum)
 
 
 def _autoencoder_sizes(config: AutoencoderConfig) -> tuple:
@@ -286,61 +287,62 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
     ``train_autoencoder``."""
     processes = training_processes(device, mixed_precision or config.training.mixed_precision,
                                    grad_accum)
-    dev = processes.device
-    train, val = load_splits(data_dir, config, config.training.completion_person_exponent)
-    heldout = PreparedData(data_dir, "heldout", hearing=config.completion)
-    run = RunFolder(run_dir, config, resume, processes.main)
-    torch.manual_seed(seed)
-    completion = LandmarkCompletion(config.completion).to(dev)
-    if init is not None and not resume:
-        load_weights(completion, init)
-    optimizer = torch.optim.AdamW(completion.parameters(),
-                                  lr=config.training.completion_learning_rate)
-    state = (run.load({"completion": completion}, optimizer) if resume
-             else TrainState(0, np.random.default_rng(seed)))
-    c, batch_size = config.completion, config.training.completion_batch_size
+    with processes:  # the process group torn down however the training ends
+        dev = processes.device
+        train, val = load_splits(data_dir, config, config.training.completion_person_exponent)
+        heldout = PreparedData(data_dir, "heldout", hearing=config.completion)
+        run = RunFolder(run_dir, config, resume, processes.main)
+        torch.manual_seed(seed)
+        completion = LandmarkCompletion(config.completion).to(dev)
+        if init is not None and not resume:
+            load_weights(completion, init)
+        optimizer = torch.optim.AdamW(completion.parameters(),
+                                      lr=config.training.completion_learning_rate)
+        state = (run.load({"completion": completion}, optimizer) if resume
+                 else TrainState(0, np.random.default_rng(seed)))
+        c, batch_size = config.completion, config.training.completion_batch_size
 
-    def landmarks(data: PreparedData, seeds: list[int], rng: np.random.Generator,
-                  augment: bool) -> dict:
-        batch = dubber_batch(data, seeds, c.window, c.references, 0, rng, augment,
-                             images=False, tempo=config.training.completion_tempo)
-        return to_tensors({k: batch[k] for k in ("points", "references", "speech")}, dev)
+        def landmarks(data: PreparedData, seeds: list[int], rng: np.random.Generator,
+                      augment: bool) -> dict:
+            batch = dubber_batch(data, seeds, c.window, c.references, 0, rng, augment,
+                                 images=False, tempo=config.training.completion_tempo)
+            return to_tensors({k: batch[k] for k in ("points", "references", "speech")}, dev)
 
-    def validation_losses(k: int) -> dict[str, float]:
-        rng = np.random.default_rng([4321, k])
-        batch = landmarks(val, sample_seeds(rng, batch_size), rng, False)
-        return {name: float(v) for name, v in
-                completed_landmarks(completion, batch, config.training)[1].items()}
+        def validation_losses(k: int) -> dict[str, float]:
+            rng = np.random.default_rng([4321, k])
+            batch = landmarks(val, sample_seeds(rng, batch_size), rng, False)
+            return {name: float(v) for name, v in
+                    completed_landmarks(completion, batch, config.training)[1].items()}
 
-    def validate() -> dict[str, float]:
-        with evaluating(completion):
-            losses = share(processes, validation_batches, validation_losses)
-            out = {k: float(np.mean([v[k] for v in losses])) for k in losses[0]}
-            out.update(opening_scores(completion, val, dev, processes=processes))
-            if heldout.clips:
-                out.update({f"heldout_{k}": v for k, v in
-                            opening_scores(completion, heldout, dev, processes=processes).items()})
-        return out
+        def validate() -> dict[str, float]:
+            with evaluating(completion):
+                losses = share(processes, validation_batches, validation_losses)
+                out = {k: float(np.mean([v[k] for v in losses])) for k in losses[0]}
+                out.update(opening_scores(completion, val, dev, processes=processes))
+                if heldout.clips:
+                    scores = opening_scores(completion, heldout, dev, processes=processes)
+                    out.update({f"heldout_{k}": v for k, v in scores.items()})
+            return out
 
-    def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        seeds = sample_seeds(rng, batch_size, (processes.rank, processes.count))
-        return completed_landmarks(completion, landmarks(train, seeds, rng, True),
-                                   config.training)[1]
+        def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
+            seeds = sample_seeds(rng, batch_size, (processes.rank, processes.count))
+            return completed_landmarks(completion, landmarks(train, seeds, rng, True),
+                                       config.training)[1]
 
-    seconds, validation = optimise(
-        run, {"completion": completion}, optimizer, state, steps, step_losses, validate,
-        processes=processes, batch=batch_size, grad_clip=config.training.grad_clip,
-        epoch_steps=epoch_steps, checkpoint_every=checkpoint_every, progress=progress,
-        decay_steps=decay_steps)
-    model_dir = run.folder / "model"
-    if processes.main:
-        model_dir.mkdir(exist_ok=True)
-        config.save(model_dir / "config.json")
-        save_weights(completion, model_dir / COMPLETION_FILE)
-        if into is not None:
-            with_completion(into, model_dir / COMPLETION_FILE, config, model_dir)
-    processes.accelerator.wait_for_everyone()  # every process returns once the model is there
-    return TrainResult(run.folder, model_dir, state.step, seconds, validation,
-                       sum(p.numel() for p in completion.parameters()), processes.count,
-                       batch_size * processes.count * grad_accum)
+        seconds, validation = optimise(
+            run, {"completion": completion}, optimizer, state, steps, step_losses, validate,
+            processes=processes, batch=batch_size, grad_clip=config.training.grad_clip,
+            epoch_steps=epoch_steps, checkpoint_every=checkpoint_every, progress=progress,
+            decay_steps=decay_steps)
+        model_dir = run.folder / "model"
+        if processes.main:
+            model_dir.mkdir(exist_ok=True)
+            config.save(model_dir / "config.json")
+            save_weights(completion, model_dir / COMPLETION_FILE)
+            if into is not None:
+                with_completion(into, model_dir / COMPLETION_FILE, config, model_dir)
+        processes.accelerator.wait_for_everyone()  # every process returns once the model is there
+        return TrainResult(run.folder, model_dir, state.step, seconds, validation,
+                           sum(p.numel() for p in completion.parameters()), processes.count,
+                           batch_size * processes.count * grad_accum)
 
