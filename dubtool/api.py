@@ -182,7 +182,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     The output (default: ``<video name>.dubbed.mp4`` in the current folder) has the video's
     size and frame rate, lasts as long as the speech, and carries the speech as AAC. It is
     written under a temporary name and appears only when complete. ``model`` is a model
-    name or folder, or a model already loaded (``dubtool.nets.io.load_model``) to reuse it.
+    name or folder, or a model already loaded (``dubtool.nets.io.load_model``) to reuse it
+    (it is moved to ``device``).
     If another process is dubbing the same video with the same speech, wait up to
     ``lock_timeout`` seconds for it (then reuse its cached stages) before failing.
     ``steps``, ``eta`` (the noise DDIM adds at each step: 0 none, 1 as much as DDPM) and
@@ -219,8 +220,10 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         last = probe_video(inputs.video).frame_count - 1
         check_range("--reference-frame", reference_frame, at_least=0, at_most=last)
     dev = resolve_device(device)
+    # A model the caller loaded is moved too (in place, as torch's .to does): it may sit on
+    # another device than the one resolved here, e.g. on the CPU while "auto" picks CUDA.
     loaded = (model if isinstance(model, LoadedModel) else
-              load_model(model, completion_only=renderer == "native").to(dev))
+              load_model(model, completion_only=renderer == "native")).to(dev)
     diffusion = loaded.config.diffusion
     # DDIM cannot take more steps than the schedule the model was trained on has.
     check_range("--steps", steps, at_least=1, at_most=diffusion.train_steps)

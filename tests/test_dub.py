@@ -436,3 +436,33 @@ def test_a_chunk_generated_with_eta_does_not_depend_on_its_batch(tiny_model: Pat
     together = generator.generate([0, 1], [None, None])
     alone = generator.generate([1], [None])
     assert np.abs(together[1]["latents"] - alone[0]["latents"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("renderer", ["native", "diffusion"])
+def test_a_loaded_model_given_to_dub_is_moved_to_the_resolved_device(
+        face_clip: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        renderer: str) -> None:
+    """device="auto" may resolve to a GPU while the caller's model sits on the CPU: dub moves
+    it. "meta" plays the GPU here (a device the model is not on), and the stages, which would
+    need real weights, are stopped where they receive the model."""
+    import dubtool.devices
+    import dubtool.pipeline.run
+
+    model = load_model(tiny_model, completion_only=renderer == "native")
+    fake_gpu = torch.device("meta")
+    monkeypatch.setattr(dubtool.devices, "resolve_device", lambda device="auto": fake_gpu)
+    seen = {}
+
+    def stages(cache, inputs, loaded, digest, render, **options):
+        seen["loaded"], seen["device"] = loaded, options["device"]
+        raise KeyboardInterrupt  # stop before any network runs
+
+    monkeypatch.setattr(dubtool.pipeline.run, "run_dub_stages", stages)
+    speech = make_tone(tmp_path / "speech.wav", seconds=0.4)
+    with pytest.raises(KeyboardInterrupt):
+        api.dub(face_clip, speech, tmp_path / "out.mp4", model=model, renderer=renderer,
+                cache_dir=tmp_path / "cache")
+    assert seen["loaded"] is model and seen["device"] == fake_gpu
+    parts = [p for p in (model.autoencoder, model.dubber, model.completion) if p is not None]
+    assert len(parts) == (1 if renderer == "native" else 3)
+    assert {p.device for part in parts for p in part.parameters()} == {fake_gpu}
