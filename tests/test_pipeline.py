@@ -483,6 +483,78 @@ def test_cache_limit_evicts_least_recently_used_runs_not_in_use(tmp_path: Path) 
     assert keys() == {"big"}
 
 
+def test_eviction_never_fails_a_run(tmp_path: Path, monkeypatch) -> None:
+    """In a cache shared between users: another user's run that cannot be removed is left
+    alone (a PermissionError escaped, so a dub whose output was written exited 1); a run
+    starting on a key that is being evicted gets a fresh folder (it failed as busy, exit 8),
+    whether it arrives while the files are removed or while the evictor holds the lock."""
+    import threading
+
+    from dubtool.pipeline import cache as cache_module
+
+    def run(key: str, limit: int = 25_000) -> None:
+        with RunCache(tmp_path, key, limit_bytes=limit) as cache:
+            cache.run_stage("s", "fp", lambda f: (f / "data").write_bytes(b"x" * 10_000))
+
+    def keys() -> set[str]:
+        return {r.key for r in list_runs(tmp_path)}
+
+    theirs = tmp_path / "theirs" / "lock"
+
+    def no_access(path, *args, **kwargs):
+        if Path(path) == theirs:
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    run("theirs", limit=0)
+    monkeypatch.setattr(cache_module, "open", no_access, raising=False)
+    run("mine")
+    run("again")  # over the limit: theirs cannot go (mine does), and "again" is not failed
+    assert keys() == {"theirs", "again"}
+    monkeypatch.undo()
+
+    real_rmtree, real_rename = shutil.rmtree, os.rename
+    started = []
+
+    def rmtree(path, *args, **kwargs):  # a run starts on "a" while its files are removed
+        if Path(path).name.split(".")[0] == "a" and not started:
+            started.append("while removing")
+            run("a", limit=0)
+        real_rmtree(path, *args, **kwargs)
+
+    for key in ("a", "b", "c"):
+        run(key, limit=0)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    run("d", limit=35_000)  # evicts "theirs", "again" and "a"
+    monkeypatch.undo()
+    assert started and "a" in keys()
+    assert (tmp_path / "a" / "s" / "data").stat().st_size == 10_000
+    # A run starting on "b" while the evictor holds b's lock waits for it, not "busy".
+    errors = []
+
+    def start_b() -> None:
+        try:
+            run("b", limit=0)
+        except CacheError as exc:
+            errors.append(exc)
+
+    def rename(src, dst):
+        if Path(src) == tmp_path / "b":
+            started.append(threading.Thread(target=start_b))
+            started[-1].start()
+            started[-1].join(0.3)  # it is waiting for the lock
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    run("e", limit=35_000)  # evicts "b" and "c"
+    monkeypatch.undo()
+    assert isinstance(started[-1], threading.Thread)
+    started[-1].join(5)
+    assert not errors and "b" in keys()
+    assert (tmp_path / "b" / "s" / "data").stat().st_size == 10_000
+    assert not list(tmp_path.glob("*.evicted*"))
+
+
 def test_cache_limit_setting(monkeypatch) -> None:
     monkeypatch.delenv(LIMIT_VARIABLE, raising=False)
     assert cache_limit_bytes() == 10 * 1024**3
