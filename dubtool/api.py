@@ -434,8 +434,14 @@ def batch_items(folder: str | Path | None = None, *, speech: str | Path | None =
                 shard: tuple[int, int] = (1, 1)) -> list[BatchItem]:
     """The jobs of a batch: videos of ``folder`` paired with the speech file of the same name
     (or one ``speech`` for all), or the rows video,speech[,output] of a CSV ``manifest``
-    (paths relative to it). ``shard`` (k, n) keeps every n-th job starting at the k-th."""
+    (paths relative to it). ``shard`` (k, n) keeps every n-th job starting at the k-th.
+
+    Outputs are ``OUT_DIR/NAME.dubbed.mp4``, or ``OUT_DIR/NAME.EXT.dubbed.mp4`` for videos of
+    a folder that share a name (``a.mp4`` and ``a.mov``). Two jobs that would still write one
+    output (manifest rows) are refused (UsageError) before any work: one would be skipped or
+    overwrite the other."""
     import csv
+    from collections import Counter
 
     out_dir = Path(out_dir)
     items: list[BatchItem] = []
@@ -456,14 +462,25 @@ def batch_items(folder: str | Path | None = None, *, speech: str | Path | None =
             raise InputNotFound("not a folder", folder or "")
         files = sorted(p for p in Path(folder).iterdir() if p.is_file())
         voices = {p.stem: p for p in files if p.suffix.lower() in AUDIO_SUFFIXES}
-        for video in (p for p in files if p.suffix.lower() in VIDEO_SUFFIXES):
+        videos = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
+        stems = Counter(video.stem for video in videos)
+        for video in videos:
             voice = Path(speech) if speech is not None else voices.get(video.stem)
             if voice is None:
                 continue
-            items.append(BatchItem(video, voice, out_dir / f"{video.stem}.dubbed.mp4"))
+            name = video.stem if stems[video.stem] == 1 else video.name
+            items.append(BatchItem(video, voice, out_dir / f"{name}.dubbed.mp4"))
     k, n = shard
     if not 1 <= k <= n:
         raise ValueError(f"shard {k}/{n}: K must be between 1 and N")
+    # Over all the jobs, not this shard's: every machine of a split batch refuses alike.
+    writers: dict[Path, BatchItem] = {}
+    for item in items:
+        first = writers.setdefault(item.output.resolve(), item)
+        if first is not item:
+            raise UsageError(f"{first.video} ({first.speech.name}) and {item.video} "
+                             f"({item.speech.name}) would both be written to {item.output}; "
+                             "give each job its own output", manifest or folder)
     return items[k - 1::n]
 
 
@@ -526,9 +543,11 @@ class _BatchWorker:
             item.output.parent.mkdir(parents=True, exist_ok=True)
             # Two jobs with the same inputs share a cache entry: the second waits for the first.
             with disk_full_reported(item.output):
+                # ``force`` redoes the output, not the stages: those cached for these inputs
+                # and options are what a recomputation would give again.
                 result = dub(item.video, item.speech, item.output, model=self.loaded,
-                             device=self.device, force=self.force,
-                             lock_timeout=BATCH_LOCK_TIMEOUT, **self.dub_options)
+                             device=self.device, lock_timeout=BATCH_LOCK_TIMEOUT,
+                             **self.dub_options)
             return BatchOutcome(item, "done", time.perf_counter() - start,
                                 NOTHING_DUBBED if result.dubbed_frames == 0 else "")
         except Exception as exc:  # bad input, a bug, out of memory: only this item stops

@@ -299,6 +299,50 @@ def test_batch_manifest_and_shards(tmp_path: Path) -> None:
     assert [i.video.name for i in api.batch_items(manifest=manifest, shard=(2, 2))] == ["b.mp4"]
 
 
+def test_batch_videos_of_one_name_get_their_own_outputs(tmp_path: Path) -> None:
+    """a.mp4 and a.mov in one folder wrote one output (the second skipped or overwriting
+    it); manifest rows that would write one output are refused before any work."""
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    for name in ("a.mp4", "a.mov", "b.mp4", "a.wav", "b.wav"):
+        (jobs / name).write_bytes(b"media")
+    items = api.batch_items(jobs, out_dir=tmp_path / "o")
+    assert [(i.video.name, i.speech.name, i.output.name) for i in items] == [
+        ("a.mov", "a.wav", "a.mov.dubbed.mp4"), ("a.mp4", "a.wav", "a.mp4.dubbed.mp4"),
+        ("b.mp4", "b.wav", "b.dubbed.mp4")]
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text("jobs/b.mp4,jobs/a.wav,\njobs/b.mp4,jobs/b.wav,\n")
+    for shard in ((1, 2), (2, 2)):  # every machine of a split batch refuses alike
+        with pytest.raises(api.UsageError, match=r"b.mp4 \(a.wav\) and .*b.mp4 \(b.wav\) "
+                           r"would both be written to .*b.dubbed.mp4") as info:
+            api.batch_items(manifest=manifest, out_dir=tmp_path / "o", shard=shard)
+        assert info.value.exit_code == 2 and str(manifest) in str(info.value)
+
+
+def test_batch_force_redoes_the_outputs_from_the_cached_stages(face_clip: Path, tiny_model: Path,
+                                                               tmp_path: Path) -> None:
+    """--force redoes an output that exists, as its help says, and keeps every stage cached
+    for it (it recomputed them all)."""
+    import json
+
+    video = tmp_path / "anna.mp4"
+    ffmpeg("-i", str(face_clip), "-t", "0.4", "-c:v", "libx264", "-an", str(video))
+    item = api.BatchItem(video, make_tone(tmp_path / "anna.wav", seconds=0.4),
+                         tmp_path / "out" / "anna.mp4")
+    cache = tmp_path / "cache"
+
+    def finished() -> dict[str, float]:
+        (manifest,) = cache.glob("*/manifest.json")
+        return {k: v["finished"] for k, v in json.loads(manifest.read_text())["stages"].items()}
+
+    options = {"model": tiny_model, "device": "cpu", "cache_dir": cache, "adapt": False}
+    assert [o.status for o in api.batch([item], **options)] == ["done"]
+    first, made = finished(), item.output.stat().st_mtime_ns
+    assert [o.status for o in api.batch([item], **options)] == ["skipped"]
+    assert [o.status for o in api.batch([item], force=True, **options)] == ["done"]
+    assert item.output.stat().st_mtime_ns > made and finished() == first
+
+
 def test_eval_runs_the_reconstruction_protocol(face_clip: Path, tiny_model: Path,
                                                tmp_path: Path) -> None:
     report = tmp_path / "report.md"
