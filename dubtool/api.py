@@ -652,13 +652,14 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
 
 def _first_seconds(clip: Path, seconds: float, folder: Path) -> Path:
     """The clip's first ``seconds`` (its speech for the dub), re-encoded nearly losslessly."""
-    from dubtool.media.probe import check_readable, run_tool
+    from dubtool.media.probe import check_readable, probe_video, run_tool
 
     clip = check_readable(clip)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{clip.stem}.first{seconds:g}s.mp4"
+    stream = probe_video(clip).stream  # not 0:v:0, which may be cover art
     run_tool(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(clip), "-t", f"{seconds}",
-              "-map", "0:v:0", "-map", "0:a:0", "-c:v", "libx264", "-crf", "10", "-preset",
+              "-map", f"0:{stream}", "-map", "0:a:0", "-c:v", "libx264", "-crf", "10", "-preset",
               "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "192k", str(out)],
              clip, "could not be cut")
     return out
