@@ -724,5 +724,7 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
     bench_report = BenchReport(str(clip), result.frames, result.seconds_of_video,
                                ffmpeg_floor(clip), process, peak_rss_mb(), runs, settings)
     if report is not None:
-        Path(report).write_text(json.dumps(bench_report.to_json(), indent=1))
+        from dubtool.pipeline.cache import write_json_atomic
+
+        write_json_atomic(Path(report), bench_report.to_json(), sort_keys=False)
     return bench_report

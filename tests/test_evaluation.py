@@ -121,6 +121,29 @@ def _clip(name: str, lmd: float) -> ClipEvaluation:
     return ClipEvaluation(name, 10, 3, 25.0, values, np.zeros((32, 64, 3), np.uint8), series)
 
 
+def test_reports_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    """A full disk while an eval rewrites its report leaves the earlier report as it was (it
+    was written in place: truncated, half-written) and no scratch file."""
+    import errno
+    import os
+
+    clips = [_clip("a.mp4", 0.1), _clip("b.mp4", 0.3)]
+    for name in ("r.json", "r.md"):
+        path = tmp_path / name
+        write_report(path, clips[:1], summarise(clips[:1]), {"steps": 5})
+        before = path.read_bytes()
+
+        def full(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fsync", full)
+            with pytest.raises(OSError, match="No space left"):
+                write_report(path, clips, summarise(clips), {"steps": 6})
+        assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
+
+
 def test_summary_and_reports(tmp_path: Path) -> None:
     clips = [_clip("a.mp4", 0.1), _clip("b.mp4", 0.3)]
     summary = summarise(clips)

@@ -557,3 +557,28 @@ def test_merge_run_again_or_after_an_interruption_keeps_every_clip(
     with pytest.raises(InputNotFound, match="p3__clip"):
         api.merge_shards(parts, tmp_path / "lost" / "data")
     assert len(_clips_in(parts[0]) | _clips_in(parts[1])) == 3
+
+
+def test_dataset_json_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    """A full disk while merge or prepare rewrites dataset.json leaves the earlier one as it
+    was (it was written in place) and no scratch file."""
+    import errno
+    import os
+
+    from dubtool.training.dataset import ClipReport, write_dataset
+
+    def reports(count: int) -> list[ClipReport]:
+        return [ClipReport(f"c{i}", f"p{i}", 50, 50, "train") for i in range(count)]
+
+    write_dataset(tmp_path, reports(3), 32, "videos", 0.34)
+    before = (tmp_path / "dataset.json").read_bytes()
+    assert json.loads(before)["crop_size"] == 32
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_dataset(tmp_path, reports(5), 32, "videos", 0.34)
+    assert (tmp_path / "dataset.json").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]

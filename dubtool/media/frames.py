@@ -243,6 +243,10 @@ class VideoWriter:
             if exc_type is not None:
                 self._proc.kill()
                 self._proc.wait()
+                # Its pipe too (a file descriptor per failed write otherwise), and what it wrote.
+                with contextlib.suppress(OSError):
+                    self._proc.stdin.close()
+                self.partial.unlink(missing_ok=True)
                 return
             with contextlib.suppress(BrokenPipeError):
                 self._proc.stdin.close()

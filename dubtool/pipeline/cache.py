@@ -112,13 +112,22 @@ def code_digest(module: ModuleType) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, data: object) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: into a temporary file beside it,
+    renamed over it once on disk (a full disk or Ctrl-C leaves the old file, and no scratch)."""
     tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: object, indent: int = 1, sort_keys: bool = True) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys))
 
 
 @dataclass(frozen=True)

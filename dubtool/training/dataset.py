@@ -199,10 +199,10 @@ def write_dataset(output: Path, reports: list[ClipReport], crop_size: int, sourc
     assign_splits(reports, validation_fraction)
     split = {name: [r.clip for r in reports if r.status == name]
              for name in ("train", "val", "heldout")}
-    (output / DATASET_FILE).write_text(json.dumps({
+    write_json_atomic(output / DATASET_FILE, {
         "crop_size": crop_size, "source": str(source), "split": split,
         "people": {r.clip: r.person for r in reports if r.status in split},
-    }, indent=1))
+    }, sort_keys=False)
     return reports
 
 
