@@ -239,6 +239,40 @@ def test_a_reference_frame_past_a_shorter_dub_is_read_from_the_clip(
     assert result.metrics["static"]["lmd"] > 0
 
 
+@pytest.mark.slow
+def test_eval_memory_does_not_grow_with_the_clips_frames(face_clip: Path,
+                                                        tmp_path: Path) -> None:
+    """evaluate_clip reads the clip, the dub and the static mouth a frame at a time: Python's
+    allocations grow by a few KB a frame (points, scores), not by the frames (196 KB each
+    here; it held the clip, the dub and two copies of the static mouth whole)."""
+    import tracemalloc
+
+    from conftest import ffmpeg
+
+    from dubtool.evaluation.evaluate import evaluate_clip
+    from dubtool.pipeline.run import Inputs, run_front
+
+    clips = []
+    for frames in (3, 10, 30):  # the first call loads what it imports
+        clips.append(tmp_path / f"first{frames}.mp4")
+        ffmpeg("-i", str(face_clip), "-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt",
+               "yuv420p", "-c:a", "copy", str(clips[-1]))
+    peaks = []
+    for clip in clips:
+        inputs = Inputs.of(clip, clip)
+        with inputs.open_cache(tmp_path / "cache") as cache:
+            track = run_front(cache, inputs, loop="cut").track
+        tracemalloc.start()
+        result = evaluate_clip(clip, clip, track, reference_frame=0)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert result.metrics["original"]["lmd"] == 0.0
+    assert result.frames == 30 and result.metrics["model"]["psnr"] == math.inf
+    # Measured: 2 KB a frame (before: 980 KB).
+    assert (peaks[2] - peaks[1]) / 20 < 20_000, peaks
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", *sorted(c.name for c in clips)]
+
+
 def test_the_still_mouth_follows_the_head() -> None:
     from dubtool.evaluation.evaluate import still_mouth_points
     from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE
