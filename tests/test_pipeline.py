@@ -192,19 +192,42 @@ def test_code_digest_follows_the_code_a_module_uses(tmp_path: Path, monkeypatch)
 
 
 def test_a_stage_whose_code_changed_is_recomputed(face_clip: Path, cache_dir: Path,
-                                                  monkeypatch) -> None:
-    from dubtool.pipeline import extract as extract_stage
-    from dubtool.pipeline import run
-
+                                                  tmp_path: Path) -> None:
+    """Real edits of a copy of the package, run in a child process on the same cache: a
+    comment changes no fingerprint; a statement added to extract.py recomputes extract, and
+    only it (landmarks does not use that module)."""
     inputs = Inputs.of(face_clip)
     with inputs.open_cache(cache_dir) as cache:
         run_front(cache, inputs)
-    real = run.code_digest
-    monkeypatch.setattr(run, "code_digest",
-                        lambda module: "edited" if module is extract_stage else real(module))
-    with inputs.open_cache(cache_dir) as cache:
-        run_front(cache, inputs)
-    assert _statuses(cache) == {"extract": "ran", "landmarks": "cached"}
+    copy = tmp_path / "src" / "dubtool"
+    shutil.copytree(Path(run_front.__code__.co_filename).parents[1], copy,
+                    ignore=shutil.ignore_patterns("__pycache__", "models"))
+    script = textwrap.dedent("""
+        import json, sys
+        import dubtool
+        from dubtool.pipeline.run import Inputs, run_front
+        inputs = Inputs.of(sys.argv[1])
+        with inputs.open_cache(sys.argv[2]) as cache:
+            run_front(cache, inputs)
+        print(dubtool.__file__)
+        print(json.dumps({r.stage: r.status for r in cache.records}))
+    """)
+
+    def statuses_after(edit: str) -> dict[str, str]:
+        extract = copy / "pipeline" / "extract.py"
+        extract.write_text(extract.read_text() + edit)
+        proc = subprocess.run([sys.executable, "-c", script, str(face_clip), str(cache_dir)],
+                              capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(copy.parent)})
+        assert proc.returncode == 0, proc.stderr
+        package, statuses = proc.stdout.strip().splitlines()[-2:]
+        assert Path(package).parent == copy  # the edited copy ran
+        return json.loads(statuses)
+
+    assert statuses_after("\n# a comment, and layout\n\n") == {"extract": "cached",
+                                                                 "landmarks": "cached"}
+    assert statuses_after("\n_EDITED_BY_A_TEST = 1\n") == {"extract": "ran",
+                                                            "landmarks": "cached"}
 
 
 def test_interrupted_stage_leaves_no_half_result(tmp_path: Path) -> None:
