@@ -406,15 +406,44 @@ def test_bench_reports_cold_and_warm_runs(face_clip: Path, tiny_model: Path,
     assert data["process_real_time_factor"] == pytest.approx(result.process_seconds / 2.0)
 
 
-def test_bench_calls_the_api_not_the_other_way_round() -> None:
+def _imports_api(source: str, package: str) -> list[str]:
+    """The statements of ``source`` (a module of ``package``) that import dubtool.api: plain
+    ``import``, ``from`` (relative ones resolved) and ``importlib.import_module`` calls."""
     import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level \
+                else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            names = [str(node.args[0].value)]
+        else:
+            continue
+        if any(n == "dubtool.api" or n.startswith("dubtool.api.") for n in names):
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_bench_calls_the_api_not_the_other_way_round() -> None:
     import inspect
 
     from dubtool.evaluation import bench
 
-    imports = [(node.module, alias.name) for node in ast.walk(ast.parse(inspect.getsource(bench)))
-               if isinstance(node, ast.ImportFrom) for alias in node.names]
-    assert not [i for i in imports if i[0] == "dubtool.api" or i == ("dubtool", "api")]
+    assert _imports_api(inspect.getsource(bench), "dubtool.evaluation") == []
+    # Each way of importing it is seen (the check looked at ``from`` imports alone).
+    for line in ("import dubtool.api", "import dubtool.api as a", "from dubtool import api",
+                 "from dubtool.api import dub", "from .. import api", "from ..api import dub",
+                 "importlib.import_module('dubtool.api')"):
+        assert _imports_api(f"def f():\n    {line}\n", "dubtool.evaluation") != [], line
+    for line in ("import dubtool", "from dubtool import options", "from . import metrics",
+                 "import dubtool.apis"):
+        assert _imports_api(line, "dubtool.evaluation") == [], line
 
 
 def test_sampling_defaults_come_from_the_model_config(face_clip: Path, tiny_model: Path,
