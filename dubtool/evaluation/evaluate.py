@@ -32,7 +32,7 @@ from dubtool.face.indices import (
     select_points,
 )
 from dubtool.face.warp import warp_face
-from dubtool.media.audio import load_speech, mel_spectrogram, pauses, voice_activity
+from dubtool.media.audio import decode_speech, mel_spectrogram, pauses, voice_activity
 from dubtool.media.frames import VideoWriter, read_frames
 from dubtool.media.probe import probe_video
 from dubtool.pipeline.blend import lower_face_mask
@@ -362,14 +362,19 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
                                        original, identity, id_set, tiles, side)
     finally:
         scratch.unlink(missing_ok=True)
-    samples = load_speech(speech if speech is not None else clip)
-    envelope = metrics.speech_envelope(samples, fps, frames)
+    # The speech from a file, read by blocks (ten minutes are 38 MB as float32).
+    sound = Path(dubbed).parent / f".speech.{Path(dubbed).stem}.f32"
+    try:
+        samples = decode_speech(speech if speech is not None else clip, sound)
+        envelope = metrics.speech_envelope(samples, fps, frames)
+        mel = mel_spectrogram(samples)
+    finally:
+        sound.unlink(missing_ok=True)
     original_ids = np.stack(original.ids) if original.ids else None
     results, series = {}, {}
     for name in VARIANTS:
         results[name], series[name] = variants[name].results(
             original, envelope, fps, landmarks if name == "model" else None, original_ids)
-    mel = mel_spectrogram(samples)
     series["energy"] = mel.mean(axis=0)
     series["paused"] = pauses(voice_activity(mel, info.fps, frames), info.fps, PAUSE_SECONDS)
     strip = strip_of_tiles({name: variants[name].tiles for name in VARIANTS})
