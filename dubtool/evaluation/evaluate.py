@@ -179,7 +179,7 @@ class _Variant:
             "ssim_native")}
         self.change, self.changes, self._last_mouth = 0.0, 0, None
         self.ids: list[np.ndarray] = []
-        self.tiles: list[np.ndarray] = []
+        self.tiles: dict[int, np.ndarray] = {}  # the strip's tile of its frames
 
     def add(self, i: int, frame: np.ndarray, detector: FaceMeshDetector,
             original: np.ndarray, reference: _Variant | None,
@@ -220,7 +220,7 @@ class _Variant:
             self.ids.append(identity.descriptors(frame[None], track.points[i:i + 1],
                                                  np.zeros(1, int))[0])
         if i in tiles:
-            self.tiles.append(tiles[i].crop(frame, tile_side))
+            self.tiles[i] = tiles[i].crop(frame, tile_side)
 
     def results(self, reference: _Variant, envelope: np.ndarray, fps: float,
                 landmarks: np.ndarray | None, original_ids: np.ndarray | None
@@ -340,7 +340,6 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
     variants = {name: _Variant(frames, track, faces, boxes, keep_points=name == "original")
                 for name in ("original", "model", "static")}
     original = variants["original"]
-    id_set = id_picks if identity is not None else set()
     scratch = Path(dubbed).parent / f".static.{Path(dubbed).stem}.mp4"
     make_static = StaticMouth(track, reference_frame, reference_image)
     try:
@@ -349,8 +348,8 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
             for i, (real, dub) in enumerate(zip(read_frames(info, frames),
                                                 read_frames(dub_info, frames), strict=True)):
                 writer.write(make_static(real, i))
-                original.add(i, real, on_original, real, None, identity, id_set, tiles, side)
-                variants["model"].add(i, dub, on_dub, real, original, identity, id_set,
+                original.add(i, real, on_original, real, None, identity, id_picks, tiles, side)
+                variants["model"].add(i, dub, on_dub, real, original, identity, id_picks,
                                       tiles, side)
         static_info = probe_video(scratch)
         with FaceMeshDetector() as on_static:
@@ -359,7 +358,7 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
                                                    strict=True)):
                 # (cut to the clip's size: the encoder pads odd sides)
                 variants["static"].add(i, static[:info.height, :info.width], on_static, real,
-                                       original, identity, id_set, tiles, side)
+                                       original, identity, id_picks, tiles, side)
     finally:
         scratch.unlink(missing_ok=True)
     # The speech from a file, read by blocks (ten minutes are 38 MB as float32).
@@ -377,7 +376,9 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
             original, envelope, fps, landmarks if name == "model" else None, original_ids)
     series["energy"] = mel.mean(axis=0)
     series["paused"] = pauses(voice_activity(mel, info.fps, frames), info.fps, PAUSE_SECONDS)
-    strip = strip_of_tiles({name: variants[name].tiles for name in VARIANTS})
+    # (a frame may be picked more than once: fewer scored frames than tiles)
+    strip = strip_of_tiles({name: [variants[name].tiles[i] for i in picks.tolist()]
+                            for name in VARIANTS})
     return ClipEvaluation(Path(clip).name, frames, reference_frame, fps, results, strip,
                           series, int(scored.sum()))
 
