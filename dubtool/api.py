@@ -184,7 +184,8 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     The output (default: ``<video name>.dubbed.mp4`` in the current folder) has the video's
     size and frame rate, lasts as long as the speech, and carries the speech as AAC. It is
     written under a temporary name and appears only when complete. ``model`` is a model
-    name or folder, or a model already loaded (``dubtool.nets.io.load_model``) to reuse it.
+    name or folder, or a model already loaded (``dubtool.nets.io.load_model``) to reuse it
+    (it is moved to ``device``).
     If another process is dubbing the same video with the same speech, wait up to
     ``lock_timeout`` seconds for it (then reuse its cached stages) before failing.
     ``steps``, ``eta`` (the noise DDIM adds at each step: 0 none, 1 as much as DDPM) and
@@ -221,8 +222,10 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
         last = probe_video(inputs.video).frame_count - 1
         check_range("--reference-frame", reference_frame, at_least=0, at_most=last)
     dev = resolve_device(device)
+    # A model the caller loaded is moved too (in place, as torch's .to does): it may sit on
+    # another device than the one resolved here, e.g. on the CPU while "auto" picks CUDA.
     loaded = (model if isinstance(model, LoadedModel) else
-              load_model(model, completion_only=renderer == "native").to(dev))
+              load_model(model, completion_only=renderer == "native")).to(dev)
     diffusion = loaded.config.diffusion
     # DDIM cannot take more steps than the schedule the model was trained on has.
     check_range("--steps", steps, at_least=1, at_most=diffusion.train_steps)
@@ -433,8 +436,14 @@ def batch_items(folder: str | Path | None = None, *, speech: str | Path | None =
                 shard: tuple[int, int] = (1, 1)) -> list[BatchItem]:
     """The jobs of a batch: videos of ``folder`` paired with the speech file of the same name
     (or one ``speech`` for all), or the rows video,speech[,output] of a CSV ``manifest``
-    (paths relative to it). ``shard`` (k, n) keeps every n-th job starting at the k-th."""
+    (paths relative to it). ``shard`` (k, n) keeps every n-th job starting at the k-th.
+
+    Outputs are ``OUT_DIR/NAME.dubbed.mp4``, or ``OUT_DIR/NAME.EXT.dubbed.mp4`` for videos of
+    a folder that share a name (``a.mp4`` and ``a.mov``). Two jobs that would still write one
+    output (manifest rows) are refused (UsageError) before any work: one would be skipped or
+    overwrite the other."""
     import csv
+    from collections import Counter
 
     out_dir = Path(out_dir)
     items: list[BatchItem] = []
@@ -469,14 +478,25 @@ def batch_items(folder: str | Path | None = None, *, speech: str | Path | None =
             raise InputNotFound("not a folder", folder or "")
         files = sorted(p for p in Path(folder).iterdir() if p.is_file())
         voices = {p.stem: p for p in files if p.suffix.lower() in AUDIO_SUFFIXES}
-        for video in (p for p in files if p.suffix.lower() in VIDEO_SUFFIXES):
+        videos = [p for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
+        stems = Counter(video.stem for video in videos)
+        for video in videos:
             voice = Path(speech) if speech is not None else voices.get(video.stem)
             if voice is None:
                 continue
-            items.append(BatchItem(video, voice, out_dir / f"{video.stem}.dubbed.mp4"))
+            name = video.stem if stems[video.stem] == 1 else video.name
+            items.append(BatchItem(video, voice, out_dir / f"{name}.dubbed.mp4"))
     k, n = shard
     if not 1 <= k <= n:
         raise ValueError(f"shard {k}/{n}: K must be between 1 and N")
+    # Over all the jobs, not this shard's: every machine of a split batch refuses alike.
+    writers: dict[Path, BatchItem] = {}
+    for item in items:
+        first = writers.setdefault(item.output.resolve(), item)
+        if first is not item:
+            raise UsageError(f"{first.video} ({first.speech.name}) and {item.video} "
+                             f"({item.speech.name}) would both be written to {item.output}; "
+                             "give each job its own output", manifest or folder)
     return items[k - 1::n]
 
 
@@ -539,9 +559,11 @@ class _BatchWorker:
             item.output.parent.mkdir(parents=True, exist_ok=True)
             # Two jobs with the same inputs share a cache entry: the second waits for the first.
             with disk_full_reported(item.output):
+                # ``force`` redoes the output, not the stages: those cached for these inputs
+                # and options are what a recomputation would give again.
                 result = dub(item.video, item.speech, item.output, model=self.loaded,
-                             device=self.device, force=self.force,
-                             lock_timeout=BATCH_LOCK_TIMEOUT, **self.dub_options)
+                             device=self.device, lock_timeout=BATCH_LOCK_TIMEOUT,
+                             **self.dub_options)
             return BatchOutcome(item, "done", time.perf_counter() - start,
                                 NOTHING_DUBBED if result.dubbed_frames == 0 else "")
         except Exception as exc:  # bad input, a bug, out of memory: only this item stops
@@ -652,13 +674,14 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
 
 def _first_seconds(clip: Path, seconds: float, folder: Path) -> Path:
     """The clip's first ``seconds`` (its speech for the dub), re-encoded nearly losslessly."""
-    from dubtool.media.probe import check_readable, run_tool
+    from dubtool.media.probe import check_readable, probe_video, run_tool
 
     clip = check_readable(clip)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{clip.stem}.first{seconds:g}s.mp4"
+    stream = probe_video(clip).stream  # not 0:v:0, which may be cover art
     run_tool(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(clip), "-t", f"{seconds}",
-              "-map", "0:v:0", "-map", "0:a:0", "-c:v", "libx264", "-crf", "10", "-preset",
+              "-map", f"0:{stream}", "-map", "0:a:0", "-c:v", "libx264", "-crf", "10", "-preset",
               "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "192k", str(out)],
              clip, "could not be cut")
     return out
@@ -723,5 +746,7 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
     bench_report = BenchReport(str(clip), result.frames, result.seconds_of_video,
                                ffmpeg_floor(clip), process, peak_rss_mb(), runs, settings)
     if report is not None:
-        Path(report).write_text(json.dumps(bench_report.to_json(), indent=1))
+        from dubtool.pipeline.cache import write_json_atomic
+
+        write_json_atomic(Path(report), bench_report.to_json(), sort_keys=False)
     return bench_report

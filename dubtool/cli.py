@@ -238,7 +238,8 @@ def batch_cmd(
                      "split a batch over machines.")] = "1/1",
     jobs: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
     cache_dir: CacheDir = None,
-    force: Annotated[bool, typer.Option("--force", help="Redo outputs that exist.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Redo outputs that exist (cached "
+                     "stages are reused).")] = False,
 ) -> None:
     """Dub many videos; a failure never stops the others. Exits 9 if any failed."""
     if loop not in LOOP_MODES:

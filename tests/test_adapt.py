@@ -149,3 +149,27 @@ def test_dub_adapts_once_per_video_and_says_so(tiny_model: Path, face_clip: Path
     text = " ".join(done.stdout.split())  # rich wraps lines
     assert ("lips not adapted: 2.0 s of the video's frames can be learned from, fewer than 8"
             in text)
+
+
+def test_enough_face_time_but_no_window_of_successive_faces_skips_adaptation(
+        tmp_path: Path, monkeypatch) -> None:
+    """8 s of frames with a face, but a frame without one in every window: skipped with its
+    reason (it raised ValueError from the sampler); one whole window is enough to adapt."""
+    completion = LandmarkCompletion(tiny_config().completion)
+    window = completion.config.window
+    video = probe_video(make_video(tmp_path / "talk.mp4", seconds=10.0))
+    track = _track(video.frame_count, np.random.default_rng(0))
+    track.detected[::window] = False
+    assert track.detected.sum() / 25 >= adapt_stage.ADAPT_MIN_SECONDS
+    (tmp_path / "gaps").mkdir()
+    result = adapt_stage.adapt(completion, video, track, np.arange(10), tmp_path / "gaps",
+                               tiny_config().training)
+    assert not result.adapted and f"never {window} successive" in result.reason
+    assert f"at most {window - 1}" in result.reason
+    assert not (tmp_path / "gaps" / adapt_stage.WEIGHTS_FILE).exists()
+    track.detected[window:2 * window] = True  # one run of exactly a window
+    monkeypatch.setattr(adapt_stage, "ADAPT_STEPS", 1)
+    (tmp_path / "one").mkdir()
+    result = adapt_stage.adapt(completion, video, track, np.arange(10), tmp_path / "one",
+                               tiny_config().training)
+    assert result.adapted, result.reason

@@ -327,6 +327,50 @@ def test_batch_manifest_with_a_byte_order_mark_and_malformed_rows(tmp_path: Path
         api.batch_items(manifest=manifest)
 
 
+def test_batch_videos_of_one_name_get_their_own_outputs(tmp_path: Path) -> None:
+    """a.mp4 and a.mov in one folder wrote one output (the second skipped or overwriting
+    it); manifest rows that would write one output are refused before any work."""
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    for name in ("a.mp4", "a.mov", "b.mp4", "a.wav", "b.wav"):
+        (jobs / name).write_bytes(b"media")
+    items = api.batch_items(jobs, out_dir=tmp_path / "o")
+    assert [(i.video.name, i.speech.name, i.output.name) for i in items] == [
+        ("a.mov", "a.wav", "a.mov.dubbed.mp4"), ("a.mp4", "a.wav", "a.mp4.dubbed.mp4"),
+        ("b.mp4", "b.wav", "b.dubbed.mp4")]
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text("jobs/b.mp4,jobs/a.wav,\njobs/b.mp4,jobs/b.wav,\n")
+    for shard in ((1, 2), (2, 2)):  # every machine of a split batch refuses alike
+        with pytest.raises(api.UsageError, match=r"b.mp4 \(a.wav\) and .*b.mp4 \(b.wav\) "
+                           r"would both be written to .*b.dubbed.mp4") as info:
+            api.batch_items(manifest=manifest, out_dir=tmp_path / "o", shard=shard)
+        assert info.value.exit_code == 2 and str(manifest) in str(info.value)
+
+
+def test_batch_force_redoes_the_outputs_from_the_cached_stages(face_clip: Path, tiny_model: Path,
+                                                               tmp_path: Path) -> None:
+    """--force redoes an output that exists, as its help says, and keeps every stage cached
+    for it (it recomputed them all)."""
+    import json
+
+    video = tmp_path / "anna.mp4"
+    ffmpeg("-i", str(face_clip), "-t", "0.4", "-c:v", "libx264", "-an", str(video))
+    item = api.BatchItem(video, make_tone(tmp_path / "anna.wav", seconds=0.4),
+                         tmp_path / "out" / "anna.mp4")
+    cache = tmp_path / "cache"
+
+    def finished() -> dict[str, float]:
+        (manifest,) = cache.glob("*/manifest.json")
+        return {k: v["finished"] for k, v in json.loads(manifest.read_text())["stages"].items()}
+
+    options = {"model": tiny_model, "device": "cpu", "cache_dir": cache, "adapt": False}
+    assert [o.status for o in api.batch([item], **options)] == ["done"]
+    first, made = finished(), item.output.stat().st_mtime_ns
+    assert [o.status for o in api.batch([item], **options)] == ["skipped"]
+    assert [o.status for o in api.batch([item], force=True, **options)] == ["done"]
+    assert item.output.stat().st_mtime_ns > made and finished() == first
+
+
 def test_eval_runs_the_reconstruction_protocol(face_clip: Path, tiny_model: Path,
                                                tmp_path: Path) -> None:
     report = tmp_path / "report.md"
@@ -390,15 +434,44 @@ def test_bench_reports_cold_and_warm_runs(face_clip: Path, tiny_model: Path,
     assert data["process_real_time_factor"] == pytest.approx(result.process_seconds / 2.0)
 
 
-def test_bench_calls_the_api_not_the_other_way_round() -> None:
+def _imports_api(source: str, package: str) -> list[str]:
+    """The statements of ``source`` (a module of ``package``) that import dubtool.api: plain
+    ``import``, ``from`` (relative ones resolved) and ``importlib.import_module`` calls."""
     import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level \
+                else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant)):
+            names = [str(node.args[0].value)]
+        else:
+            continue
+        if any(n == "dubtool.api" or n.startswith("dubtool.api.") for n in names):
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_bench_calls_the_api_not_the_other_way_round() -> None:
     import inspect
 
     from dubtool.evaluation import bench
 
-    imports = [(node.module, alias.name) for node in ast.walk(ast.parse(inspect.getsource(bench)))
-               if isinstance(node, ast.ImportFrom) for alias in node.names]
-    assert not [i for i in imports if i[0] == "dubtool.api" or i == ("dubtool", "api")]
+    assert _imports_api(inspect.getsource(bench), "dubtool.evaluation") == []
+    # Each way of importing it is seen (the check looked at ``from`` imports alone).
+    for line in ("import dubtool.api", "import dubtool.api as a", "from dubtool import api",
+                 "from dubtool.api import dub", "from .. import api", "from ..api import dub",
+                 "importlib.import_module('dubtool.api')"):
+        assert _imports_api(f"def f():\n    {line}\n", "dubtool.evaluation") != [], line
+    for line in ("import dubtool", "from dubtool import options", "from . import metrics",
+                 "import dubtool.apis"):
+        assert _imports_api(line, "dubtool.evaluation") == [], line
 
 
 def test_sampling_defaults_come_from_the_model_config(face_clip: Path, tiny_model: Path,
@@ -464,3 +537,33 @@ def test_a_chunk_generated_with_eta_does_not_depend_on_its_batch(tiny_model: Pat
     together = generator.generate([0, 1], [None, None])
     alone = generator.generate([1], [None])
     assert np.abs(together[1]["latents"] - alone[0]["latents"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("renderer", ["native", "diffusion"])
+def test_a_loaded_model_given_to_dub_is_moved_to_the_resolved_device(
+        face_clip: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        renderer: str) -> None:
+    """device="auto" may resolve to a GPU while the caller's model sits on the CPU: dub moves
+    it. "meta" plays the GPU here (a device the model is not on), and the stages, which would
+    need real weights, are stopped where they receive the model."""
+    import dubtool.devices
+    import dubtool.pipeline.run
+
+    model = load_model(tiny_model, completion_only=renderer == "native")
+    fake_gpu = torch.device("meta")
+    monkeypatch.setattr(dubtool.devices, "resolve_device", lambda device="auto": fake_gpu)
+    seen = {}
+
+    def stages(cache, inputs, loaded, digest, render, **options):
+        seen["loaded"], seen["device"] = loaded, options["device"]
+        raise KeyboardInterrupt  # stop before any network runs
+
+    monkeypatch.setattr(dubtool.pipeline.run, "run_dub_stages", stages)
+    speech = make_tone(tmp_path / "speech.wav", seconds=0.4)
+    with pytest.raises(KeyboardInterrupt):
+        api.dub(face_clip, speech, tmp_path / "out.mp4", model=model, renderer=renderer,
+                cache_dir=tmp_path / "cache")
+    assert seen["loaded"] is model and seen["device"] == fake_gpu
+    parts = [p for p in (model.autoencoder, model.dubber, model.completion) if p is not None]
+    assert len(parts) == (1 if renderer == "native" else 3)
+    assert {p.device for part in parts for p in part.parameters()} == {fake_gpu}

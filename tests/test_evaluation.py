@@ -121,6 +121,29 @@ def _clip(name: str, lmd: float) -> ClipEvaluation:
     return ClipEvaluation(name, 10, 3, 25.0, values, np.zeros((32, 64, 3), np.uint8), series)
 
 
+def test_reports_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    """A full disk while an eval rewrites its report leaves the earlier report as it was (it
+    was written in place: truncated, half-written) and no scratch file."""
+    import errno
+    import os
+
+    clips = [_clip("a.mp4", 0.1), _clip("b.mp4", 0.3)]
+    for name in ("r.json", "r.md"):
+        path = tmp_path / name
+        write_report(path, clips[:1], summarise(clips[:1]), {"steps": 5})
+        before = path.read_bytes()
+
+        def full(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fsync", full)
+            with pytest.raises(OSError, match="No space left"):
+                write_report(path, clips, summarise(clips), {"steps": 6})
+        assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]
+
+
 def test_summary_and_reports(tmp_path: Path) -> None:
     clips = [_clip("a.mp4", 0.1), _clip("b.mp4", 0.3)]
     summary = summarise(clips)
@@ -214,6 +237,40 @@ def test_a_reference_frame_past_a_shorter_dub_is_read_from_the_clip(
     result = evaluate_clip(face_clip, short, track, reference_frame=45)
     assert result.frames == 20 and result.reference_frame == 45
     assert result.metrics["static"]["lmd"] > 0
+
+
+@pytest.mark.slow
+def test_eval_memory_does_not_grow_with_the_clips_frames(face_clip: Path,
+                                                        tmp_path: Path) -> None:
+    """evaluate_clip reads the clip, the dub and the static mouth a frame at a time: Python's
+    allocations grow by a few KB a frame (points, scores), not by the frames (196 KB each
+    here; it held the clip, the dub and two copies of the static mouth whole)."""
+    import tracemalloc
+
+    from conftest import ffmpeg
+
+    from dubtool.evaluation.evaluate import evaluate_clip
+    from dubtool.pipeline.run import Inputs, run_front
+
+    clips = []
+    for frames in (3, 10, 30):  # the first call loads what it imports
+        clips.append(tmp_path / f"first{frames}.mp4")
+        ffmpeg("-i", str(face_clip), "-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt",
+               "yuv420p", "-c:a", "copy", str(clips[-1]))
+    peaks = []
+    for clip in clips:
+        inputs = Inputs.of(clip, clip)
+        with inputs.open_cache(tmp_path / "cache") as cache:
+            track = run_front(cache, inputs, loop="cut").track
+        tracemalloc.start()
+        result = evaluate_clip(clip, clip, track, reference_frame=0)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert result.metrics["original"]["lmd"] == 0.0
+    assert result.frames == 30 and result.metrics["model"]["psnr"] == math.inf
+    # Measured: 2 KB a frame (before: 980 KB).
+    assert (peaks[2] - peaks[1]) / 20 < 20_000, peaks
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", *sorted(c.name for c in clips)]
 
 
 def test_the_still_mouth_follows_the_head() -> None:

@@ -231,3 +231,29 @@ def test_warp_survives_coinciding_targets() -> None:
     closed[1] = closed[0]
     map_x, map_y = thin_plate_map(points, closed, 32)
     assert np.isfinite(map_x).all() and np.isfinite(map_y).all()
+
+
+def test_facemesh_that_cannot_start_gives_stderr_back(monkeypatch) -> None:
+    """FaceMesh failing in its constructor (a broken install) is a one-line MissingDependency,
+    and file descriptor 2 is stderr again: it stayed on the native logs' scratch file, so the
+    error line was never shown."""
+    import os
+
+    from mediapipe.python.solutions import face_mesh
+
+    def broken(**options: object) -> None:
+        raise RuntimeError("could not find face_landmark_with_attention.tflite")
+
+    monkeypatch.delenv("DUBTOOL_NATIVE_LOGS", raising=False)
+    monkeypatch.setattr(face_mesh, "FaceMesh", broken)
+    saved = os.dup(2)
+    before = os.fstat(2).st_ino
+    try:
+        with pytest.raises(Exception) as info, FaceMeshDetector():
+            pass
+        assert os.fstat(2).st_ino == before
+        assert isinstance(info.value, MissingDependency) and info.value.exit_code == 7
+        assert "FaceMesh could not start (could not find face_landmark" in str(info.value)
+    finally:
+        os.dup2(saved, 2)  # (for the other tests, should it fail)
+        os.close(saved)

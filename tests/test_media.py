@@ -28,7 +28,7 @@ from dubtool.media.frames import (
     read_frames,
     read_frames_in_order,
 )
-from dubtool.media.probe import ffprobe, probe_audio, probe_video
+from dubtool.media.probe import VideoInfo, ffprobe, probe_audio, probe_video
 
 # -- probe ------------------------------------------------------------------------------
 
@@ -291,11 +291,16 @@ def test_writer_refuses_a_container_it_cannot_fill(tmp_path: Path) -> None:
 
 
 def test_writer_leaves_no_file_when_interrupted(tmp_path: Path) -> None:
+    """Nor an open pipe to the killed ffmpeg (its stdin stayed open: one file descriptor lost
+    for each failed dub of a long batch)."""
     out = tmp_path / "out.mp4"
-    with pytest.raises(KeyboardInterrupt), VideoWriter(out, 16, 16, Fraction(25)) as writer:
-        writer.write(np.zeros((16, 16, 3), np.uint8))
-        raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
+    for error in (KeyboardInterrupt, RuntimeError):
+        with pytest.raises(error), VideoWriter(out, 16, 16, Fraction(25)) as writer:
+            for _ in range(30):  # past the encoder's delay: ffmpeg has begun the file
+                writer.write(np.zeros((16, 16, 3), np.uint8))
+            raise error
+        assert writer._proc.stdin.closed and writer._proc.returncode is not None
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_output_checks(tmp_path: Path) -> None:
@@ -359,3 +364,52 @@ def test_frames_in_any_order_decode_only_what_is_used_with_a_small_scratch(
     looped = np.stack([f.copy() for f in read_frames_in_order(info, frame_plan(50, 120, "loop"),
                                                              scratch)])
     assert np.array_equal(looped, decoded[frame_plan(50, 120, "loop")])  # loops: exact
+
+
+def _cover_art_first(video: Path, out: Path) -> Path:
+    """``video`` with a 32x32 cover picture that the demuxer lists as stream 0: the mp4
+    muxer writes the cover (moov/udta) after the tracks, so the udta box is moved first."""
+    import struct
+
+    cover = out.with_suffix(".png")
+    ffmpeg("-f", "lavfi", "-i", "color=red:size=32x32:d=1", "-frames:v", "1", str(cover))
+    tagged = out.with_name("tagged.mp4")
+    ffmpeg("-i", str(cover), "-i", str(video), "-map", "0", "-map", "1", "-c", "copy",
+           "-c:v:0", "mjpeg", "-disposition:v:0", "attached_pic", str(tagged))
+
+    def boxes(data: bytes) -> list[tuple[bytes, bytes]]:
+        found, i = [], 0
+        while i < len(data):
+            size, kind = struct.unpack(">I4s", data[i:i + 8])
+            found.append((kind, data[i:i + size]))
+            i += size
+        return found
+
+    parts = []
+    for kind, box in boxes(tagged.read_bytes()):
+        if kind == b"moov":  # same size: the tracks' absolute sample offsets stay right
+            children = boxes(box[8:])
+            box = box[:8] + b"".join([c for k, c in children if k in (b"mvhd", b"udta")]
+                                     + [c for k, c in children if k not in (b"mvhd", b"udta")])
+        parts.append(box)
+    out.write_bytes(b"".join(parts))
+    return out
+
+
+def test_cover_art_as_first_video_stream_is_not_what_is_decoded(tmp_path: Path) -> None:
+    """probe skips an attached picture; the decoder maps the stream probe chose, not 0:v:0
+    (which dubbed the thumbnail, repeated)."""
+    video = make_video(tmp_path / "v.mp4", seconds=1.0, size="64x48")
+    covered = _cover_art_first(video, tmp_path / "covered.mp4")
+    streams = subprocess.run(["ffprobe", "-v", "error", "-show_entries",
+                              "stream=index,codec_type:stream_disposition=attached_pic", "-of",
+                              "json", str(covered)], capture_output=True, check=True).stdout
+    assert '"attached_pic": 1' in streams.decode().split('"index": 1')[0]  # the cover is 0
+    info = probe_video(covered)
+    assert (info.stream, info.width, info.height, info.frame_count) == (1, 64, 48, 25)
+    assert VideoInfo.from_json(info.to_json()) == info
+    frames = np.stack([f.copy() for f in read_frames(info)])
+    plain = np.stack([f.copy() for f in read_frames(probe_video(video))])
+    assert frames.shape == (25, 48, 64, 3)
+    np.testing.assert_array_equal(frames, plain)
+    np.testing.assert_array_equal(next(read_frames(info, select=[7])), plain[7])

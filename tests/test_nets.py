@@ -141,12 +141,18 @@ def test_ldm_gradient_reaches_landmark_completion_only_end_to_end(models, end2en
     assert float(model.denoiser.conv_in.weight.grad.abs().sum()) > 0
 
 
-def test_l1_trains_completion_in_both_modes(models) -> None:
+@pytest.mark.parametrize("end2end", [True, False])
+def test_l1_trains_completion_in_both_modes(models, end2end) -> None:
+    """The landmark loss reaches the completion, end to end or not, and through the total
+    the training steps on."""
     config, ae, model = models
-    losses = dubber_losses(model, ae, tiny_batch(config), make_scheduler(config.diffusion),
-                           config.training, end2end=False)
-    losses["l1"].backward()
-    assert _completion_grads(model) > 0
+    for name in ("l1", "total"):
+        model.zero_grad(set_to_none=True)
+        losses = dubber_losses(model, ae, tiny_batch(config), make_scheduler(config.diffusion),
+                               config.training, end2end=end2end,
+                               generator=torch.Generator().manual_seed(0))
+        losses[name].backward()
+        assert _completion_grads(model) > 0, name
 
 
 def test_refine_objective_takes_the_warped_start_to_the_real_frame(models) -> None:
@@ -212,20 +218,60 @@ def test_ddim_same_seed_same_sample_and_upper_half_kept(models) -> None:
     assert not torch.allclose(a[:, :, 4:], known[:, :, 4:])
 
 
+def test_bf16_sampling_keeps_the_latents_and_the_ddim_update_in_float32(models) -> None:
+    """Under bf16 autocast (the dub's precision on CPUs with native bf16) only the denoiser
+    runs in bf16: the latents stay float32, as diffusers keeps them, and 50 steps from noise
+    (strength 1) stay near the float32 sample. Measured here: mean |difference| over the
+    lower half 0.35% of the sample's mean size (1.8% with the latents in bf16)."""
+    config, ae, model = models
+    config = config.replace(diffusion=DiffusionConfig(train_steps=1000))
+    model.eval()
+    torch.nn.init.normal_(model.denoiser.conv_out.weight, std=0.1)
+    batch = tiny_batch(config, batch=1)
+    frames = batch["frames"].flatten(0, 1)
+    scheduler = make_scheduler(config.diffusion)
+
+    def sample() -> torch.Tensor:
+        # As the dub does: the known latent and the conditioning made under the same autocast.
+        known = ae.encode(frames)
+        cond = model.conditioning(batch["points"], known[:1])
+        return inpaint_lower_half(model.denoiser, known, cond, scheduler, steps=50,
+                                  generator=torch.Generator().manual_seed(0), strength=1.0)
+
+    with torch.inference_mode():
+        exact = sample()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = sample()
+    assert exact.dtype == mixed.dtype == torch.float32
+    lower = (slice(None), slice(None), slice(4, None))
+    error = (mixed - exact)[lower].abs().mean() / exact[lower].abs().mean()
+    assert error < 0.007, float(error)
+
+
 def test_tiny_model_overfits_a_fixed_batch(models) -> None:
+    """A fixed batch of frames, with a new diffusion time and noise every step, as training
+    draws them: the loss on a fixed set of (time, noise) draws, held out, falls."""
     config, ae, model = models
     batch = tiny_batch(config, batch=1, motion=0)
     scheduler = make_scheduler(config.diffusion)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    history = []
+    draws = torch.Generator().manual_seed(0)
+
+    def held_out() -> float:  # the same 8 (time, noise) draws each time, none trained on
+        with torch.no_grad():
+            return sum(float(dubber_losses(
+                model, ae, batch, scheduler, config.training,
+                generator=torch.Generator().manual_seed(1000 + k))["total"])
+                for k in range(8)) / 8
+
+    before = held_out()
     for _ in range(60):
-        losses = dubber_losses(model, ae, batch, scheduler, config.training,
-                               generator=torch.Generator().manual_seed(0))
+        losses = dubber_losses(model, ae, batch, scheduler, config.training, generator=draws)
         optimizer.zero_grad()
         losses["total"].backward()
         optimizer.step()
-        history.append(losses["total"].item())
-    assert history[-1] < history[0] / 5, history[::20]
+    after = held_out()
+    assert after < before / 4, (before, after)  # measured: 15.8 -> 1.8
 
 
 def test_save_load_gives_bit_identical_outputs(models, tmp_path: Path) -> None:

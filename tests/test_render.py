@@ -164,6 +164,38 @@ def test_choosing_references_holds_a_few_megabytes_whatever_the_speech_length() 
     assert peaks[1] < 20 * 2**20
 
 
+def test_reference_frame_pick_is_the_same_with_memory_flat_in_the_plan(monkeypatch) -> None:
+    """pick_reference_frame with a gap: the same choice as counting over a faces x plan
+    matrix, without that matrix (a 10-minute clip's took tens of GB): memory grows by the
+    plan's sorted copy and a few numbers per face frame (the track's points are read
+    FRAME_CHUNK frames at a time)."""
+    from dubtool.pipeline import landmarks as landmarks_stage
+
+    rng = np.random.default_rng(3)
+    for frames, gap in ((60, 5), (200, 25), (90, 1)):
+        points = np.stack([_face(v, rng) for v in rng.uniform(0, 0.12, frames)])
+        track = _track(points)
+        track.detected[rng.random(frames) < 0.2] = False
+        plan = rng.integers(0, frames, 150)
+        faces = np.nonzero(track.detected)[0]
+        opening = mouth_opening(track.points[faces])
+        typical = np.abs(np.argsort(np.argsort(opening)) - len(faces) // 2)
+        allowed = (np.abs(plan[None] - faces[:, None]) >= gap).sum(axis=1)
+        assert pick_reference_frame(track, plan, gap) == faces[np.lexsort((typical, -allowed))[0]]
+    monkeypatch.setattr(landmarks_stage, "FRAME_CHUNK", 256)
+    peaks = []
+    for frames in (1000, 4000):
+        track = _track(np.repeat(_face(0.05, rng)[None], frames, axis=0))
+        plan = np.arange(frames)
+        tracemalloc.start()
+        pick_reference_frame(track, plan, 25)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    # Measured: 20 bytes a frame (before: the matrix, 4000 x 4000 x 16 bytes at its peak).
+    assert (peaks[1] - peaks[0]) / 3000 < 100, peaks
+    assert peaks[1] < 5 * 2**20, peaks
+
+
 def test_best_path_switches_only_when_it_pays() -> None:
     cost = np.array([[0.0, 1.0]] * 5 + [[0.03, 0.0]] * 2 + [[1.0, 0.0]] * 5)
     np.testing.assert_array_equal(best_path(cost, switch_cost=0.1), [0] * 5 + [1] * 7)

@@ -165,22 +165,28 @@ def test_speech_formats(dub, short_face: Path, tmp_path: Path, name: str, rate: 
 
 
 @pytest.mark.slow
-def test_memory_stays_flat_with_speech_length(tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("renderer", ["native", "diffusion"])
+def test_memory_stays_flat_with_speech_length(tiny_model: Path, tmp_path: Path,
+                                              renderer: str) -> None:
     """Peak RSS of a whole dub in a fresh process, a real video in ping-pong: 30 s of real
-    speech vs 5 minutes. The shipped 5 s clip at 2 fps (10 frames) keeps the long dub quick
-    while the speech and its mel grow tenfold; ping-pong turns 33 times, its ways back read
-    from the scratch file. glibc's mmap threshold is fixed: left to adapt, it lets freed
-    blocks pile up in the heap by a few MiB more in a longer run (bounded: the same 10 MiB
-    after 10 min as after 1 h, docs/robustness.md), noise that would hide a real growth.
-    1ea4833, which held the speech and its mel in memory, grew by 22 MiB here (526 to 547)."""
+    speech vs 5 minutes, with each renderer (the diffusion one: 1 step, 8 chunks a batch;
+    its chunks go to disk as they are made). The shipped 5 s clip at 2 fps (10 frames)
+    keeps the long dub quick while the speech and its mel grow tenfold; ping-pong turns 33
+    times, its ways back read from the scratch file. glibc's mmap threshold is fixed: left
+    to adapt, it lets freed blocks pile up in the heap by a few MiB more in a longer run
+    (bounded: the same 10 MiB after 10 min as after 1 h, docs/robustness.md), noise that
+    would hide a real growth. 1ea4833, which held the speech and its mel in memory, grew by
+    22 MiB here (526 to 547)."""
     video = tmp_path / "may_2fps.mp4"
     ffmpeg("-i", str(Path(dubtool.__file__).parent / "data" / "may_5s.mp4"), "-vf", "fps=2",
            str(video))
     once = tmp_path / "speech.wav"
     ffmpeg("-i", str(DATA / "demo_speech.m4a"), str(once))  # a wav loops without gaps
+    options = ("renderer='diffusion', steps=1, batch_size=8" if renderer == "diffusion"
+               else "renderer='native'")
     script = ("import resource, sys; from dubtool import api; "
               "api.dub(sys.argv[1], sys.argv[2], sys.argv[3], model=sys.argv[4], "
-              "cache_dir=sys.argv[5], device='cpu', steps=1, batch_size=8); "
+              f"cache_dir=sys.argv[5], device='cpu', {options}); "
               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     peaks = {}
     for seconds in (30, 300):
@@ -193,8 +199,11 @@ def test_memory_stays_flat_with_speech_length(tiny_model: Path, tmp_path: Path) 
                               text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
         assert proc.returncode == 0, proc.stderr
         assert probe_video(tmp_path / f"out{seconds}.mp4").frame_count == 2 * seconds
+        stages = {p.name for p in (tmp_path / f"cache{seconds}").glob("*/*")}
+        assert ("diffuse" in stages) == (renderer == "diffusion"), stages  # it ran
         peaks[seconds] = int(proc.stdout.split()[-1]) / 1024  # MiB
-    print(f"peak RSS: 30 s speech {peaks[30]:.0f} MiB, 300 s speech {peaks[300]:.0f} MiB")
+    print(f"{renderer}: peak RSS: 30 s speech {peaks[30]:.0f} MiB, 300 s speech "
+          f"{peaks[300]:.0f} MiB")
     assert peaks[300] - peaks[30] < 5
 
 

@@ -484,3 +484,101 @@ def test_cli_offsets_measures_every_training_clip(dataset: Path, tmp_path: Path)
     missing = CliRunner().invoke(app, ["offsets", "--data", str(tmp_path / "none"),
                                        "--completion", str(run.model / COMPLETION_FILE)])
     assert missing.exit_code == 3
+
+
+def _fake_shards(root: Path, people: int = 4) -> tuple[list[Path], dict[str, bytes]]:
+    """Two prepared shards written by hand (a file per clip stands for its arrays)."""
+    from dataclasses import asdict
+
+    from dubtool.training.dataset import ClipReport, shard_file
+
+    parts, contents = [root / "part1", root / "part2"], {}
+    for k, folder in enumerate(parts, start=1):
+        reports = []
+        for i in range(k - 1, people, 2):
+            name = f"p{i}__clip"
+            (folder / name).mkdir(parents=True)
+            contents[name] = f"crops of {name}".encode()
+            (folder / name / "crops.npy").write_bytes(contents[name])
+            reports.append(ClipReport(name, f"p{i}", 50, 50, "train"))
+        (folder / shard_file((k, 2))).write_text(json.dumps({
+            "crop_size": 32, "source": "videos", "shard": [k, 2],
+            "clips": [asdict(r) for r in reports]}))
+    return parts, contents
+
+
+def _clips_in(folder: Path) -> dict[str, bytes]:
+    return {p.parent.name: p.read_bytes() for p in folder.glob("*/crops.npy")}
+
+
+def test_merge_run_again_or_after_an_interruption_keeps_every_clip(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second merge (to change the split) finds the clips the first one moved and keeps
+    them; a merge interrupted at any of its renames, then run again, loses nothing."""
+    parts, contents = _fake_shards(tmp_path / "again")
+    out = tmp_path / "again" / "data"
+    api.merge_shards(parts, out, validation_fraction=0.25)
+    api.merge_shards(parts, out, validation_fraction=0.5)
+    assert _clips_in(out) == contents
+    split = json.loads((out / "dataset.json").read_text())["split"]
+    assert sorted(c for names in split.values() for c in names) == sorted(contents)
+
+    real_rename = dataset_module.os.rename
+    # 2 renames a clip into an empty output; 3 over a clip merged before from an older shard.
+    for again, stop in [(False, n) for n in range(8)] + [(True, n) for n in range(12)]:
+        root = tmp_path / f"stop{stop}{'again' if again else ''}"
+        out = root / "data"
+        if again:
+            api.merge_shards(_fake_shards(root / "old")[0], out)
+        parts, contents = _fake_shards(root)
+        for name in contents:  # prepared again: new contents, to replace the merged ones
+            contents[name] = b"new " + contents[name]
+            for part in parts:
+                if (part / name).is_dir():
+                    (part / name / "crops.npy").write_bytes(contents[name])
+        calls = []
+
+        def rename(src, dst, stop=stop, calls=calls):
+            calls.append(dst)
+            if len(calls) > stop:
+                raise KeyboardInterrupt
+            real_rename(src, dst)
+
+        monkeypatch.setattr(dataset_module.os, "rename", rename)
+        with pytest.raises(KeyboardInterrupt):
+            api.merge_shards(parts, out, validation_fraction=0.25)
+        monkeypatch.setattr(dataset_module.os, "rename", real_rename)
+        api.merge_shards(parts, out, validation_fraction=0.25)
+        assert _clips_in(out) == contents, (again, stop)
+        assert not [p for p in out.iterdir() if p.suffix in (".merging", ".replaced")]
+    # A clip in neither its shard nor the output: refused, naming it, before anything moves.
+    parts, contents = _fake_shards(tmp_path / "lost")
+    shutil.rmtree(parts[1] / "p3__clip")
+    with pytest.raises(InputNotFound, match="p3__clip"):
+        api.merge_shards(parts, tmp_path / "lost" / "data")
+    assert len(_clips_in(parts[0]) | _clips_in(parts[1])) == 3
+
+
+def test_dataset_json_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    """A full disk while merge or prepare rewrites dataset.json leaves the earlier one as it
+    was (it was written in place) and no scratch file."""
+    import errno
+    import os
+
+    from dubtool.training.dataset import ClipReport, write_dataset
+
+    def reports(count: int) -> list[ClipReport]:
+        return [ClipReport(f"c{i}", f"p{i}", 50, 50, "train") for i in range(count)]
+
+    write_dataset(tmp_path, reports(3), 32, "videos", 0.34)
+    before = (tmp_path / "dataset.json").read_bytes()
+    assert json.loads(before)["crop_size"] == 32
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_dataset(tmp_path, reports(5), 32, "videos", 0.34)
+    assert (tmp_path / "dataset.json").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]

@@ -32,7 +32,7 @@ from dubtool.face.indices import (
     select_points,
 )
 from dubtool.face.warp import warp_face
-from dubtool.media.audio import load_speech, mel_spectrogram, pauses, voice_activity
+from dubtool.media.audio import decode_speech, mel_spectrogram, pauses, voice_activity
 from dubtool.media.frames import VideoWriter, read_frames
 from dubtool.media.probe import probe_video
 from dubtool.pipeline.blend import lower_face_mask
@@ -61,6 +61,18 @@ class ClipEvaluation:
     scored_frames: int = 0  # frames far enough from every reference to be scored
 
 
+def _detect(detector: FaceMeshDetector, frame: np.ndarray, track: FaceTrack | None,
+            i: int) -> np.ndarray | None:
+    """(131, 2) the points of frame ``i``'s face: of several, the one nearest the track's."""
+    faces = [select_points(mesh)[:, :2] for mesh in detector.detect_all(frame)]
+    if not faces:
+        return None
+    if track is not None and len(faces) > 1:
+        centre = track.points[i].mean(axis=0)
+        faces.sort(key=lambda f: float(np.linalg.norm(f.mean(axis=0) - centre)))
+    return faces[0]
+
+
 def detect_points(frames: np.ndarray, track: FaceTrack | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """FaceMesh on each frame: (F, 131, 2) pixel points (NaN where none) and (F,) found. With
@@ -70,14 +82,9 @@ def detect_points(frames: np.ndarray, track: FaceTrack | None = None
     found = np.zeros(len(frames), bool)
     with FaceMeshDetector() as detector:
         for i, frame in enumerate(frames):
-            faces = [select_points(mesh)[:, :2] for mesh in detector.detect_all(frame)]
-            if not faces:
-                continue
-            if track is not None and len(faces) > 1:
-                centre = track.points[i].mean(axis=0)
-                faces.sort(key=lambda f: float(np.linalg.norm(f.mean(axis=0) - centre)))
-            points[i] = faces[0]
-            found[i] = True
+            face = _detect(detector, frame, track, i)
+            if face is not None:
+                points[i], found[i] = face, True
     return points, found
 
 
@@ -106,34 +113,34 @@ def still_mouth_points(reference: np.ndarray, frame: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def static_mouth(frames: np.ndarray, track: FaceTrack, reference_frame: int,
-                 reference_image: np.ndarray) -> np.ndarray:
-    """Every frame with the reference frame's lower face, bent to follow the frame's head pose
-    (the same thin-plate warp the dub starts from) but with the reference's still mouth: the
-    no-motion baseline."""
-    size = EVAL_CROP
-    reference_crop = track.box(reference_frame).crop(reference_image, size)
-    crop_points = track.crop_points()
-    reference_points = crop_points[reference_frame]
-    out = frames.copy()
-    for i in range(len(frames)):
-        if track.detected[i]:
-            target = still_mouth_points(reference_points, crop_points[i])
-            face = warp_face(reference_crop, reference_points, target)
-            mask = lower_face_mask([crop_points[i], target], size)
-            out[i] = track.box(i).paste(frames[i], face, mask)
-    return out
+class StaticMouth:
+    """The no-motion baseline, a frame at a time: each frame with the reference frame's lower
+    face, bent to follow the frame's head pose (the same thin-plate warp the dub starts from)
+    but with the reference's still mouth."""
+
+    def __init__(self, track: FaceTrack, reference_frame: int,
+                 reference_image: np.ndarray) -> None:
+        self.track = track
+        self.crop = track.box(reference_frame).crop(reference_image, EVAL_CROP)
+        self.points = track.crop_points(reference_frame)
+
+    def __call__(self, frame: np.ndarray, i: int) -> np.ndarray:
+        if not self.track.detected[i]:
+            return frame
+        frame_points = self.track.crop_points(i)
+        target = still_mouth_points(self.points, frame_points)
+        face = warp_face(self.crop, self.points, target)
+        mask = lower_face_mask([frame_points, target], EVAL_CROP)
+        return self.track.box(i).paste(frame, face, mask)
 
 
-def _lower_halves(frames: np.ndarray, track: FaceTrack) -> np.ndarray:
-    return np.stack([track.box(i).crop(f, EVAL_CROP)[EVAL_CROP // 2:]
-                     for i, f in enumerate(frames)])
+def _lower_half(frame: np.ndarray, track: FaceTrack, i: int) -> np.ndarray:
+    return track.box(i).crop(frame, EVAL_CROP)[EVAL_CROP // 2:]
 
 
-def _mouths(frames: np.ndarray, track: FaceTrack) -> np.ndarray:
+def _mouth(frame: np.ndarray, track: FaceTrack, i: int) -> np.ndarray:
     c = EVAL_CROP
-    return np.stack([track.box(i).crop(f, c)[c // 2 + c // 8:c - c // 8, c // 4:3 * c // 4]
-                     for i, f in enumerate(frames)])
+    return track.box(i).crop(frame, c)[c // 2 + c // 8:c - c // 8, c // 4:3 * c // 4]
 
 
 def mouth_boxes(track: FaceTrack, frames: int, width: int, height: int) -> np.ndarray:
@@ -147,22 +154,6 @@ def mouth_boxes(track: FaceTrack, frames: int, width: int, height: int) -> np.nd
     return np.stack([x0, y0, x1, y1], axis=1)
 
 
-def _native_scores(video: np.ndarray, original: np.ndarray, boxes: np.ndarray,
-                   faces: np.ndarray) -> dict[str, float]:
-    """sharpness, psnr_native, ssim_native over the frames with a face and a box of at least
-    8 x 8 pixels (NaN when there is none)."""
-    scores: dict[str, list[float]] = {"sharpness": [], "psnr_native": [], "ssim_native": []}
-    for i in np.nonzero(faces)[0]:
-        x0, y0, x1, y1 = boxes[i]
-        if x1 - x0 < 8 or y1 - y0 < 8:
-            continue
-        a, b = video[i, y0:y1, x0:x1], original[i, y0:y1, x0:x1]
-        scores["sharpness"].append(metrics.sharpness(a, b))
-        scores["psnr_native"].append(metrics.psnr(a, b))
-        scores["ssim_native"].append(metrics.ssim(a, b))
-    return {k: float(np.mean(v)) if v else math.nan for k, v in scores.items()}
-
-
 def scored_frames(frames: int, reference_frame: int, gap_frames: int) -> np.ndarray:
     """(frames,) bool: the frames at least ``gap_frames`` from the reference frame. The dub's
     references obey the same rule frame by frame and always include this reference, so no
@@ -170,71 +161,135 @@ def scored_frames(frames: int, reference_frame: int, gap_frames: int) -> np.ndar
     return np.abs(np.arange(frames) - reference_frame) >= gap_frames
 
 
-def measure(variants: dict[str, np.ndarray], original: np.ndarray, track: FaceTrack,
-            speech: np.ndarray, fps: float, landmarks: np.ndarray | None = None,
-            identity: IdentityModel | None = None,
-            series: dict[str, np.ndarray] | None = None,
-            scored: np.ndarray | None = None) -> dict[str, dict[str, float]]:
-    """Every metric for every variant (F frames each, aligned with ``original``); the
-    identity distance too when ``identity`` is given. ``landmarks`` (F, 131, 2): the
-    completion's target landmarks of the "model" variant (any frame of reference), for the
-    completion_* metrics. ``series``, when given, receives each variant's inner-lip opening
-    over time."""
-    frames = len(original)
-    envelope = metrics.speech_envelope(speech, fps, frames)
-    original_points, original_found = detect_points(original, track)
-    original_halves, original_mouths = _lower_halves(original, track), _mouths(original, track)
-    boxes = mouth_boxes(track, frames, original.shape[2], original.shape[1])
-    faces = track.detected[:frames] & (True if scored is None else scored)
-    original_ids = None
-    face_frames = np.nonzero(faces)[0]
-    if identity is not None and len(face_frames):
-        picks = face_frames[np.linspace(0, len(face_frames) - 1,
-                                        min(IDENTITY_FRAMES, len(face_frames))).astype(int)]
-        original_ids = identity.descriptors(original, track.points, picks)
-    results = {}
-    for name, video in variants.items():
-        points, found = ((original_points, original_found) if video is original
-                         else detect_points(video, track))
-        both = found & original_found & faces
-        halves = _lower_halves(video, track)
-        offset, _, confidence = metrics.sync_score(mouth_opening(points), envelope, fps)
-        opening = np.where(found & faces, inner_lip_opening(points), np.nan)
-        real_opening = np.where(original_found & faces, inner_lip_opening(original_points),
-                                np.nan)
-        if series is not None:
-            series[name] = opening
+class _Variant:
+    """One variant measured a frame at a time against the original: FaceMesh's points (kept
+    whole for the original only: a variant's distances need the original's), its openings,
+    and the image scores as running lists of one number a frame. Nothing holds its frames:
+    eval's memory does not grow with the clip's frames (it held each variant whole)."""
+
+    def __init__(self, frames: int, track: FaceTrack, faces: np.ndarray, boxes: np.ndarray,
+                 keep_points: bool = False) -> None:
+        self.track, self.faces, self.boxes = track, faces, boxes
+        self.points = np.full((frames, 131, 2), np.nan, np.float32) if keep_points else None
+        self.found = np.zeros(frames, bool)
+        self.inner = np.full(frames, np.nan, np.float32)  # inner-lip opening (nan: no face)
+        self.mouth = np.full(frames, np.nan, np.float32)  # mouth opening, for the sync score
+        self.scores: dict[str, list[float]] = {name: [] for name in (
+            "psnr", "ssim", "lmd", "lmd_lips", "lmd_jaw", "sharpness", "psnr_native",
+            "ssim_native")}
+        self.change, self.changes, self._last_mouth = 0.0, 0, None
+        self.ids: list[np.ndarray] = []
+        self.tiles: dict[int, np.ndarray] = {}  # the strip's tile of its frames
+
+    def add(self, i: int, frame: np.ndarray, detector: FaceMeshDetector,
+            original: np.ndarray, reference: _Variant | None,
+            identity: IdentityModel | None, id_picks: set[int],
+            tiles: dict[int, CropBox], tile_side: int) -> None:
+        """Frame ``i`` of this variant, beside the original's frame ``original``; ``reference``
+        is the original's _Variant (None: this is it, and ``frame`` is ``original``)."""
+        track = self.track
+        points = _detect(detector, frame, track, i)
+        if points is not None:
+            self.found[i] = True
+            if self.points is not None:
+                self.points[i] = points
+            self.inner[i] = inner_lip_opening(points[None])[0]
+            self.mouth[i] = mouth_opening(points[None])[0]
+        if self.faces[i]:
+            half, real_half = _lower_half(frame, track, i), _lower_half(original, track, i)
+            self.scores["psnr"].append(metrics.psnr(half, real_half))
+            self.scores["ssim"].append(metrics.ssim(half, real_half))
+            mouth = _mouth(frame, track, i).astype(np.float32)
+            if self._last_mouth is not None:  # between successive scored frames with a face
+                self.change += float(np.abs(mouth - self._last_mouth).sum(dtype=np.float64))
+                self.changes += mouth.size
+            self._last_mouth = mouth
+            x0, y0, x1, y1 = self.boxes[i]
+            if x1 - x0 >= 8 and y1 - y0 >= 8:
+                a, b = frame[y0:y1, x0:x1], original[y0:y1, x0:x1]
+                self.scores["sharpness"].append(metrics.sharpness(a, b))
+                self.scores["psnr_native"].append(metrics.psnr(a, b))
+                self.scores["ssim_native"].append(metrics.ssim(a, b))
+            real = self if reference is None else reference
+            if points is not None and real.found[i]:
+                for name, part in (("lmd", CONTENT_SLICE), ("lmd_lips", LIPS_SLICE),
+                                   ("lmd_jaw", JAW_SLICE)):
+                    self.scores[name].append(metrics.lmd(points[None], real.points[i:i + 1],
+                                                         part))
+        if identity is not None and i in id_picks:
+            self.ids.append(identity.descriptors(frame[None], track.points[i:i + 1],
+                                                 np.zeros(1, int))[0])
+        if i in tiles:
+            self.tiles[i] = tiles[i].crop(frame, tile_side)
+
+    def results(self, reference: _Variant, envelope: np.ndarray, fps: float,
+                landmarks: np.ndarray | None, original_ids: np.ndarray | None
+                ) -> tuple[dict[str, float], np.ndarray]:
+        """Every metric, and the inner-lip opening series (nan where not scored)."""
+        frames = len(self.found)
+        offset, _, confidence = metrics.sync_score(self.mouth, envelope, fps)
+        opening = np.where(self.found & self.faces, self.inner, np.nan)
+        real_opening = np.where(reference.found & self.faces, reference.inner, np.nan)
         completion = {"completion_opening_correlation": math.nan,
                       "completion_articulation": math.nan}
-        if name == "model" and landmarks is not None:
-            predicted = np.where(faces, inner_lip_opening(landmarks[:frames]), np.nan)
+        if landmarks is not None:
+            predicted = np.where(self.faces, inner_lip_opening(landmarks[:frames]), np.nan)
             completion = {
                 "completion_opening_correlation": metrics.opening_correlation(predicted,
                                                                               real_opening),
                 "completion_articulation": metrics.articulation(predicted, real_opening)}
-        results[name] = {
+
+        def mean(name: str) -> float:
+            values = self.scores[name]
+            return float(np.mean(values)) if values else math.nan
+
+        def change(variant: _Variant) -> float:
+            return variant.change / variant.changes if variant.changes else math.nan
+
+        results = {
             "opening_correlation": metrics.opening_correlation(opening, real_opening),
             "articulation": metrics.articulation(opening, real_opening),
             **completion,
-            "lmd_lips": (metrics.lmd(points[both], original_points[both], LIPS_SLICE)
-                         if both.any() else math.nan),
-            "lmd_jaw": (metrics.lmd(points[both], original_points[both], JAW_SLICE)
-                        if both.any() else math.nan),
-            "psnr": float(np.mean([metrics.psnr(a, b) for a, b in
-                                   zip(halves[faces], original_halves[faces], strict=True)])),
-            "ssim": float(np.mean([metrics.ssim(a, b) for a, b in
-                                   zip(halves[faces], original_halves[faces], strict=True)])),
-            "lmd": metrics.lmd(points[both], original_points[both]) if both.any() else math.nan,
-            "sync_offset": float(offset),
-            "sync_confidence": confidence,
-            "stability": metrics.stability(_mouths(video, track)[faces], original_mouths[faces]),
-            **_native_scores(video, original, boxes, faces),
+            "lmd_lips": mean("lmd_lips"), "lmd_jaw": mean("lmd_jaw"),
+            "psnr": mean("psnr"), "ssim": mean("ssim"), "lmd": mean("lmd"),
+            "sync_offset": float(offset), "sync_confidence": confidence,
+            "stability": change(self) / max(change(reference), 1e-6),
+            "sharpness": mean("sharpness"), "psnr_native": mean("psnr_native"),
+            "ssim_native": mean("ssim_native"),
         }
         if original_ids is not None:
-            ids = (original_ids if video is original
-                   else identity.descriptors(video, track.points, picks))
-            results[name]["identity"] = identity_distance(ids, original_ids)
-    return results
+            results["identity"] = identity_distance(np.stack(self.ids), original_ids)
+        return results, opening
+
+
+def strip_picks(frames: int, scored: np.ndarray | None = None, count: int = 4) -> np.ndarray:
+    """``count`` evenly spaced frames (of the scored ones, when there are any)."""
+    chosen = np.nonzero(scored)[0] if scored is not None and scored.any() else np.arange(frames)
+    return chosen[np.linspace(0, len(chosen) - 1, count).round().astype(int)]
+
+
+def strip_boxes(track: FaceTrack, picks: np.ndarray) -> tuple[list[CropBox], int]:
+    """The tiles of a strip: a square around each pick's lip/jaw points at the video's own
+    resolution, the same size in every tile."""
+    content = track.points[picks][:, CONTENT_SLICE]
+    side = int(np.ceil(1.2 * (content.max(axis=1) - content.min(axis=1)).max()))
+    side = max(side, 32)
+    boxes = []
+    for points in content:
+        cx, cy = (points.min(axis=0) + points.max(axis=0)) / 2
+        boxes.append(CropBox.from_centre(cx, cy, side))
+    return boxes, side
+
+
+def strip_of_tiles(tiles: dict[str, list[np.ndarray]]) -> np.ndarray:
+    """Rows original | model | static of their tiles, each row labelled."""
+    rows = []
+    for name in ("original", "model", "static"):
+        row = np.concatenate(tiles[name], axis=1)
+        cv2.putText(row, name, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 0), 1,
+                    cv2.LINE_AA)
+        rows.append(row)
+    return np.concatenate(rows, axis=0)
 
 
 def strip_image(variants: dict[str, np.ndarray], track: FaceTrack, count: int = 4,
@@ -242,23 +297,11 @@ def strip_image(variants: dict[str, np.ndarray], track: FaceTrack, count: int = 
     """Rows original | model | static of ``count`` evenly spaced (scored) frames: the mouth
     and jaw at the video's own resolution, not scaled (a square around the lip/jaw points,
     the same size in every tile)."""
-    frames = len(next(iter(variants.values())))
-    chosen = np.nonzero(scored)[0] if scored is not None and scored.any() else np.arange(frames)
-    picks = chosen[np.linspace(0, len(chosen) - 1, count).round().astype(int)]
-    content = track.points[picks][:, CONTENT_SLICE]
-    side = int(np.ceil(1.2 * (content.max(axis=1) - content.min(axis=1)).max()))
-    side = max(side, 32)
-    rows = []
-    for name in ("original", "model", "static"):
-        tiles = []
-        for i, points in zip(picks, content, strict=True):
-            cx, cy = (points.min(axis=0) + points.max(axis=0)) / 2
-            tiles.append(CropBox.from_centre(cx, cy, side).crop(variants[name][i], side))
-        row = np.concatenate(tiles, axis=1)
-        cv2.putText(row, name, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 0), 1,
-                    cv2.LINE_AA)
-        rows.append(row)
-    return np.concatenate(rows, axis=0)
+    picks = strip_picks(len(next(iter(variants.values()))), scored, count)
+    boxes, side = strip_boxes(track, picks)
+    return strip_of_tiles({name: [box.crop(variants[name][i], side)
+                                  for i, box in zip(picks, boxes, strict=True)]
+                           for name in ("original", "model", "static")})
 
 
 def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
@@ -269,35 +312,75 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
     loop 'cut') and the two reference variants over the dub's frames. ``track`` is the
     clip's face track, ``reference_frame`` the dub's, ``landmarks`` the dub's target
     landmarks (for the completion_* metrics). Frames within ``reference_gap`` seconds of the
-    reference frame are not scored (see ``scored_frames``)."""
+    reference frame are not scored (see ``scored_frames``).
+
+    The frames are read a frame at a time, twice: the clip beside the dub (the static mouth
+    written to an H.264 file as it goes, to be encoded like the dub), then the clip beside
+    the static mouth decoded. What is kept per frame is a few numbers and the original's
+    points, so that memory does not grow with the frames' size times their number."""
     info = probe_video(clip)
     dub_info = probe_video(dubbed)
     frames = min(info.frame_count, dub_info.frame_count)
-    original = np.stack([f.copy() for f, _ in zip(read_frames(info), range(frames),
-                                                  strict=False)])
-    generated = np.stack([f.copy() for f, _ in zip(read_frames(dub_info), range(frames),
-                                                   strict=False)])
-    if generated.shape != original.shape:
-        raise ValueError(f"{dubbed}: frames of {generated.shape[1:]} differ from the clip's "
-                         f"{original.shape[1:]}")
-    # The reference frame may lie past the frames compared: then read it from the clip again.
-    reference_image = (original[reference_frame] if reference_frame < frames else
-                       next(f.copy() for i, f in enumerate(read_frames(info))
-                            if i == reference_frame))
-    static = encoded(static_mouth(original, track, reference_frame, reference_image),
-                     float(info.fps), Path(dubbed).parent)
-    variants = {"model": generated, "original": original, "static": static}
-    samples = load_speech(speech if speech is not None else clip)
-    series: dict[str, np.ndarray] = {}
-    scored = scored_frames(frames, reference_frame, round(reference_gap * float(info.fps)))
-    results = measure(variants, original, track, samples, float(info.fps), landmarks,
-                      identity, series, scored)
-    mel = mel_spectrogram(samples)
+    if (dub_info.height, dub_info.width) != (info.height, info.width):
+        raise ValueError(f"{dubbed}: frames of {(dub_info.height, dub_info.width, 3)} differ "
+                         f"from the clip's {(info.height, info.width, 3)}")
+    reference_image = next(iter(read_frames(info, select=[reference_frame]))).copy()
+    fps = float(info.fps)
+    scored = scored_frames(frames, reference_frame, round(reference_gap * fps))
+    faces = track.detected[:frames] & scored
+    boxes = mouth_boxes(track, frames, info.width, info.height)
+    face_frames = np.nonzero(faces)[0]
+    id_picks: set[int] = set()
+    if identity is not None and len(face_frames):
+        id_picks = set(face_frames[np.linspace(0, len(face_frames) - 1, min(
+            IDENTITY_FRAMES, len(face_frames))).astype(int)].tolist())
+    picks = strip_picks(frames, scored)
+    tile_boxes, side = strip_boxes(track, picks)
+    tiles = dict(zip(picks.tolist(), tile_boxes, strict=True))
+    variants = {name: _Variant(frames, track, faces, boxes, keep_points=name == "original")
+                for name in ("original", "model", "static")}
+    original = variants["original"]
+    scratch = Path(dubbed).parent / f".static.{Path(dubbed).stem}.mp4"
+    make_static = StaticMouth(track, reference_frame, reference_image)
+    try:
+        with (VideoWriter(scratch, info.width, info.height, info.fps) as writer,
+              FaceMeshDetector() as on_original, FaceMeshDetector() as on_dub):
+            for i, (real, dub) in enumerate(zip(read_frames(info, frames),
+                                                read_frames(dub_info, frames), strict=True)):
+                writer.write(make_static(real, i))
+                original.add(i, real, on_original, real, None, identity, id_picks, tiles, side)
+                variants["model"].add(i, dub, on_dub, real, original, identity, id_picks,
+                                      tiles, side)
+        static_info = probe_video(scratch)
+        with FaceMeshDetector() as on_static:
+            for i, (real, static) in enumerate(zip(read_frames(info, frames),
+                                                   read_frames(static_info, frames),
+                                                   strict=True)):
+                # (cut to the clip's size: the encoder pads odd sides)
+                variants["static"].add(i, static[:info.height, :info.width], on_static, real,
+                                       original, identity, id_picks, tiles, side)
+    finally:
+        scratch.unlink(missing_ok=True)
+    # The speech from a file, read by blocks (ten minutes are 38 MB as float32).
+    sound = Path(dubbed).parent / f".speech.{Path(dubbed).stem}.f32"
+    try:
+        samples = decode_speech(speech if speech is not None else clip, sound)
+        envelope = metrics.speech_envelope(samples, fps, frames)
+        mel = mel_spectrogram(samples)
+    finally:
+        sound.unlink(missing_ok=True)
+    original_ids = np.stack(original.ids) if original.ids else None
+    results, series = {}, {}
+    for name in VARIANTS:
+        results[name], series[name] = variants[name].results(
+            original, envelope, fps, landmarks if name == "model" else None, original_ids)
     series["energy"] = mel.mean(axis=0)
     series["paused"] = pauses(voice_activity(mel, info.fps, frames), info.fps, PAUSE_SECONDS)
-    return ClipEvaluation(Path(clip).name, frames, reference_frame, float(info.fps), results,
-                          strip_image(variants, track, scored=scored), series,
-                          int(scored.sum()))
+    # (a frame may be picked more than once: fewer scored frames than tiles)
+    strip = strip_of_tiles({name: [variants[name].tiles[i] for i in picks.tolist()]
+                            for name in VARIANTS})
+    return ClipEvaluation(Path(clip).name, frames, reference_frame, fps, results, strip,
+                          series, int(scored.sum()))
 
 
 def summarise(clips: list[ClipEvaluation]) -> dict[str, dict[str, dict[str, float]]]:

@@ -110,14 +110,30 @@ def articulation(opening: np.ndarray, reference: np.ndarray) -> float:
     return float(a[ok].std() / b[ok].std())
 
 
+ENVELOPE_BLOCK = 2048  # columns (20 s) of the envelope's spectrogram computed at once
+
+
 def speech_envelope(samples: np.ndarray, fps: float, frames: int) -> np.ndarray:
-    """(frames,) log energy of 16 kHz speech in the voice band over each video frame's span."""
+    """(frames,) log energy of 16 kHz speech in the voice band over each video frame's span.
+
+    ``samples`` may be on disk (a DiskArray): it is read, and its spectrogram computed,
+    ENVELOPE_BLOCK columns at a time (whole, ten minutes of it took 200 MB). Column t is
+    librosa's centred frame t (zeros past both ends, as its constant padding)."""
     import librosa
 
-    hop = SAMPLE_RATE // 100
-    power = librosa.feature.melspectrogram(
-        y=samples.astype(np.float32), sr=SAMPLE_RATE, n_fft=512, hop_length=hop, n_mels=24,
-        fmin=SPEECH_BAND_HZ[0], fmax=SPEECH_BAND_HZ[1]).sum(axis=0)
+    hop, n_fft = SAMPLE_RATE // 100, 512
+    columns = 1 + len(samples) // hop
+    power = np.empty(columns, np.float32)
+    for start in range(0, columns, ENVELOPE_BLOCK):
+        stop = min(start + ENVELOPE_BLOCK, columns)
+        lo, hi = start * hop - n_fft // 2, (stop - 1) * hop + n_fft // 2
+        segment = np.zeros(hi - lo, np.float32)
+        first, last = max(lo, 0), min(hi, len(samples))
+        if last > first:
+            segment[first - lo:last - lo] = samples[first:last]
+        power[start:stop] = librosa.feature.melspectrogram(
+            y=segment, sr=SAMPLE_RATE, n_fft=n_fft, hop_length=hop, n_mels=24, center=False,
+            fmin=SPEECH_BAND_HZ[0], fmax=SPEECH_BAND_HZ[1]).sum(axis=0)
     times = np.arange(len(power)) * hop / SAMPLE_RATE
     index = np.minimum((times * fps).astype(int), frames)
     log_energy = np.bincount(index, np.log(power + 1e-6), minlength=frames + 1)[:frames]

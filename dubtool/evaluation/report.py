@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 from dubtool.evaluation.evaluate import VARIANTS, ClipEvaluation
 from dubtool.evaluation.metrics import __doc__ as DEFINITIONS
 from dubtool.media.audio import MEL_STEPS_PER_SECOND
+from dubtool.pipeline.cache import write_json_atomic, write_text_atomic
 
 LOWER_IS_BETTER = {"lmd", "lmd_lips", "lmd_jaw", "stability"}
 PER_CLIP = ("opening_correlation", "articulation", "lmd", "psnr", "sharpness")
@@ -59,10 +59,12 @@ def to_markdown(clips: list[ClipEvaluation], summary: dict, settings: dict) -> s
 
 
 def write_report(path: Path, clips: list[ClipEvaluation], summary: dict, settings: dict) -> None:
+    """The report as Markdown (``.md``) or JSON, written atomically: an earlier report stays
+    whole until the new one is."""
     if path.suffix == ".md":
-        path.write_text(to_markdown(clips, summary, settings))
+        write_text_atomic(path, to_markdown(clips, summary, settings))
     else:
-        path.write_text(json.dumps(to_json(clips, summary, settings), indent=1))
+        write_json_atomic(path, to_json(clips, summary, settings), sort_keys=False)
 
 
 def write_strips(folder: Path, clips: list[ClipEvaluation]) -> list[Path]:

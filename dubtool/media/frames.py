@@ -57,7 +57,8 @@ def read_frames(info: VideoInfo, frames: int | None = None,
     else:
         count = info.frame_count if frames is None else min(frames, info.frame_count)
     frame_bytes = info.width * info.height * 3
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", info.path, "-map", "0:v:0", *picks,
+    # The stream probe chose, by its absolute index: the first video stream may be cover art.
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", info.path, "-map", f"0:{info.stream}", *picks,
            "-fps_mode", "passthrough", "-frames:v", str(count),
            "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
     with tempfile.TemporaryFile() as log:
@@ -327,6 +328,10 @@ class VideoWriter:
             if exc_type is not None:
                 self._proc.kill()
                 self._proc.wait()
+                # Its pipe too (a file descriptor per failed write otherwise), and what it wrote.
+                with contextlib.suppress(OSError):
+                    self._proc.stdin.close()
+                self.partial.unlink(missing_ok=True)
                 return
             with contextlib.suppress(BrokenPipeError):
                 self._proc.stdin.close()

@@ -31,7 +31,8 @@ class VideoInfo:
     """A video (or still image) as the pipeline decodes it.
 
     ``width``/``height`` are the displayed size, after the rotation that ffmpeg applies on
-    decode; ``frame_count`` is the number of frames the decoder yields.
+    decode; ``frame_count`` is the number of frames the decoder yields; ``stream`` the
+    absolute index of the stream described (what decoders map: ``0:v:0`` may be cover art).
     """
 
     path: str
@@ -45,6 +46,7 @@ class VideoInfo:
     is_image: bool
     variable_frame_rate: bool
     audio: tuple[AudioInfo, ...]
+    stream: int = 0
 
     @property
     def has_audio(self) -> bool:
@@ -193,7 +195,8 @@ def probe_video(path: str | Path) -> VideoInfo:
     is_image = fmt.get("format_name", "") in _IMAGE_FORMATS
     if is_image:
         return VideoInfo(str(path), width, height, STILL_IMAGE_FPS, 1, 1 / float(STILL_IMAGE_FPS),
-                         rotation, stream.get("codec_name", "?"), True, False, audio)
+                         rotation, stream.get("codec_name", "?"), True, False, audio,
+                         int(stream.get("index", 0)))
 
     avg = _fraction(stream.get("avg_frame_rate"))
     real = _fraction(stream.get("r_frame_rate"))
@@ -212,7 +215,8 @@ def probe_video(path: str | Path) -> VideoInfo:
     if frame_count <= 0:
         raise InvalidMedia("video stream holds no frames", path)
     return VideoInfo(str(path), width, height, fps, frame_count, frame_count / float(fps),
-                     rotation, stream.get("codec_name", "?"), False, variable, audio)
+                     rotation, stream.get("codec_name", "?"), False, variable, audio,
+                     int(stream.get("index", 0)))
 
 
 def _count_frames(path: Path, stream: dict) -> int:

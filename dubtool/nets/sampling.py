@@ -79,7 +79,8 @@ def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioni
                        generator: torch.Generator | Sequence[torch.Generator] | None = None,
                        init: torch.Tensor | None = None,
                        strength: float = 1.0) -> torch.Tensor:
-    """Generate the lower half of ``known`` (B*L, C, h, w) by DDIM.
+    """Generate the lower half of ``known`` (B*L, C, h, w) by DDIM; float32, whatever the
+    type of ``known`` or the autocast the call is made in (which the denoiser runs under).
 
     Only the lower half is diffused: after every step the upper half is reset to the known
     latent, so the result's upper half equals the input's exactly. The same generator seed
@@ -95,9 +96,14 @@ def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioni
     """
     generators = ([] if generator is None else
                   [generator] if isinstance(generator, torch.Generator) else list(generator))
-    mask = lower_half_mask(known.shape[-1], known.device).to(known.dtype)
+    # The latents and the DDIM update stay in float32 whatever the autocast around (as in
+    # diffusers' pipelines): only the denoiser runs in the lower precision. In bfloat16 (8
+    # bits of mantissa) each step's update would be rounded into the latent, 50 times over.
+    known = known.float()
+    init = None if init is None else init.float()
+    mask = lower_half_mask(known.shape[-1], known.device)
     masked = known * (1 - mask)
-    noise = _noise(known.shape, generators).to(known.device, known.dtype)
+    noise = _noise(known.shape, generators).to(known.device)
     timesteps = sampling_timesteps(scheduler.config.num_train_timesteps, steps, strength)
     if strength < 1.0:
         if init is None:
@@ -108,13 +114,14 @@ def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioni
         latent = noise * mask + masked
 
     def draw_noise() -> torch.Tensor:
-        return _noise(known.shape, generators).to(known.device, latent.dtype)
+        return _noise(known.shape, generators).to(known.device)
 
     batch_mask = mask.expand(known.shape[0], -1, -1, -1)
     for i, t in enumerate(timesteps):
         times = torch.full((known.shape[0],), t, dtype=torch.long, device=known.device)
-        eps = denoiser(latent, masked, batch_mask, times, cond)
+        eps = denoiser(latent, masked, batch_mask, times, cond).float()
         prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-        latent = _ddim_step(scheduler, eps, t, prev, latent, eta, draw_noise)
-        latent = latent * mask + masked
+        with torch.autocast(known.device.type, enabled=False):
+            latent = _ddim_step(scheduler, eps, t, prev, latent, eta, draw_noise)
+            latent = latent * mask + masked
     return latent

@@ -5,8 +5,9 @@ the speech, and a speaker it trained on for 15 minutes far better. The video to 
 person's own speech in sync with their own lips: ADAPT_STEPS steps of training on windows of it
 (sampled and augmented as ``dubtool train completion`` does, with the same losses) teach the
 completion this person before it hears the new speech. Skipped, and the completion left as it
-is, when the video has no sound or fewer than ADAPT_MIN_SECONDS of frames with a face in the
-part that was tracked: a few seconds are learned by heart rather than generalised from.
+is, when the video has no sound, fewer than ADAPT_MIN_SECONDS of frames with a face in the
+part that was tracked (a few seconds are learned by heart rather than generalised from), or
+no run of successive frames with a face as long as the completion's window.
 
 In the reconstruction protocol (``exclude_frames`` > 0) no frame within that many frames of an
 output frame is learned from: the lips to be reconstructed are never seen.
@@ -69,6 +70,13 @@ def learnable_frames(track: FaceTrack, plan: np.ndarray, exclude_frames: int,
     return usable
 
 
+def longest_run(usable: np.ndarray) -> int:
+    """The most successive True values in the (F,) bool ``usable``."""
+    edges = np.diff(np.concatenate([[0], usable.astype(np.int8), [0]]))
+    starts, stops = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+    return int((stops - starts).max()) if len(starts) else 0
+
+
 def adapt(completion: LandmarkCompletion, video: VideoInfo, track: FaceTrack, plan: np.ndarray,
           folder: Path, training: TrainingConfig, *, exclude_frames: int = 0, seed: int = 0,
           device: torch.device | str = "cpu") -> Adaptation:
@@ -82,6 +90,12 @@ def adapt(completion: LandmarkCompletion, video: VideoInfo, track: FaceTrack, pl
     elif seconds < ADAPT_MIN_SECONDS:
         result.reason = (f"{seconds:.1f} s of the video's frames can be learned from, fewer "
                          f"than {ADAPT_MIN_SECONDS:g}")
+    elif longest_run(usable) < completion.config.window:
+        # Each training window is that many successive frames with a face: scattered faces
+        # (a flickering detection, cuts) give none, however many seconds they add up to.
+        result.reason = (f"{seconds:.1f} s of the video's frames can be learned from, but "
+                         f"never {completion.config.window} successive ones (at most "
+                         f"{longest_run(usable)})")
     else:
         clip = _video_clip(video, track, usable, folder, completion.config)
         result = _train(completion, clip, folder, training, seed, device)

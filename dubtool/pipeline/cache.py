@@ -41,6 +41,10 @@ _TMP_MARK = ".tmp-"
 LIMIT_VARIABLE = "DUBTOOL_CACHE_LIMIT_GB"
 DEFAULT_LIMIT_GB = 10.0  # a 5 s dub caches about 10 MB: a thousand clips fit
 GB = 1024**3
+# An eviction holds a run's lock only to unlink its manifest and rename its folder away: a run
+# starting on that key waits this long for it (whatever its lock timeout) before it is "busy".
+EVICTION_GRACE = 1.0
+_EVICTED = ".evicted"
 
 if TYPE_CHECKING:  # the chunk functions import numpy when they run: `cache list` needs none
     import numpy as np
@@ -108,13 +112,22 @@ def code_digest(module: ModuleType) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, data: object) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: into a temporary file beside it,
+    renamed over it once on disk (a full disk or Ctrl-C leaves the old file, and no scratch)."""
     tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: object, indent: int = 1, sort_keys: bool = True) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys))
 
 
 @dataclass(frozen=True)
@@ -143,12 +156,14 @@ class RunCache:
 
     # -- lifetime -------------------------------------------------------------------------
     def __enter__(self) -> RunCache:
-        deadline = time.monotonic() + self.lock_timeout
+        deadline = time.monotonic() + max(self.lock_timeout, EVICTION_GRACE)
         while True:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 self._lock_file = open(self.dir / LOCK, "a+")
             except OSError as exc:
+                if isinstance(exc, FileNotFoundError) and time.monotonic() < deadline:
+                    continue  # evicted between the two calls: make the folder again
                 raise CacheError(f"cannot create the cache folder ({exc.strerror})",
                                  self.dir) from exc
             try:
@@ -158,12 +173,15 @@ class RunCache:
                 # Another process removed the run (evicted or cleaned) while we waited: the
                 # lock we hold is on a deleted file. Start again with a fresh folder.
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                if not _is_current(self._lock_file, self.dir / LOCK):
+                    pass  # an eviction moved the run away meanwhile: start again at once
+                elif time.monotonic() >= deadline:
                     self._lock_file.close()
                     self._lock_file = None
                     raise CacheError("another dubtool run is using this cache entry; wait for "
                                      "it to finish or use another --cache-dir", self.dir) from None
-                time.sleep(0.2)
+                else:
+                    time.sleep(0.05)
             self._lock_file.close()
         self._remove_leftovers()
         manifest = self.manifest()
@@ -179,8 +197,10 @@ class RunCache:
             self._lock_file.close()
             self._lock_file = None
         # After a failure too (its stages stay cached), but not after Ctrl-C: stop at once.
+        # Eviction is housekeeping: whatever goes wrong in it never fails the run.
         if exc_type is None or issubclass(exc_type, Exception):
-            evict_runs(self.root, self.limit_bytes, keep=self.key)
+            with contextlib.suppress(OSError):
+                evict_runs(self.root, self.limit_bytes, keep=self.key)
 
     def _remove_leftovers(self) -> None:
         # Temporary files of a run that was killed: safe to remove while we hold the lock.
@@ -361,7 +381,7 @@ def _folder_size(path: Path) -> int:
     total = 0
     for folder, _, files in os.walk(path):  # os.walk skips what another process removes
         for name in files:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # removed meanwhile, or another user's
                 total += os.stat(os.path.join(folder, name)).st_size
     return total
 
@@ -395,18 +415,27 @@ def list_runs(root: str | Path | None = None) -> list[RunSummary]:
 
 
 def _remove_run(run: RunSummary) -> bool:
-    """Remove a run folder unless another process holds its lock (or removed it already)."""
+    """Remove a run folder unless another process holds its lock, removed it already, or it
+    cannot be removed (another user's run in a shared cache): never raises OSError."""
     lock = run.path / LOCK
+    trash = run.path.with_name(f"{run.key}{_EVICTED}{_TMP_MARK}{os.getpid()}")
     try:
         with open(lock, "a+") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if not _is_current(lock_file, lock) or not (run.path / MANIFEST).is_file():
                 return False
-            # Drop the manifest first: a half-removed folder is then no longer a run.
+            # Drop the manifest first: a half-removed folder is then no longer a run. Then
+            # free the key's name at once (a run may start on it while the files go), and
+            # the lock with it: a run starting on the key never waits for the removal.
             (run.path / MANIFEST).unlink()
-            shutil.rmtree(run.path, ignore_errors=True)
-    except (FileNotFoundError, BlockingIOError):  # removed meanwhile, or in use
+            try:
+                os.rename(run.path, trash)
+            except OSError:  # cannot be renamed: removed in place, under the lock
+                shutil.rmtree(run.path, ignore_errors=True)
+                return True
+    except OSError:  # removed meanwhile, in use, or not ours to remove
         return False
+    shutil.rmtree(trash, ignore_errors=True)
     return True
 
 
@@ -428,6 +457,8 @@ def evict_runs(root: str | Path, limit_bytes: int, keep: str | None = None) -> l
     process stay, even if the cache is still over the limit then. Returns what was removed."""
     if limit_bytes <= 0:
         return []
+    for leftover in Path(root).glob(f"*{_EVICTED}{_TMP_MARK}*"):  # of an evictor killed
+        shutil.rmtree(leftover, ignore_errors=True)
     runs = list_runs(root)
     total = sum(run.size_bytes for run in runs)
     removed = []

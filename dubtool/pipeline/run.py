@@ -126,7 +126,13 @@ def pick_reference_frame(track: FaceTrack, plan: np.ndarray | None = None,
     opening = landmarks_stage.map_points(track.points, mouth_opening, faces)
     typical = np.abs(np.argsort(np.argsort(opening)) - len(faces) // 2)
     if exclude_frames > 0 and plan is not None:
-        allowed = (np.abs(plan[None] - faces[:, None]) >= exclude_frames).sum(axis=1)
+        # Per face frame f, the plan's frames p with |p - f| >= exclude_frames: all but those
+        # within f +- (exclude_frames - 1), counted by binary search in the sorted plan (a
+        # faces x plan matrix was tens of GB for a 10-minute clip).
+        ordered = np.sort(plan)
+        near = (np.searchsorted(ordered, faces + exclude_frames - 1, side="right")
+                - np.searchsorted(ordered, faces - exclude_frames + 1, side="left"))
+        allowed = len(plan) - near
         return int(faces[np.lexsort((typical, -allowed))[0]])
     return int(faces[np.argmin(typical)])
 

@@ -217,11 +217,40 @@ def write_dataset(output: Path, reports: list[ClipReport], crop_size: int, sourc
     assign_splits(reports, validation_fraction)
     split = {name: [r.clip for r in reports if r.status == name]
              for name in ("train", "val", "heldout")}
-    (output / DATASET_FILE).write_text(json.dumps({
+    write_json_atomic(output / DATASET_FILE, {
         "crop_size": crop_size, "source": str(source), "split": split,
         "people": {r.clip: r.person for r in reports if r.status in split},
-    }, indent=1))
+    }, sort_keys=False)
     return reports
+
+
+def _staging(target: Path) -> Path:
+    return target.with_name(target.name + ".merging")
+
+
+def _move_clip(source: Path, target: Path) -> None:
+    """Move the clip folder ``source`` to ``target`` so that a rerun, or a run after an
+    interrupted one, never loses it: a clip an earlier run moved is left where it is, and one
+    still in its shard replaces the target only once it is wholly beside it."""
+    staging = _staging(target)
+    if source.is_dir():
+        shutil.rmtree(staging, ignore_errors=True)
+        if source.stat().st_dev == target.parent.stat().st_dev:
+            os.rename(source, staging)  # one step: the clip is in the shard or in staging
+        else:
+            shutil.copytree(source, staging)  # the shard keeps it until the copy is whole
+    if staging.is_dir():
+        replaced = target.with_name(target.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        if target.exists():
+            os.rename(target, replaced)
+        os.rename(staging, target)
+        shutil.rmtree(replaced, ignore_errors=True)
+    if source.is_dir():  # copied across file systems: the shard's copy goes last
+        trash = source.with_name(source.name + ".merged")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(source, trash)
+        shutil.rmtree(trash)
 
 
 def merge_shards(shards: list[str | Path], output: str | Path,
@@ -244,15 +273,22 @@ def merge_shards(shards: list[str | Path], output: str | Path,
         raise InvalidMedia(f"the shards do not make one whole: parts {got} of "
                            f"{sorted(counts)}, crop sizes {sorted(sizes)}", output)
     count = next(iter(counts))
-    order = []
+    order, moves = [], []
     for folder, part in parts:
         k = part["shard"][0]
         for j, r in enumerate(part["clips"]):
             report = ClipReport(**r)
             if not report.status.startswith("skipped") and folder.resolve() != output.resolve():
-                shutil.rmtree(output / report.clip, ignore_errors=True)
-                shutil.move(str(folder / report.clip), str(output / report.clip))
+                moves.append((folder / report.clip, output / report.clip))
             order.append((k - 1 + j * count, report))  # its place among all the videos
+    # Every clip is found (in its shard, or in the output from an earlier run) before any is
+    # moved, so that a merge that cannot finish changes nothing.
+    for source, target in moves:
+        if not (source.is_dir() or target.is_dir() or _staging(target).is_dir()):
+            raise InputNotFound(f"clip {target.name} is neither here nor in {output} (was the "
+                                "shard moved or deleted?)", source)
+    for source, target in moves:
+        _move_clip(source, target)
     reports = [r for _, r in sorted(order, key=lambda item: item[0])]
     return write_dataset(output, reports, sizes.pop(), parts[0][1]["source"],
                          validation_fraction)
