@@ -122,6 +122,31 @@ def test_sampler_draws_successive_frames_and_a_distant_reference(dataset: Path) 
     assert no_motion["motion"].shape == (2, 0, 3, 32, 32)
 
 
+def test_reference_landmarks_keep_the_gap_from_the_sample_frames(dataset: Path) -> None:
+    data = PreparedData(dataset, "train")
+    clip = data.clips[0]
+    gap = 0.4  # seconds
+
+    def frame_of(points: np.ndarray) -> int:
+        return int(np.abs(clip.points - points).sum(axis=(1, 2)).argmin())
+
+    nearest = []
+    for with_gap in (gap, 0.0):
+        rng = np.random.default_rng(3)
+        batch = dubber_batch(data, sample_seeds(rng, 8), frames=5, references=4,
+                             motion_frames=0, rng=rng, augment=False, images=False,
+                             reference_gap=with_gap)
+        distances = []
+        for b in range(8):
+            start = frame_of(batch["points"][b][0])
+            for reference in batch["references"][b]:
+                frame = frame_of(reference)
+                distances.append(min(abs(frame - start), abs(frame - (start + 4))))
+        nearest.append(min(distances))
+    assert nearest[0] >= round(gap * float(clip.fps))
+    assert nearest[1] < round(gap * float(clip.fps))  # without it, references come close
+
+
 def test_tempo_plays_points_and_sound_faster_or_slower_alike(monkeypatch) -> None:
     """With ``tempo`` the completion's samples are the clip played at another rate: the
     points step by the rate (interpolated between frames), each frame's mel window is the

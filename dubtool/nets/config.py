@@ -136,6 +136,9 @@ class TrainingConfig:
     # The completion hears its training clips played at rates from 1 / (1 + tempo) to
     # 1 + tempo (points and sound alike), so that it learns the words at any speaking rate.
     completion_tempo: float = 0.0
+    # The completion's reference landmark sets lie at least this many seconds from the frames
+    # it learns to draw (where the clip allows), as at inference.
+    completion_reference_gap: float = 0.0
     kl_weight: float = 1e-6
     grad_clip: float = 1.0
     mixed_precision: str = "no"  # "no", "bf16" (CUDA or CPU) or "fp16" (CUDA only)

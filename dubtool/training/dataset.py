@@ -584,13 +584,17 @@ def stretched_feature_window(features: np.ndarray, frame: float, fps: Fraction |
 
 def dubber_sample(data: PreparedData, frames: int, references: int, motion_frames: int,
                   rng: np.random.Generator, augment: bool = True,
-                  images: bool = True, warp: bool = False, tempo: float = 0.0) -> DubberSample:
+                  images: bool = True, warp: bool = False, tempo: float = 0.0,
+                  reference_gap: float = 0.0) -> DubberSample:
     """Draw one sample of ``frames`` successive frames, with the ``motion_frames`` before them.
 
     The reference image comes from the frame farthest in time among a few random candidates,
     so that the model cannot copy the target's mouth from it. ``images=False`` leaves out
     the pictures (empty arrays), for training the landmark completion alone; then, with
     ``augment``, ``tempo`` > 0 plays the clip at a rate drawn by ``tempo_rate``.
+    ``reference_gap`` (seconds): the reference landmark sets come from frames at least that far
+    from the sample's frames where the clip has any, as at inference, where no reference lies
+    near the frames it helps draw; without a gap, a reference a frame away tells the mouth.
     """
     # A tempo other than 1 reads the clip faster or slower (points and sound alike): the
     # frames then span ``need`` of the clip's frames.
@@ -603,9 +607,12 @@ def dubber_sample(data: PreparedData, frames: int, references: int, motion_frame
     others = np.setdiff1d(faces, span)
     if len(others) == 0:
         others = faces
+    gap = round(reference_gap * float(clip.fps))
+    far = others[(others < start - gap) | (others >= start + need + gap)]
     candidates = rng.choice(others, size=min(8, len(others)), replace=False)
     reference_frame = int(candidates[np.argmax(np.abs(candidates - start))])
-    reference_sets = rng.choice(others, size=references, replace=len(others) < references)
+    pool = far if len(far) else others
+    reference_sets = rng.choice(pool, size=references, replace=len(pool) < references)
     aug = Augment.draw(rng) if augment else Augment.none()
     width, timing = data.hearing.speech_window, data.hearing.speech_timing
     if rate == 1.0:
@@ -645,16 +652,18 @@ def dubber_sample(data: PreparedData, frames: int, references: int, motion_frame
 def dubber_batch(data: PreparedData, seeds: Sequence[int], frames: int, references: int,
                  motion_frames: int, rng: np.random.Generator, augment: bool = True,
                  motion_probability: float = 0.5, images: bool = True,
-                 warp: bool = False, tempo: float = 0.0) -> dict[str, np.ndarray]:
+                 warp: bool = False, tempo: float = 0.0,
+                 reference_gap: float = 0.0) -> dict[str, np.ndarray]:
     """One sample per seed, stacked on a new first axis. Half of the batches (by default)
     carry motion frames, so that the model learns both the first chunk of a video and the next
     ones: drawn from ``rng``, which the processes of a run share, so that all the parts of a
     global batch agree. ``warp`` adds "warped" (B, L, 3, S, S): each sample's reference bent
-    onto its frames.
+    onto its frames. ``reference_gap``: as for ``dubber_sample``.
     """
     motion = motion_frames if rng.random() < motion_probability else 0
     samples = [dubber_sample(data, frames, references, motion, np.random.default_rng(seed),
-                             augment, images, warp, tempo) for seed in seeds]
+                             augment, images, warp, tempo, reference_gap)
+               for seed in seeds]
     names = ["frames", "points", "references", "speech", "reference_image", "motion"]
     batch = {name: np.stack([getattr(s, name) for s in samples])
              for name in names + (["warped"] if warp else [])}

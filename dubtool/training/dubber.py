@@ -305,7 +305,8 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
         def landmarks(data: PreparedData, seeds: list[int], rng: np.random.Generator,
                       augment: bool) -> dict:
             batch = dubber_batch(data, seeds, c.window, c.references, 0, rng, augment,
-                                 images=False, tempo=config.training.completion_tempo)
+                                 images=False, tempo=config.training.completion_tempo,
+                                 reference_gap=config.training.completion_reference_gap)
             return to_tensors({k: batch[k] for k in ("points", "references", "speech")}, dev)
 
         def validation_losses(k: int) -> dict[str, float]:
