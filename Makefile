@@ -28,8 +28,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import librosa, numpy; librosa.feature.melspectrogram(y=numpy.zeros(4000, 'float32'))"
 	touch $@
 
+# ruff, and the layers of .importlinter: an upward import or an import circle fails the tests.
 lint: install
 	$(PY) -m ruff check dubtool tests
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 
 test: install lint
 	$(PY) -m pytest -q

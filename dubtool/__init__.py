@@ -1,8 +1,8 @@
 """dubtool: visual dubbing with landmark-guided latent diffusion.
 
-The library API (``dubtool.dub``, ``dubtool.batch``, ...) lives in ``dubtool.api``; its names are
-loaded on first use, so that ``import dubtool`` stays fast and imports neither torch nor
-diffusers.
+The library API (``dubtool.Dubber``, ``dubtool.dub``, ``dubtool.batch``, ...) lives in
+``dubtool.api``; its names are loaded on first use, so that ``import dubtool`` stays fast and
+imports neither torch nor diffusers.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from dubtool.api import (
         BatchItem,
         BatchOutcome,
+        Dubber,
         DubResult,
         EvalReport,
         LandmarksResult,
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     )
 
 __version__ = "0.1.0"
-__all__ = ["BatchItem", "BatchOutcome", "DubResult", "DubtoolError", "EvalReport",
+__all__ = ["BatchItem", "BatchOutcome", "DubResult", "Dubber", "DubtoolError", "EvalReport",
            "LandmarksResult", "batch", "batch_items", "bench", "cache_clean", "cache_list",
            "dub", "evaluate", "landmarks", "prepare", "train"]
 _API = frozenset(__all__) - {"DubtoolError"}

@@ -507,7 +507,7 @@ def eval_cmd(
     references: ReferencesOption = DEFAULT_REFERENCES,
     reference_gap: Annotated[float, typer.Option(help="No reference from within this many "
                              "seconds of the frame it is pasted on (frames that cannot meet "
-                             "it are not scored).")] = api.REFERENCE_GAP_SECONDS,
+                             "it are not scored).")] = api.RECONSTRUCTION_GAP_SECONDS,
     adapt: AdaptOption = True,
     cache_dir: CacheDir = None,
 ) -> None:

@@ -13,11 +13,18 @@ from dubtool.errors import UsageError
 LOOP_MODES = ("pingpong", "loop", "cut")
 DETECTORS = ("mediapipe", "face-alignment")
 FACE_CHOICES = ("largest", "center")
-RENDERERS = ("native", "diffusion")  # pipeline/render.py; the first is the default
+RENDERERS = ("native", "diffusion")  # pipeline/renderers/; the first is the default
 DEFAULT_RENDERER = RENDERERS[0]
 DEFAULT_REFERENCES = 48  # frames the native renderer may draw from (pipeline/references.py)
 MIXED_PRECISIONS = ("no", "bf16", "fp16")  # training's --mixed-precision and the configs'
 MAX_SEED = 2**32 - 1  # numpy's generators take at most this; torch's seeds derive from it
+DEFAULT_MODEL = "dubtool-cpu-128"  # a shipped model (models/)
+# The reconstruction protocol (eval): no reference from within this many seconds of its frame.
+RECONSTRUCTION_GAP_SECONDS = 2.0
+# What a folder of inputs may hold (batch takes images as one-frame videos; prepare videos).
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".m4v")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg", ".opus", ".wma")
 
 FaceChoice = str | int
 

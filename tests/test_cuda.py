@@ -30,11 +30,23 @@ def test_dubber_trains_on_cuda_in_each_precision(precision: str, dataset: Path,
     assert any(not torch.equal(trained[k], start[k].float()) for k in trained if k in start)
 
 
-def test_dub_on_cuda_is_the_cpu_dub(face_clip: Path, tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("renderer", ["native", "diffusion"])
+def test_dub_on_cuda_is_the_cpu_dub(face_clip: Path, tiny_model: Path, tmp_path: Path,
+                                    renderer: str) -> None:
+    """A model loaded on the CPU and given to a Dubber on CUDA is moved there whole, and
+    dubs (the diffusion renderer's DDIM sampling and autoencoder included) as on the CPU."""
+    from dubtool.nets.io import load_model
+    from dubtool.pipeline.dubber import Dubber
+
     speech = make_tone(tmp_path / "speech.wav", seconds=1.0)
-    results = [api.dub(face_clip, speech, tmp_path / f"{device}.mp4", model=tiny_model,
-                       cache_dir=tmp_path / f"cache-{device}", device=device)
-               for device in ("cpu", "cuda")]
+    results = []
+    for device in ("cpu", "cuda"):
+        model = load_model(tiny_model, completion_only=renderer == "native")
+        dubber = Dubber(model, device=device, renderer=renderer, steps=2)
+        parts = [p for p in (model.autoencoder, model.dubber, model.completion) if p is not None]
+        assert {p.device.type for part in parts for p in part.parameters()} == {device}
+        results.append(dubber.dub(face_clip, speech, tmp_path / f"{renderer}-{device}.mp4",
+                                  cache_dir=tmp_path / f"cache-{device}"))
     assert results[0].dubbed_frames == results[1].dubbed_frames > 0
     landmarks = [r.landmarks for r in results]
     # The CPU may sample in bfloat16 (devices.sampling_precision): 2% of the crop at most.

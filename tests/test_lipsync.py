@@ -17,9 +17,9 @@ from dubtool.face.indices import CONTENT_SLICE, ORDER, POSE_SLICE, inner_lip_ope
 from dubtool.media.audio import SAMPLE_RATE, load_speech, mel_spectrogram, pauses, voice_activity
 from dubtool.nets.config import TrainingConfig
 from dubtool.nets.landmark_completion import LandmarkCompletion
+from dubtool.nets.losses import completion_losses
 from dubtool.pipeline import complete as complete_stage
 from dubtool.pipeline.landmarks import FaceTrack
-from dubtool.training.losses import completion_losses
 
 FPS = Fraction(25)
 
@@ -58,6 +58,29 @@ def test_completion_losses_see_opening_and_motion() -> None:
     for top, bottom in ((ORDER.index(13) - 74, ORDER.index(14) - 74),):
         closed[:, :, top] = closed[:, :, bottom]
     assert float(completion_losses(closed, target, TrainingConfig())["opening"]) > 0
+
+
+def test_the_correlation_loss_sees_when_the_mouth_opens_not_how_wide() -> None:
+    """1 - Pearson r of the vertical lip gaps: 0 for the real motion at half its size, about
+    2 for the motion reversed; the gaps and windows where the real mouth stays still (all
+    but the inner lips 13-14 of the first two windows here) are left out."""
+    g = torch.Generator().manual_seed(0)
+    mouth = torch.rand(3, 1, 57, 2, generator=g).expand(3, 8, 57, 2).clone()
+    bottom = ORDER.index(14) - 74  # the lower inner lip
+    wave = 0.05 * torch.sin(torch.arange(8.0))
+    target = mouth.clone()
+    target[:2, :, bottom, 1] += wave  # the third window's mouth does not move
+    half = mouth.clone()
+    half[:2, :, bottom, 1] += wave / 2
+    reversed_ = mouth.clone()
+    reversed_[:2, :, bottom, 1] -= wave
+    config = TrainingConfig(correlation_weight=1.0)
+    assert float(completion_losses(half, target, config)["correlation"]) == pytest.approx(
+        0.0, abs=1e-5)
+    losses = completion_losses(reversed_, target, config)
+    assert float(losses["correlation"]) == pytest.approx(2.0, abs=1e-4)
+    assert float(losses["total"]) > float(completion_losses(reversed_, target,
+                                                            TrainingConfig())["total"])
 
 
 def _speech_with_pause(folder: Path) -> tuple[Path, float]:
@@ -287,7 +310,7 @@ def test_offsets_file_shifts_and_drops_training_clips(tmp_path: Path) -> None:
     are left out."""
     import json
 
-    from dubtool.training.dataset import OFFSETS_FILE, PreparedData, dubber_batch, sample_seeds
+    from dubtool.pipeline.clips import OFFSETS_FILE, PreparedData, dubber_batch, sample_seeds
     from dubtool.training.offsets import ClipOffset, save_offsets
 
     names = ["a", "b", "c"]

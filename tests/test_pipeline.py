@@ -15,6 +15,7 @@ import pytest
 from conftest import make_tone, make_video
 
 from dubtool.errors import CacheError, UsageError
+from dubtool.hashing import code_digest, fingerprint
 from dubtool.media.audio import load_speech, mel_spectrogram
 from dubtool.media.frames import VideoWriter, read_frames
 from dubtool.media.probe import probe_video
@@ -23,8 +24,6 @@ from dubtool.pipeline.cache import (
     RunCache,
     cache_limit_bytes,
     clean_runs,
-    code_digest,
-    fingerprint,
     list_runs,
 )
 from dubtool.pipeline.extract import extract
@@ -80,7 +79,7 @@ def _statuses(cache: RunCache) -> dict[str, str]:
 def test_only_the_source_frames_the_plan_uses_are_tracked_and_cropped(
         face_clip: Path, tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
     from dubtool.face.detect import FaceMeshDetector
-    from dubtool.pipeline.diffuse import load_crops, write_crops
+    from dubtool.pipeline.crops import load_crops, write_crops
 
     calls = []
     real_detect = FaceMeshDetector.detect_all

@@ -27,7 +27,7 @@ from dubtool.pipeline.references import (
     choose_references,
     cross_fades,
 )
-from dubtool.pipeline.render import NativeFaces
+from dubtool.pipeline.renderers.native import NativeFaces
 from dubtool.pipeline.run import pick_reference_frame
 
 LOWER_LIP = np.arange(LIPS_SLICE.start, NUM_POINTS)[[11, 12, 13, 14, 15, 16, 17, 18, 19,
@@ -255,8 +255,8 @@ def test_a_soft_reference_is_sharpened_to_the_videos_typical_detail() -> None:
     """``match_detail`` brings a blurred face's mouth detail up to the typical one (within the
     bisection's step), leaves a face that already holds it as it is, and never sharpens past
     MAX_SHARPENING."""
-    from dubtool.pipeline import render
-    from dubtool.pipeline.render import match_detail, mouth_detail
+    from dubtool.pipeline.renderers import native as render
+    from dubtool.pipeline.renderers.native import match_detail, mouth_detail
 
     rng = np.random.default_rng(0)
     texture = cv2.GaussianBlur(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8), (0, 0), 1.5)
@@ -284,7 +284,7 @@ def test_reference_crops_past_the_detail_sample_are_the_frames_own(face_clip, tm
     from reading every frame."""
     from dubtool.media.frames import read_frames
     from dubtool.media.probe import probe_video
-    from dubtool.pipeline import render
+    from dubtool.pipeline.renderers import native as render
     from dubtool.pipeline.run import Inputs, run_front
 
     inputs = Inputs.of(face_clip)

@@ -518,8 +518,9 @@ def _interrupting(monkeypatch, stage: str) -> None:
     """Make the dub raise KeyboardInterrupt (Ctrl-C) in the middle of ``stage``."""
     from dubtool.face.detect import FaceMeshDetector
     from dubtool.media.frames import VideoWriter
-    from dubtool.pipeline import adapt, complete, diffuse, extract, references
+    from dubtool.pipeline import adapt, complete, extract, references
     from dubtool.pipeline.landmarks import FaceTrack
+    from dubtool.pipeline.renderers import diffusion as diffuse
 
     def after(calls: int, real):
         count = [0]

@@ -217,7 +217,7 @@ def test_a_completion_hears_states_from_disk_by_parts(tmp_path: Path) -> None:
 
 
 def test_a_clip_without_states_says_to_prepare_again(tmp_path: Path) -> None:
-    from dubtool.training.dataset import Clip
+    from dubtool.pipeline.clips import Clip
 
     folder = tmp_path / "clip"
     folder.mkdir()

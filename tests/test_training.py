@@ -12,20 +12,21 @@ from typer.testing import CliRunner
 
 from dubtool import api
 from dubtool.cli import app
-from dubtool.errors import InputNotFound, OutputError
+from dubtool.errors import DubtoolError, InputNotFound, OutputError
 from dubtool.face.indices import MIRROR, ORDER
 from dubtool.media.audio import NORMALISED_CLIP, NORMALISED_MEL, feature_window
-from dubtool.training import dataset as dataset_module
-from dubtool.training.dataset import (
+from dubtool.pipeline import clips as clips_module
+from dubtool.pipeline.clips import (
     Augment,
     Clip,
     PreparedData,
     SoundAugment,
     dubber_batch,
-    person_of,
     sample_seeds,
     stretched_feature_window,
 )
+from dubtool.training import dataset as dataset_module
+from dubtool.training.dataset import person_of
 
 
 def test_prepare_splits_by_person(dataset: Path) -> None:
@@ -183,7 +184,7 @@ def test_tempo_plays_points_and_sound_faster_or_slower_alike(monkeypatch) -> Non
                          np.random.default_rng(1), images=False)
     steps = np.diff(plain["points"][:, :, 0, 0], axis=1)
     assert (steps == 1).all()
-    assert dataset_module.tempo_rate(np.random.default_rng(2), 0.25) != 1.0
+    assert clips_module.tempo_rate(np.random.default_rng(2), 0.25) != 1.0
 
 
 def test_the_validation_takes_no_reference_from_near_a_scored_frame(monkeypatch) -> None:
@@ -479,7 +480,7 @@ def test_prepare_in_two_shards_and_merge_equals_one_go(videos: Path, tmp_path: P
                               cache_dir=cache, shard=(k, 2))
         assert not (folder / "dataset.json").exists()
         assert (folder / f"shard-{k}-of-2.json").is_file() and len(reports) == 2
-    with pytest.raises(api.DubtoolError, match="do not make one whole"):
+    with pytest.raises(DubtoolError, match="do not make one whole"):
         api.merge_shards(parts[:1], tmp_path / "half", validation_fraction=0.34)
     merged = tmp_path / "merged"
     api.merge_shards(parts, merged, validation_fraction=0.34)

@@ -31,11 +31,11 @@ from dubtool.face.indices import (
     mouth_opening,
     select_points,
 )
+from dubtool.face.mask import lower_face_mask
 from dubtool.face.warp import warp_face
 from dubtool.media.audio import decode_speech, mel_spectrogram, pauses, voice_activity
 from dubtool.media.frames import VideoWriter, read_frames
 from dubtool.media.probe import probe_video
-from dubtool.pipeline.blend import lower_face_mask
 from dubtool.pipeline.complete import PAUSE_SECONDS
 from dubtool.pipeline.landmarks import FaceTrack
 

@@ -130,6 +130,7 @@ class TrainingConfig:
     opening_weight: float = 2.0
     velocity_weight: float = 2.0
     spread_weight: float = 2.0
+    correlation_weight: float = 0.0
     # The completion draws training people by footage ** this (0: evenly): speech-to-lip
     # mapping gains from every minute of speech, unlike the appearance the dubber learns.
     completion_person_exponent: float = 0.0

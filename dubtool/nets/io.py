@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dubtool.errors import ModelError
+from dubtool.hashing import file_digest
 from dubtool.nets.config import MODELS_DIR, ModelConfig
 from dubtool.nets.landmark_completion import LandmarkCompletion
-from dubtool.pipeline.cache import file_digest
 
 if TYPE_CHECKING:  # diffusers takes seconds to import: only the diffusion path loads it
     from dubtool.nets.autoencoder import FaceAutoencoder

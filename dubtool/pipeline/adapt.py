@@ -30,11 +30,11 @@ from dubtool.media.probe import VideoInfo
 from dubtool.nets.config import CompletionConfig, TrainingConfig
 from dubtool.nets.io import load_weights, save_weights
 from dubtool.nets.landmark_completion import LandmarkCompletion
+from dubtool.nets.losses import completion_losses
 from dubtool.pipeline import speech
+from dubtool.pipeline.clips import Clip, PreparedData, dubber_batch, sample_seeds
 from dubtool.pipeline.landmarks import FaceTrack
 from dubtool.pipeline.plan import far_from_plan
-from dubtool.training.dataset import Clip, PreparedData, dubber_batch, sample_seeds
-from dubtool.training.losses import completion_losses
 
 ADAPT_STEPS = 50
 ADAPT_LEARNING_RATE = 1e-4

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,19 +11,15 @@ import numpy as np
 from dubtool.errors import InvalidMedia, UsageError
 from dubtool.face.detect import make_detector
 from dubtool.face.indices import mouth_opening
+from dubtool.hashing import code_digest, file_digest, fingerprint
 from dubtool.media.probe import check_readable
 from dubtool.options import FaceChoice
 from dubtool.pipeline import extract as extract_stage
 from dubtool.pipeline import landmarks as landmarks_stage
-from dubtool.pipeline.cache import (
-    RunCache,
-    code_digest,
-    default_cache_dir,
-    file_digest,
-    fingerprint,
-)
+from dubtool.pipeline.cache import RunCache, default_cache_dir
 from dubtool.pipeline.extract import Extracted
 from dubtool.pipeline.landmarks import FaceTrack
+from dubtool.pipeline.progress import StageProgress
 
 if TYPE_CHECKING:  # the model stages need torch: `dubtool landmarks` runs without it
     import torch
@@ -32,10 +27,8 @@ if TYPE_CHECKING:  # the model stages need torch: `dubtool landmarks` runs witho
     from dubtool.nets.io import LoadedModel
     from dubtool.pipeline.adapt import Adaptation
     from dubtool.pipeline.complete import Completion
-    from dubtool.pipeline.render import LowerFaces, Renderer
+    from dubtool.pipeline.renderers import LowerFaces, Renderer
 
-# progress(stage, done, total): called as a stage advances.
-StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -178,7 +171,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     from dubtool.pipeline import complete as complete_stage
     from dubtool.pipeline import speech as speech_stage
     from dubtool.pipeline.complete import Completion
-    from dubtool.pipeline.render import RenderJob
+    from dubtool.pipeline.renderers import RenderJob
 
     device = device or torch.device("cpu")
     front = run_front(cache, inputs, loop=loop, face=face, force=force, progress=progress,

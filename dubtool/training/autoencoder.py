@@ -12,7 +12,7 @@ from dubtool.devices import Processes, training_processes
 from dubtool.nets.autoencoder import FaceAutoencoder
 from dubtool.nets.config import ModelConfig
 from dubtool.nets.io import save_model
-from dubtool.training.dataset import PreparedData, autoencoder_batch, sample_seeds
+from dubtool.pipeline.clips import PreparedData, autoencoder_batch, sample_seeds
 from dubtool.training.loop import (
     RunFolder,
     TrainProgress,

@@ -32,10 +32,11 @@ from dubtool.nets.io import (
     with_completion,
 )
 from dubtool.nets.landmark_completion import LandmarkCompletion
+from dubtool.nets.losses import completion_losses
 from dubtool.nets.sampling import lower_half_mask, make_scheduler, start_timestep
+from dubtool.pipeline.clips import Clip, PreparedData, dubber_batch, sample_seeds
 from dubtool.pipeline.complete import predict_content, reference_frames
 from dubtool.pipeline.plan import far_from_plan
-from dubtool.training.dataset import Clip, PreparedData, dubber_batch, sample_seeds
 from dubtool.training.loop import (
     RunFolder,
     TrainProgress,
@@ -47,7 +48,6 @@ from dubtool.training.loop import (
     optimise,
     share,
 )
-from dubtool.training.losses import completion_losses
 
 COMPLETION_FILE = "completion.safetensors"
 

@@ -8,7 +8,7 @@ and renamed, so a kill at any moment leaves the previous checkpoint intact and `
 continues from it.
 
 Data parallel (``devices.training_processes``): every process holds the same networks and
-optimiser and draws its own part of each global batch (``dataset.sample_seeds``); DDP averages
+optimiser and draws its own part of each global batch (``clips.sample_seeds``); DDP averages
 the gradients, so the processes stay identical and N processes at batch B take the step one
 process takes at batch N x B. The main process alone writes the run folder; every process
 reads it on ``--resume``.
@@ -35,7 +35,7 @@ from dubtool.devices import Processes, autocast
 from dubtool.errors import InputNotFound, InvalidMedia, OutputError
 from dubtool.nets.config import ModelConfig
 from dubtool.nets.io import load_weights, save_weights
-from dubtool.training.dataset import PreparedData
+from dubtool.pipeline.clips import PreparedData
 
 CHECKPOINT = "checkpoint"
 LOG = "log.jsonl"
@@ -140,7 +140,7 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
-    """One torch generator per sample (``dataset.sample_seeds``), for its noise: the same
+    """One torch generator per sample (``clips.sample_seeds``), for its noise: the same
     noise whichever process draws the sample."""
     return [torch.Generator().manual_seed(seed) for seed in seeds]
 

@@ -21,7 +21,7 @@ import torch
 
 from dubtool.evaluation.metrics import opening_correlation
 from dubtool.nets.landmark_completion import LandmarkCompletion
-from dubtool.training.dataset import OFFSETS_FILE, Clip
+from dubtool.pipeline.clips import OFFSETS_FILE, Clip
 from dubtool.training.dubber import clip_openings
 
 MAX_LAG = 8

@@ -1,49 +1,31 @@
-"""How the new lower faces are made: the renderers, behind one interface.
-
-A renderer runs its own cached stages after ``complete`` and returns ``LowerFaces``: for each
-output frame with a face, the new lower face in that frame's face box and the soft mask it is
-pasted through (the blend stage does the pasting, whatever the renderer).
-
-- ``native``: drawn from the video's own frames at the face's own size in the frame: per
-  output frame the source frame whose mouth shape is nearest its target landmarks, the
-  reference frame preferred (``pipeline.references``; ``references`` 1: the reference frame
-  alone), bent onto the target landmarks by the thin-plate spline and resampled bicubically,
-  colour-matched to the frame.
-  Nothing is scaled up from a small image; a reference softer than the video's typical frame
-  (motion blur, focus) is sharpened to the typical detail (``match_detail``).
-- ``diffusion``: the paper's model: one reference face at the model's crop size (128 px for
-  ``cpu-128``), warped to the targets and refined by the TalkFormer denoiser in chunks, then
-  scaled up into the frame.
+"""The ``native`` renderer: lower faces drawn from the video's own frames at the face's own
+size in the frame. Per output frame the source frame whose mouth shape is nearest its target
+landmarks, the reference frame preferred (``pipeline.references``; ``references`` 1: the
+reference frame alone), bent onto the target landmarks by the thin-plate spline and resampled
+bicubically, colour-matched to the frame. Nothing is scaled up from a small image; a reference
+softer than the video's typical frame (motion blur, focus) is sharpened to the typical detail
+(``match_detail``).
 """
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
 
 from dubtool.face.indices import CONTENT_SLICE
+from dubtool.face.mask import MASK_TOP, lower_face_mask, match_colour
 from dubtool.face.warp import warp_face
+from dubtool.hashing import code_digest, fingerprint
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import VideoInfo
 from dubtool.options import DEFAULT_REFERENCES
 from dubtool.pipeline import references as references_stage
-from dubtool.pipeline.blend import MASK_TOP, lower_face_mask, match_colour
-from dubtool.pipeline.cache import RunCache, code_digest, fingerprint, load_chunk
 from dubtool.pipeline.landmarks import FaceTrack
 from dubtool.pipeline.references import ReferencePlan
-
-if TYPE_CHECKING:
-    import torch
-
-    from dubtool.nets.io import LoadedModel
-    from dubtool.pipeline.run import StageProgress
+from dubtool.pipeline.renderers.base import LowerFaces, RenderJob
 
 # The side at which the native renderer works at most: a larger face box is drawn at this size
 # and scaled up (measured: ms/frame and sharpness in the README's speed table).
@@ -56,42 +38,6 @@ NATIVE_INTERPOLATION = cv2.INTER_CUBIC
 DETAIL_FRAMES = 250
 DETAIL_TOLERANCE = 0.9  # references with at least this share of the typical detail stay as is
 MAX_SHARPENING = 1.5    # the unsharp mask's largest amount
-
-
-class LowerFaces(Protocol):
-    def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Output frame ``o``'s new lower face in the face box of its source frame ``frame``:
-        (S, S, 3) uint8 and its mask (S, S) float32 in [0, 1], any S (the paste scales them to
-        the box). Called in increasing ``o``, for the frames with a face only."""
-        ...
-
-
-@dataclass
-class RenderJob:
-    """What a renderer is given: the dub's inputs after ``complete``."""
-
-    cache: RunCache
-    video: VideoInfo
-    track: FaceTrack
-    plan: np.ndarray            # (O,) source frame of each output frame
-    target: np.ndarray          # (O, 131, 2) target landmarks in each source frame's crop box
-    closing: np.ndarray         # (O,) 1 where the mouth is closed for a pause (complete)
-    upstream: str               # fingerprint of everything the targets depend on
-    track_fp: str               # fingerprint of the face track (what crops depend on)
-    reference_frame: int        # the dub's reference (forced, or its typical frame): the
-                                # only one, or the preferred one of several
-    forced: bool                # whether --reference-frame forced it
-    exclude_frames: int         # references at least this far from the frame they serve
-    force: bool = False
-    progress: StageProgress | None = None
-
-
-class Renderer(Protocol):
-    name: str
-
-    def render(self, job: RenderJob) -> LowerFaces:
-        """Run the renderer's stages through the job's cache."""
-        ...
 
 
 class NativeRenderer:
@@ -230,94 +176,3 @@ class NativeFaces:
         face[top:] = lower
         mask = lower_face_mask([self.track.crop_points(source), self.target[o]], size)
         return match_colour(face, original, mask), mask
-
-
-@dataclass(frozen=True)
-class DiffusionSettings:
-    """How the lower faces are sampled. ``batch_size`` chunks are denoised together: the video
-    is diffused as that many contiguous streams side by side, each starting without motion
-    frames (1: one stream, temporal context carried through the whole video)."""
-
-    steps: int
-    eta: float = 0.0
-    seed: int = 0
-    strength: float = 1.0
-    batch_size: int = 1
-
-
-class DiffusionRenderer:
-    name = "diffusion"
-
-    def __init__(self, model: LoadedModel, model_digest: str, settings: DiffusionSettings,
-                 device: torch.device) -> None:
-        self.model, self.model_digest = model, model_digest
-        self.settings, self.device = settings, device
-
-    def render(self, job: RenderJob) -> LowerFaces:
-        from dubtool.devices import sampling_precision
-        from dubtool.pipeline import diffuse as diffuse_stage
-
-        model, settings, track, plan = self.model, self.settings, job.track, job.plan
-        size = model.config.crop_size
-        crops_fp = fingerprint("crops", code_digest(diffuse_stage), job.track_fp, size)
-        folder = job.cache.run_stage(
-            "crops", crops_fp, lambda out: diffuse_stage.write_crops(job.video, track, size, out),
-            force=job.force)
-        crops = diffuse_stage.load_crops(folder)
-        precision = sampling_precision(self.device)
-        diffuse_fp = fingerprint("diffuse", code_digest(diffuse_stage), job.upstream, crops_fp,
-                                 self.model_digest, settings.steps, settings.eta, settings.seed,
-                                 settings.strength, settings.batch_size, job.reference_frame,
-                                 str(precision))
-        chunk_frames = model.config.completion.frames
-        done = [0]
-
-        @functools.cache  # built on first use: a warm run never needs it
-        def generator() -> diffuse_stage.LowerFaceGenerator:
-            return diffuse_stage.LowerFaceGenerator(
-                model, crops, plan, job.target, track.detected, job.reference_frame,
-                track.crop_points(job.reference_frame), settings, self.device, precision)
-
-        def chunks(ks: list[int], previous: list[dict | None]) -> list[dict]:
-            results = generator().generate(ks, previous)
-            done[0] += len(ks)
-            if job.progress is not None:
-                job.progress("diffuse", min(done[0] * chunk_frames, len(plan)), len(plan))
-            return results
-
-        count = diffuse_stage.chunk_count(len(plan), chunk_frames)
-        folder = job.cache.run_chunked_stage("diffuse", diffuse_fp, count, chunks,
-                                             force=job.force, streams=settings.batch_size)
-        generated = (crop for k in range(count) for crop in load_chunk(folder, k)["crops"])
-        return DiffusionFaces(track, job.target, plan, crops, generated)
-
-
-class DiffusionFaces:
-    """The diffusion renderer's crops (one per output frame, read chunk by chunk), colour-
-    matched to the source crops of the model's size."""
-
-    def __init__(self, track: FaceTrack, target: np.ndarray, plan: np.ndarray,
-                 crops: np.ndarray, generated: Iterator[np.ndarray]) -> None:
-        self.track, self.target, self.plan, self.crops = track, target, plan, crops
-        self.generated, self.next = generated, 0
-
-    def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        while self.next <= o:  # frames without a face have crops too: skip them
-            crop = next(self.generated)
-            self.next += 1
-        source = int(self.plan[o])
-        size = self.crops.shape[1]
-        mask = lower_face_mask([self.track.crop_points(source), self.target[o]], size)
-        return match_colour(crop, self.crops[source], mask), mask
-
-
-def make_renderer(name: str, model: LoadedModel, model_digest: str,
-                  settings: DiffusionSettings, device: torch.device,
-                  references: int = DEFAULT_REFERENCES) -> Renderer:
-    """The renderer called ``name`` (one of ``options.RENDERERS``); ``references``: the native
-    renderer's."""
-    if name == "native":
-        return NativeRenderer(references)
-    if name == "diffusion":
-        return DiffusionRenderer(model, model_digest, settings, device)
-    raise ValueError(f"unknown renderer {name!r}")

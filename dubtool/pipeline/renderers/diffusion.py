@@ -1,4 +1,6 @@
-"""Stages ``crops`` and ``diffuse``: face crops of the source frames, then new lower halves.
+"""The ``diffusion`` renderer, the paper's model: stages ``crops`` and ``diffuse``. One
+reference face at the model's crop size (128 px for ``cpu-128``), warped to the targets and
+refined by the TalkFormer denoiser, then scaled up into the frame.
 
 The output frames are generated in chunks of L frames (the number the model was trained on),
 in order: each chunk's temporal attention also sees the last generated frames of the chunk
@@ -12,38 +14,88 @@ lips and jaw where the speech wants them, the denoiser redraws the mouth from th
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
+import sys
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from dubtool.arrays import DiskArray
+from dubtool.devices import sampling_precision
 from dubtool.errors import ModelError
+from dubtool.face.mask import lower_face_mask, match_colour
 from dubtool.face.warp import warp_face
-from dubtool.media.frames import read_frames
-from dubtool.media.probe import VideoInfo
+from dubtool.hashing import code_digest, fingerprint
 from dubtool.nets.io import LoadedModel
 from dubtool.nets.sampling import inpaint_lower_half, lower_half_mask, make_scheduler
+from dubtool.pipeline import crops as crops_stage
+from dubtool.pipeline.cache import load_chunk
 from dubtool.pipeline.landmarks import FaceTrack
-from dubtool.pipeline.render import DiffusionSettings
-
-CROPS_FILE = "crops.npy"
+from dubtool.pipeline.renderers.base import DiffusionSettings, LowerFaces, RenderJob
 
 
-def write_crops(video: VideoInfo, track: FaceTrack, size: int, folder: Path) -> None:
-    """The face crop of every source frame the track covers, (F, size, size, 3) uint8,
-    memory-mapped on disk."""
-    crops = np.lib.format.open_memmap(folder / CROPS_FILE, mode="w+", dtype=np.uint8,
-                                      shape=(track.frames, size, size, 3))
-    has_box = bool(track.detected.any())
-    for i, frame in enumerate(read_frames(video, track.frames)):
-        if has_box:
-            crops[i] = track.box(i).crop(frame, size)
-    crops.flush()
+class DiffusionRenderer:
+    name = "diffusion"
+
+    def __init__(self, model: LoadedModel, model_digest: str, settings: DiffusionSettings,
+                 device: torch.device) -> None:
+        self.model, self.model_digest = model, model_digest
+        self.settings, self.device = settings, device
+
+    def render(self, job: RenderJob) -> LowerFaces:
+        model, settings, track, plan = self.model, self.settings, job.track, job.plan
+        size = model.config.crop_size
+        crops_fp = fingerprint("crops", code_digest(crops_stage), job.track_fp, size)
+        folder = job.cache.run_stage(
+            "crops", crops_fp, lambda out: crops_stage.write_crops(job.video, track, size, out),
+            force=job.force)
+        crops = crops_stage.load_crops(folder)
+        precision = sampling_precision(self.device)
+        diffuse_fp = fingerprint("diffuse", code_digest(sys.modules[__name__]), job.upstream,
+                                 crops_fp, self.model_digest, settings.steps, settings.eta,
+                                 settings.seed, settings.strength, settings.batch_size,
+                                 job.reference_frame, str(precision))
+        chunk_frames = model.config.completion.frames
+        done = [0]
+
+        @functools.cache  # built on first use: a warm run never needs it
+        def generator() -> LowerFaceGenerator:
+            return LowerFaceGenerator(
+                model, crops, plan, job.target, track.detected, job.reference_frame,
+                track.crop_points(job.reference_frame), settings, self.device, precision)
+
+        def chunks(ks: list[int], previous: list[dict | None]) -> list[dict]:
+            results = generator().generate(ks, previous)
+            done[0] += len(ks)
+            if job.progress is not None:
+                job.progress("diffuse", min(done[0] * chunk_frames, len(plan)), len(plan))
+            return results
+
+        count = chunk_count(len(plan), chunk_frames)
+        folder = job.cache.run_chunked_stage("diffuse", diffuse_fp, count, chunks,
+                                             force=job.force, streams=settings.batch_size)
+        generated = (crop for k in range(count) for crop in load_chunk(folder, k)["crops"])
+        return DiffusionFaces(track, job.target, plan, crops, generated)
 
 
-def load_crops(folder: Path) -> np.ndarray:
-    return np.load(folder / CROPS_FILE, mmap_mode="r")
+class DiffusionFaces:
+    """The diffusion renderer's crops (one per output frame, read chunk by chunk), colour-
+    matched to the source crops of the model's size."""
+
+    def __init__(self, track: FaceTrack, target: np.ndarray, plan: np.ndarray,
+                 crops: np.ndarray, generated: Iterator[np.ndarray]) -> None:
+        self.track, self.target, self.plan, self.crops = track, target, plan, crops
+        self.generated, self.next = generated, 0
+
+    def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        while self.next <= o:  # frames without a face have crops too: skip them
+            crop = next(self.generated)
+            self.next += 1
+        source = int(self.plan[o])
+        size = self.crops.shape[1]
+        mask = lower_face_mask([self.track.crop_points(source), self.target[o]], size)
+        return match_colour(crop, self.crops[source], mask), mask
 
 
 def to_model(images: np.ndarray, device: torch.device) -> torch.Tensor:
