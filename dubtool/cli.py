@@ -148,7 +148,7 @@ def dub_cmd(
                       "audio.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output video (default: "
                       "VIDEO_NAME.dubbed.mp4 here).")] = None,
-    model: Annotated[str, typer.Option(help="Model name (shipped in dubtool/models) or "
+    model: Annotated[str, typer.Option(help="Model name (shipped in models/) or "
                       "folder.")]
     = api.DEFAULT_MODEL,
     steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the model's).")]

@@ -1,4 +1,4 @@
-"""The model folder shipped in dubtool/models: complete, safetensors only, small, loadable."""
+"""The model folder shipped in models/: complete, safetensors only, small, loadable."""
 
 from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""A wheel holds the shipped model, the configs and the bench clip, and an install finds them."""
+"""A wheel holds every module, the shipped model (models/ at the top of the checkout, dubtool/models
+in the wheel), the configs and the bench clip, and an install finds them."""
 
 import shutil
 import subprocess
@@ -22,8 +23,9 @@ def test_wheel_ships_the_model_configs_and_bench_clip(tmp_path: Path) -> None:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source)
-    shutil.copytree(ROOT / "dubtool", source / "dubtool",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("dubtool", "models"):
+        shutil.copytree(ROOT / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                     "--no-build-isolation", "--no-index", "-w", str(tmp_path / "dist"),
                     str(source)], check=True, capture_output=True)
@@ -32,7 +34,11 @@ def test_wheel_ships_the_model_configs_and_bench_clip(tmp_path: Path) -> None:
         names = set(archive.namelist())
         assert set(SHIPPED) <= names, set(SHIPPED) - names
         for name in SHIPPED:  # the real files, not Git LFS pointers or empty stubs
-            assert archive.getinfo(name).file_size == (ROOT / name).stat().st_size
+            checkout = ROOT / name.replace("dubtool/models/", "models/")
+            assert archive.getinfo(name).file_size == checkout.stat().st_size
+        # Every module of the checkout is in the wheel (the packages are listed by name).
+        modules = {str(p.relative_to(ROOT)) for p in (ROOT / "dubtool").rglob("*.py")}
+        assert modules <= names, modules - names
         archive.extractall(tmp_path / "site")
     # Installed (the wheel unpacked, first on the path): the names resolve inside it.
     code = ("from dubtool import api; from dubtool.nets.config import ModelConfig; "

@@ -19,9 +19,17 @@ from dubtool.media.audio import MEL_WINDOW, N_MELS, NORMALISED_MEL, FeatureTimin
 from dubtool.nets.speech_encoder import ENCODER_STATES, STATE_DIM
 from dubtool.options import MIXED_PRECISIONS
 
-# The shipped configs and models are package data (dubtool/models): found the same way in a
-# checkout, an editable install and an installed wheel.
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
+def _models_dir() -> Path:
+    """The shipped configs and models: ``models/`` at the top of a checkout (an editable
+    install reads them there), ``dubtool/models`` inside an installed wheel (pyproject's
+    package-dir puts them there)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "models"
+    return installed if installed.is_dir() else package.parent / "models"
+
+
+MODELS_DIR = _models_dir()
 CONFIGS_DIR = MODELS_DIR / "configs"
 # CompletionConfig.speech_features: each front end's channels and timing.
 SPEECH_CHANNELS = {"mel": N_MELS, "whisper": STATE_DIM}
@@ -229,7 +237,7 @@ class ModelConfig:
 
     @classmethod
     def named(cls, name_or_path: str | Path) -> ModelConfig:
-        """A config from dubtool/models/configs by name (``cpu-128``, ``paper-256``) or from a
+        """A config from models/configs by name (``cpu-128``, ``paper-256``) or from a
         path."""
         path = Path(name_or_path)
         if not path.suffix and not path.exists():

@@ -108,7 +108,7 @@ class LoadedModel:
 
 
 def resolve_model_folder(name_or_path: str | Path) -> Path:
-    """A model folder given by path, or by name among the shipped models (dubtool/models)."""
+    """A model folder given by path, or by name among the shipped models (models/)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
