@@ -448,7 +448,7 @@ def test_native_logs_stay_out_of_stderr(face_clip: Path) -> None:
               "from dubtool.media.probe import probe_video\n"
               "with FaceMeshDetector() as d:\n"
               "    frames = read_frames(probe_video(sys.argv[1]))\n"
-              "    n = sum(d.detect(f) is not None for f in frames)\n"
+              "    n = sum(len(d.detect_all(f)) > 0 for f in frames)\n"
               "print(n)\n")
     env = {k: v for k, v in os.environ.items() if k != "DUBTOOL_NATIVE_LOGS"}
     proc = subprocess.run([sys.executable, "-c", script, str(face_clip)], capture_output=True,

@@ -38,6 +38,7 @@ from dubtool.media.frames import VideoWriter, read_frames
 from dubtool.media.probe import probe_video
 from dubtool.pipeline.complete import PAUSE_SECONDS
 from dubtool.pipeline.landmarks import FaceTrack
+from dubtool.pipeline.plan import gap_frames
 
 VARIANTS = ("model", "original", "static")
 METRICS = ("opening_correlation", "articulation", "completion_opening_correlation",
@@ -154,11 +155,11 @@ def mouth_boxes(track: FaceTrack, frames: int, width: int, height: int) -> np.nd
     return np.stack([x0, y0, x1, y1], axis=1)
 
 
-def scored_frames(frames: int, reference_frame: int, gap_frames: int) -> np.ndarray:
-    """(frames,) bool: the frames at least ``gap_frames`` from the reference frame. The dub's
+def scored_frames(frames: int, reference_frame: int, gap: int) -> np.ndarray:
+    """(frames,) bool: the frames at least ``gap`` frames from the reference frame. The dub's
     references obey the same rule frame by frame and always include this reference, so no
     scored frame of any variant is drawn from its own ground truth or a frame near it."""
-    return np.abs(np.arange(frames) - reference_frame) >= gap_frames
+    return np.abs(np.arange(frames) - reference_frame) >= gap
 
 
 class _Variant:
@@ -326,7 +327,7 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
                          f"from the clip's {(info.height, info.width, 3)}")
     reference_image = next(iter(read_frames(info, select=[reference_frame]))).copy()
     fps = float(info.fps)
-    scored = scored_frames(frames, reference_frame, round(reference_gap * fps))
+    scored = scored_frames(frames, reference_frame, gap_frames(reference_gap, fps))
     faces = track.detected[:frames] & scored
     boxes = mouth_boxes(track, frames, info.width, info.height)
     face_frames = np.nonzero(faces)[0]

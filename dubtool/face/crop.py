@@ -28,9 +28,6 @@ class CropBox:
         x0, y0, side = box_arrays(np.array([[cx, cy]], np.float64), np.array([size]))[0]
         return cls(int(x0), int(y0), int(side))
 
-    def as_array(self) -> np.ndarray:
-        return np.array([self.x0, self.y0, self.size], np.int32)
-
     def crop(self, frame: np.ndarray, out_size: int) -> np.ndarray:
         """The box's pixels resized to (out_size, out_size, C)."""
         h, w = frame.shape[:2]
@@ -76,13 +73,6 @@ class CropBox:
                                                 weight, 1.0 - weight)
         return out
 
-    def to_crop(self, points: np.ndarray) -> np.ndarray:
-        """Frame pixel coordinates (..., 2) -> coordinates normalised to the box, [0, 1] inside."""
-        return (points[..., :2] - np.array([self.x0, self.y0], np.float32)) / self.size
-
-    def to_frame(self, points: np.ndarray) -> np.ndarray:
-        """Box-normalised coordinates (..., 2) -> frame pixel coordinates."""
-        return points[..., :2] * self.size + np.array([self.x0, self.y0], np.float32)
 
 
 def box_arrays(centre: np.ndarray, size: np.ndarray) -> np.ndarray:

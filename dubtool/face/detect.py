@@ -1,8 +1,8 @@
 """Face landmark detectors: MediaPipe FaceMesh (default) and face-alignment (optional).
 
 A detector is a context manager with ``detect_all(frame) -> [(478, 3) float32 pixel points]``,
-one array per face found (up to MAX_FACES), and ``detect(frame)``: the first of them or None.
-Points are in the frame's pixel coordinates (x right, y down; z in the units of x).
+one array per face found (up to MAX_FACES). Points are in the frame's pixel coordinates (x right,
+y down; z in the units of x).
 """
 
 from __future__ import annotations
@@ -29,19 +29,9 @@ class Detector(Protocol):
 
     def detect_all(self, frame: np.ndarray) -> list[np.ndarray]: ...
 
-    def detect(self, frame: np.ndarray) -> np.ndarray | None: ...
-
     def __enter__(self) -> Detector: ...
 
     def __exit__(self, *exc: object) -> None: ...
-
-
-class _FirstFace:
-    """``detect``: the first of ``detect_all``'s faces, or None."""
-
-    def detect(self, frame: np.ndarray) -> np.ndarray | None:
-        faces = self.detect_all(frame)
-        return faces[0] if faces else None
 
 
 @contextlib.contextmanager
@@ -67,7 +57,7 @@ def quiet_native_logs() -> Iterator[None]:
             os.close(saved)
 
 
-class FaceMeshDetector(_FirstFace):
+class FaceMeshDetector:
     """MediaPipe FaceMesh with iris refinement: 478 points, tracking between frames."""
 
     name = "mediapipe"
@@ -180,7 +170,7 @@ def face_alignment_weights_cached() -> bool:
     return any(cache.glob("s3fd*.pth")) and any(cache.glob("2DFAN4*"))
 
 
-class FaceAlignmentDetector(_FirstFace):
+class FaceAlignmentDetector:
     """face-alignment (2D-FAN, 68 points) mapped onto the 131-point layout.
 
     face-alignment fetches its weights from the internet on first use; here it is used only when
@@ -222,9 +212,9 @@ class FaceAlignmentDetector(_FirstFace):
         self._fa = None
 
 
-def make_detector(name: str = "mediapipe", static_images: bool = False) -> Detector:
+def make_detector(name: str = "mediapipe") -> Detector:
     if name == "mediapipe":
-        return FaceMeshDetector(static_images=static_images)
+        return FaceMeshDetector()
     if name == "face-alignment":
         return FaceAlignmentDetector()
     raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")

@@ -34,11 +34,6 @@ class DubbingModel(nn.Module):
         self.appearance = AppearanceEncoder(config.denoiser)
         self.denoiser = Denoiser(config.denoiser)
 
-    def complete(self, points: torch.Tensor, references: torch.Tensor,
-                 speech: torch.Tensor) -> torch.Tensor:
-        """``complete_landmarks`` with this model's completion module."""
-        return complete_landmarks(self.completion, points, references, speech)
-
     def conditioning(self, landmarks: torch.Tensor, reference_latent: torch.Tensor,
                      motion_latents: torch.Tensor | None = None) -> Conditioning:
         """landmarks (B, L, 131, 2); reference_latent (B, C, h, w); motion_latents

@@ -16,14 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dubtool.face.indices import ORDER
+from dubtool.face.indices import JAW, LIPS_INNER, LIPS_OUTER, ORDER
 from dubtool.nets.talkformer import zero_module
-
-_JAW = (132, 58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378, 379, 365, 397, 288, 361)
-_OUTER_LIP = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84,
-              181, 91, 146)
-_INNER_LIP = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87,
-              178, 88, 95)
 
 
 def _segments(mesh_ids: tuple[int, ...], closed: bool) -> np.ndarray:
@@ -34,8 +28,8 @@ def _segments(mesh_ids: tuple[int, ...], closed: bool) -> np.ndarray:
 
 
 # Channel per line: the jaw is open, the lips are closed loops.
-SKETCH_LINES = (_segments(_JAW, False), _segments(_OUTER_LIP, True),
-                _segments(_INNER_LIP, True))
+SKETCH_LINES = (_segments(JAW, False), _segments(LIPS_OUTER, True),
+                _segments(LIPS_INNER, True))
 
 
 def sketch(points: torch.Tensor, size: int, width: float = 1.0) -> torch.Tensor:

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from dubtool.errors import InputNotFound
-from dubtool.face.indices import MIRROR
+from dubtool.face.indices import mirror_points
 from dubtool.face.warp import warp_face
 from dubtool.media.audio import (
     MEL_WINDOW,
@@ -36,6 +36,7 @@ from dubtool.media.audio import (
 )
 from dubtool.nets.config import CompletionConfig
 from dubtool.pipeline.crops import load_crops
+from dubtool.pipeline.plan import gap_frames
 
 DATASET_FILE = "dataset.json"
 OFFSETS_FILE = "offsets.json"  # measured audio-video offsets (training.offsets)
@@ -199,9 +200,7 @@ class Augment:
 
     def points(self, points: np.ndarray) -> np.ndarray:
         """(..., 131, 2) crop-normalised points moved like the images."""
-        p = points[..., MIRROR, :].copy() if self.flip else points.copy()
-        if self.flip:
-            p[..., 0] = 1.0 - p[..., 0]
+        p = mirror_points(points) if self.flip else points
         p = (p - 0.5) * self.scale + 0.5 + np.array(self.shift, np.float32)
         return p.astype(np.float32)
 
@@ -354,7 +353,7 @@ def dubber_sample(data: PreparedData, frames: int, references: int, motion_frame
     others = np.setdiff1d(faces, span)
     if len(others) == 0:
         others = faces
-    gap = round(reference_gap * float(clip.fps))
+    gap = gap_frames(reference_gap, clip.fps)
     far = others[(others < start - gap) | (others >= start + need + gap)]
     candidates = rng.choice(others, size=min(8, len(others)), replace=False)
     reference_frame = int(candidates[np.argmax(np.abs(candidates - start))])

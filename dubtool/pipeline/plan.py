@@ -44,6 +44,12 @@ def frame_plan(source_frames: int, output_frames: int, mode: str = "pingpong") -
     return np.where(phase < source_frames, phase, period - phase)
 
 
+def gap_frames(seconds: float | None, fps: Fraction | float) -> int:
+    """The reconstruction protocol's gap (``seconds``, None or 0: none) in frames at ``fps``:
+    at least 1 when there is a gap at all."""
+    return max(1, round(seconds * float(fps))) if seconds else 0
+
+
 def far_from_plan(frames: int, plan: np.ndarray, exclude_frames: int) -> np.ndarray:
     """(frames,) bool: the source frames at least ``exclude_frames`` from every frame of the
     ``plan`` (all of them when ``exclude_frames`` is 0): what the reconstruction protocol lets

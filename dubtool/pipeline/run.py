@@ -19,6 +19,7 @@ from dubtool.pipeline import landmarks as landmarks_stage
 from dubtool.pipeline.cache import RunCache, default_cache_dir
 from dubtool.pipeline.extract import Extracted
 from dubtool.pipeline.landmarks import FaceTrack
+from dubtool.pipeline.plan import gap_frames
 from dubtool.pipeline.progress import StageProgress
 
 if TYPE_CHECKING:  # the model stages need torch: `dubtool landmarks` runs without it
@@ -177,7 +178,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     front = run_front(cache, inputs, loop=loop, face=face, force=force, progress=progress,
                       whole_video=reconstruction_gap is not None)
     video, track, plan = front.extracted.video, front.track, front.extracted.plan
-    exclude = round(reconstruction_gap * float(video.fps)) if reconstruction_gap else 0
+    exclude = gap_frames(reconstruction_gap, video.fps)
     if reference_frame is not None:
         check_reference_frame(reference_frame, track, video.path)
     completion_model, adaptation, adapt_fp = model.completion, None, None

@@ -36,7 +36,7 @@ from dubtool.nets.losses import completion_losses
 from dubtool.nets.sampling import lower_half_mask, make_scheduler, start_timestep
 from dubtool.pipeline.clips import Clip, PreparedData, dubber_batch, sample_seeds
 from dubtool.pipeline.complete import predict_content, reference_frames
-from dubtool.pipeline.plan import far_from_plan
+from dubtool.pipeline.plan import far_from_plan, gap_frames
 from dubtool.training.loop import (
     RunFolder,
     TrainProgress,
@@ -237,7 +237,7 @@ def clip_openings(completion: LandmarkCompletion, clip: Clip, max_frames: int | 
     frames = min(len(clip.points), max_frames or len(clip.points))
     allowed = clip.detected.astype(bool)
     if gap_seconds > 0:
-        gap = max(1, round(gap_seconds * float(clip.fps)))
+        gap = gap_frames(gap_seconds, clip.fps)
         frames = max(0, min(frames, len(clip.points) - gap - count + 1))
         allowed = allowed & far_from_plan(len(clip.points), np.arange(frames), gap)
         if frames == 0 or not allowed.any():
