@@ -2,20 +2,65 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from fractions import Fraction
+from itertools import pairwise
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, SchedulerMixin
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from dubtool.nets.config import DiffusionConfig
 from dubtool.nets.denoiser import Conditioning, Denoiser
 
 
-def make_scheduler(config: DiffusionConfig) -> DDIMScheduler:
-    return DDIMScheduler(num_train_timesteps=config.train_steps, beta_start=config.beta_start,
-                         beta_end=config.beta_end, beta_schedule=config.beta_schedule,
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                         prediction_type="epsilon")
+class ListedDDIMScheduler(DDIMScheduler):
+    """diffusers' DDIM over any decreasing list of times (``set_timesteps(timesteps=...)``),
+    not only the ones its ``set_timesteps`` spaces evenly from T down.
+
+    diffusers (0.42) has no custom times for DDIM: its ``step`` takes the previous time to be
+    ``timestep - T // num_inference_steps``. ``step`` here sets ``num_inference_steps`` for
+    the one step to T / gap, as an exact fraction (an integer often has no such value: T = 1000,
+    gap 249), so that the previous time is the list's next one, or -1 after its last (the
+    final alpha), and the update itself is diffusers' own.
+    """
+
+    def set_timesteps(self, num_inference_steps: int | None = None,
+                      device: str | torch.device | None = None,
+                      timesteps: Sequence[int] | None = None) -> None:
+        """diffusers' evenly spaced times, or ``timesteps`` (decreasing, >= 0) as given."""
+        if timesteps is None:
+            super().set_timesteps(num_inference_steps, device)
+            return
+        if any(a <= b for a, b in pairwise(timesteps)) or timesteps[-1] < 0:
+            raise ValueError(f"timesteps must decrease to >= 0: {list(timesteps)}")
+        self.timesteps = torch.tensor(timesteps, dtype=torch.long, device=device)
+        self.num_inference_steps = len(timesteps)
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+        """The time after ``timestep`` in ``timesteps``; -1 after the last."""
+        later = self.timesteps[self.timesteps < int(timestep)]
+        return int(later[0]) if len(later) else -1
+
+    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor,
+             sample: torch.Tensor, *args, **kwargs) -> DDIMSchedulerOutput | tuple:
+        """diffusers' DDIM step (same arguments; ``sample`` (B, C, h, w)) from ``timestep``
+        to the next time in ``timesteps``."""
+        steps = self.num_inference_steps
+        gap = int(timestep) - self.previous_timestep(timestep)
+        self.num_inference_steps = Fraction(self.config.num_train_timesteps, gap)
+        try:
+            return super().step(model_output, int(timestep), sample, *args, **kwargs)
+        finally:
+            self.num_inference_steps = steps
+
+
+def make_scheduler(config: DiffusionConfig) -> ListedDDIMScheduler:
+    """The DDIM schedule of ``config``; sampling sets its times (``sampling_timesteps``)."""
+    return ListedDDIMScheduler(num_train_timesteps=config.train_steps,
+                               beta_start=config.beta_start, beta_end=config.beta_end,
+                               beta_schedule=config.beta_schedule, clip_sample=False,
+                               set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 
 def lower_half_mask(size: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -45,23 +90,6 @@ def sampling_timesteps(train_steps: int, steps: int, strength: float = 1.0) -> l
     return sorted((t for t in times if t >= 1), reverse=True)
 
 
-def _ddim_step(scheduler: DDIMScheduler, eps: torch.Tensor, t: int, prev: int | None,
-               latent: torch.Tensor, eta: float,
-               draw_noise: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """One DDIM step (Song et al., eq. 12) from time ``t`` to ``prev`` (None: the end).
-
-    diffusers' own step assumes the times are evenly spaced from T down; a partial schedule
-    that starts at S x T is not, so the step is taken here, by the same formula.
-    """
-    alphas = scheduler.alphas_cumprod
-    a_t = float(alphas[t])
-    a_prev = float(alphas[prev] if prev is not None else scheduler.final_alpha_cumprod)
-    clean = (latent - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
-    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-    latent = a_prev ** 0.5 * clean + (1 - a_prev - std ** 2) ** 0.5 * eps
-    return latent + std * draw_noise() if eta > 0 else latent
-
-
 def _noise(shape: torch.Size, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """Standard normal noise of ``shape`` (float32), its rows shared out evenly among the
     generators in order, so that each part's noise comes from its own generator alone (the
@@ -75,7 +103,7 @@ def _noise(shape: torch.Size, generators: Sequence[torch.Generator]) -> torch.Te
 
 @torch.inference_mode()
 def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioning,
-                       scheduler: DDIMScheduler, steps: int, eta: float = 0.0,
+                       scheduler: SchedulerMixin, steps: int, eta: float = 0.0,
                        generator: torch.Generator | Sequence[torch.Generator] | None = None,
                        init: torch.Tensor | None = None,
                        strength: float = 1.0) -> torch.Tensor:
@@ -92,7 +120,8 @@ def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioni
     is weak at the highest noise levels. ``generator`` may be a list: the batch is then
     that many equal parts (chunks), and each part's starting noise and, with ``eta`` > 0,
     its noise at every step come from its own generator, so that a chunk's result does not
-    depend on the batch it is in.
+    depend on the batch it is in. ``scheduler``: one whose ``set_timesteps`` takes a list
+    of ``timesteps`` (``make_scheduler``'s); it is left set to this call's times.
     """
     generators = ([] if generator is None else
                   [generator] if isinstance(generator, torch.Generator) else list(generator))
@@ -104,24 +133,25 @@ def inpaint_lower_half(denoiser: Denoiser, known: torch.Tensor, cond: Conditioni
     mask = lower_half_mask(known.shape[-1], known.device)
     masked = known * (1 - mask)
     noise = _noise(known.shape, generators).to(known.device)
-    timesteps = sampling_timesteps(scheduler.config.num_train_timesteps, steps, strength)
+    # The scheduler's own times would be evenly spaced from T; strength starts at S x T.
+    scheduler.set_timesteps(device=known.device, timesteps=sampling_timesteps(
+        scheduler.config.num_train_timesteps, steps, strength))
     if strength < 1.0:
         if init is None:
             raise ValueError("strength < 1 needs an init latent")
-        start = torch.full((known.shape[0],), timesteps[0], dtype=torch.long)
+        start = scheduler.timesteps[:1].expand(known.shape[0])
         latent = scheduler.add_noise(init.expand_as(known), noise, start) * mask + masked
     else:
-        latent = noise * mask + masked
-
-    def draw_noise() -> torch.Tensor:
-        return _noise(known.shape, generators).to(known.device)
+        latent = noise * scheduler.init_noise_sigma * mask + masked
 
     batch_mask = mask.expand(known.shape[0], -1, -1, -1)
-    for i, t in enumerate(timesteps):
-        times = torch.full((known.shape[0],), t, dtype=torch.long, device=known.device)
-        eps = denoiser(latent, masked, batch_mask, times, cond).float()
-        prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+    for t in scheduler.timesteps:
+        eps = denoiser(scheduler.scale_model_input(latent, t), masked, batch_mask,
+                       t.expand(known.shape[0]), cond).float()
+        # eta > 0 (DDIM's own option): the step's noise drawn here, from the chunks' own
+        # generators, not by diffusers from one generator for the whole batch.
+        noisy = ({"eta": eta, "variance_noise": _noise(known.shape, generators).to(known.device)}
+                 if eta > 0 else {})
         with torch.autocast(known.device.type, enabled=False):
-            latent = _ddim_step(scheduler, eps, t, prev, latent, eta, draw_noise)
-            latent = latent * mask + masked
+            latent = scheduler.step(eps, t, latent, **noisy).prev_sample * mask + masked
     return latent
