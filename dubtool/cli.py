@@ -562,6 +562,8 @@ def bench_cmd(
     speech: Annotated[Path | None, typer.Option(help="Speech to dub with.")] = None,
     model: Annotated[str, typer.Option(help="Model name or folder.")] = api.DEFAULT_MODEL,
     steps: Annotated[int | None, typer.Option(help="DDIM steps.")] = None,
+    strength: Annotated[float | None, typer.Option(help="Sampling strength of the diffusion "
+                        "renderer (default: the model's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     repeat: Annotated[int, typer.Option(help="Warm (cached) runs after the cold one.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Chunks denoised together.")] = 1,
@@ -572,9 +574,10 @@ def bench_cmd(
 ) -> None:
     """Speed per stage (ms/frame), real-time factor, peak memory, beside ffmpeg's floor; and
     the whole time of a fresh `dubtool dub` process."""
-    result = _call(lambda: api.bench(clip, speech, model=model, steps=steps, device=device,
-                                     repeat=repeat, batch_size=batch_size, renderer=renderer,
-                                     references=references, adapt=adapt, report=report))
+    result = _call(lambda: api.bench(clip, speech, model=model, steps=steps, strength=strength,
+                                     device=device, repeat=repeat, batch_size=batch_size,
+                                     renderer=renderer, references=references, adapt=adapt,
+                                     report=report))
     stages = list(result.runs[0].stage_seconds)
     table = Table("run", *[f"{s} ms/fr" for s in stages], "wall s", "RTF",
                   title=f"{result.clip}: {result.frames} frames, {result.video_seconds:.1f} s")

@@ -3,9 +3,12 @@
     python tests/gpu_check.py [--out gpu-check.json] [--steps 200]
 
 1. the tests marked ``cuda`` (pytest -m cuda);
-2. ``dubtool bench`` on the bundled clip with the shipped cpu-128 model and with an untrained
-   paper-256 model (random weights: the speed of the paper's sizes), on cuda: ms/frame of
-   every stage of the cold dub, its real-time factor and that of a fresh process;
+2. ``dubtool bench`` on the bundled clip, on cuda: the shipped cpu-128 model with the native
+   renderer (the default) and with the diffusion renderer sampling the whole schedule (10 DDIM
+   steps from noise: autoencoder, denoiser and scheduler on the GPU), and an untrained
+   paper-256 model (random weights: the speed of the paper's sizes) with the diffusion
+   renderer likewise: ms/frame of every stage of the cold dub, its real-time factor and that
+   of a fresh process;
 3. ``--steps`` training steps of the paper-256 dubber in bf16 on the bundled clip prepared at
    256 px: samples/s and peak GPU memory.
 Prints one table and writes the numbers to ``--out`` (JSON). Exits 1 without a CUDA GPU and 1
@@ -35,10 +38,11 @@ def cuda_tests() -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def bench(model: str | Path) -> dict:
+def bench(model: str | Path, renderer: str = "native") -> dict:
     from dubtool import api
 
-    report = api.bench(model=model, device="cuda", repeat=1)
+    diffusion = {"steps": 10, "strength": 1.0} if renderer == "diffusion" else {}
+    report = api.bench(model=model, device="cuda", repeat=1, renderer=renderer, **diffusion)
     cold = report.runs[0]
     return {"ms_per_frame": {k: round(v, 2) for k, v in cold.stage_ms_per_frame.items()},
             "rtf_cold": round(cold.real_time_factor, 3),
@@ -101,8 +105,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dubtool-gpu-check-") as scratch:
         work = Path(scratch)
         paper = untrained_paper_model(work / "paper-256")
-        parts["bench cpu-128"] = lambda: bench("dubtool-cpu-128")
-        parts["bench paper-256 (untrained)"] = lambda: bench(paper)
+        parts["bench cpu-128 native"] = lambda: bench("dubtool-cpu-128")
+        parts["bench cpu-128 diffusion, 10 steps"] = lambda: bench("dubtool-cpu-128", "diffusion")
+        parts["bench paper-256 (untrained) diffusion, 10 steps"] = lambda: bench(paper,
+                                                                                  "diffusion")
         parts[f"train paper-256 dubber bf16, {args.steps} steps"] = (
             lambda: train_paper(work, paper, args.steps))
         failed = False

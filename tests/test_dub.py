@@ -436,6 +436,17 @@ def test_bench_reports_cold_and_warm_runs(face_clip: Path, tiny_model: Path,
     assert data["process_real_time_factor"] == pytest.approx(result.process_seconds / 2.0)
 
 
+def test_bench_samples_the_whole_schedule_when_asked(face_clip: Path, tiny_model: Path) -> None:
+    """What gpu-check measures on a GPU: the diffusion renderer from noise (strength 1), its
+    steps and strength passed to the fresh process too."""
+    result = api.bench(face_clip, model=tiny_model, device="cpu", repeat=0,
+                       renderer="diffusion", steps=2, strength=1.0)
+    (cold,) = result.runs
+    assert {"crops", "diffuse"} <= set(cold.stage_seconds)
+    assert (result.settings["steps"], result.settings["strength"]) == (2, 1.0)
+    assert result.process_seconds > 0
+
+
 def test_sampling_defaults_come_from_the_model_config(face_clip: Path, tiny_model: Path,
                                                       tmp_path: Path, monkeypatch) -> None:
     import dataclasses

@@ -121,7 +121,8 @@ BUNDLED_CLIP = Path(__file__).resolve().parent.parent / "data" / "may_5s.mp4"  #
 
 
 def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
-          model: str | Path = DEFAULT_MODEL, steps: int | None = None, device: str = "auto",
+          model: str | Path = DEFAULT_MODEL, steps: int | None = None,
+          strength: float | None = None, device: str = "auto",
           repeat: int = 1, batch_size: int = 1, renderer: str = DEFAULT_RENDERER,
           references: int = DEFAULT_REFERENCES, adapt: bool = True,
           report: str | Path | None = None) -> BenchReport:
@@ -145,12 +146,13 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
     from dubtool.pipeline.dubber import Dubber, check_dub_options
 
     check_range("--repeat", repeat, at_least=0)
-    check_dub_options(steps=steps, batch_size=batch_size, device=device, renderer=renderer,
-                      references=references)
+    check_dub_options(steps=steps, strength=strength, batch_size=batch_size, device=device,
+                      renderer=renderer, references=references)
     clip = Path(clip) if clip is not None else BUNDLED_CLIP
     probe_video(clip)  # a clear error before any work for a clip that is not a video
     dubber = Dubber.from_pretrained(model, device=device, renderer=renderer,
-                                    references=references, steps=steps, batch_size=batch_size)
+                                    references=references, steps=steps, strength=strength,
+                                    batch_size=batch_size)
     speech = Path(speech) if speech is not None else clip
     runs = []
     with tempfile.TemporaryDirectory(prefix="dubtool-bench-") as scratch:
@@ -167,9 +169,11 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
                    "--cache-dir", str(scratch / "process-cache"), "-o",
                    str(scratch / "process.mp4"),
                    *([] if steps is None else ["--steps", str(steps)]),
+                   *([] if strength is None else ["--strength", str(strength)]),
                    "--", str(clip), str(speech)]
         process = process_seconds(command)
-    settings = {"renderer": renderer, "references": references, "adapt": adapt, "steps": steps,
+    settings = {"renderer": renderer, "references": references, "adapt": adapt,
+                "steps": dubber.settings.steps, "strength": dubber.settings.strength,
                 "batch_size": batch_size, "device": device,
                 "precision": str(sampling_precision(dubber.device)), **machine()}
     bench_report = BenchReport(str(clip), result.frames, result.seconds_of_video,
