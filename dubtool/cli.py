@@ -578,15 +578,21 @@ def bench_cmd(
                                      device=device, repeat=repeat, batch_size=batch_size,
                                      renderer=renderer, references=references, adapt=adapt,
                                      report=report))
-    stages = list(result.runs[0].stage_seconds)
-    table = Table("run", *[f"{s} ms/fr" for s in stages], "wall s", "RTF",
+    runs, cold = result.runs, result.runs[0]
+    table = Table("stage", *[f"{r.kind} ms/frame" for r in runs], "cold: cores busy",
+                  "cold: each core busy",
                   title=f"{result.clip}: {result.frames} frames, {result.video_seconds:.1f} s")
-    for run in result.runs:
-        table.add_row(run.kind, *[f"{run.stage_ms_per_frame[s]:.1f}" for s in stages],
-                      f"{run.wall_seconds:.1f}", f"{run.real_time_factor:.2f}")
+    for s in cold.stage_seconds:
+        table.add_row(s, *[f"{r.stage_ms_per_frame.get(s, 0.0):.1f}" for r in runs],
+                      f"{cold.stage_cores[s]:.2f}",
+                      " ".join(f"{b:.0%}" for b in cold.stage_core_busy[s]))
+    table.add_row("wall s", *[f"{r.wall_seconds:.2f}" for r in runs], "", "")
+    table.add_row("RTF", *[f"{r.real_time_factor:.2f}" for r in runs], "", "")
+    table.add_row("x ffmpeg floor", *[f"{r.floor_ratio:.2f}" for r in runs], "", "")
     out.print(table)
     out.print(f"a fresh `dubtool dub` process, empty cache, start-up included: "
-              f"{result.process_seconds:.1f} s, RTF {result.process_real_time_factor:.2f}")
+              f"{result.process_seconds:.1f} s, RTF {result.process_real_time_factor:.2f}, "
+              f"{result.process_floor_ratio:.2f} x the ffmpeg floor")
     out.print(f"ffmpeg floor (decode + H.264 encode): {result.ffmpeg_floor_seconds:.2f} s; "
               f"peak RSS {result.peak_rss_mb:.0f} MB; {result.settings}")
 

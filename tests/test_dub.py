@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -425,15 +426,24 @@ def test_bench_reports_cold_and_warm_runs(face_clip: Path, tiny_model: Path,
     cold, warm = result.runs
     assert set(cold.stage_seconds) == {"extract", "landmarks", "adapt", "complete", "references",
                                        "reference-crops", "blend"}
+    assert sum(cold.stage_seconds.values()) <= cold.wall_seconds
     assert all(v >= 0 for v in cold.stage_ms_per_frame.values())
+    # How busy each stage kept the CPU: some core time in every stage that ran, and a share
+    # per core of this machine.
+    assert all(cold.stage_cores[s] > 0 for s in ("landmarks", "complete", "blend"))
+    assert all(len(busy) == os.cpu_count() and all(0 <= b <= 1 for b in busy)
+               for busy in cold.stage_core_busy.values())
+    assert cold.floor_ratio == pytest.approx(cold.wall_seconds / result.ffmpeg_floor_seconds)
     assert set(cold.stage_status.values()) == {"ran"}
-    assert set(warm.stage_status.values()) == {"cached"}  # only blend + encode run again
+    assert {s for s, status in warm.stage_status.items() if status == "ran"} == {"blend"}
     assert result.ffmpeg_floor_seconds > 0 and result.peak_rss_mb > 50
     # A fresh process does the cold run's work and starts Python, torch and the model too.
     assert result.process_seconds > cold.wall_seconds
     data = json.loads(report.read_text())
     assert data["runs"][1]["kind"] == "warm" and data["settings"]["device"] == "cpu"
     assert data["process_real_time_factor"] == pytest.approx(result.process_seconds / 2.0)
+    assert data["process_floor_ratio"] == pytest.approx(result.process_seconds
+                                                        / result.ffmpeg_floor_seconds)
 
 
 def test_bench_samples_the_whole_schedule_when_asked(face_clip: Path, tiny_model: Path) -> None:

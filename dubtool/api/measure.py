@@ -154,6 +154,7 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
                                     references=references, steps=steps, strength=strength,
                                     batch_size=batch_size)
     speech = Path(speech) if speech is not None else clip
+    floor = ffmpeg_floor(clip)
     runs = []
     with tempfile.TemporaryDirectory(prefix="dubtool-bench-") as scratch:
         scratch = Path(scratch)
@@ -161,7 +162,8 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
             result = dubber.dub(clip, speech, scratch / "out.mp4", cache_dir=scratch / "cache",
                                 loop="cut", adapt=adapt)
             runs.append(bench_run("cold" if n == 0 else "warm", result.stages,
-                                  result.wall_seconds, result.frames, result.seconds_of_video))
+                                  result.wall_seconds, result.frames, result.seconds_of_video,
+                                  floor))
         command = [sys.executable, "-m", "dubtool", "dub", "--model", str(dubber.model.folder),
                    "--device", device, "--batch-size", str(batch_size), "--loop", "cut",
                    "--renderer", renderer, "--references", str(references),
@@ -177,7 +179,7 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
                 "batch_size": batch_size, "device": device,
                 "precision": str(sampling_precision(dubber.device)), **machine()}
     bench_report = BenchReport(str(clip), result.frames, result.seconds_of_video,
-                               ffmpeg_floor(clip), process, peak_rss_mb(), runs, settings)
+                               floor, process, peak_rss_mb(), runs, settings)
     if report is not None:
         from dubtool.pipeline.cache import write_json_atomic
 

@@ -1,4 +1,5 @@
-"""Speed: seconds per frame of each stage, real-time factor, peak memory, the ffmpeg floor.
+"""Speed: seconds per frame of each stage and how many cores it kept busy, real-time factor,
+peak memory, and each time beside ffmpeg's floor (decode + encode of the same clip).
 
 The measuring pieces only; ``dubtool.api.bench`` runs the dubs (this module does not call the
 API, so that the dependency runs one way).
@@ -27,6 +28,11 @@ class BenchRun:
     stage_seconds: dict[str, float]
     stage_ms_per_frame: dict[str, float]
     stage_status: dict[str, str]   # "ran" or "cached"
+    # Cores the dub's process (and the ffmpeg it ran) kept busy on average in each stage,
+    # and each core's busy share of the stage's span (every process on the machine counts).
+    stage_cores: dict[str, float]
+    stage_core_busy: dict[str, tuple[float, ...]]
+    floor_ratio: float = 0.0       # wall time over the ffmpeg floor of the same clip
 
 
 @dataclass
@@ -46,18 +52,28 @@ class BenchReport:
     def process_real_time_factor(self) -> float:
         return self.process_seconds / max(self.video_seconds, 1e-9)
 
+    @property
+    def process_floor_ratio(self) -> float:
+        """The fresh process's time over the ffmpeg floor measured in the same run."""
+        return self.process_seconds / max(self.ffmpeg_floor_seconds, 1e-9)
+
     def to_json(self) -> dict:
-        return {**asdict(self), "process_real_time_factor": self.process_real_time_factor}
+        return {**asdict(self), "process_real_time_factor": self.process_real_time_factor,
+                "process_floor_ratio": self.process_floor_ratio}
 
 
 def bench_run(kind: str, stages: Sequence[StageRecord], wall_seconds: float, frames: int,
-              video_seconds: float) -> BenchRun:
-    """One dub's timings; what the stages do not account for is the blend (and encode)."""
+              video_seconds: float, floor_seconds: float) -> BenchRun:
+    """One dub's timings, stage by stage (the blend and encode included: the Dubber records
+    them as the last stage)."""
     seconds = {r.stage: r.seconds for r in stages}
-    seconds["blend"] = max(wall_seconds - sum(seconds.values()), 0.0)
     return BenchRun(kind, wall_seconds, wall_seconds / max(video_seconds, 1e-9), seconds,
                     {k: 1000 * v / frames for k, v in seconds.items()},
-                    {r.stage: r.status for r in stages})
+                    {r.stage: r.status for r in stages},
+                    {r.stage: round(r.cpu_seconds / r.seconds, 2) if r.seconds > 0 else 0.0
+                     for r in stages},
+                    {r.stage: r.core_busy for r in stages},
+                    wall_seconds / max(floor_seconds, 1e-9))
 
 
 def process_seconds(command: list[str]) -> float:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dubtool.errors import CacheError, UsageError, disk_full_reported
+from dubtool.pipeline.timing import Span, Stopwatch
 
 MANIFEST = "manifest.json"
 LOCK = "lock"
@@ -86,11 +87,18 @@ def write_json_atomic(path: Path, data: object, indent: int = 1, sort_keys: bool
 
 @dataclass(frozen=True)
 class StageRecord:
-    """What one stage call did: 'ran' or 'cached', and how long it took."""
+    """What one stage call did: 'ran' or 'cached', how long it took and how busy it kept the
+    CPU (``timing.Span``)."""
 
     stage: str
     status: str
     seconds: float
+    cpu_seconds: float = 0.0
+    core_busy: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, stage: str, status: str, span: Span) -> StageRecord:
+        return cls(stage, status, span.seconds, span.cpu_seconds, span.core_busy)
 
 
 class RunCache:
@@ -198,7 +206,7 @@ class RunCache:
         ``compute(folder)`` writes the stage's files into an empty folder; it runs only when
         the manifest has no result for this fingerprint (or ``force``). Returns the folder.
         """
-        start = time.perf_counter()
+        start = Stopwatch()
         final = self.stage_dir(stage)
         if self._reuse(stage, stage_fingerprint, force, start):
             return final
@@ -219,24 +227,24 @@ class RunCache:
         self._finish(stage, stage_fingerprint, "ran", start)
         return final
 
-    def _reuse(self, stage: str, stage_fingerprint: str, force: bool, start: float) -> bool:
+    def _reuse(self, stage: str, stage_fingerprint: str, force: bool, start: Stopwatch) -> bool:
         """True if the stage's recorded result can be used as it is. Otherwise the manifest
         forgets it first: if the run dies while recomputing, it never claims a stale one."""
         if self._lock_file is None:
             raise RuntimeError("RunCache must be entered (locked) before running stages")
         if not force and self.is_done(stage, stage_fingerprint):
-            self.records.append(StageRecord(stage, "cached", time.perf_counter() - start))
+            self.records.append(StageRecord.of(stage, "cached", start.span()))
             return True
         manifest = self.manifest()
         if manifest["stages"].pop(stage, None) is not None:
             self._write_manifest(manifest)
         return False
 
-    def _finish(self, stage: str, stage_fingerprint: str, status: str, start: float) -> None:
+    def _finish(self, stage: str, stage_fingerprint: str, status: str, start: Stopwatch) -> None:
         manifest = self.manifest()
         manifest["stages"][stage] = {"fingerprint": stage_fingerprint, "finished": time.time()}
         self._write_manifest(manifest)
-        self.records.append(StageRecord(stage, status, time.perf_counter() - start))
+        self.records.append(StageRecord.of(stage, status, start.span()))
 
     def run_chunked_stage(self, stage: str, stage_fingerprint: str, chunks: int,
                           compute_chunks: Callable[[list[int], list[dict | None]],
@@ -252,7 +260,7 @@ class RunCache:
         fingerprint computes only the missing chunks. Returns the stage folder, whose chunk
         files ``load_chunk`` reads.
         """
-        start = time.perf_counter()
+        start = Stopwatch()
         final = self.stage_dir(stage)
         if self._reuse(stage, stage_fingerprint, force, start):
             return final

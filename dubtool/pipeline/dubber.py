@@ -40,6 +40,7 @@ from dubtool.pipeline.progress import StageProgress
 from dubtool.pipeline.renderers import make_renderer
 from dubtool.pipeline.renderers.base import DiffusionSettings
 from dubtool.pipeline.run import Inputs, run_dub_stages
+from dubtool.pipeline.timing import Stopwatch
 
 
 @dataclass
@@ -163,12 +164,13 @@ class Dubber:
                                     progress=progress)
             front = stages.front
             plan = front.extracted.plan
+            blending = Stopwatch()  # not a cached stage: its output is the dub itself
             frames = blended_frames(front.extracted.video, front.track, plan, stages.faces,
                                     cache.dir / f"frames.tmp-{os.getpid()}.jpegs")
             dubbed = write_video(frames, front.extracted.video, len(plan), target,
                                  inputs.speech, None if progress is None else
                                  lambda done, total: progress("blend", done, total))
-            records = list(cache.records)
+            records = [*cache.records, StageRecord.of("blend", "ran", blending.span())]
             # A map that outlives the cache entry's removal and holds only what a caller reads.
             landmarks = np.load(stages.completion.target.path, mmap_mode="r")
         if not keep_cache:
