@@ -33,6 +33,7 @@ from dubtool.options import (
     check_range,
     check_seed,
 )
+from dubtool.overlap import ahead
 from dubtool.pipeline.adapt import Adaptation
 from dubtool.pipeline.blend import blended_frames, write_video
 from dubtool.pipeline.cache import StageRecord, clean_runs
@@ -165,8 +166,11 @@ class Dubber:
             front = stages.front
             plan = front.extracted.plan
             blending = Stopwatch()  # not a cached stage: its output is the dub itself
-            frames = blended_frames(front.extracted.video, front.track, plan, stages.faces,
-                                    cache.dir / f"frames.tmp-{os.getpid()}.jpegs")
+            # Decoding, drawing and pasting the lower faces run a few frames ahead of the
+            # encoder, on the other core.
+            frames = ahead(blended_frames(front.extracted.video, front.track, plan,
+                                          stages.faces,
+                                          cache.dir / f"frames.tmp-{os.getpid()}.jpegs"))
             dubbed = write_video(frames, front.extracted.video, len(plan), target,
                                  inputs.speech, None if progress is None else
                                  lambda done, total: progress("blend", done, total))
