@@ -45,8 +45,7 @@ def test_stopping_early_stops_and_closes_the_producer() -> None:
 
     def produce():
         try:
-            for i in range(10**6):
-                yield i
+            yield from range(10**6)
         finally:
             closed.set()
 
