@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -38,6 +39,17 @@ def make_tone(path: Path, seconds: float = 1.0, rate: int = 44100, channels: int
     ffmpeg("-f", "lavfi", "-i", f"sine=frequency=300:duration={seconds}:sample_rate={rate}",
            "-af", f"aformat=channel_layouts={layout}", *extra, str(path))
     return path
+
+
+def model_with_settings(model: Path, folder: Path, **groups: dict) -> Path:
+    """A copy of the model folder ``model`` at ``folder`` whose config's inference settings
+    differ by ``groups`` (group name -> {field: value}, e.g. ``adapt={"steps": 3}``)."""
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    for group, changes in groups.items():
+        config["inference"][group].update(changes)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
 
 
 @pytest.fixture(scope="session")

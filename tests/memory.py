@@ -18,13 +18,15 @@ from dubtool.pipeline.run import Inputs, run_front
 
 
 def main(video: str, speech: str, model: str, cache_dir: str) -> None:
-    completion = load_model(model).dubber.completion
+    loaded = load_model(model)
+    completion = loaded.dubber.completion
     inputs = Inputs.of(video, speech)
     with inputs.open_cache(cache_dir) as cache:
         front = run_front(cache, inputs, force=True)
         extracted = front.extracted
         cache.run_stage("complete", "memory", lambda out: complete_stage.complete(
-            completion, front.track, extracted.plan, extracted.mel, extracted.video.fps, out),
+            completion, front.track, extracted.plan, extracted.mel, extracted.video.fps, out,
+            loaded.config.inference.complete),
             force=True)
         times = ", ".join(f"{r.stage} {r.seconds:.1f} s" for r in cache.records)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

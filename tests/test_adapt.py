@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ffmpeg, make_video
+from conftest import ffmpeg, make_video, model_with_settings
 from test_lipsync import _speech_with_pause, _track
 from test_nets import tiny_config
 
@@ -18,28 +18,32 @@ from dubtool.evaluation.metrics import opening_correlation
 from dubtool.face.indices import CONTENT_SLICE, ORDER, inner_lip_opening
 from dubtool.media.audio import load_speech, mel_energy, mel_spectrogram, normalise_mel
 from dubtool.media.probe import probe_video
+from dubtool.nets.config import AdaptSettings
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.pipeline import adapt as adapt_stage
 from dubtool.pipeline.complete import predict_content, reference_frames
 
 FPS = Fraction(25)
+MAX_SECONDS = AdaptSettings().max_seconds
 
 
 def test_no_frame_near_an_output_frame_is_learned_from() -> None:
     track = _track(400, np.random.default_rng(0))
     track.detected[300:310] = False
     plan = np.arange(100)
-    usable = adapt_stage.learnable_frames(track, plan, 50, FPS)
+    usable = adapt_stage.learnable_frames(track, plan, 50, FPS, MAX_SECONDS)
     assert not usable[:149].any() and usable[149:300].all() and not usable[300:310].any()
     # Frames far from every frame of a plan with gaps stay usable, between them too.
     gappy = np.concatenate([np.arange(0, 20), np.arange(380, 400)])
-    usable = adapt_stage.learnable_frames(track, gappy, 50, FPS)
+    usable = adapt_stage.learnable_frames(track, gappy, 50, FPS, MAX_SECONDS)
     near = np.abs(np.arange(400)[:, None] - gappy[None]).min(axis=1) < 50
     assert not usable[near].any() and usable[~near & track.detected].all()
-    # Without exclusion every frame with a face, up to ADAPT_MAX_SECONDS.
-    assert np.array_equal(adapt_stage.learnable_frames(track, plan, 0, FPS), track.detected)
-    short = adapt_stage.learnable_frames(track, plan, 0, Fraction(1))
-    assert short.sum() == adapt_stage.ADAPT_MAX_SECONDS
+    # Without exclusion every frame with a face, up to max_seconds.
+    assert np.array_equal(adapt_stage.learnable_frames(track, plan, 0, FPS, MAX_SECONDS),
+                          track.detected)
+    short = adapt_stage.learnable_frames(track, plan, 0, Fraction(1), MAX_SECONDS)
+    assert short.sum() == MAX_SECONDS
+    assert adapt_stage.learnable_frames(track, plan, 0, FPS, 2.0).sum() == 50
 
 
 def _talking_video(folder: Path) -> tuple[Path, np.ndarray]:
@@ -58,8 +62,8 @@ def _talking_video(folder: Path) -> tuple[Path, np.ndarray]:
     return talking, np.roll(loud, 2)
 
 
-def test_adaptation_teaches_the_completion_the_videos_own_lips(espeak: str, tmp_path: Path,
-                                                               monkeypatch) -> None:
+def test_adaptation_teaches_the_completion_the_videos_own_lips(espeak: str,
+                                                               tmp_path: Path) -> None:
     talking, loud = _talking_video(tmp_path)
     video = probe_video(talking)
     track = _track(video.frame_count, np.random.default_rng(0))
@@ -79,14 +83,12 @@ def test_adaptation_teaches_the_completion_the_videos_own_lips(espeak: str, tmp_
                                                  mel, FPS)
         return opening_correlation(inner_lip_opening(lips), real)  # 0 for a still mouth
 
-    monkeypatch.setattr(adapt_stage, "ADAPT_MIN_SECONDS", 1.0)
-    monkeypatch.setattr(adapt_stage, "ADAPT_STEPS", 60)
-    monkeypatch.setattr(adapt_stage, "ADAPT_LEARNING_RATE", 3e-3)
+    settings = AdaptSettings(min_seconds=1.0, steps=60, learning_rate=3e-3)
     rng_state = torch.get_rng_state()
     result = adapt_stage.adapt(completion, video, track, plan, tmp_path,
-                               tiny_config().training)
+                               tiny_config().training, settings)
     assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's draws are its own
-    assert result.adapted and result.loss_after < result.loss_before
+    assert result.adapted and result.loss_after < result.loss_before and result.steps == 60
     assert result.seconds == pytest.approx(video.frame_count / 25)
     adapted = adapt_stage.adapted_completion(completion, tmp_path)
     assert adapted is not completion and not adapted.training
@@ -97,7 +99,7 @@ def test_adaptation_teaches_the_completion_the_videos_own_lips(espeak: str, tmp_
     # The same seed: the same weights.
     (tmp_path / "again").mkdir()
     adapt_stage.adapt(completion, video, track, plan, tmp_path / "again",
-                      tiny_config().training)
+                      tiny_config().training, settings)
     again = adapt_stage.adapted_completion(completion, tmp_path / "again")
     for a, b in zip(adapted.parameters(), again.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -112,31 +114,32 @@ def test_too_little_video_or_no_sound_leaves_the_completion_as_it_is(tmp_path: P
         folder.mkdir()
         track = _track(video.frame_count, np.random.default_rng(0))
         result = adapt_stage.adapt(completion, video, track, np.arange(10), folder,
-                                   tiny_config().training)
+                                   tiny_config().training, AdaptSettings())
         assert not result.adapted and reason in result.reason
         assert adapt_stage.adapted_completion(completion, folder) is completion
         assert not (folder / adapt_stage.WEIGHTS_FILE).exists()
 
 
 def test_dub_adapts_once_per_video_and_says_so(tiny_model: Path, face_clip: Path,
-                                               tmp_path: Path, monkeypatch) -> None:
+                                               tmp_path: Path) -> None:
     """Through the cache: adapted on the video's own speech, cached for a rerun; --no-adapt
     has no adapt stage; the CLI's summary line tells which."""
     import dubtool
 
-    monkeypatch.setattr(adapt_stage, "ADAPT_MIN_SECONDS", 1.0)
-    monkeypatch.setattr(adapt_stage, "ADAPT_STEPS", 3)
+    model = model_with_settings(tiny_model, tmp_path / "model",
+                                adapt={"min_seconds": 1.0, "steps": 3})
     cache = tmp_path / "cache"
-    first = dubtool.dub(face_clip, face_clip, tmp_path / "a.mp4", model=tiny_model,
+    first = dubtool.dub(face_clip, face_clip, tmp_path / "a.mp4", model=model,
                         cache_dir=cache, steps=1)
     assert first.adaptation is not None and first.adaptation.adapted
+    assert first.adaptation.steps == 3
     stages = {r.stage: r.status for r in first.stages}
     assert stages["adapt"] == "ran"
-    second = dubtool.dub(face_clip, face_clip, tmp_path / "b.mp4", model=tiny_model,
+    second = dubtool.dub(face_clip, face_clip, tmp_path / "b.mp4", model=model,
                          cache_dir=cache, steps=1)
     assert {r.stage: r.status for r in second.stages}["adapt"] == "cached"
     assert second.adaptation == first.adaptation
-    off = dubtool.dub(face_clip, face_clip, tmp_path / "c.mp4", model=tiny_model,
+    off = dubtool.dub(face_clip, face_clip, tmp_path / "c.mp4", model=model,
                       cache_dir=cache, steps=1, adapt=False)
     assert off.adaptation is None and "adapt" not in {r.stage for r in off.stages}
     assert not np.allclose(off.landmarks, second.landmarks)
@@ -152,7 +155,7 @@ def test_dub_adapts_once_per_video_and_says_so(tiny_model: Path, face_clip: Path
 
 
 def test_enough_face_time_but_no_window_of_successive_faces_skips_adaptation(
-        tmp_path: Path, monkeypatch) -> None:
+        tmp_path: Path) -> None:
     """8 s of frames with a face, but a frame without one in every window: skipped with its
     reason (it raised ValueError from the sampler); one whole window is enough to adapt."""
     completion = LandmarkCompletion(tiny_config().completion)
@@ -160,16 +163,15 @@ def test_enough_face_time_but_no_window_of_successive_faces_skips_adaptation(
     video = probe_video(make_video(tmp_path / "talk.mp4", seconds=10.0))
     track = _track(video.frame_count, np.random.default_rng(0))
     track.detected[::window] = False
-    assert track.detected.sum() / 25 >= adapt_stage.ADAPT_MIN_SECONDS
+    assert track.detected.sum() / 25 >= AdaptSettings().min_seconds
     (tmp_path / "gaps").mkdir()
     result = adapt_stage.adapt(completion, video, track, np.arange(10), tmp_path / "gaps",
-                               tiny_config().training)
+                               tiny_config().training, AdaptSettings())
     assert not result.adapted and f"never {window} successive" in result.reason
     assert f"at most {window - 1}" in result.reason
     assert not (tmp_path / "gaps" / adapt_stage.WEIGHTS_FILE).exists()
     track.detected[window:2 * window] = True  # one run of exactly a window
-    monkeypatch.setattr(adapt_stage, "ADAPT_STEPS", 1)
     (tmp_path / "one").mkdir()
     result = adapt_stage.adapt(completion, video, track, np.arange(10), tmp_path / "one",
-                               tiny_config().training)
+                               tiny_config().training, AdaptSettings(steps=1))
     assert result.adapted, result.reason

@@ -482,6 +482,52 @@ def test_sampling_defaults_come_from_the_model_config(face_clip: Path, tiny_mode
     assert [(s.steps, s.eta, s.strength) for s in seen] == [(4, 0.7, 0.4), (2, 0.0, 1.0)]
 
 
+def test_inference_settings_come_from_the_model_and_key_their_stages(
+        face_clip: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """The stages read their settings from the model's config (its ``inference`` section),
+    and each group is part of its stage's fingerprint: a changed setting recomputes its stage
+    and those after it and keeps those before it, with the model's weights unchanged."""
+    import dataclasses
+
+    from conftest import model_with_settings
+
+    from dubtool.pipeline.dubber import Dubber
+
+    cache = tmp_path / "cache"
+    model = load_model(tiny_model, completion_only=True)
+
+    def dub(name: str, **changes: dict) -> tuple[dict[str, str], np.ndarray]:
+        """Dubbed with these settings changed from the last dub's."""
+        now = model.config.inference
+        groups = {group: dataclasses.replace(getattr(now, group), **fields)
+                  for group, fields in changes.items()}
+        model.config = model.config.replace(inference=dataclasses.replace(now, **groups))
+        result = Dubber(model, device="cpu").dub(face_clip, face_clip, tmp_path / f"{name}.mp4",
+                                                 cache_dir=cache)
+        return {r.stage: r.status for r in result.stages}, np.array(result.landmarks)
+
+    model_stages = ("adapt", "complete", "references", "reference-crops")
+    ran, base = dub("base")
+    assert all(ran[stage] == "ran" for stage in model_stages)
+    ran, gain = dub("gain", complete={"articulation_gain": 3.0})
+    assert [ran[s] for s in model_stages] == ["cached", "ran", "ran", "ran"]
+    assert not np.allclose(gain, base)
+    ran, again = dub("again")  # the same settings: cached
+    assert all(ran[stage] == "cached" for stage in model_stages)
+    np.testing.assert_array_equal(again, gain)
+    ran, _ = dub("switch", references={"switch_cost": 0.5})
+    assert [ran[s] for s in model_stages] == ["cached", "cached", "ran", "ran"]
+    ran, _ = dub("sharp", native={"max_sharpening": 0.0})
+    assert [ran[s] for s in model_stages] == ["cached", "cached", "cached", "ran"]
+    # From a model folder: its config.json's section is what the stages read.
+    folder = model_with_settings(tiny_model, tmp_path / "gain-model",
+                                 complete={"articulation_gain": 3.0})
+    result = dubtool.dub(face_clip, face_clip, tmp_path / "folder.mp4", model=folder,
+                         cache_dir=cache)
+    assert {r.stage: r.status for r in result.stages}["complete"] == "ran"
+    np.testing.assert_allclose(result.landmarks, gain, atol=1e-6)
+
+
 def test_partial_strength_starts_from_the_reference_warped_to_the_target(
         tiny_model: Path) -> None:
     """At a strength that leaves one almost noiseless step, the generated lower half is the

@@ -15,13 +15,14 @@ from scipy.ndimage import gaussian_filter1d
 from dubtool.evaluation.metrics import articulation, opening_correlation
 from dubtool.face.indices import CONTENT_SLICE, ORDER, POSE_SLICE, inner_lip_opening
 from dubtool.media.audio import SAMPLE_RATE, load_speech, mel_spectrogram, pauses, voice_activity
-from dubtool.nets.config import TrainingConfig
+from dubtool.nets.config import CompleteSettings, TrainingConfig
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.nets.losses import completion_losses
 from dubtool.pipeline import complete as complete_stage
 from dubtool.pipeline.landmarks import FaceTrack
 
 FPS = Fraction(25)
+SETTINGS = CompleteSettings()  # the complete stage's defaults
 
 
 def test_opening_metrics_on_known_cases() -> None:
@@ -124,7 +125,7 @@ def test_pause_closes_the_mouth_to_the_videos_closed_shape(espeak: str, tmp_path
     mel = mel_spectrogram(speech)
     frames = int(len(speech) / SAMPLE_RATE * 25)
     active = voice_activity(mel, FPS, frames)
-    paused = pauses(active, FPS, complete_stage.PAUSE_SECONDS)
+    paused = pauses(active, FPS, SETTINGS.pause_seconds)
     gap = np.arange(round(first_seconds * 25) + 3, round((first_seconds + 1) * 25) - 3)
     assert paused[gap].all(), "the 1 s pause is found"
     assert not paused[round(first_seconds * 25) - 8:round(first_seconds * 25) - 3].any()
@@ -135,10 +136,11 @@ def test_pause_closes_the_mouth_to_the_videos_closed_shape(espeak: str, tmp_path
     torch.nn.init.normal_(completion.head[1].weight, std=0.05)  # a mouth that moves
     track = _track(60, np.random.default_rng(0))
     plan = np.arange(frames) % 60
-    result = complete_stage.complete(completion, track, plan, mel, FPS, tmp_path)
+    result = complete_stage.complete(completion, track, plan, mel, FPS, tmp_path, SETTINGS)
     target, predicted = result.target[:], result.predicted[:]
     opening = inner_lip_opening(target)
-    closed = complete_stage.closed_mouth(track.crop_points(), track.detected)
+    closed = complete_stage.closed_mouth(track.crop_points(), track.detected,
+                                         SETTINGS.closed_fraction, SETTINGS.closed_max_frames)
     closed_points = target[gap[0]].copy()
     closed_points[CONTENT_SLICE] = closed
     closed_level = inner_lip_opening(closed_points)
@@ -147,18 +149,19 @@ def test_pause_closes_the_mouth_to_the_videos_closed_shape(espeak: str, tmp_path
     assert closed_level < np.median(inner_lip_opening(track.crop_points()))
     # In speech the completion's own prediction is used, smoothed over 0.04 s; the parts
     # written one at a time equal smoothing it all at once.
-    near_pause = np.convolve(paused, np.ones(2 * complete_stage.FADE_FRAMES + 1), "same") > 0
+    near_pause = np.convolve(paused, np.ones(2 * SETTINGS.fade_frames + 1), "same") > 0
     speaking = np.nonzero(~near_pause)[0]
     assert len(speaking) > 20
     smooth = complete_stage.articulate(
-        gaussian_filter1d(predicted, complete_stage.SMOOTH_SECONDS * FPS, axis=0,
-                          mode="nearest"), complete_stage.ARTICULATION_GAIN,
-        complete_stage.articulation_frames(FPS))
+        gaussian_filter1d(predicted, SETTINGS.smooth_seconds * FPS, axis=0,
+                          mode="nearest"), SETTINGS.articulation_gain,
+        complete_stage.articulation_frames(FPS, SETTINGS.articulation_seconds))
     assert np.allclose(target[speaking][:, CONTENT_SLICE], smooth[speaking], atol=1e-6)
     assert not np.allclose(smooth, predicted, atol=1e-4)  # the smoothing did something
     monkeypatch.setattr(complete_stage, "OUTPUT_CHUNK", 7)
     (tmp_path / "by_parts").mkdir()
-    parts = complete_stage.complete(completion, track, plan, mel, FPS, tmp_path / "by_parts")
+    parts = complete_stage.complete(completion, track, plan, mel, FPS, tmp_path / "by_parts",
+                                    SETTINGS)
     np.testing.assert_allclose(parts.target[:], target, atol=1e-6)
     assert np.abs(opening[speaking] - closed_level).max() > 1e-3
 
@@ -202,7 +205,7 @@ def test_close_pauses_fades_in_and_out() -> None:
     closed = np.zeros((57, 2), np.float32)
     paused = np.zeros(12, bool)
     paused[5:7] = True
-    weight = complete_stage.closing_weight(paused)
+    weight = complete_stage.closing_weight(paused, fade_frames=2)
     out = complete_stage.close_pauses(content, closed, weight)[:, 0, 0]
     assert out[5] == out[6] == 0.0
     assert out[4] == pytest.approx(1 / 3) and out[7] == pytest.approx(1 / 3)
@@ -236,7 +239,7 @@ def test_completion_reads_the_mel_and_writes_its_frames_by_parts(tmp_path: Path)
                                    out=out)
     assert np.allclose(out[:], whole, atol=1e-5)
     result = complete_stage.complete(completion, track, plan, DiskArray.open(tmp_path / "mel.npy"),
-                                     FPS, tmp_path)
+                                     FPS, tmp_path, SETTINGS)
     assert isinstance(result.target, DiskArray) and result.target.shape == (407, 131, 2)
     assert np.array_equal(result.target[:][:, POSE_SLICE], points[plan][:, POSE_SLICE])
 
@@ -271,15 +274,17 @@ def test_the_completions_references_keep_clear_of_the_scored_frames(tmp_path: Pa
     track.points[150:, bottom, 1] = track.points[150:, top, 1] + 30
     mel = np.random.default_rng(1).normal(-30, 5, (80, 400)).astype(np.float32)
     mel[:, 100:200] = -100.0  # a pause of 1.25 s
-    result = complete_stage.complete(completion, track, plan, mel, FPS, tmp_path,
+    result = complete_stage.complete(completion, track, plan, mel, FPS, tmp_path, SETTINGS,
                                      exclude_frames=gap, reference_frame=200)
     assert (np.abs(result.references[:, None] - plan[None]) >= gap).all()
-    everywhere = complete_stage.closed_mouth(track.crop_points(), track.detected)
-    clear = complete_stage.closed_mouth(track.crop_points(), np.arange(400) >= 149)
+    closed = SETTINGS.closed_fraction, SETTINGS.closed_max_frames
+    everywhere = complete_stage.closed_mouth(track.crop_points(), track.detected, *closed)
+    clear = complete_stage.closed_mouth(track.crop_points(), np.arange(400) >= 149, *closed)
     assert not np.allclose(everywhere, clear)
     target = result.target[:]
     paused = complete_stage.closing_weight(pauses(voice_activity(mel, FPS, 100), FPS,
-                                                  complete_stage.PAUSE_SECONDS)) == 1
+                                                  SETTINGS.pause_seconds),
+                                           SETTINGS.fade_frames) == 1
     assert paused.sum() > 20
     np.testing.assert_allclose(target[paused][:, CONTENT_SLICE],
                                clear[None].repeat(paused.sum(), 0), atol=1e-6)

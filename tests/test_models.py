@@ -1,8 +1,11 @@
 """The model folder shipped in models/: complete, safetensors only, small, loadable."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 from dubtool.api import DEFAULT_MODEL
+from dubtool.nets.config import ModelConfig
 from dubtool.nets.io import MODELS_DIR, load_model
 
 
@@ -18,6 +21,22 @@ def test_shipped_model_loads_and_is_documented() -> None:
     card = (folder / "MODEL_CARD.md").read_text()
     for words in ("LMD", "static", "validation", "Known limits"):
         assert words in card
+
+
+def test_the_shipped_config_round_trips_with_its_inference_settings(tmp_path: Path) -> None:
+    """The shipped model's config.json carries the inference settings its numbers were
+    measured with (those the card lists), and loads, saves and loads again unchanged."""
+    path = MODELS_DIR / DEFAULT_MODEL / "config.json"
+    config = ModelConfig.load(path)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    config.save(tmp_path / "config.json")
+    assert ModelConfig.load(tmp_path / "config.json") == config
+    written = json.loads(path.read_text())["inference"]
+    assert written == dataclasses.asdict(config.inference)
+    card = " ".join((MODELS_DIR / DEFAULT_MODEL / "MODEL_CARD.md").read_text().split())
+    for group, settings in written.items():
+        for name, value in settings.items():
+            assert f"`{group}.{name}` {value:g}" in card, (group, name)
 
 
 def test_configs_folder_holds_the_two_configs() -> None:

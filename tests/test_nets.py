@@ -1,6 +1,8 @@
 """The networks on tiny sizes: shapes, the paper's structural claims, sampling, save/load."""
 
 import dataclasses
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,11 +11,16 @@ import torch
 from dubtool.errors import ModelError
 from dubtool.nets.autoencoder import FaceAutoencoder
 from dubtool.nets.config import (
+    AdaptSettings,
     AutoencoderConfig,
+    CompleteSettings,
     CompletionConfig,
     DenoiserConfig,
     DiffusionConfig,
+    InferenceConfig,
     ModelConfig,
+    NativeSettings,
+    ReferenceSettings,
     TrainingConfig,
 )
 from dubtool.nets.dubber import DubbingModel, complete_landmarks
@@ -323,6 +330,58 @@ def test_only_matching_safetensors_are_loaded(models, tmp_path: Path) -> None:
     save_weights(ae, tmp_path / "ae.safetensors")
     with pytest.raises(ModelError, match="missing"):
         load_weights(model, tmp_path / "ae.safetensors")
+
+
+def test_a_config_without_inference_settings_gets_the_defaults(tmp_path: Path) -> None:
+    """Model folders written before the inference settings were saved load with today's
+    values; a section names only the fields it changes, the rest keep their defaults."""
+    old = ModelConfig.named("cpu-128").to_dict()
+    del old["inference"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert ModelConfig.load(tmp_path / "config.json").inference == InferenceConfig()
+    assert InferenceConfig() == InferenceConfig(AdaptSettings(), CompleteSettings(),
+                                                ReferenceSettings(), NativeSettings())
+    partial = ModelConfig.from_dict({**old, "inference": {"complete": {"articulation_gain": 2}}})
+    gain = partial.inference.complete.articulation_gain
+    assert gain == 2.0 and isinstance(gain, float)  # one value, one fingerprint
+    assert partial.inference.complete.pause_seconds == CompleteSettings().pause_seconds
+    assert partial.inference.adapt == AdaptSettings()
+    assert ModelConfig.from_dict(partial.to_dict()) == partial
+
+
+@pytest.mark.parametrize(("inference", "named"), [
+    ({"adapt": {"steps": -1}}, "inference.adapt.steps must be at least 1"),
+    ({"adapt": {"learning_rate": 0}}, "inference.adapt.learning_rate must be above 0"),
+    ({"adapt": {"batch": 2.5}}, "inference.adapt.batch must be an integer"),
+    ({"complete": {"articulation_gain": 0.0}}, "inference.complete.articulation_gain"),
+    ({"complete": {"closed_fraction": 1.5}}, "inference.complete.closed_fraction must be in"),
+    ({"complete": {"fade_frames": -1}}, "inference.complete.fade_frames"),
+    ({"complete": {"pause_seconds": "long"}}, "inference.complete.pause_seconds must be a"),
+    ({"references": {"narrowing_share": 0}}, "inference.references.narrowing_share"),
+    ({"references": {"candidates": True}}, "inference.references.candidates"),
+    ({"native": {"max_size": 1}}, "inference.native.max_size must be at least 2"),
+    ({"native": {"detail_tolerance": -0.1}}, "inference.native.detail_tolerance"),
+    ({"complete": {"gain": 1.5}}, "inference.complete has no field(s) gain"),
+    ({"rendering": {}}, "inference has no field(s) rendering"),
+    ({"complete": 1.5}, "inference.complete must be an object"),
+])
+def test_an_inference_setting_out_of_range_or_unknown_is_named(inference: dict,
+                                                               named: str) -> None:
+    config = {**ModelConfig.named("cpu-128").to_dict(), "inference": inference}
+    with pytest.raises(ModelError, match=re.escape(named)) as error:
+        ModelConfig.from_dict(config)
+    assert "\n" not in str(error.value) and str(error.value).startswith("invalid model config")
+
+
+def test_inference_settings_are_checked_however_they_are_made() -> None:
+    with pytest.raises(ModelError, match=r"inference\.complete\.articulation_gain"):
+        CompleteSettings(articulation_gain=-1.0)
+    with pytest.raises(ModelError, match=r"inference\.references\.switch_cost"):
+        dataclasses.replace(ReferenceSettings(), switch_cost=-0.1)
+    # The edges of the ranges are allowed: none of a cost, a whole share, one step.
+    assert ReferenceSettings(anchor_preference=0, narrowing_share=1.0).narrowing_share == 1.0
+    assert AdaptSettings(steps=1, min_seconds=0).steps == 1
+    assert NativeSettings(max_sharpening=0, detail_tolerance=1).max_sharpening == 0.0
 
 
 def test_shipped_configs() -> None:

@@ -18,6 +18,7 @@ from dubtool.face.indices import (
     mouth_opening,
 )
 from dubtool.face.warp import warp_face
+from dubtool.nets.config import CompleteSettings, NativeSettings, ReferenceSettings
 from dubtool.options import DEFAULT_REFERENCES
 from dubtool.pipeline import references
 from dubtool.pipeline.landmarks import FaceTrack
@@ -30,6 +31,8 @@ from dubtool.pipeline.references import (
 from dubtool.pipeline.renderers.native import NativeFaces
 from dubtool.pipeline.run import pick_reference_frame
 
+NATIVE = NativeSettings()  # the native renderer's defaults
+NEAREST = ReferenceSettings(anchor_preference=0.0)  # no source preferred
 LOWER_LIP = np.arange(LIPS_SLICE.start, NUM_POINTS)[[11, 12, 13, 14, 15, 16, 17, 18, 19,
                                                       31, 32, 33, 34, 35, 36, 37, 38, 39]]
 
@@ -84,7 +87,7 @@ def test_the_reference_is_the_frame_whose_mouth_is_nearest_in_any_pose() -> None
     wanted = np.repeat([0.0, 0.06, 0.12, 0.03], 10)  # each held for 10 frames
     target = np.stack([_moved(_face(v, rng), 1.1, 0.1, (0.05, 0.0)) for v in wanted])
     chosen = choose_references(track.points, track.detected, target, np.zeros(40, np.int64),
-                               anchor=pick_reference_frame(track), anchor_preference=0.0)
+                               anchor=pick_reference_frame(track), settings=NEAREST)
     # The nearest shape, or one a step more open (the warp can close a mouth, not open one).
     wider = openings[chosen.source] - wanted
     assert (wider >= -1e-9).all() and (wider <= 0.0051).all()
@@ -100,7 +103,7 @@ def test_the_reference_frame_serves_unless_another_mouth_is_much_nearer() -> Non
     plan = np.zeros(len(wanted), np.int64)
     preferred = choose_references(track.points, track.detected, target, plan, anchor=anchor)
     nearest = choose_references(track.points, track.detected, target, plan, anchor=anchor,
-                                anchor_preference=0.0)
+                                settings=NEAREST)
     # Near the anchor's shape the anchor serves; the wide-open and the closed mouths come from
     # frames that have them.
     assert (preferred.source[:30] == anchor).all()
@@ -219,9 +222,11 @@ def test_switching_references_makes_no_jump_larger_than_the_source_own() -> None
     track = _track(points, size)
     video = [np.full((size, size, 3), 60 + 2 * i, np.uint8) for i in range(frames)]
     path = np.array([10] * 40 + [70] * 40)
-    plan = ReferencePlan(path, *cross_fades(path, references.FADE_FRAMES), np.array([10, 70]))
+    plan = ReferencePlan(path, *cross_fades(path, ReferenceSettings().fade_frames),
+                         np.array([10, 70]))
     crops = {10: video[10], 70: video[70]}
-    faces = NativeFaces(track, track.crop_points(), np.arange(frames), plan, crops)
+    faces = NativeFaces(track, track.crop_points(), np.arange(frames), plan, crops,
+                        NATIVE.max_size)
     out = []
     for o in range(frames):
         face, mask = faces.lower_face(o, video[o])
@@ -254,8 +259,7 @@ def test_the_single_reference_is_far_from_as_many_frames_as_can_be() -> None:
 def test_a_soft_reference_is_sharpened_to_the_videos_typical_detail() -> None:
     """``match_detail`` brings a blurred face's mouth detail up to the typical one (within the
     bisection's step), leaves a face that already holds it as it is, and never sharpens past
-    MAX_SHARPENING."""
-    from dubtool.pipeline.renderers import native as render
+    max_sharpening."""
     from dubtool.pipeline.renderers.native import match_detail, mouth_detail
 
     rng = np.random.default_rng(0)
@@ -264,23 +268,28 @@ def test_a_soft_reference_is_sharpened_to_the_videos_typical_detail() -> None:
     typical = mouth_detail(texture, points)
     soft = cv2.GaussianBlur(texture, (0, 0), 0.8)
     assert mouth_detail(soft, points) < 0.6 * typical
-    sharpened = match_detail(soft, points, typical)
+    sharpened = match_detail(soft, points, typical, NATIVE)
     assert typical <= mouth_detail(sharpened, points) < 1.05 * typical
-    assert np.array_equal(match_detail(texture, points, typical), texture)
-    assert np.array_equal(match_detail(sharpened, points, 0.5 * typical), sharpened)
+    assert np.array_equal(match_detail(texture, points, typical, NATIVE), texture)
+    assert np.array_equal(match_detail(sharpened, points, 0.5 * typical, NATIVE), sharpened)
     # Far softer than any unsharp mask can mend: the largest amount, no more.
     flat = cv2.GaussianBlur(texture, (0, 0), 6.0)
-    most = match_detail(flat, points, typical)
+    most = match_detail(flat, points, typical, NATIVE)
     assert mouth_detail(most, points) < typical
     blurred = cv2.GaussianBlur(flat, (0, 0), 1.0)
-    expected = cv2.addWeighted(flat, 1 + render.MAX_SHARPENING, blurred,
-                               -render.MAX_SHARPENING, 0.0)
+    expected = cv2.addWeighted(flat, 1 + NATIVE.max_sharpening, blurred,
+                               -NATIVE.max_sharpening, 0.0)
     assert np.array_equal(most, expected)
+    # A smaller largest amount is the limit, and none leaves the face as it is.
+    less = match_detail(flat, points, typical, NativeSettings(max_sharpening=0.5))
+    assert np.array_equal(less, cv2.addWeighted(flat, 1.5, blurred, -0.5, 0.0))
+    assert np.array_equal(match_detail(flat, points, typical,
+                                       NativeSettings(max_sharpening=0.0)), flat)
 
 
-def test_reference_crops_past_the_detail_sample_are_the_frames_own(face_clip, tmp_path,
-                                                                  monkeypatch) -> None:
-    """References after the first DETAIL_FRAMES are read by themselves: the same crops as
+def test_reference_crops_past_the_detail_sample_are_the_frames_own(face_clip,
+                                                                  tmp_path) -> None:
+    """References after the first detail_frames are read by themselves: the same crops as
     from reading every frame."""
     from dubtool.media.frames import read_frames
     from dubtool.media.probe import probe_video
@@ -291,15 +300,16 @@ def test_reference_crops_past_the_detail_sample_are_the_frames_own(face_clip, tm
     with inputs.open_cache(tmp_path / "cache") as cache:
         track = run_front(cache, inputs).track
     video = probe_video(face_clip)
-    monkeypatch.setattr(render, "DETAIL_FRAMES", 10)
-    monkeypatch.setattr(render, "DETAIL_TOLERANCE", 0.0)  # compare the crops unsharpened
-    render.write_reference_crops(video, track, np.array([30, 5, 45, 30]), tmp_path)
+    # (no sharpening: the crops are compared as read)
+    settings = NativeSettings(detail_frames=10, max_sharpening=0.0)
+    render.write_reference_crops(video, track, np.array([30, 5, 45, 30]), tmp_path, settings)
     crops = render.load_reference_crops(tmp_path)
     assert sorted(crops) == [5, 30, 45]
     frames = list(read_frames(video))
     for i, face in crops.items():
         box = track.box(i)
-        assert np.array_equal(face, box.crop(frames[i], render.native_size(box.size)))
+        assert np.array_equal(face, box.crop(frames[i], render.native_size(box.size,
+                                                                           settings.max_size)))
 
 
 def test_the_pool_is_drawn_from_a_bounded_spread_of_frames(monkeypatch, tmp_path) -> None:
@@ -325,9 +335,9 @@ def test_the_pool_is_drawn_from_a_bounded_spread_of_frames(monkeypatch, tmp_path
     np.testing.assert_array_equal(from_disk.pool, chosen.pool)
 
 
-def test_the_closed_shape_is_the_median_of_a_bounded_number_of_frames(monkeypatch) -> None:
-    """The closed mouth: the median of the CLOSED_FRACTION least open frames, but of no more
-    than CLOSED_MAX_FRAMES, read from a track on disk the same as from memory."""
+def test_the_closed_shape_is_the_median_of_a_bounded_number_of_frames() -> None:
+    """The closed mouth: the median of the closed_fraction least open frames, but of no more
+    than closed_max_frames, read from a track on disk the same as from memory."""
     from dubtool.pipeline import complete as complete_stage
 
     rng = np.random.default_rng(5)
@@ -335,10 +345,10 @@ def test_the_closed_shape_is_the_median_of_a_bounded_number_of_frames(monkeypatc
     track = _track(np.stack([_face(v, rng) for v in openings]))
     points = track.crop_points()
     order = np.argsort(inner_lip_opening(points))
-    ten = complete_stage.closed_mouth(points, track.detected)
+    fraction = CompleteSettings().closed_fraction  # 0.1
+    ten = complete_stage.closed_mouth(points, track.detected, fraction, 500)
     np.testing.assert_allclose(ten, np.median(points[order[:10]][:, CONTENT_SLICE], axis=0))
-    monkeypatch.setattr(complete_stage, "CLOSED_MAX_FRAMES", 3)
-    three = complete_stage.closed_mouth(track.cropped, track.detected)
+    three = complete_stage.closed_mouth(track.cropped, track.detected, fraction, 3)
     np.testing.assert_allclose(three, np.median(points[order[:3]][:, CONTENT_SLICE], axis=0))
     assert not np.allclose(three, ten)
 

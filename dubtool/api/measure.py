@@ -69,6 +69,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
                                     references=references, steps=steps, strength=strength,
                                     seed=seed)
     identity = load_identity_model()
+    pause_seconds = dubber.model.config.inference.complete.pause_seconds  # the dubs' pauses
     results = []
     for n, clip in enumerate(clips):
         if progress is not None:
@@ -83,7 +84,8 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
             track = run_front(cache, inputs, loop="cut", whole_video=True).track
         results.append(evaluate_clip(clip, dubbed.output, track, dubbed.reference_frame,
                                      dubbed.landmarks, identity, speech=speech,
-                                     reference_gap=reference_gap))
+                                     reference_gap=reference_gap,
+                                     pause_seconds=pause_seconds))
     if progress is not None:
         progress("eval", len(clips), len(clips))
     settings = {"model": str(dubber.model.folder), "steps": dubber.settings.steps,

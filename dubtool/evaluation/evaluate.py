@@ -36,7 +36,7 @@ from dubtool.face.warp import warp_face
 from dubtool.media.audio import decode_speech, mel_spectrogram, pauses, voice_activity
 from dubtool.media.frames import VideoWriter, read_frames
 from dubtool.media.probe import probe_video
-from dubtool.pipeline.complete import PAUSE_SECONDS
+from dubtool.nets.config import CompleteSettings
 from dubtool.pipeline.landmarks import FaceTrack
 from dubtool.pipeline.plan import gap_frames
 
@@ -308,12 +308,14 @@ def strip_image(variants: dict[str, np.ndarray], track: FaceTrack, count: int = 
 def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
                   reference_frame: int, landmarks: np.ndarray | None = None,
                   identity: IdentityModel | None = None, speech: str | Path | None = None,
-                  reference_gap: float = 0.0) -> ClipEvaluation:
+                  reference_gap: float = 0.0,
+                  pause_seconds: float = CompleteSettings().pause_seconds) -> ClipEvaluation:
     """Measure a clip's dub (made from the clip's own ``speech``, default the clip's, with
     loop 'cut') and the two reference variants over the dub's frames. ``track`` is the
     clip's face track, ``reference_frame`` the dub's, ``landmarks`` the dub's target
     landmarks (for the completion_* metrics). Frames within ``reference_gap`` seconds of the
-    reference frame are not scored (see ``scored_frames``).
+    reference frame are not scored (see ``scored_frames``). ``pause_seconds``: the silences
+    marked as pauses in the series (the dubbing model's ``inference.complete``).
 
     The frames are read a frame at a time, twice: the clip beside the dub (the static mouth
     written to an H.264 file as it goes, to be encoded like the dub), then the clip beside
@@ -376,7 +378,7 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
         results[name], series[name] = variants[name].results(
             original, envelope, fps, landmarks if name == "model" else None, original_ids)
     series["energy"] = mel.mean(axis=0)
-    series["paused"] = pauses(voice_activity(mel, info.fps, frames), info.fps, PAUSE_SECONDS)
+    series["paused"] = pauses(voice_activity(mel, info.fps, frames), info.fps, pause_seconds)
     # (a frame may be picked more than once: fewer scored frames than tiles)
     strip = strip_of_tiles({name: [variants[name].tiles[i] for i in picks.tolist()]
                             for name in VARIANTS})

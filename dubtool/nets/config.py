@@ -1,8 +1,10 @@
 """Model dimensions and settings: dataclasses saved with the weights as config.json.
 
 One ModelConfig describes a whole dubbing model: the autoencoder, the landmark completion
-transformer, the denoiser U-Net (with its appearance encoder), the diffusion schedule and the
-training settings, plus the crop size and the landmark order the weights were trained with.
+transformer, the denoiser U-Net (with its appearance encoder), the diffusion schedule, the
+training settings and the inference settings its quality was measured with (``inference``:
+read by the pipeline's stages and part of their fingerprints), plus the crop size and the
+landmark order the weights were trained with.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from dubtool.errors import ModelError
 from dubtool.face.indices import NUM_CONTENT, NUM_POINTS, NUM_POSE, ORDER
@@ -153,6 +155,128 @@ class TrainingConfig:
     mixed_precision: str = "no"  # "no", "bf16" (CUDA or CPU) or "fp16" (CUDA only)
 
 
+# Checks of the inference settings' values: (test, what the message says the value must be).
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_AT_LEAST_2 = (lambda v: v >= 2, "at least 2")
+_NOT_NEGATIVE = (lambda v: v >= 0, "at least 0")
+_POSITIVE = (lambda v: v > 0, "above 0")
+_FRACTION = (lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+class _Settings:
+    """A group of inference settings: every field an int or a float, each checked on
+    construction by ``checks`` (field -> (test, range in words)); a value of the wrong kind or
+    out of range is a one-line ModelError naming ``section``.field."""
+
+    section: ClassVar[str]
+    checks: ClassVar[dict[str, tuple[Any, str]]]
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value, name = getattr(self, f.name), f"{self.section}.{f.name}"
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if f.type == "int" and not (number and isinstance(value, int)):
+                raise ModelError(f"invalid model config: {name} must be an integer "
+                                 f"(got {value!r})")
+            if f.type == "float":
+                if not number:
+                    raise ModelError(f"invalid model config: {name} must be a number "
+                                     f"(got {value!r})")
+                value = float(value)
+                object.__setattr__(self, f.name, value)  # 1 and 1.0: one fingerprint
+            test, words = self.checks[f.name]
+            if not test(value):
+                raise ModelError(f"invalid model config: {name} must be {words} "
+                                 f"(got {value!r})")
+
+
+@dataclass(frozen=True)
+class AdaptSettings(_Settings):
+    """The ``adapt`` stage (``pipeline.adapt``): the completion fine-tuned on the video."""
+
+    section: ClassVar[str] = "inference.adapt"
+    checks: ClassVar[dict[str, tuple[Any, str]]] = {
+        "steps": _AT_LEAST_1, "learning_rate": _POSITIVE, "batch": _AT_LEAST_1,
+        "min_seconds": _NOT_NEGATIVE, "max_seconds": _POSITIVE}
+
+    steps: int = 50
+    learning_rate: float = 1e-4
+    batch: int = 16            # windows of CompletionConfig.window frames per step
+    min_seconds: float = 8.0   # of frames with a face to learn from, or it is skipped
+    max_seconds: float = 300.0  # the first this many seconds of the video are learned from at most
+
+
+@dataclass(frozen=True)
+class CompleteSettings(_Settings):
+    """The ``complete`` stage (``pipeline.complete``): the target landmarks from the speech."""
+
+    section: ClassVar[str] = "inference.complete"
+    checks: ClassVar[dict[str, tuple[Any, str]]] = {
+        "pause_seconds": _POSITIVE, "fade_frames": _NOT_NEGATIVE,
+        "closed_fraction": _FRACTION, "closed_max_frames": _AT_LEAST_1,
+        "smooth_seconds": _NOT_NEGATIVE, "articulation_gain": _POSITIVE,
+        "articulation_seconds": _POSITIVE}
+
+    pause_seconds: float = 0.25  # silences this long or longer close the mouth
+    fade_frames: int = 2         # frames over which the mouth closes into or opens out of one
+    closed_fraction: float = 0.1  # the closed shape: median of this most-closed share of frames
+    closed_max_frames: int = 500  # but of no more frames than this (20 s at 25 fps)
+    smooth_seconds: float = 0.04  # the predicted lip/jaw smoothed over time by a Gaussian this wide
+    articulation_gain: float = 1.5     # the lips' opening and closing about their local mean,
+    articulation_seconds: float = 2.0  # amplified by this, over a mean this long
+
+
+@dataclass(frozen=True)
+class ReferenceSettings(_Settings):
+    """The native renderer's ``references`` stage (``pipeline.references``): which of the
+    video's frames each output frame's lower face is drawn from."""
+
+    section: ClassVar[str] = "inference.references"
+    checks: ClassVar[dict[str, tuple[Any, str]]] = {
+        "anchor_preference": _NOT_NEGATIVE, "candidates": _AT_LEAST_1,
+        "switch_cost": _NOT_NEGATIVE, "pose_weight": _NOT_NEGATIVE,
+        "opening_weight": _NOT_NEGATIVE, "narrowing_share": _FRACTION,
+        "fade_frames": _NOT_NEGATIVE}
+
+    anchor_preference: float = 0.05  # shape units another source must gain on the anchor
+    candidates: int = 8          # per output frame, the best this many enter the path search
+    switch_cost: float = 0.08    # shape units (eye distances) a switch must gain at least
+    pose_weight: float = 0.5     # pose residual against mouth-shape distance
+    opening_weight: float = 2.0  # inner-lip opening (eye distances) against mouth shape
+    narrowing_share: float = 0.25  # of that weight, for a source more open than the target
+    fade_frames: int = 3         # a switch is cross-faded over this many frames
+
+
+@dataclass(frozen=True)
+class NativeSettings(_Settings):
+    """The native renderer's reference crops (``pipeline.renderers.native``)."""
+
+    section: ClassVar[str] = "inference.native"
+    checks: ClassVar[dict[str, tuple[Any, str]]] = {
+        "max_size": _AT_LEAST_2, "detail_frames": _AT_LEAST_1,
+        "detail_tolerance": _FRACTION, "max_sharpening": _NOT_NEGATIVE}
+
+    # The largest side drawn at: a larger face box is drawn at this size and scaled up
+    # (measured: ms/frame and sharpness in the README's speed table).
+    max_size: int = 512
+    # A reference's detail is matched to the median over the frames with a face among the
+    # video's first this many.
+    detail_frames: int = 250
+    detail_tolerance: float = 0.9  # references with this share of that detail stay as they are
+    max_sharpening: float = 1.5    # the unsharp mask's largest amount
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """The inference settings a model's quality numbers were measured with, one group per
+    stage that reads them (each group is part of that stage's fingerprint)."""
+
+    adapt: AdaptSettings = field(default_factory=AdaptSettings)
+    complete: CompleteSettings = field(default_factory=CompleteSettings)
+    references: ReferenceSettings = field(default_factory=ReferenceSettings)
+    native: NativeSettings = field(default_factory=NativeSettings)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "cpu-128"
@@ -162,6 +286,7 @@ class ModelConfig:
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     landmark_order: tuple[int, ...] = ORDER
 
     def __post_init__(self) -> None:
@@ -200,21 +325,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        parts = {"autoencoder": AutoencoderConfig, "completion": CompletionConfig,
-                 "denoiser": DenoiserConfig, "diffusion": DiffusionConfig,
-                 "training": TrainingConfig}
+        """The config ``data`` (a config.json's) describes: a section it lacks (the
+        ``inference`` settings of model folders written before they were saved) takes the
+        defaults; an unknown field or a value out of range is a ModelError naming it."""
         try:
-            kwargs: dict[str, Any] = {}
-            for key, value in data.items():
-                if key == "completion":
-                    value = {LEGACY_COMPLETION_FIELDS.get(k, k): v for k, v in value.items()}
-                if key in parts:
-                    kwargs[key] = _build(parts[key], value)
-                elif key == "landmark_order":
-                    kwargs[key] = tuple(value)
-                else:
-                    kwargs[key] = value
-            return cls(**kwargs)
+            if "completion" in data and isinstance(data["completion"], dict):
+                data = {**data, "completion": {LEGACY_COMPLETION_FIELDS.get(k, k): v
+                                               for k, v in data["completion"].items()}}
+            return _build(cls, data, "")
         except TypeError as exc:
             raise ModelError(f"invalid model config: {exc}") from exc
 
@@ -248,9 +366,27 @@ class ModelConfig:
         return cls.load(path)
 
 
-def _build(kind: type, value: dict[str, Any]) -> Any:
+def _section(f: dataclasses.Field) -> type | None:
+    """The dataclass a field holds when it is a nested section (its default_factory is one)."""
+    factory = f.default_factory
+    return factory if dataclasses.is_dataclass(factory) else None  # type: ignore[return-value]
+
+
+def _build(kind: type, value: Any, path: str) -> Any:
+    """A ``kind`` dataclass from its dict ``value`` (JSON lists as tuples), its sections
+    (``_section``) built the same way; ``path`` names it in errors ("" for the top)."""
+    where = path or kind.__name__
+    if not isinstance(value, dict):
+        raise TypeError(f"{where} must be an object (got {value!r})")
     names = {f.name: f for f in dataclasses.fields(kind)}
     unknown = set(value) - set(names)
     if unknown:
-        raise TypeError(f"{kind.__name__} has no field(s) {', '.join(sorted(unknown))}")
-    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+        raise TypeError(f"{where} has no field(s) {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for key, item in value.items():
+        section = _section(names[key])
+        if section is not None:
+            kwargs[key] = _build(section, item, f"{path}.{key}" if path else key)
+        else:
+            kwargs[key] = tuple(item) if isinstance(item, list) else item
+    return kind(**kwargs)

@@ -2,15 +2,18 @@
 
 Trained on some fifty people, the completion moves an unseen person's lips only loosely with
 the speech, and a speaker it trained on for 15 minutes far better. The video to dub holds the
-person's own speech in sync with their own lips: ADAPT_STEPS steps of training on windows of it
+person's own speech in sync with their own lips: ``steps`` steps of training on windows of it
 (sampled and augmented as ``dubtool train completion`` does, with the same losses) teach the
 completion this person before it hears the new speech. Skipped, and the completion left as it
-is, when the video has no sound, fewer than ADAPT_MIN_SECONDS of frames with a face in the
+is, when the video has no sound, fewer than ``min_seconds`` of frames with a face in the
 part that was tracked (a few seconds are learned by heart rather than generalised from), or
 no run of successive frames with a face as long as the completion's window.
 
 In the reconstruction protocol (``exclude_frames`` > 0) no frame within that many frames of an
 output frame is learned from: the lips to be reconstructed are never seen.
+
+The settings are the model's (``AdaptSettings``, the ``inference.adapt`` section of its
+config.json).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE
 from dubtool.media.audio import decode_speech, mel_spectrogram, normalise_mel
 from dubtool.media.probe import VideoInfo
-from dubtool.nets.config import CompletionConfig, TrainingConfig
+from dubtool.nets.config import AdaptSettings, CompletionConfig, TrainingConfig
 from dubtool.nets.io import load_weights, save_weights
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.nets.losses import completion_losses
@@ -36,11 +39,6 @@ from dubtool.pipeline.clips import Clip, PreparedData, dubber_batch, sample_seed
 from dubtool.pipeline.landmarks import FaceTrack
 from dubtool.pipeline.plan import far_from_plan
 
-ADAPT_STEPS = 50
-ADAPT_LEARNING_RATE = 1e-4
-ADAPT_BATCH = 16          # windows of CompletionConfig.window frames per step
-ADAPT_MIN_SECONDS = 8.0   # of frames with a face that a window may hold
-ADAPT_MAX_SECONDS = 300.0  # the first this many seconds of the video are learned from at most
 WEIGHTS_FILE, INFO_FILE, SOUND_FILE = "completion.safetensors", "adapt.json", "sound.f32"
 
 
@@ -62,11 +60,11 @@ class Adaptation:
 
 
 def learnable_frames(track: FaceTrack, plan: np.ndarray, exclude_frames: int,
-                     fps: Fraction) -> np.ndarray:
-    """(F,) bool over the tracked frames: a face, within the first ADAPT_MAX_SECONDS, and (with
+                     fps: Fraction, max_seconds: float) -> np.ndarray:
+    """(F,) bool over the tracked frames: a face, within the first ``max_seconds``, and (with
     ``exclude_frames``) at least that many frames from every frame of the ``plan``."""
     usable = track.detected & far_from_plan(track.frames, plan, exclude_frames)
-    usable[int(ADAPT_MAX_SECONDS * float(fps)):] = False
+    usable[int(max_seconds * float(fps)):] = False
     return usable
 
 
@@ -78,18 +76,20 @@ def longest_run(usable: np.ndarray) -> int:
 
 
 def adapt(completion: LandmarkCompletion, video: VideoInfo, track: FaceTrack, plan: np.ndarray,
-          folder: Path, training: TrainingConfig, *, exclude_frames: int = 0, seed: int = 0,
+          folder: Path, training: TrainingConfig, settings: AdaptSettings, *,
+          exclude_frames: int = 0, seed: int = 0,
           device: torch.device | str = "cpu") -> Adaptation:
-    """Fine-tune a copy of ``completion`` on the video's own sound and face track; writes
-    INFO_FILE (an ``Adaptation``) and, when adapted, the weights to ``folder``."""
-    usable = learnable_frames(track, plan, exclude_frames, video.fps)
+    """Fine-tune a copy of ``completion`` on the video's own sound and face track, as
+    ``settings`` say; writes INFO_FILE (an ``Adaptation``) and, when adapted, the weights to
+    ``folder``."""
+    usable = learnable_frames(track, plan, exclude_frames, video.fps, settings.max_seconds)
     seconds = float(usable.sum() / video.fps)
     result = Adaptation(False, seconds)
     if not video.has_audio:
         result.reason = "the video has no sound"
-    elif seconds < ADAPT_MIN_SECONDS:
+    elif seconds < settings.min_seconds:
         result.reason = (f"{seconds:.1f} s of the video's frames can be learned from, fewer "
-                         f"than {ADAPT_MIN_SECONDS:g}")
+                         f"than {settings.min_seconds:g}")
     elif longest_run(usable) < completion.config.window:
         # Each training window is that many successive frames with a face: scattered faces
         # (a flickering detection, cuts) give none, however many seconds they add up to.
@@ -98,7 +98,7 @@ def adapt(completion: LandmarkCompletion, video: VideoInfo, track: FaceTrack, pl
                          f"{longest_run(usable)})")
     else:
         clip = _video_clip(video, track, usable, folder, completion.config)
-        result = _train(completion, clip, folder, training, seed, device)
+        result = _train(completion, clip, folder, training, settings, seed, device)
         result.seconds = seconds
     (folder / INFO_FILE).write_text(json.dumps(vars(result)))
     return result
@@ -137,17 +137,17 @@ def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: 
 
 
 def _train(completion: LandmarkCompletion, clip: Clip, folder: Path, training: TrainingConfig,
-           seed: int, device: torch.device | str) -> Adaptation:
+           settings: AdaptSettings, seed: int, device: torch.device | str) -> Adaptation:
     config = completion.config
     net = copy.deepcopy(completion).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=ADAPT_LEARNING_RATE)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate)
     data = PreparedData.of_clips([clip], hearing=config)
     rng = np.random.default_rng(seed)
     losses = []
     with torch.random.fork_rng(devices=[]):  # dropout's draws, seeded, leave the caller's RNG
         torch.manual_seed(seed)
-        for _ in range(ADAPT_STEPS):
-            batch = dubber_batch(data, sample_seeds(rng, ADAPT_BATCH), config.window,
+        for _ in range(settings.steps):
+            batch = dubber_batch(data, sample_seeds(rng, settings.batch), config.window,
                                  config.references, 0, rng, images=False)
             points = torch.from_numpy(batch["points"]).to(device)
             predicted = net(points[:, :, POSE_SLICE],
@@ -159,6 +159,6 @@ def _train(completion: LandmarkCompletion, clip: Clip, folder: Path, training: T
             optimizer.step()
             losses.append(float(loss.detach()))
     save_weights(net, folder / WEIGHTS_FILE)
-    few = max(1, ADAPT_STEPS // 10)
-    return Adaptation(True, steps=ADAPT_STEPS, loss_before=float(np.mean(losses[:few])),
+    few = max(1, settings.steps // 10)
+    return Adaptation(True, steps=settings.steps, loss_before=float(np.mean(losses[:few])),
                       loss_after=float(np.mean(losses[-few:])))

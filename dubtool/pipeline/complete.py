@@ -5,12 +5,15 @@ second, so that it hears the words around each frame); windows overlap by three 
 every frame's prediction is the Hann-weighted mean over the windows that hold it, which joins
 them without seams and trusts each window most in its middle. The pose points come from the
 source frame that the plan puts at each output frame. The prediction is smoothed over
-SMOOTH_SECONDS and its lips' opening and closing amplified by ARTICULATION_GAIN (the
+``smooth_seconds`` and its lips' opening and closing amplified by ``articulation_gain`` (the
 completion under-opens, ``articulate``).
 
-Where the speech pauses for PAUSE_SECONDS or longer (and before the first word and after the
-last) the mouth closes to the video's own closed-mouth shape and holds still, with short
+Where the speech pauses for ``pause_seconds`` or longer (and before the first word and after
+the last) the mouth closes to the video's own closed-mouth shape and holds still, with short
 cross-fades into and out of speech.
+
+The settings are the model's (``CompleteSettings``, the ``inference.complete`` section of its
+config.json).
 """
 
 from __future__ import annotations
@@ -39,17 +42,11 @@ from dubtool.media.audio import (
     pauses,
     voice_activity,
 )
+from dubtool.nets.config import CompleteSettings
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.pipeline.landmarks import CropPoints, FaceTrack, PointSource, map_points
 from dubtool.pipeline.plan import far_from_plan
 
-PAUSE_SECONDS = 0.25
-FADE_FRAMES = 2        # frames over which the mouth closes into or opens out of a pause
-CLOSED_FRACTION = 0.1  # the closed shape: median of this most-closed fraction of the frames
-CLOSED_MAX_FRAMES = 500  # but of no more frames than this (20 s at 25 fps)
-SMOOTH_SECONDS = 0.04  # the predicted lip/jaw are smoothed over time by a Gaussian this wide
-ARTICULATION_GAIN = 1.5      # the lips' opening and closing about their local mean, amplified
-ARTICULATION_SECONDS = 2.0   # over a mean this long (see ``articulate``)
 OUTPUT_CHUNK = 1024    # output frames of the targets computed and written at once
 LIPS_IN_CONTENT = slice(LIPS_SLICE.start - NUM_POSE, LIPS_SLICE.stop - NUM_POSE)
 TARGET_FILE, PREDICTED_FILE, REFERENCES_FILE = "target.npy", "predicted.npy", "references.npy"
@@ -102,15 +99,16 @@ def reference_candidates(detected: np.ndarray, plan: np.ndarray, exclude_frames:
     return detected & near
 
 
-def closed_mouth(points: PointSource, detected: np.ndarray) -> np.ndarray:
+def closed_mouth(points: PointSource, detected: np.ndarray, fraction: float,
+                 max_frames: int) -> np.ndarray:
     """(57, 2) the video's own closed-mouth lip/jaw shape (in the units of ``points``, (F, 131,
     2), any array-like): the median over the frames whose inner lips are closest
-    (CLOSED_FRACTION of the frames with a face, at most CLOSED_MAX_FRAMES)."""
+    (``fraction`` of the frames with a face, at most ``max_frames``)."""
     faces = np.nonzero(detected)[0]
     if len(faces) == 0:  # nothing will be dubbed: any shape does
         return points[0][CONTENT_SLICE]
     opening = map_points(points, inner_lip_opening, faces)
-    count = min(max(1, round(CLOSED_FRACTION * len(faces))), CLOSED_MAX_FRAMES)
+    count = min(max(1, round(fraction * len(faces))), max_frames)
     closest = np.sort(faces[np.argsort(opening, kind="stable")[:count]])
     return np.median(points[closest][:, CONTENT_SLICE], axis=0)
 
@@ -191,9 +189,10 @@ def predict_content(completion: LandmarkCompletion, points: PointSource | CropPo
     return out
 
 
-def closing_weight(paused: np.ndarray) -> np.ndarray:
+def closing_weight(paused: np.ndarray, fade_frames: int) -> np.ndarray:
     """(O,) how far each frame's mouth is closed for the ``paused`` frames: 1 in pauses,
-    falling linearly to 0 over FADE_FRAMES frames on the speech side of each pause's edges."""
+    falling linearly to 0 over ``fade_frames`` frames on the speech side of each pause's
+    edges."""
     distance = np.full(len(paused), np.inf)
     last = -np.inf
     for i in range(len(paused)):
@@ -203,7 +202,7 @@ def closing_weight(paused: np.ndarray) -> np.ndarray:
     for i in reversed(range(len(paused))):
         last = i if paused[i] else last
         distance[i] = min(distance[i], last - i)
-    return np.clip(1.0 - distance / (FADE_FRAMES + 1), 0.0, 1.0)
+    return np.clip(1.0 - distance / (fade_frames + 1), 0.0, 1.0)
 
 
 def articulate(content: np.ndarray, gain: float, frames: int) -> np.ndarray:
@@ -228,10 +227,9 @@ def articulate(content: np.ndarray, gain: float, frames: int) -> np.ndarray:
     return out
 
 
-def articulation_frames(fps: Fraction | float) -> int:
-    """The odd number of frames nearest ARTICULATION_SECONDS: the mean ``articulate`` works
-    about."""
-    return round(ARTICULATION_SECONDS * float(fps)) // 2 * 2 + 1
+def articulation_frames(fps: Fraction | float, seconds: float) -> int:
+    """The odd number of frames nearest ``seconds``: the mean ``articulate`` works about."""
+    return round(seconds * float(fps)) // 2 * 2 + 1
 
 
 def close_pauses(content: np.ndarray, closed: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -243,11 +241,13 @@ def close_pauses(content: np.ndarray, closed: np.ndarray, weight: np.ndarray) ->
 
 def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
              mel: np.ndarray | DiskArray, fps: Fraction, folder: Path,
-             device: torch.device | str = "cpu", *, states: np.ndarray | DiskArray | None = None,
-             exclude_frames: int = 0, reference_frame: int = 0) -> Completion:
+             settings: CompleteSettings, device: torch.device | str = "cpu", *,
+             states: np.ndarray | DiskArray | None = None, exclude_frames: int = 0,
+             reference_frame: int = 0) -> Completion:
     """Target landmarks for the O output frames of ``plan`` from the speech: the completion's
     lip/jaw from its log-mel (80, T) dB, or from the speech encoder's ``states`` (384, T') for
-    a completion that hears them, closed in the speech's pauses (found on the mel). Writes
+    a completion that hears them, closed in the speech's pauses (found on the mel), smoothed
+    and articulated as ``settings`` say. Writes
     the Completion's arrays into ``folder``, OUTPUT_CHUNK frames at a time.
     ``exclude_frames`` and the dub's ``reference_frame``: where the reference landmarks and
     the closed mouth may come from in the reconstruction protocol (``reference_candidates``)."""
@@ -267,24 +267,27 @@ def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
         normalisation=normalisation,
         out=DiskArray.create(folder / PREDICTED_FILE,
                              (len(plan), completion.config.content_points, 2), np.float32))
-    weight = closing_weight(pauses(voice_activity(mel, fps, len(plan)), fps, PAUSE_SECONDS))
+    weight = closing_weight(pauses(voice_activity(mel, fps, len(plan)), fps,
+                                   settings.pause_seconds), settings.fade_frames)
     np.save(folder / CLOSING_FILE, weight.astype(np.float32))
-    closed = closed_mouth(points, candidates)
+    closed = closed_mouth(points, candidates, settings.closed_fraction,
+                          settings.closed_max_frames)
     target = DiskArray.create(folder / TARGET_FILE, (len(plan), NUM_POINTS, 2), np.float32)
     # The windows' predictions jitter from frame to frame by more than a mouth moves: a
     # Gaussian of 0.04 s (a frame at 25 fps) removes it (measured on the 7 validation clips:
     # the opening's correlation with the face track's +0.03 on average, every clip higher).
     # Each part is smoothed with enough of its neighbours to equal smoothing all at once.
-    sigma = SMOOTH_SECONDS * float(fps)
-    mean_frames = articulation_frames(fps)
+    sigma = settings.smooth_seconds * float(fps)
+    mean_frames = articulation_frames(fps, settings.articulation_seconds)
     # gaussian_filter1d's reach (truncate=4), then the local mean's.
     halo = int(4.0 * sigma + 0.5) + 1 + mean_frames // 2
     for start in range(0, len(plan), OUTPUT_CHUNK):
         stop = min(start + OUTPUT_CHUNK, len(plan))
         low, high = max(0, start - halo), min(len(plan), stop + halo)
-        content = articulate(gaussian_filter1d(predicted[low:high], sigma, axis=0,
-                                               mode="nearest"),
-                             ARTICULATION_GAIN, mean_frames)
+        part = np.asarray(predicted[low:high])
+        if sigma > 0:  # (0: not smoothed)
+            part = gaussian_filter1d(part, sigma, axis=0, mode="nearest")
+        content = articulate(part, settings.articulation_gain, mean_frames)
         frames = points[plan[start:stop]]
         frames[:, CONTENT_SLICE] = close_pauses(content[start - low:stop - low], closed,
                                                 weight[start:stop])

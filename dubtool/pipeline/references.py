@@ -9,8 +9,8 @@ the source changes only when the shapes call for it, and each switch is cross-fa
 frames.
 
 The dub's reference frame (the anchor) is preferred: another frame replaces it only where its
-mouth is nearer the target by ANCHOR_PREFERENCE or more, as for a wide-open mouth drawn from a
-closed reference. Every source's landmarks err a little differently (a detector's), and each
+mouth is nearer the target by ``anchor_preference`` or more, as for a wide-open mouth drawn
+from a closed reference. Every source's landmarks err a little differently (a detector's), and each
 switch of source carries its error into the mouth's shape; one reference for most frames keeps
 the opening as steady as one reference alone, and the others bring what it cannot show.
 
@@ -26,6 +26,9 @@ and, when the speech pauses, the frame whose mouth is most closed: this bounds t
 memory and the cache whatever the video's length.
 ``exclude_frames`` keeps every candidate that many frames or more away from the frame it would
 be pasted on: the reconstruction protocol's rule, so that no ground-truth mouth is copied.
+
+The weights, costs and fades are the model's (``ReferenceSettings``, the ``inference.references``
+section of its config.json).
 """
 
 from __future__ import annotations
@@ -42,16 +45,10 @@ from dubtool.face.indices import (
     inner_lip_opening,
     interocular,
 )
+from dubtool.nets.config import ReferenceSettings
 from dubtool.options import DEFAULT_REFERENCES
 
-ANCHOR_PREFERENCE = 0.05  # in shape units: what another source must gain on the anchor
 SHAPE_FRAMES = 4096     # the candidates are chosen among at most this many frames
-CANDIDATES = 8          # per output frame, the best this many enter the path search
-SWITCH_COST = 0.08      # in shape units (eye distances): a switch must gain at least this
-POSE_WEIGHT = 0.5       # pose residual against mouth-shape distance
-OPENING_WEIGHT = 2.0    # inner-lip opening (eye distances) against mouth-shape distance
-NARROWING_SHARE = 0.25  # of that weight, for a source more open than the target
-FADE_FRAMES = 3         # a switch is cross-faded over this many frames
 TARGET_CHUNK = 256      # output frames whose costs are computed at once (a part's pose
                         # differences with 48 candidates: 7 MB)
 
@@ -157,7 +154,7 @@ def cross_fades(path: np.ndarray, fade: int) -> tuple[np.ndarray, np.ndarray]:
 def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np.ndarray,
                       plan: np.ndarray, *, anchor: int, exclude_frames: int = 0,
                       forced: int | None = None, pool_size: int = DEFAULT_REFERENCES,
-                      anchor_preference: float = ANCHOR_PREFERENCE,
+                      settings: ReferenceSettings | None = None,
                       closing: np.ndarray | None = None) -> ReferencePlan:
     """The reference plan of a dub.
 
@@ -167,12 +164,14 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
     plan (O,) the source frame of each output frame. ``anchor``: a frame with a face that the
     candidates always include (the dub's single reference, ``run.pick_reference_frame``: every
     output frame it is allowed for has a candidate); ``pool_size``: how many candidates at
-    most (1: the anchor alone); ``anchor_preference``: the cost (shape units) every other
-    candidate pays on every frame it serves. ``forced``: one frame for every output frame
+    most (1: the anchor alone); ``settings``: the costs and the fades (default
+    ``ReferenceSettings()``; its ``anchor_preference``: the cost, in shape units, every other
+    candidate pays on every frame it serves). ``forced``: one frame for every output frame
     (``--reference-frame``). Output frames without an allowed candidate take the candidate
     farthest in time. ``closing`` (O,): the frames whose mouth is closed for a pause (1) or
     fading into one (``complete.closing_weight``): from 0.5 on, priced as a pause.
     """
+    settings = settings or ReferenceSettings()
     paused = np.zeros(len(plan), bool) if closing is None else np.asarray(closing) >= 0.5
     frames = len(plan)
     if forced is not None:
@@ -199,9 +198,9 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
     at = np.searchsorted(faces, pool)
     pool_shapes, pool_poses = shapes[at], poses[at]
     pool_opening = inner_lip_opening(seen[at])
-    keep = min(CANDIDATES, len(pool))
-    preference = np.where(pool != anchor, anchor_preference, 0.0)[None]
-    share = np.where(paused, 1.0, NARROWING_SHARE)
+    keep = min(settings.candidates, len(pool))
+    preference = np.where(pool != anchor, settings.anchor_preference, 0.0)[None]
+    share = np.where(paused, 1.0, settings.narrowing_share)
     # Target landmarks are in crop units: their shapes come out in the same eye-distance
     # units. Read and priced a part at a time: the targets of a long speech stay on disk, and
     # only each frame's costs are kept (the candidates' differences of them all would not fit).
@@ -217,8 +216,8 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
         wider = inner_lip_opening(part)[:, None] - pool_opening[None]
         pause = paused[start:start + len(part), None]
         opening_cost = np.where(wider > 0, wider, -share[start:start + len(part), None] * wider)
-        part_cost = (shape_cost + POSE_WEIGHT * pose_cost + OPENING_WEIGHT * opening_cost
-                     + np.where(pause, 0.0, preference))
+        part_cost = (shape_cost + settings.pose_weight * pose_cost
+                     + settings.opening_weight * opening_cost + np.where(pause, 0.0, preference))
         if exclude_frames > 0:
             distance = np.abs(plan[start:start + len(part), None] - pool[None])
             part_cost = np.where(distance < exclude_frames, np.inf, part_cost)
@@ -227,8 +226,8 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
         # Only each frame's best few take part: the rest are priced out.
         threshold = np.partition(part_cost, keep - 1, axis=1)[:, keep - 1:keep]
         cost[start:start + len(part)] = np.where(part_cost <= threshold, part_cost, np.inf)
-    path = pool[best_path(cost, SWITCH_COST)]
-    outgoing, weight = cross_fades(path, FADE_FRAMES)
+    path = pool[best_path(cost, settings.switch_cost)]
+    outgoing, weight = cross_fades(path, settings.fade_frames)
     if exclude_frames > 0:
         # A fade carries the last source on a few frames: not onto frames it is too near.
         near = np.abs(plan - outgoing) < exclude_frames

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -165,6 +165,8 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     (``complete.reference_candidates``), so a clip dubbed from its own speech copies no
     ground truth. ``adapt``: fine-tune the
     completion on the video's own sound and lips first (``pipeline.adapt``; ``seed``).
+    The stages' settings are the model's (``model.config.inference``), each group part of its
+    stage's fingerprint.
     """
     import torch
 
@@ -179,6 +181,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
                       whole_video=reconstruction_gap is not None)
     video, track, plan = front.extracted.video, front.track, front.extracted.plan
     exclude = gap_frames(reconstruction_gap, video.fps)
+    inference = model.config.inference
     if reference_frame is not None:
         check_reference_frame(reference_frame, track, video.path)
     completion_model, adaptation, adapt_fp = model.completion, None, None
@@ -186,12 +189,13 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
         # The speech matters only through the plan, and only when frames near it are excluded.
         adapt_fp = fingerprint("adapt", code_digest(adapt_stage), front.landmarks_fp,
                                model_digest, seed, exclude,
-                               front.extract_fp if exclude else None)
+                               front.extract_fp if exclude else None, asdict(inference.adapt))
         folder = cache.run_stage(
             "adapt", adapt_fp,
             lambda out: adapt_stage.adapt(model.completion, video, track, plan, out,
-                                          model.config.training, exclude_frames=exclude,
-                                          seed=seed, device=device), force=force)
+                                          model.config.training, inference.adapt,
+                                          exclude_frames=exclude, seed=seed, device=device),
+            force=force)
         adaptation = adapt_stage.Adaptation.load(folder)
         completion_model = adapt_stage.adapted_completion(model.completion, folder)
     forced = reference_frame is not None
@@ -206,11 +210,12 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
         states = speech_stage.load(folder)
     complete_fp = fingerprint("complete", code_digest(complete_stage), front.extract_fp,
                               front.landmarks_fp, model_digest, adapt_fp, speech_fp, exclude,
-                              reference_frame if exclude else None)
+                              reference_frame if exclude else None, asdict(inference.complete))
     folder = cache.run_stage(
         "complete", complete_fp,
         lambda out: complete_stage.complete(completion_model, track, plan,
-                                            front.extracted.mel, video.fps, out, device,
+                                            front.extracted.mel, video.fps, out,
+                                            inference.complete, device,
                                             states=states, exclude_frames=exclude,
                                             reference_frame=reference_frame),
         force=force)

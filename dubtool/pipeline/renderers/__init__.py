@@ -38,9 +38,11 @@ def make_renderer(name: str, model: LoadedModel, model_digest: str,
                   settings: DiffusionSettings, device: torch.device,
                   references: int = DEFAULT_REFERENCES) -> Renderer:
     """The renderer called ``name`` (one of ``options.RENDERERS``); ``references``: the native
-    renderer's. The diffusion renderer's module (torch, diffusers) is imported only for it."""
+    renderer's, which takes its other settings from the model's config (``inference``). The
+    diffusion renderer's module (torch, diffusers) is imported only for it."""
     if name == "native":
-        return NativeRenderer(references)
+        inference = model.config.inference
+        return NativeRenderer(references, inference.references, inference.native)
     if name == "diffusion":
         from dubtool.pipeline.renderers.diffusion import DiffusionRenderer
 

@@ -4,11 +4,14 @@ landmarks, the reference frame preferred (``pipeline.references``; ``references`
 reference frame alone), bent onto the target landmarks by the thin-plate spline and resampled
 bicubically, colour-matched to the frame. Nothing is scaled up from a small image; a reference
 softer than the video's typical frame (motion blur, focus) is sharpened to the typical detail
-(``match_detail``).
+(``match_detail``). The reference choice's costs and the crops' size and detail are the
+model's settings (``ReferenceSettings`` and ``NativeSettings``, the ``inference.references``
+and ``inference.native`` sections of its config.json), each part of its stage's fingerprint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,57 +24,55 @@ from dubtool.face.warp import warp_face
 from dubtool.hashing import code_digest, fingerprint
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import VideoInfo
-from dubtool.options import DEFAULT_REFERENCES
+from dubtool.nets.config import NativeSettings, ReferenceSettings
 from dubtool.pipeline import references as references_stage
 from dubtool.pipeline.landmarks import FaceTrack
 from dubtool.pipeline.references import ReferencePlan
 from dubtool.pipeline.renderers.base import LowerFaces, RenderJob
 
-# The side at which the native renderer works at most: a larger face box is drawn at this size
-# and scaled up (measured: ms/frame and sharpness in the README's speed table).
-NATIVE_MAX_SIZE = 512
 # Bicubic: a smooth sub-pixel warp of a 512 px face keeps 0.89 of its sharpness (bilinear 0.59,
 # Lanczos 0.93 at four times the time).
 NATIVE_INTERPOLATION = cv2.INTER_CUBIC
-# A reference's detail is matched to the median over the frames with a face among the first
-# DETAIL_FRAMES of the video.
-DETAIL_FRAMES = 250
-DETAIL_TOLERANCE = 0.9  # references with at least this share of the typical detail stay as is
-MAX_SHARPENING = 1.5    # the unsharp mask's largest amount
 
 
 class NativeRenderer:
     """``references``: how many of the video's frames the lower faces may be drawn from (1:
     the reference frame alone; more: per output frame, the nearest mouth among that many, the
-    reference frame preferred)."""
+    reference frame preferred). ``choice`` and ``crops``: the model's settings of the
+    ``references`` and ``reference-crops`` stages."""
 
     name = "native"
 
-    def __init__(self, references: int = DEFAULT_REFERENCES) -> None:
-        self.references = references
+    def __init__(self, references: int, choice: ReferenceSettings,
+                 crops: NativeSettings) -> None:
+        self.references, self.choice, self.crops = references, choice, crops
 
     def render(self, job: RenderJob) -> LowerFaces:
         track, cache = job.track, job.cache
         fp = fingerprint("references", code_digest(references_stage), job.upstream,
-                         job.exclude_frames, job.reference_frame, job.forced, self.references)
+                         job.exclude_frames, job.reference_frame, job.forced, self.references,
+                         dataclasses.asdict(self.choice))
         folder = cache.run_stage("references", fp, lambda out: references_stage.choose_references(
             track.points, track.detected, job.target, job.plan,
             exclude_frames=job.exclude_frames, anchor=job.reference_frame,
             forced=job.reference_frame if job.forced else None,
-            pool_size=self.references, closing=job.closing).save(out), force=job.force)
+            pool_size=self.references, settings=self.choice, closing=job.closing).save(out),
+            force=job.force)
         references = ReferencePlan.load(folder)
         crops_fp = fingerprint("reference-crops", code_digest(sys.modules[__name__]), fp,
-                               NATIVE_MAX_SIZE)
+                               dataclasses.asdict(self.crops))
         folder = cache.run_stage(
             "reference-crops", crops_fp,
-            lambda out: write_reference_crops(job.video, track, references.used, out),
+            lambda out: write_reference_crops(job.video, track, references.used, out,
+                                              self.crops),
             force=job.force)
         return NativeFaces(track, job.target, job.plan, references,
-                           load_reference_crops(folder))
+                           load_reference_crops(folder), self.crops.max_size)
 
 
-def native_size(box_size: int) -> int:
-    return max(2, min(box_size, NATIVE_MAX_SIZE))
+def native_size(box_size: int, max_size: int) -> int:
+    """The side a face box of ``box_size`` is drawn at: its own, at most ``max_size``."""
+    return max(2, min(box_size, max_size))
 
 
 def mouth_detail(face: np.ndarray, points: np.ndarray) -> float:
@@ -86,11 +87,12 @@ def mouth_detail(face: np.ndarray, points: np.ndarray) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
-def match_detail(face: np.ndarray, points: np.ndarray, detail: float) -> np.ndarray:
+def match_detail(face: np.ndarray, points: np.ndarray, detail: float,
+                 settings: NativeSettings) -> np.ndarray:
     """``face`` (S, S, 3) uint8 sharpened by an unsharp mask (Gaussian of 1 px) of the
-    smallest amount, up to MAX_SHARPENING, that brings its ``mouth_detail`` to ``detail``;
-    unchanged when it holds DETAIL_TOLERANCE of that already."""
-    if mouth_detail(face, points) >= DETAIL_TOLERANCE * detail:
+    smallest amount, up to ``settings.max_sharpening``, that brings its ``mouth_detail`` to
+    ``detail``; unchanged when it holds ``settings.detail_tolerance`` of that already."""
+    if mouth_detail(face, points) >= settings.detail_tolerance * detail:
         return face
     blurred = cv2.GaussianBlur(face, (0, 0), 1.0)
 
@@ -100,7 +102,7 @@ def match_detail(face: np.ndarray, points: np.ndarray, detail: float) -> np.ndar
     def short(amount: float) -> bool:
         return mouth_detail(sharpened(amount), points) < detail
 
-    low, high = 0.0, MAX_SHARPENING
+    low, high = 0.0, settings.max_sharpening
     if short(high):
         return sharpened(high)
     for _ in range(8):  # the detail grows with the amount: bisect
@@ -110,9 +112,10 @@ def match_detail(face: np.ndarray, points: np.ndarray, detail: float) -> np.ndar
 
 
 def write_reference_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray,
-                          folder: Path) -> None:
-    """The face crop of each of ``frames`` at its own size (at most NATIVE_MAX_SIZE), its
-    detail matched (``match_detail``) to the median over the video's first frames. Frames
+                          folder: Path, settings: NativeSettings) -> None:
+    """The face crop of each of ``frames`` at its own size (at most ``settings.max_size``),
+    its detail matched (``match_detail``) to the median over the video's first
+    ``settings.detail_frames``. Frames
     past those are read by themselves (``read_frames(select=)``): a reference far into a long
     video costs its decoding only."""
     wanted = sorted({int(f) for f in frames if track.detected[int(f)]})
@@ -120,10 +123,10 @@ def write_reference_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray
 
     def crop(i: int, frame: np.ndarray) -> np.ndarray:
         box = track.box(i)
-        return box.crop(frame, native_size(box.size))
+        return box.crop(frame, native_size(box.size, settings.max_size))
 
     if wanted:
-        first = min(DETAIL_FRAMES, track.frames)
+        first = min(settings.detail_frames, track.frames)
         for i, frame in enumerate(read_frames(video, first)):
             if track.detected[i]:
                 face = crop(i, frame)
@@ -136,7 +139,7 @@ def write_reference_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray
                 crops[i] = crop(i, frame)
     typical = float(np.median(details)) if details else 0.0
     np.savez(folder / "reference_crops.npz", **{
-        f"frame{i}": match_detail(face, track.crop_points(i), typical)
+        f"frame{i}": match_detail(face, track.crop_points(i), typical, settings)
         for i, face in crops.items()})
 
 
@@ -146,12 +149,14 @@ def load_reference_crops(folder: Path) -> dict[int, np.ndarray]:
 
 
 class NativeFaces:
-    """The native renderer's lower faces, made as the blend asks for them."""
+    """The native renderer's lower faces, made as the blend asks for them, at the faces' own
+    size up to ``max_size``."""
 
     def __init__(self, track: FaceTrack, target: np.ndarray, plan: np.ndarray,
-                 references: ReferencePlan, crops: dict[int, np.ndarray]) -> None:
+                 references: ReferencePlan, crops: dict[int, np.ndarray],
+                 max_size: int) -> None:
         self.track, self.target, self.plan = track, target, plan
-        self.references, self.crops = references, crops
+        self.references, self.crops, self.max_size = references, crops, max_size
         self.crop_points = {r: track.crop_points(r) for r in crops}
 
     def _warped(self, reference: int, o: int, size: int, from_row: int) -> np.ndarray:
@@ -161,7 +166,7 @@ class NativeFaces:
     def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         source = int(self.plan[o])
         box = self.track.box(source)
-        size = native_size(box.size)
+        size = native_size(box.size, self.max_size)
         original = box.crop(frame, size)
         # Only the rows the mask reaches are drawn; above them the frame stays.
         top = max(0, int(MASK_TOP * size) - 1)
