@@ -8,12 +8,40 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 _DONE = object()
+
+
+class Background(Generic[T]):
+    """``work()`` started in a thread now; ``result()`` waits for it and returns its value
+    or raises its exception. ``wait()`` only waits (for a caller that is failing anyway and
+    must not leave the work running behind it)."""
+
+    def __init__(self, work: Callable[[], T]) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._value = work()
+            except BaseException as exc:  # raised in the caller, by result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="dubtool-background", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def ahead(items: Iterable[T], depth: int = 4) -> Iterator[T]:

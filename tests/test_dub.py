@@ -68,8 +68,9 @@ def test_the_native_dub_loads_the_completion_alone(face_clip: Path, tiny_model: 
 
 
 @pytest.mark.parametrize(("renderer", "stages"), [
-    ("native", ["extract", "landmarks", "adapt", "complete", "references", "reference-crops"]),
-    ("diffusion", ["extract", "landmarks", "adapt", "complete", "crops", "diffuse"])])
+    ("native", ["extract", "landmarks", "adapt", "complete", "references", "reference-crops",
+                "blend"]),
+    ("diffusion", ["extract", "landmarks", "adapt", "complete", "crops", "diffuse", "blend"])])
 def test_dub_end_to_end(face_clip: Path, tiny_model: Path, tmp_path: Path, renderer: str,
                         stages: list[str]) -> None:
     speech = make_tone(tmp_path / "speech.wav", seconds=1.5)

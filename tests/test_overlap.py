@@ -72,3 +72,28 @@ def test_the_dub_made_ahead_is_the_sequential_dub(face_clip: Path, tiny_model: P
     frames = [np.stack(list(read_frames(probe_video(p)))) for p in (ahead_dub.output,
                                                                     plain.output)]
     assert np.array_equal(frames[0], frames[1])
+
+
+def test_background_work_runs_beside_the_caller_and_returns_or_raises() -> None:
+    from dubtool.overlap import Background
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def work() -> int:
+        started.set()
+        release.wait(5)
+        return 42
+
+    job = Background(work)
+    assert started.wait(5)  # running before anyone asks for its result
+    release.set()
+    assert job.result() == 42
+
+    def failing() -> int:
+        raise OSError("speech unreadable")
+
+    job = Background(failing)
+    job.wait()  # waiting alone does not raise
+    with pytest.raises(OSError, match="speech unreadable"):
+        job.result()

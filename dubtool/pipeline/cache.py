@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,6 +111,9 @@ class RunCache:
         self.key = key
         self.dir = self.root / key
         self.description = description or {}
+        # Stages may run in two threads (the speech stage beside the video's): the manifest's
+        # read-change-write is one step at a time.
+        self._manifest_lock = threading.Lock()
         self.lock_timeout = lock_timeout
         # Read now: a bad $DUBTOOL_CACHE_LIMIT_GB is refused before any work.
         self.limit_bytes = cache_limit_bytes() if limit_bytes is None else limit_bytes
@@ -232,19 +236,22 @@ class RunCache:
         forgets it first: if the run dies while recomputing, it never claims a stale one."""
         if self._lock_file is None:
             raise RuntimeError("RunCache must be entered (locked) before running stages")
-        if not force and self.is_done(stage, stage_fingerprint):
-            self.records.append(StageRecord.of(stage, "cached", start.span()))
-            return True
-        manifest = self.manifest()
-        if manifest["stages"].pop(stage, None) is not None:
-            self._write_manifest(manifest)
-        return False
+        with self._manifest_lock:
+            if not force and self.is_done(stage, stage_fingerprint):
+                self.records.append(StageRecord.of(stage, "cached", start.span()))
+                return True
+            manifest = self.manifest()
+            if manifest["stages"].pop(stage, None) is not None:
+                self._write_manifest(manifest)
+            return False
 
     def _finish(self, stage: str, stage_fingerprint: str, status: str, start: Stopwatch) -> None:
-        manifest = self.manifest()
-        manifest["stages"][stage] = {"fingerprint": stage_fingerprint, "finished": time.time()}
-        self._write_manifest(manifest)
-        self.records.append(StageRecord.of(stage, status, start.span()))
+        with self._manifest_lock:
+            manifest = self.manifest()
+            manifest["stages"][stage] = {"fingerprint": stage_fingerprint,
+                                         "finished": time.time()}
+            self._write_manifest(manifest)
+            self.records.append(StageRecord.of(stage, status, start.span()))
 
     def run_chunked_stage(self, stage: str, stage_fingerprint: str, chunks: int,
                           compute_chunks: Callable[[list[int], list[dict | None]],

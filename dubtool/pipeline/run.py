@@ -14,6 +14,7 @@ from dubtool.face.indices import mouth_opening
 from dubtool.hashing import code_digest, file_digest, fingerprint
 from dubtool.media.probe import check_readable
 from dubtool.options import FaceChoice
+from dubtool.overlap import Background
 from dubtool.pipeline import extract as extract_stage
 from dubtool.pipeline import landmarks as landmarks_stage
 from dubtool.pipeline.cache import RunCache, default_cache_dir
@@ -170,13 +171,40 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     """
     import torch
 
+    from dubtool.pipeline import speech as speech_stage
+
+    device = device or torch.device("cpu")
+    speech, speech_fp = None, None
+    if model.completion.config.speech_features == "whisper":
+        # The speech encoder needs the speech alone: it runs on the other core while the
+        # video is tracked (both release the GIL).
+        speech_fp = fingerprint("speech", code_digest(speech_stage), inputs.speech_digest)
+        speech = Background(lambda: cache.run_stage(
+            "speech", speech_fp, lambda out: speech_stage.encode_file(inputs.speech, out),
+            force=force))
+    try:
+        return _after_speech(cache, inputs, model, model_digest, renderer, speech, speech_fp,
+                             loop=loop, face=face, reference_frame=reference_frame,
+                             reconstruction_gap=reconstruction_gap, adapt=adapt, seed=seed,
+                             device=device, force=force, progress=progress)
+    finally:
+        if speech is not None:
+            speech.wait()  # never left writing into the cache after the run has ended
+
+
+def _after_speech(cache: RunCache, inputs: Inputs, model: LoadedModel, model_digest: str,
+                  renderer: Renderer, speech: Background[Path] | None, speech_fp: str | None,
+                  *, loop: str, face: FaceChoice, reference_frame: int | None,
+                  reconstruction_gap: float | None, adapt: bool, seed: int,
+                  device: torch.device, force: bool, progress: StageProgress | None
+                  ) -> DubStages:
+    """``run_dub_stages`` but the speech stage, which ``speech`` runs beside them."""
     from dubtool.pipeline import adapt as adapt_stage
     from dubtool.pipeline import complete as complete_stage
     from dubtool.pipeline import speech as speech_stage
     from dubtool.pipeline.complete import Completion
     from dubtool.pipeline.renderers import RenderJob
 
-    device = device or torch.device("cpu")
     front = run_front(cache, inputs, loop=loop, face=face, force=force, progress=progress,
                       whole_video=reconstruction_gap is not None)
     video, track, plan = front.extracted.video, front.track, front.extracted.plan
@@ -201,13 +229,7 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     forced = reference_frame is not None
     if reference_frame is None:
         reference_frame = pick_reference_frame(track, plan, exclude)
-    states, speech_fp = None, None
-    if model.completion.config.speech_features == "whisper":
-        speech_fp = fingerprint("speech", code_digest(speech_stage), inputs.speech_digest)
-        folder = cache.run_stage(
-            "speech", speech_fp, lambda out: speech_stage.encode_file(inputs.speech, out),
-            force=force)
-        states = speech_stage.load(folder)
+    states = None if speech is None else speech_stage.load(speech.result())
     complete_fp = fingerprint("complete", code_digest(complete_stage), front.extract_fp,
                               front.landmarks_fp, model_digest, adapt_fp, speech_fp, exclude,
                               reference_frame if exclude else None, asdict(inference.complete))
