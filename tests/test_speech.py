@@ -15,7 +15,7 @@ import torch
 from dubtool.arrays import DiskArray
 from dubtool.errors import InputNotFound, ModelError
 from dubtool.nets import speech_encoder
-from dubtool.nets.config import ModelConfig
+from dubtool.nets.config import CompletionConfig, ModelConfig
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.nets.speech_encoder import (
     CHUNK_STATES,
@@ -256,3 +256,29 @@ def test_a_model_that_hears_states_dubs_through_the_speech_stage(face_clip: Path
                                      "references", "reference-crops", "blend"])
     assert stages.index("speech") < stages.index("complete")
     assert result.dubbed_frames == result.frames > 0
+
+
+def test_a_pooled_speech_path_reads_the_window_linearly() -> None:
+    """``speech_pool``: the window averaged over runs of steps, then one linear layer: the
+    token of a sum of windows is the sum of their tokens (less the bias), and a completion
+    built with it predicts every frame's lips."""
+    from dubtool.nets.landmark_completion import SpeechEmbedding
+
+    torch.manual_seed(0)
+    embed = SpeechEmbedding(384, 30, 128, pool=5)
+    a, b = torch.randn(2, 384, 30), torch.randn(2, 384, 30)
+    bias = embed.proj.bias
+    torch.testing.assert_close(embed(a + b) - bias, (embed(a) - bias) + (embed(b) - bias))
+    # Steps within one pooled run are interchangeable; runs are not.
+    swapped = a.clone()
+    swapped[:, :, [0, 1]] = a[:, :, [1, 0]]
+    torch.testing.assert_close(embed(swapped), embed(a))
+    moved = a.clone()
+    moved[:, :, [0, 5]] = a[:, :, [5, 0]]
+    assert not torch.allclose(embed(moved), embed(a))
+    config = CompletionConfig(speech_features="whisper", speech_channels=384, speech_window=30,
+                              speech_pool=5)
+    completion = LandmarkCompletion(config)
+    out = completion(torch.rand(2, 7, 74, 2), torch.rand(2, 5, 131, 2),
+                     torch.randn(2, 7, 384, 30))
+    assert out.shape == (2, 7, 57, 2)

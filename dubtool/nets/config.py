@@ -82,6 +82,9 @@ class CompletionConfig:
     speech_window: int = MEL_WINDOW  # steps of the features heard per frame (0.2 s of mel)
     speech_lead: int = 0  # steps the window's middle lies after the frame's (mouths lead sounds)
     speech_reduce: int = 0  # > 0: channels the features are first reduced to, at half the rate
+    # > 0: instead of convolutions, the window's features are averaged over runs of this many
+    # steps and read by one linear layer (a speech path of a linear probe's capacity)
+    speech_pool: int = 0
     pose_points: int = NUM_POSE
     content_points: int = NUM_CONTENT
 

@@ -78,11 +78,18 @@ class SpeechEmbedding(nn.Module):
     ``reduce`` > 0: the features are first taken to that many channels at half the rate (a
     convolution of 2 steps, stride 2): the encoder's 384 states every 20 ms carry more than a
     25 fps mouth needs, and convolving them whole made the embedding 9 tenths of a training
-    step's cost."""
+    step's cost. ``pool`` > 0: no convolutions; the window averaged over runs of ``pool``
+    steps, then one linear layer (``CompletionConfig.speech_pool``)."""
 
     def __init__(self, channels: int, window: int, d_model: int, width: int = 128,
-                 reduce: int = 0) -> None:
+                 reduce: int = 0, pool: int = 0) -> None:
         super().__init__()
+        if pool:
+            # Linear in the pooled window: what a ridge probe of the states reads.
+            self.reduce = nn.AvgPool1d(pool)
+            self.convs = nn.Identity()
+            self.proj = nn.Linear(channels * (window // pool), d_model)
+            return
         self.reduce = (nn.Sequential(nn.Conv1d(channels, reduce, 2, stride=2), nn.SiLU())
                        if reduce else nn.Identity())
         if reduce:
@@ -106,7 +113,7 @@ class LandmarkCompletion(nn.Module):
         self.pose_embed = PoseEmbedding(config.pose_points, d)
         self.reference_embed = PointSetEmbedding(config.pose_points + config.content_points, d)
         self.audio_embed = SpeechEmbedding(config.speech_channels, config.speech_window, d,
-                                           reduce=config.speech_reduce)
+                                           reduce=config.speech_reduce, pool=config.speech_pool)
         self.modality = nn.Parameter(torch.randn(2, d) * 0.02)  # frame, reference
         layer = nn.TransformerEncoderLayer(d, config.heads, config.ff_dim, config.dropout,
                                            activation="gelu", batch_first=True, norm_first=True)
