@@ -27,8 +27,8 @@ from rich.table import Table
 from dubtool import api
 from dubtool.errors import EXIT_BATCH_FAILURES, EXIT_INTERRUPTED, DubtoolError, disk_full_error
 from dubtool.options import (
-    DEFAULT_REFERENCES,
     DEFAULT_RENDERER,
+    DEFAULT_SOURCES,
     DETECTORS,
     LOOP_MODES,
     describe,
@@ -112,10 +112,11 @@ def _call(fn: Callable[[], T]) -> T:
 RendererOption = Annotated[str, typer.Option(help="How the lower face is made: native (from "
                           "the video's own frames, at the face's own size) or diffusion (the "
                           "model, at its crop size).")]
-ReferencesOption = Annotated[int, typer.Option(help="Native renderer: how many of the video's "
-                             "frames the lower face may be drawn from (1: the reference frame "
-                             "alone; more: per frame the nearest mouth shape among that many, "
-                             "the reference frame preferred).")]
+SourcesOption = Annotated[int, typer.Option("--sources", "--references", help="Native renderer: "
+                          "how many of the video's frames (source frames) the lower face may be "
+                          "drawn from (1: the reference frame alone; more: per frame the "
+                          "nearest mouth shape among that many source frames, the reference "
+                          "frame preferred). --references is an older name of this option.")]
 AdaptOption = Annotated[bool, typer.Option("--adapt/--no-adapt", help="First fine-tune the lip "
                         "model on the video's own sound and lips (when it has sound and "
                         "enough frames with a face).")]
@@ -169,7 +170,7 @@ def dub_cmd(
                     "cut (the speech).")] = "pingpong",
     face: FaceOption = "largest",
     renderer: RendererOption = DEFAULT_RENDERER,
-    references: ReferencesOption = DEFAULT_REFERENCES,
+    sources: SourcesOption = DEFAULT_SOURCES,
     adapt: AdaptOption = True,
     cache_dir: CacheDir = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute every stage.")] = False,
@@ -184,7 +185,7 @@ def dub_cmd(
         result = _call(lambda: api.dub(
             video, speech, output, model=model, steps=steps, seed=seed, strength=strength,
             batch_size=batch_size, device=device, reference_frame=reference_frame, face=choice,
-            loop=loop, renderer=renderer, references=references, adapt=adapt,
+            loop=loop, renderer=renderer, sources=sources, adapt=adapt,
             cache_dir=cache_dir, force=force, keep_cache=keep_cache, progress=progress))
     out.print(", ".join(f"{r.stage} {r.status} ({r.seconds:.1f} s)" for r in result.stages))
     passed = (f", [yellow]{result.passed_through} passed through without a face[/]"
@@ -232,7 +233,7 @@ def batch_cmd(
     loop: Annotated[str, typer.Option(help="pingpong, loop or cut.")] = "pingpong",
     face: FaceOption = "largest",
     renderer: RendererOption = DEFAULT_RENDERER,
-    references: ReferencesOption = DEFAULT_REFERENCES,
+    sources: SourcesOption = DEFAULT_SOURCES,
     adapt: AdaptOption = True,
     shard: Annotated[str, typer.Option(help="K/N: do every N-th job starting at the K-th, to "
                      "split a batch over machines.")] = "1/1",
@@ -258,7 +259,7 @@ def batch_cmd(
         task = bars.add_task("batch", total=len(items), last="")
         outcomes = _call(lambda: api.batch(
             items, model=model, force=force, device=device, jobs=jobs, steps=steps, seed=seed,
-            loop=loop, face=choice, renderer=renderer, references=references, adapt=adapt,
+            loop=loop, face=choice, renderer=renderer, sources=sources, adapt=adapt,
             cache_dir=cache_dir,
             on_done=lambda o: bars.update(task, advance=1, last=f"{o.item.video.name} {o.status}")))
     table = Table("video", "speech", "status", "seconds", "output / reason")
@@ -504,7 +505,7 @@ def eval_cmd(
     strength: Annotated[float | None, typer.Option(help="Sampling strength (default: the "
                         "model's).")] = None,
     renderer: RendererOption = DEFAULT_RENDERER,
-    references: ReferencesOption = DEFAULT_REFERENCES,
+    sources: SourcesOption = DEFAULT_SOURCES,
     reference_gap: Annotated[float, typer.Option(help="No reference from within this many "
                              "seconds of the frame it is pasted on (frames that cannot meet "
                              "it are not scored).")] = api.RECONSTRUCTION_GAP_SECONDS,
@@ -525,7 +526,7 @@ def eval_cmd(
                                             strength=strength, device=device,
                                             work_dir=work_dir, report=report,
                                             seconds=seconds, renderer=renderer,
-                                            references=references,
+                                            sources=sources,
                                             reference_gap=reference_gap, adapt=adapt,
                                             cache_dir=cache_dir, progress=progress))
     from dubtool.evaluation.evaluate import VARIANTS
@@ -568,7 +569,7 @@ def bench_cmd(
     repeat: Annotated[int, typer.Option(help="Warm (cached) runs after the cold one.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Chunks denoised together.")] = 1,
     renderer: RendererOption = DEFAULT_RENDERER,
-    references: ReferencesOption = DEFAULT_REFERENCES,
+    sources: SourcesOption = DEFAULT_SOURCES,
     adapt: AdaptOption = True,
     report: Annotated[Path | None, typer.Option("-o", "--report", help="Write JSON.")] = None,
 ) -> None:
@@ -576,7 +577,7 @@ def bench_cmd(
     the whole time of a fresh `dubtool dub` process."""
     result = _call(lambda: api.bench(clip, speech, model=model, steps=steps, strength=strength,
                                      device=device, repeat=repeat, batch_size=batch_size,
-                                     renderer=renderer, references=references, adapt=adapt,
+                                     renderer=renderer, sources=sources, adapt=adapt,
                                      report=report))
     runs, cold = result.runs, result.runs[0]
     table = Table("stage", *[f"{r.kind} ms/frame" for r in runs], "cold: cores busy",

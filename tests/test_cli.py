@@ -158,9 +158,9 @@ def test_the_library_api_is_importable_from_the_package() -> None:
     ("dub", "--reference-frame", "50", ">= 0 and <= 49"),  # the clip has 50 frames
     ("dub", "--device", "tpu", "auto, cpu, cuda or cuda:N"),
     ("dub", "--renderer", "magic", "native, diffusion"),
-    ("dub", "--references", "0", ">= 1"),
+    ("dub", "--sources", "0", ">= 1"),
     ("batch", "--jobs", "0", ">= 1"),
-    ("batch", "--references", "0", ">= 1"),
+    ("batch", "--sources", "0", ">= 1"),
     ("batch", "--steps", "0", ">= 1"),
     ("eval", "--seconds", "0", "> 0"),
     ("eval", "--strength", "1.5", "> 0 and <= 1"),
@@ -196,6 +196,24 @@ def test_numeric_options_out_of_range_exit_2_before_any_work(
     line = one_line_error(result)
     assert f"{option} {value}: must be {valid}" in line
     assert not cache_dir.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["videos"]
+
+
+@pytest.mark.parametrize("command", ["dub", "batch", "eval", "bench"])
+def test_references_is_still_a_name_of_the_sources_option(command: str, face_clip: Path,
+                                                            tmp_path: Path) -> None:
+    """``--references N`` (the option's former name) parses to the same option as
+    ``--sources N``: the same exit code and the same error, before any work."""
+    args = {"dub": [face_clip, face_clip, "-o", tmp_path / "out.mp4"],
+            "batch": [face_clip.parent, "--speech", face_clip, "-o", tmp_path / "out"],
+            "eval": [face_clip, "--work-dir", tmp_path / "eval"],
+            "bench": [face_clip]}[command]
+    cache = ["--cache-dir", tmp_path / "cache"] if command != "bench" else []
+    new = invoke(command, *args, *cache, "--sources", "0")
+    old = invoke(command, *args, *cache, "--references", "0")
+    assert new.exit_code == old.exit_code == 2, (new.output, old.output)
+    assert one_line_error(new) == one_line_error(old)
+    assert "--sources 0: must be >= 1" in one_line_error(old)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_steps_beyond_the_models_schedule_exit_2(face_clip: Path, tiny_model: Path,

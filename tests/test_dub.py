@@ -68,7 +68,7 @@ def test_the_native_dub_loads_the_completion_alone(face_clip: Path, tiny_model: 
 
 
 @pytest.mark.parametrize(("renderer", "stages"), [
-    ("native", ["extract", "landmarks", "adapt", "complete", "references", "reference-crops",
+    ("native", ["extract", "landmarks", "adapt", "complete", "sources", "source-crops",
                 "blend"]),
     ("diffusion", ["extract", "landmarks", "adapt", "complete", "crops", "diffuse", "blend"])])
 def test_dub_end_to_end(face_clip: Path, tiny_model: Path, tmp_path: Path, renderer: str,
@@ -425,8 +425,8 @@ def test_bench_reports_cold_and_warm_runs(face_clip: Path, tiny_model: Path,
     assert [r.kind for r in result.runs] == ["cold", "warm"]
     assert result.frames == 50 and result.video_seconds == 2.0
     cold, warm = result.runs
-    assert set(cold.stage_seconds) == {"extract", "landmarks", "adapt", "complete", "references",
-                                       "reference-crops", "blend"}
+    assert set(cold.stage_seconds) == {"extract", "landmarks", "adapt", "complete", "sources",
+                                       "source-crops", "blend"}
     assert sum(cold.stage_seconds.values()) <= cold.wall_seconds
     assert all(v >= 0 for v in cold.stage_ms_per_frame.values())
     # How busy each stage kept the CPU: some core time in every stage that ran, and a share
@@ -507,7 +507,7 @@ def test_inference_settings_come_from_the_model_and_key_their_stages(
                                                  cache_dir=cache)
         return {r.stage: r.status for r in result.stages}, np.array(result.landmarks)
 
-    model_stages = ("adapt", "complete", "references", "reference-crops")
+    model_stages = ("adapt", "complete", "sources", "source-crops")
     ran, base = dub("base")
     assert all(ran[stage] == "ran" for stage in model_stages)
     ran, gain = dub("gain", complete={"articulation_gain": 3.0})
@@ -516,7 +516,7 @@ def test_inference_settings_come_from_the_model_and_key_their_stages(
     ran, again = dub("again")  # the same settings: cached
     assert all(ran[stage] == "cached" for stage in model_stages)
     np.testing.assert_array_equal(again, gain)
-    ran, _ = dub("switch", references={"switch_cost": 0.5})
+    ran, _ = dub("switch", sources={"switch_cost": 0.5})
     assert [ran[s] for s in model_stages] == ["cached", "cached", "ran", "ran"]
     ran, _ = dub("sharp", native={"max_sharpening": 0.0})
     assert [ran[s] for s in model_stages] == ["cached", "cached", "cached", "ran"]

@@ -20,7 +20,7 @@ from dubtool.nets.config import (
     InferenceConfig,
     ModelConfig,
     NativeSettings,
-    ReferenceSettings,
+    SourceSettings,
     TrainingConfig,
 )
 from dubtool.nets.dubber import DubbingModel, complete_landmarks
@@ -340,13 +340,23 @@ def test_a_config_without_inference_settings_gets_the_defaults(tmp_path: Path) -
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert ModelConfig.load(tmp_path / "config.json").inference == InferenceConfig()
     assert InferenceConfig() == InferenceConfig(AdaptSettings(), CompleteSettings(),
-                                                ReferenceSettings(), NativeSettings())
+                                                SourceSettings(), NativeSettings())
     partial = ModelConfig.from_dict({**old, "inference": {"complete": {"articulation_gain": 2}}})
     gain = partial.inference.complete.articulation_gain
     assert gain == 2.0 and isinstance(gain, float)  # one value, one fingerprint
     assert partial.inference.complete.pause_seconds == CompleteSettings().pause_seconds
     assert partial.inference.adapt == AdaptSettings()
     assert ModelConfig.from_dict(partial.to_dict()) == partial
+
+
+def test_the_former_references_section_reads_as_sources() -> None:
+    """Model folders saved before the rename name the native renderer's source settings
+    ``inference.references``: the same settings as ``inference.sources``."""
+    old = ModelConfig.named("cpu-128").to_dict()
+    section = {"switch_cost": 0.5}
+    before = ModelConfig.from_dict({**old, "inference": {"references": section}})
+    after = ModelConfig.from_dict({**old, "inference": {"sources": section}})
+    assert before == after and before.inference.sources.switch_cost == 0.5
 
 
 @pytest.mark.parametrize(("inference", "named"), [
@@ -357,8 +367,8 @@ def test_a_config_without_inference_settings_gets_the_defaults(tmp_path: Path) -
     ({"complete": {"closed_fraction": 1.5}}, "inference.complete.closed_fraction must be in"),
     ({"complete": {"fade_frames": -1}}, "inference.complete.fade_frames"),
     ({"complete": {"pause_seconds": "long"}}, "inference.complete.pause_seconds must be a"),
-    ({"references": {"narrowing_share": 0}}, "inference.references.narrowing_share"),
-    ({"references": {"candidates": True}}, "inference.references.candidates"),
+    ({"sources": {"narrowing_share": 0}}, "inference.sources.narrowing_share"),
+    ({"sources": {"candidates": True}}, "inference.sources.candidates"),
     ({"native": {"max_size": 1}}, "inference.native.max_size must be at least 2"),
     ({"native": {"detail_tolerance": -0.1}}, "inference.native.detail_tolerance"),
     ({"complete": {"gain": 1.5}}, "inference.complete has no field(s) gain"),
@@ -376,10 +386,10 @@ def test_an_inference_setting_out_of_range_or_unknown_is_named(inference: dict,
 def test_inference_settings_are_checked_however_they_are_made() -> None:
     with pytest.raises(ModelError, match=r"inference\.complete\.articulation_gain"):
         CompleteSettings(articulation_gain=-1.0)
-    with pytest.raises(ModelError, match=r"inference\.references\.switch_cost"):
-        dataclasses.replace(ReferenceSettings(), switch_cost=-0.1)
+    with pytest.raises(ModelError, match=r"inference\.sources\.switch_cost"):
+        dataclasses.replace(SourceSettings(), switch_cost=-0.1)
     # The edges of the ranges are allowed: none of a cost, a whole share, one step.
-    assert ReferenceSettings(anchor_preference=0, narrowing_share=1.0).narrowing_share == 1.0
+    assert SourceSettings(anchor_preference=0, narrowing_share=1.0).narrowing_share == 1.0
     assert AdaptSettings(steps=1, min_seconds=0).steps == 1
     assert NativeSettings(max_sharpening=0, detail_tolerance=1).max_sharpening == 0.0
 

@@ -1,4 +1,4 @@
-"""The renderers: native warp, the choice of reference frames, cross-fades, no leaks."""
+"""The renderers: native warp, the choice of source frames, cross-fades, no leaks."""
 
 from __future__ import annotations
 
@@ -18,21 +18,21 @@ from dubtool.face.indices import (
     mouth_opening,
 )
 from dubtool.face.warp import warp_face
-from dubtool.nets.config import CompleteSettings, NativeSettings, ReferenceSettings
-from dubtool.options import DEFAULT_REFERENCES
-from dubtool.pipeline import references
+from dubtool.nets.config import CompleteSettings, NativeSettings, SourceSettings
+from dubtool.options import DEFAULT_SOURCES
+from dubtool.pipeline import sources
 from dubtool.pipeline.landmarks import FaceTrack
-from dubtool.pipeline.references import (
-    ReferencePlan,
-    best_path,
-    choose_references,
-    cross_fades,
-)
 from dubtool.pipeline.renderers.native import NativeFaces
 from dubtool.pipeline.run import pick_reference_frame
+from dubtool.pipeline.sources import (
+    SourcePlan,
+    best_path,
+    choose_sources,
+    cross_fades,
+)
 
 NATIVE = NativeSettings()  # the native renderer's defaults
-NEAREST = ReferenceSettings(anchor_preference=0.0)  # no source preferred
+NEAREST = SourceSettings(anchor_preference=0.0)  # no source preferred
 LOWER_LIP = np.arange(LIPS_SLICE.start, NUM_POINTS)[[11, 12, 13, 14, 15, 16, 17, 18, 19,
                                                       31, 32, 33, 34, 35, 36, 37, 38, 39]]
 
@@ -76,7 +76,7 @@ def test_native_warp_with_identical_landmarks_returns_the_same_pixels() -> None:
     assert np.abs(half - plain).mean() < 1.0
 
 
-def test_the_reference_is_the_frame_whose_mouth_is_nearest_in_any_pose() -> None:
+def test_the_source_is_the_frame_whose_mouth_is_nearest_in_any_pose() -> None:
     rng = np.random.default_rng(1)
     openings = np.linspace(0.0, 0.12, 25)
     rng.shuffle(openings)
@@ -86,7 +86,7 @@ def test_the_reference_is_the_frame_whose_mouth_is_nearest_in_any_pose() -> None
     track = _track(sources)
     wanted = np.repeat([0.0, 0.06, 0.12, 0.03], 10)  # each held for 10 frames
     target = np.stack([_moved(_face(v, rng), 1.1, 0.1, (0.05, 0.0)) for v in wanted])
-    chosen = choose_references(track.points, track.detected, target, np.zeros(40, np.int64),
+    chosen = choose_sources(track.points, track.detected, target, np.zeros(40, np.int64),
                                anchor=pick_reference_frame(track), settings=NEAREST)
     # The nearest shape, or one a step more open (the warp can close a mouth, not open one).
     wider = openings[chosen.source] - wanted
@@ -101,8 +101,8 @@ def test_the_reference_frame_serves_unless_another_mouth_is_much_nearer() -> Non
     wanted = np.repeat([0.06, 0.065, 0.055, 0.12, 0.0], 10)
     target = np.stack([_face(v, rng) for v in wanted])
     plan = np.zeros(len(wanted), np.int64)
-    preferred = choose_references(track.points, track.detected, target, plan, anchor=anchor)
-    nearest = choose_references(track.points, track.detected, target, plan, anchor=anchor,
+    preferred = choose_sources(track.points, track.detected, target, plan, anchor=anchor)
+    nearest = choose_sources(track.points, track.detected, target, plan, anchor=anchor,
                                 settings=NEAREST)
     # Near the anchor's shape the anchor serves; the wide-open and the closed mouths come from
     # frames that have them.
@@ -112,9 +112,9 @@ def test_the_reference_frame_serves_unless_another_mouth_is_much_nearer() -> Non
     assert (openings[preferred.source[40:]] <= 0.0051).all()
 
 
-def test_no_reference_is_taken_from_near_the_frame_it_is_pasted_on() -> None:
+def test_no_source_is_taken_from_near_the_frame_it_is_pasted_on() -> None:
     """Reconstruction: each frame's target is its own landmarks, so without the rule frames
-    near it (its ground truth among them) are the best references; with it, none within
+    near it (its ground truth among them) are the best sources; with it, none within
     the gap."""
     rng = np.random.default_rng(2)
     openings = 0.06 + 0.05 * np.sin(np.arange(120) * 0.7)
@@ -123,11 +123,11 @@ def test_no_reference_is_taken_from_near_the_frame_it_is_pasted_on() -> None:
     plan = np.arange(120)
     target = track.crop_points()
     gap = 25
-    leaky = choose_references(track.points, track.detected, target, plan,
+    leaky = choose_sources(track.points, track.detected, target, plan,
                               anchor=pick_reference_frame(track))
     assert (np.abs(leaky.source - plan) < gap).mean() > 0.3  # the test can see a leak
     anchor = 110
-    safe = choose_references(track.points, track.detected, target, plan, exclude_frames=gap,
+    safe = choose_sources(track.points, track.detected, target, plan, exclude_frames=gap,
                              anchor=anchor)
     assert anchor in safe.pool
     scored = scored_frames(120, anchor, gap)
@@ -142,13 +142,13 @@ def test_candidates_are_bounded_whatever_the_length() -> None:
     sources = np.stack([_face(v, rng) for v in openings])
     track = _track(sources)
     plan = np.arange(2000)
-    chosen = choose_references(track.points, track.detected, track.crop_points(), plan,
+    chosen = choose_sources(track.points, track.detected, track.crop_points(), plan,
                                anchor=pick_reference_frame(track))
-    assert len(chosen.pool) == DEFAULT_REFERENCES
-    assert len(chosen.used) <= DEFAULT_REFERENCES
+    assert len(chosen.pool) == DEFAULT_SOURCES
+    assert len(chosen.used) <= DEFAULT_SOURCES
 
 
-def test_choosing_references_holds_a_few_megabytes_whatever_the_speech_length() -> None:
+def test_choosing_sources_holds_a_few_megabytes_whatever_the_speech_length() -> None:
     rng = np.random.default_rng(9)
     track = _track(np.stack([_face(v, rng) for v in rng.uniform(0, 0.12, 200)]))
     peaks = []
@@ -157,7 +157,7 @@ def test_choosing_references_holds_a_few_megabytes_whatever_the_speech_length() 
                           ).astype(np.float32)
         plan = np.zeros(frames, np.int64)
         tracemalloc.start()
-        choose_references(track.points, track.detected, target, plan, anchor=10)
+        choose_sources(track.points, track.detected, target, plan, anchor=10)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     # The per-frame costs (48 candidates, float32) and the path's back-pointers (int16):
@@ -213,8 +213,8 @@ def test_a_switch_is_cross_faded() -> None:
     np.testing.assert_allclose(weight, [0] * 4 + [0.75, 0.5, 0.25] + [0] * 3)
 
 
-def test_switching_references_makes_no_jump_larger_than_the_source_own() -> None:
-    """A video whose light brightens by 2 levels a frame, drawn from two references 60 frames
+def test_switching_sources_makes_no_jump_larger_than_the_source_own() -> None:
+    """A video whose light brightens by 2 levels a frame, drawn from two sources 60 frames
     apart: however the source switches, the output changes as the video does."""
     rng = np.random.default_rng(4)
     frames, size = 80, 100
@@ -222,7 +222,7 @@ def test_switching_references_makes_no_jump_larger_than_the_source_own() -> None
     track = _track(points, size)
     video = [np.full((size, size, 3), 60 + 2 * i, np.uint8) for i in range(frames)]
     path = np.array([10] * 40 + [70] * 40)
-    plan = ReferencePlan(path, *cross_fades(path, ReferenceSettings().fade_frames),
+    plan = SourcePlan(path, *cross_fades(path, SourceSettings().fade_frames),
                          np.array([10, 70]))
     crops = {10: video[10], 70: video[70]}
     faces = NativeFaces(track, track.crop_points(), np.arange(frames), plan, crops,
@@ -236,10 +236,10 @@ def test_switching_references_makes_no_jump_larger_than_the_source_own() -> None
     assert max(steps) <= max(source_steps) + 1
 
 
-def test_a_forced_reference_serves_every_frame() -> None:
+def test_a_forced_source_serves_every_frame() -> None:
     rng = np.random.default_rng(5)
     track = _track(np.stack([_face(v, rng) for v in np.linspace(0, 0.1, 30)]))
-    chosen = choose_references(track.points, track.detected, track.crop_points(),
+    chosen = choose_sources(track.points, track.detected, track.crop_points(),
                                np.arange(30), anchor=7, forced=7)
     assert (chosen.source == 7).all() and (chosen.outgoing_weight == 0).all()
     assert chosen.used.tolist() == [7]
@@ -256,7 +256,7 @@ def test_the_single_reference_is_far_from_as_many_frames_as_can_be() -> None:
     assert opening[pick_reference_frame(track)] == np.sort(opening)[50]
 
 
-def test_a_soft_reference_is_sharpened_to_the_videos_typical_detail() -> None:
+def test_a_soft_source_is_sharpened_to_the_videos_typical_detail() -> None:
     """``match_detail`` brings a blurred face's mouth detail up to the typical one (within the
     bisection's step), leaves a face that already holds it as it is, and never sharpens past
     max_sharpening."""
@@ -287,9 +287,9 @@ def test_a_soft_reference_is_sharpened_to_the_videos_typical_detail() -> None:
                                        NativeSettings(max_sharpening=0.0)), flat)
 
 
-def test_reference_crops_past_the_detail_sample_are_the_frames_own(face_clip,
+def test_source_crops_past_the_detail_sample_are_the_frames_own(face_clip,
                                                                   tmp_path) -> None:
-    """References after the first detail_frames are read by themselves: the same crops as
+    """Sources after the first detail_frames are read by themselves: the same crops as
     from reading every frame."""
     from dubtool.media.frames import read_frames
     from dubtool.media.probe import probe_video
@@ -302,8 +302,8 @@ def test_reference_crops_past_the_detail_sample_are_the_frames_own(face_clip,
     video = probe_video(face_clip)
     # (no sharpening: the crops are compared as read)
     settings = NativeSettings(detail_frames=10, max_sharpening=0.0)
-    render.write_reference_crops(video, track, np.array([30, 5, 45, 30]), tmp_path, settings)
-    crops = render.load_reference_crops(tmp_path)
+    render.write_source_crops(video, track, np.array([30, 5, 45, 30]), tmp_path, settings)
+    crops = render.load_source_crops(tmp_path)
     assert sorted(crops) == [5, 30, 45]
     frames = list(read_frames(video))
     for i, face in crops.items():
@@ -320,16 +320,16 @@ def test_the_pool_is_drawn_from_a_bounded_spread_of_frames(monkeypatch, tmp_path
     track = _track(np.stack([_face(v, rng) for v in openings]))
     target = np.stack([_face(v, rng) for v in (0.0, 0.1, 0.05)])
     plan = np.zeros(3, np.int64)
-    monkeypatch.setattr(references, "SHAPE_FRAMES", 9)
+    monkeypatch.setattr(sources, "SHAPE_FRAMES", 9)
     anchor = 101  # not on the spread of 9 frames over 200
     spread = np.linspace(0, 199, 9).round().astype(int)
-    chosen = choose_references(track.points, track.detected, target, plan, anchor=anchor,
+    chosen = choose_sources(track.points, track.detected, target, plan, anchor=anchor,
                                pool_size=6)
     assert len(chosen.pool) == 6 and anchor in chosen.pool
     assert set(chosen.pool) <= {*spread, anchor}
     track.save(tmp_path)
     loaded = FaceTrack.load(tmp_path)
-    from_disk = choose_references(loaded.points, loaded.detected, target, plan, anchor=anchor,
+    from_disk = choose_sources(loaded.points, loaded.detected, target, plan, anchor=anchor,
                                   pool_size=6)
     np.testing.assert_array_equal(from_disk.source, chosen.source)
     np.testing.assert_array_equal(from_disk.pool, chosen.pool)
@@ -365,14 +365,14 @@ def test_in_a_pause_a_closed_mouth_is_drawn_from_a_closed_source() -> None:
     plan = np.zeros(40, np.int64)
     closing = np.zeros(40, np.float32)
     closing[10:30] = 1.0
-    before = choose_references(track.points, track.detected, target, plan, anchor=anchor)
+    before = choose_sources(track.points, track.detected, target, plan, anchor=anchor)
     assert (before.source == anchor).all()  # the test can see the change
-    after = choose_references(track.points, track.detected, target, plan, anchor=anchor,
+    after = choose_sources(track.points, track.detected, target, plan, anchor=anchor,
                               closing=closing)
     assert (openings[after.source[10:30]] <= 0.0451).all()
     assert (after.source[:5] == anchor).all() and (after.source[-5:] == anchor).all()
     def pool(closing: np.ndarray | None) -> list[int]:
-        return list(choose_references(track.points, track.detected, target, plan, anchor=6,
+        return list(choose_sources(track.points, track.detected, target, plan, anchor=6,
                                       closing=closing, pool_size=2).pool)
 
     assert pool(None) == [6, 24] and pool(closing) == [0, 6, 24]

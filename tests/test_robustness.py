@@ -518,7 +518,7 @@ def _interrupting(monkeypatch, stage: str) -> None:
     """Make the dub raise KeyboardInterrupt (Ctrl-C) in the middle of ``stage``."""
     from dubtool.face.detect import FaceMeshDetector
     from dubtool.media.frames import VideoWriter
-    from dubtool.pipeline import adapt, complete, extract, references
+    from dubtool.pipeline import adapt, complete, extract, sources
     from dubtool.pipeline.landmarks import FaceTrack
     from dubtool.pipeline.renderers import diffusion as diffuse
 
@@ -540,8 +540,8 @@ def _interrupting(monkeypatch, stage: str) -> None:
         "adapt": (adapt, "learnable_frames", 0),
         "complete": (complete, "feature_window", 10),
         "diffuse": (diffuse.LowerFaceGenerator, "generate", 3),
-        "references": (references.ReferencePlan, "save", 0),
-        "reference-crops": (FaceTrack, "box", 2),
+        "sources": (sources.SourcePlan, "save", 0),
+        "source-crops": (FaceTrack, "box", 2),
         "blend": (VideoWriter, "write", 10),
     }
     owner, name, calls = targets[stage]
@@ -550,7 +550,7 @@ def _interrupting(monkeypatch, stage: str) -> None:
 
 @pytest.mark.parametrize(("stage", "renderer"), [
     ("extract", "native"), ("landmarks", "native"), ("adapt", "native"), ("complete", "native"),
-    ("references", "native"), ("reference-crops", "native"), ("blend", "native"),
+    ("sources", "native"), ("source-crops", "native"), ("blend", "native"),
     ("crops", "diffusion"), ("diffuse", "diffusion"), ("blend", "diffusion")])
 def test_ctrl_c_in_each_stage_stops_cleanly_and_resumes(dub, short_face: Path, speech: Path,
                                                         tmp_path: Path, monkeypatch,

@@ -253,7 +253,7 @@ def test_a_model_that_hears_states_dubs_through_the_speech_stage(face_clip: Path
     # The speech stage runs beside the video's (overlap.Background): it ends before complete.
     stages = [r.stage for r in result.stages]
     assert sorted(stages) == sorted(["extract", "landmarks", "adapt", "speech", "complete",
-                                     "references", "reference-crops", "blend"])
+                                     "sources", "source-crops", "blend"])
     assert stages.index("speech") < stages.index("complete")
     assert result.dubbed_frames == result.frames > 0
 

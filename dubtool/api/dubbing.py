@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dubtool.options import DEFAULT_MODEL, DEFAULT_REFERENCES, DEFAULT_RENDERER, check_range
+from dubtool.options import DEFAULT_MODEL, DEFAULT_RENDERER, DEFAULT_SOURCES, check_range
 
 if TYPE_CHECKING:
     from dubtool.pipeline.cache import RunSummary
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 def dub(video: str | Path, speech: str | Path, output: str | Path | None = None, *,
         model: str | Path = DEFAULT_MODEL, device: str = "auto",
-        renderer: str = DEFAULT_RENDERER, references: int = DEFAULT_REFERENCES,
+        renderer: str = DEFAULT_RENDERER, sources: int = DEFAULT_SOURCES,
         steps: int | None = None, eta: float | None = None, strength: float | None = None,
         seed: int = 0, batch_size: int = 1, **dub_options: object) -> DubResult:
     """Dub ``video`` with ``speech`` by the model ``model`` (a name or folder): one call of
@@ -24,7 +24,7 @@ def dub(video: str | Path, speech: str | Path, output: str | Path | None = None,
     from dubtool.pipeline.dubber import Dubber
 
     dubber = Dubber.from_pretrained(model, device=device, renderer=renderer,
-                                    references=references, steps=steps, eta=eta,
+                                    sources=sources, steps=steps, eta=eta,
                                     strength=strength, seed=seed, batch_size=batch_size)
     return dubber.dub(video, speech, output, **dub_options)
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from dubtool.errors import InputNotFound, InvalidMedia
 from dubtool.options import (
     DEFAULT_MODEL,
-    DEFAULT_REFERENCES,
     DEFAULT_RENDERER,
+    DEFAULT_SOURCES,
     RECONSTRUCTION_GAP_SECONDS,
     check_range,
 )
@@ -33,7 +33,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
              steps: int | None = None, seed: int = 0, strength: float | None = None,
              device: str = "auto", work_dir: str | Path = "eval", report: str | Path | None = None,
              strips: bool = True, seconds: float | None = None,
-             renderer: str = DEFAULT_RENDERER, references: int = DEFAULT_REFERENCES,
+             renderer: str = DEFAULT_RENDERER, sources: int = DEFAULT_SOURCES,
              reference_gap: float = RECONSTRUCTION_GAP_SECONDS, adapt: bool = True,
              cache_dir: str | Path | None = None,
              progress: StageProgress | None = None) -> EvalReport:
@@ -53,7 +53,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     from dubtool.pipeline.run import Inputs, run_front
 
     check_dub_options(steps=steps, strength=strength, seed=seed, device=device,
-                      renderer=renderer, references=references)
+                      renderer=renderer, sources=sources)
     check_range("--seconds", seconds, above=0)
     check_range("--reference-gap", reference_gap, at_least=0)
     if not clips:
@@ -66,7 +66,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     dubber = Dubber.from_pretrained(model, device=device, renderer=renderer,
-                                    references=references, steps=steps, strength=strength,
+                                    sources=sources, steps=steps, strength=strength,
                                     seed=seed)
     identity = load_identity_model()
     pause_seconds = dubber.model.config.inference.complete.pause_seconds  # the dubs' pauses
@@ -91,7 +91,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     settings = {"model": str(dubber.model.folder), "steps": dubber.settings.steps,
                 "strength": dubber.settings.strength, "seed": seed,
                 "device": str(dubber.device), "seconds": seconds, "renderer": renderer,
-                "references": references,
+                "sources": sources,
                 "reference_gap": reference_gap, "adapt": adapt,
                 "identity": "dlib face recognition ResNet" if identity else NOT_INSTALLED}
     summary = summarise(results)
@@ -126,7 +126,7 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
           model: str | Path = DEFAULT_MODEL, steps: int | None = None,
           strength: float | None = None, device: str = "auto",
           repeat: int = 1, batch_size: int = 1, renderer: str = DEFAULT_RENDERER,
-          references: int = DEFAULT_REFERENCES, adapt: bool = True,
+          sources: int = DEFAULT_SOURCES, adapt: bool = True,
           report: str | Path | None = None) -> BenchReport:
     """Speed of every stage on ``clip`` (default: the bundled 5 s clip; its own audio is the
     speech unless ``speech``): one dub from an empty cache (cold), ``repeat`` with everything
@@ -149,11 +149,11 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
 
     check_range("--repeat", repeat, at_least=0)
     check_dub_options(steps=steps, strength=strength, batch_size=batch_size, device=device,
-                      renderer=renderer, references=references)
+                      renderer=renderer, sources=sources)
     clip = Path(clip) if clip is not None else BUNDLED_CLIP
     probe_video(clip)  # a clear error before any work for a clip that is not a video
     dubber = Dubber.from_pretrained(model, device=device, renderer=renderer,
-                                    references=references, steps=steps, strength=strength,
+                                    sources=sources, steps=steps, strength=strength,
                                     batch_size=batch_size)
     speech = Path(speech) if speech is not None else clip
     floor = ffmpeg_floor(clip)
@@ -168,7 +168,7 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
                                   floor))
         command = [sys.executable, "-m", "dubtool", "dub", "--model", str(dubber.model.folder),
                    "--device", device, "--batch-size", str(batch_size), "--loop", "cut",
-                   "--renderer", renderer, "--references", str(references),
+                   "--renderer", renderer, "--sources", str(sources),
                    "--adapt" if adapt else "--no-adapt",
                    "--cache-dir", str(scratch / "process-cache"), "-o",
                    str(scratch / "process.mp4"),
@@ -176,7 +176,7 @@ def bench(clip: str | Path | None = None, speech: str | Path | None = None, *,
                    *([] if strength is None else ["--strength", str(strength)]),
                    "--", str(clip), str(speech)]
         process = process_seconds(command)
-    settings = {"renderer": renderer, "references": references, "adapt": adapt,
+    settings = {"renderer": renderer, "sources": sources, "adapt": adapt,
                 "steps": dubber.settings.steps, "strength": dubber.settings.strength,
                 "batch_size": batch_size, "device": device,
                 "precision": str(sampling_precision(dubber.device)), **machine()}

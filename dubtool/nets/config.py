@@ -38,6 +38,8 @@ SPEECH_CHANNELS = {"mel": N_MELS, "whisper": STATE_DIM}
 SPEECH_TIMING = {"mel": NORMALISED_MEL, "whisper": ENCODER_STATES}
 # Model folders written before the speech features could be chosen name them so.
 LEGACY_COMPLETION_FIELDS = {"mel_bins": "speech_channels", "mel_window": "speech_window"}
+# Model folders written before the native renderer's source frames were so named.
+LEGACY_INFERENCE_FIELDS = {"references": "sources"}
 
 
 @dataclass(frozen=True)
@@ -230,11 +232,11 @@ class CompleteSettings(_Settings):
 
 
 @dataclass(frozen=True)
-class ReferenceSettings(_Settings):
-    """The native renderer's ``references`` stage (``pipeline.references``): which of the
+class SourceSettings(_Settings):
+    """The native renderer's ``sources`` stage (``pipeline.sources``): which of the
     video's frames each output frame's lower face is drawn from."""
 
-    section: ClassVar[str] = "inference.references"
+    section: ClassVar[str] = "inference.sources"
     checks: ClassVar[dict[str, tuple[Any, str]]] = {
         "anchor_preference": _NOT_NEGATIVE, "candidates": _AT_LEAST_1,
         "switch_cost": _NOT_NEGATIVE, "pose_weight": _NOT_NEGATIVE,
@@ -252,7 +254,7 @@ class ReferenceSettings(_Settings):
 
 @dataclass(frozen=True)
 class NativeSettings(_Settings):
-    """The native renderer's reference crops (``pipeline.renderers.native``)."""
+    """The native renderer's source crops (``pipeline.renderers.native``)."""
 
     section: ClassVar[str] = "inference.native"
     checks: ClassVar[dict[str, tuple[Any, str]]] = {
@@ -262,10 +264,10 @@ class NativeSettings(_Settings):
     # The largest side drawn at: a larger face box is drawn at this size and scaled up
     # (measured: ms/frame and sharpness in the README's speed table).
     max_size: int = 512
-    # A reference's detail is matched to the median over the frames with a face among the
+    # A source crop's detail is matched to the median over the frames with a face among the
     # video's first this many.
     detail_frames: int = 250
-    detail_tolerance: float = 0.9  # references with this share of that detail stay as they are
+    detail_tolerance: float = 0.9  # sources with this share of that detail stay as they are
     max_sharpening: float = 1.5    # the unsharp mask's largest amount
 
 
@@ -276,7 +278,7 @@ class InferenceConfig:
 
     adapt: AdaptSettings = field(default_factory=AdaptSettings)
     complete: CompleteSettings = field(default_factory=CompleteSettings)
-    references: ReferenceSettings = field(default_factory=ReferenceSettings)
+    sources: SourceSettings = field(default_factory=SourceSettings)
     native: NativeSettings = field(default_factory=NativeSettings)
 
 
@@ -335,6 +337,9 @@ class ModelConfig:
             if "completion" in data and isinstance(data["completion"], dict):
                 data = {**data, "completion": {LEGACY_COMPLETION_FIELDS.get(k, k): v
                                                for k, v in data["completion"].items()}}
+            if "inference" in data and isinstance(data["inference"], dict):
+                data = {**data, "inference": {LEGACY_INFERENCE_FIELDS.get(k, k): v
+                                              for k, v in data["inference"].items()}}
             return _build(cls, data, "")
         except TypeError as exc:
             raise ModelError(f"invalid model config: {exc}") from exc

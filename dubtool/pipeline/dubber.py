@@ -24,8 +24,8 @@ from dubtool.media.probe import probe_video
 from dubtool.nets.io import LoadedModel, load_model, model_digest
 from dubtool.options import (
     DEFAULT_MODEL,
-    DEFAULT_REFERENCES,
     DEFAULT_RENDERER,
+    DEFAULT_SOURCES,
     RENDERERS,
     FaceChoice,
     check_choice,
@@ -67,13 +67,13 @@ class DubResult:
 
 
 # The options of a ``Dubber`` (the others are ``Dubber.dub``'s).
-DUBBER_OPTIONS = ("renderer", "references", "steps", "eta", "strength", "seed", "batch_size")
+DUBBER_OPTIONS = ("renderer", "sources", "steps", "eta", "strength", "seed", "batch_size")
 
 
 def check_dub_options(*, steps: int | None = None, strength: float | None = None,
                       batch_size: int = 1, seed: int = 0, device: str = "auto",
                       reference_frame: int | None = None, renderer: str = DEFAULT_RENDERER,
-                      references: int = DEFAULT_REFERENCES, **_: object) -> None:
+                      sources: int = DEFAULT_SOURCES, **_: object) -> None:
     """UsageError (exit 2) for a dub option outside its range: what needs neither the inputs
     nor the model to check (``**_``: the other options of a batch)."""
     check_range("--steps", steps, at_least=1)
@@ -83,7 +83,7 @@ def check_dub_options(*, steps: int | None = None, strength: float | None = None
     check_seed(seed)
     check_device(device)
     check_choice("--renderer", renderer, RENDERERS)
-    check_range("--references", references, at_least=1)
+    check_range("--sources", sources, at_least=1)
 
 
 class Dubber:
@@ -91,7 +91,7 @@ class Dubber:
     with the renderer that draws its lower faces and that renderer's settings.
 
     ``renderer``: ``native`` (from the video's own frames at their own size) or ``diffusion``
-    (by the model at its crop size, ``pipeline.renderers``). ``references``: how many of the
+    (by the model at its crop size, ``pipeline.renderers``). ``sources``: how many of the
     video's frames the native renderer may draw from (1: the reference frame alone).
     ``steps``, ``eta`` (the noise DDIM adds at each step: 0 none, 1 as much as DDPM) and
     ``strength`` default to the model's ``diffusion`` config (the diffusion renderer's).
@@ -100,11 +100,11 @@ class Dubber:
     """
 
     def __init__(self, model: LoadedModel, *, device: str = "auto",
-                 renderer: str = DEFAULT_RENDERER, references: int = DEFAULT_REFERENCES,
+                 renderer: str = DEFAULT_RENDERER, sources: int = DEFAULT_SOURCES,
                  steps: int | None = None, eta: float | None = None,
                  strength: float | None = None, seed: int = 0, batch_size: int = 1) -> None:
         check_dub_options(steps=steps, strength=strength, batch_size=batch_size, seed=seed,
-                          device=device, renderer=renderer, references=references)
+                          device=device, renderer=renderer, sources=sources)
         diffusion = model.config.diffusion
         # DDIM cannot take more steps than the schedule the model was trained on has.
         check_range("--steps", steps, at_least=1, at_most=diffusion.train_steps)
@@ -119,7 +119,7 @@ class Dubber:
                                           diffusion.strength if strength is None else strength,
                                           batch_size)
         self.renderer = make_renderer(renderer, self.model, self.model_digest, self.settings,
-                                      self.device, references)
+                                      self.device, sources)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | Path = DEFAULT_MODEL, *, device: str = "auto",

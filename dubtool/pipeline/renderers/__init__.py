@@ -7,10 +7,10 @@ pasted through (the blend stage does the pasting, whatever the renderer).
 
 - ``native``: drawn from the video's own frames at the face's own size in the frame: per
   output frame the source frame whose mouth shape is nearest its target landmarks, the
-  reference frame preferred (``pipeline.references``; ``references`` 1: the reference frame
+  reference frame preferred (``pipeline.sources``; ``sources`` 1: the reference frame
   alone), bent onto the target landmarks by the thin-plate spline and resampled bicubically,
   colour-matched to the frame.
-  Nothing is scaled up from a small image; a reference softer than the video's typical frame
+  Nothing is scaled up from a small image; a source softer than the video's typical frame
   (motion blur, focus) is sharpened to the typical detail (``match_detail``).
 - ``diffusion``: the paper's model: one reference face at the model's crop size (128 px for
   ``cpu-128``), warped to the targets and refined by the TalkFormer denoiser in chunks, then
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dubtool.options import DEFAULT_REFERENCES
+from dubtool.options import DEFAULT_SOURCES
 from dubtool.pipeline.renderers.base import DiffusionSettings, LowerFaces, Renderer, RenderJob
 from dubtool.pipeline.renderers.native import NativeRenderer
 
@@ -36,13 +36,13 @@ __all__ = ["DiffusionSettings", "LowerFaces", "NativeRenderer", "RenderJob", "Re
 
 def make_renderer(name: str, model: LoadedModel, model_digest: str,
                   settings: DiffusionSettings, device: torch.device,
-                  references: int = DEFAULT_REFERENCES) -> Renderer:
-    """The renderer called ``name`` (one of ``options.RENDERERS``); ``references``: the native
+                  sources: int = DEFAULT_SOURCES) -> Renderer:
+    """The renderer called ``name`` (one of ``options.RENDERERS``); ``sources``: the native
     renderer's, which takes its other settings from the model's config (``inference``). The
     diffusion renderer's module (torch, diffusers) is imported only for it."""
     if name == "native":
         inference = model.config.inference
-        return NativeRenderer(references, inference.references, inference.native)
+        return NativeRenderer(sources, inference.sources, inference.native)
     if name == "diffusion":
         from dubtool.pipeline.renderers.diffusion import DiffusionRenderer
 

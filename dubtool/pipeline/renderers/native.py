@@ -1,11 +1,11 @@
 """The ``native`` renderer: lower faces drawn from the video's own frames at the face's own
 size in the frame. Per output frame the source frame whose mouth shape is nearest its target
-landmarks, the reference frame preferred (``pipeline.references``; ``references`` 1: the
+landmarks, the reference frame preferred (``pipeline.sources``; ``sources`` 1: the
 reference frame alone), bent onto the target landmarks by the thin-plate spline and resampled
-bicubically, colour-matched to the frame. Nothing is scaled up from a small image; a reference
+bicubically, colour-matched to the frame. Nothing is scaled up from a small image; a source
 softer than the video's typical frame (motion blur, focus) is sharpened to the typical detail
-(``match_detail``). The reference choice's costs and the crops' size and detail are the
-model's settings (``ReferenceSettings`` and ``NativeSettings``, the ``inference.references``
+(``match_detail``). The source choice's costs and the crops' size and detail are the
+model's settings (``SourceSettings`` and ``NativeSettings``, the ``inference.sources``
 and ``inference.native`` sections of its config.json), each part of its stage's fingerprint.
 """
 
@@ -24,11 +24,11 @@ from dubtool.face.warp import warp_face
 from dubtool.hashing import code_digest, fingerprint
 from dubtool.media.frames import read_frames
 from dubtool.media.probe import VideoInfo
-from dubtool.nets.config import NativeSettings, ReferenceSettings
-from dubtool.pipeline import references as references_stage
+from dubtool.nets.config import NativeSettings, SourceSettings
+from dubtool.pipeline import sources as sources_stage
 from dubtool.pipeline.landmarks import FaceTrack
-from dubtool.pipeline.references import ReferencePlan
 from dubtool.pipeline.renderers.base import LowerFaces, RenderJob
+from dubtool.pipeline.sources import SourcePlan
 
 # Bicubic: a smooth sub-pixel warp of a 512 px face keeps 0.89 of its sharpness (bilinear 0.59,
 # Lanczos 0.93 at four times the time).
@@ -36,38 +36,37 @@ NATIVE_INTERPOLATION = cv2.INTER_CUBIC
 
 
 class NativeRenderer:
-    """``references``: how many of the video's frames the lower faces may be drawn from (1:
+    """``sources``: how many of the video's frames the lower faces may be drawn from (1:
     the reference frame alone; more: per output frame, the nearest mouth among that many, the
     reference frame preferred). ``choice`` and ``crops``: the model's settings of the
-    ``references`` and ``reference-crops`` stages."""
+    ``sources`` and ``source-crops`` stages."""
 
     name = "native"
 
-    def __init__(self, references: int, choice: ReferenceSettings,
+    def __init__(self, sources: int, choice: SourceSettings,
                  crops: NativeSettings) -> None:
-        self.references, self.choice, self.crops = references, choice, crops
+        self.sources, self.choice, self.crops = sources, choice, crops
 
     def render(self, job: RenderJob) -> LowerFaces:
         track, cache = job.track, job.cache
-        fp = fingerprint("references", code_digest(references_stage), job.upstream,
-                         job.exclude_frames, job.reference_frame, job.forced, self.references,
+        fp = fingerprint("sources", code_digest(sources_stage), job.upstream,
+                         job.exclude_frames, job.reference_frame, job.forced, self.sources,
                          dataclasses.asdict(self.choice))
-        folder = cache.run_stage("references", fp, lambda out: references_stage.choose_references(
+        folder = cache.run_stage("sources", fp, lambda out: sources_stage.choose_sources(
             track.points, track.detected, job.target, job.plan,
             exclude_frames=job.exclude_frames, anchor=job.reference_frame,
             forced=job.reference_frame if job.forced else None,
-            pool_size=self.references, settings=self.choice, closing=job.closing).save(out),
+            pool_size=self.sources, settings=self.choice, closing=job.closing).save(out),
             force=job.force)
-        references = ReferencePlan.load(folder)
-        crops_fp = fingerprint("reference-crops", code_digest(sys.modules[__name__]), fp,
+        sources = SourcePlan.load(folder)
+        crops_fp = fingerprint("source-crops", code_digest(sys.modules[__name__]), fp,
                                dataclasses.asdict(self.crops))
         folder = cache.run_stage(
-            "reference-crops", crops_fp,
-            lambda out: write_reference_crops(job.video, track, references.used, out,
-                                              self.crops),
+            "source-crops", crops_fp,
+            lambda out: write_source_crops(job.video, track, sources.used, out, self.crops),
             force=job.force)
-        return NativeFaces(track, job.target, job.plan, references,
-                           load_reference_crops(folder), self.crops.max_size)
+        return NativeFaces(track, job.target, job.plan, sources,
+                           load_source_crops(folder), self.crops.max_size)
 
 
 def native_size(box_size: int, max_size: int) -> int:
@@ -111,12 +110,12 @@ def match_detail(face: np.ndarray, points: np.ndarray, detail: float,
     return sharpened(high)
 
 
-def write_reference_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray,
+def write_source_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray,
                           folder: Path, settings: NativeSettings) -> None:
     """The face crop of each of ``frames`` at its own size (at most ``settings.max_size``),
     its detail matched (``match_detail``) to the median over the video's first
     ``settings.detail_frames``. Frames
-    past those are read by themselves (``read_frames(select=)``): a reference far into a long
+    past those are read by themselves (``read_frames(select=)``): a source far into a long
     video costs its decoding only."""
     wanted = sorted({int(f) for f in frames if track.detected[int(f)]})
     crops, details = {}, []
@@ -138,13 +137,13 @@ def write_reference_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray
             for i, frame in zip(later, read_frames(video, select=later), strict=True):
                 crops[i] = crop(i, frame)
     typical = float(np.median(details)) if details else 0.0
-    np.savez(folder / "reference_crops.npz", **{
+    np.savez(folder / "source_crops.npz", **{
         f"frame{i}": match_detail(face, track.crop_points(i), typical, settings)
         for i, face in crops.items()})
 
 
-def load_reference_crops(folder: Path) -> dict[int, np.ndarray]:
-    with np.load(folder / "reference_crops.npz", allow_pickle=False) as data:
+def load_source_crops(folder: Path) -> dict[int, np.ndarray]:
+    with np.load(folder / "source_crops.npz", allow_pickle=False) as data:
         return {int(k.removeprefix("frame")): data[k] for k in data.files}
 
 
@@ -153,14 +152,14 @@ class NativeFaces:
     size up to ``max_size``."""
 
     def __init__(self, track: FaceTrack, target: np.ndarray, plan: np.ndarray,
-                 references: ReferencePlan, crops: dict[int, np.ndarray],
+                 sources: SourcePlan, crops: dict[int, np.ndarray],
                  max_size: int) -> None:
         self.track, self.target, self.plan = track, target, plan
-        self.references, self.crops, self.max_size = references, crops, max_size
+        self.sources, self.crops, self.max_size = sources, crops, max_size
         self.crop_points = {r: track.crop_points(r) for r in crops}
 
-    def _warped(self, reference: int, o: int, size: int, from_row: int) -> np.ndarray:
-        return warp_face(self.crops[reference], self.crop_points[reference], self.target[o],
+    def _warped(self, source: int, o: int, size: int, from_row: int) -> np.ndarray:
+        return warp_face(self.crops[source], self.crop_points[source], self.target[o],
                          size, NATIVE_INTERPOLATION, from_row)
 
     def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +169,7 @@ class NativeFaces:
         original = box.crop(frame, size)
         # Only the rows the mask reaches are drawn; above them the frame stays.
         top = max(0, int(MASK_TOP * size) - 1)
-        refs = self.references
+        refs = self.sources
         lower = self._warped(int(refs.source[o]), o, size, top)
         fading = float(refs.outgoing_weight[o])
         if fading > 0:

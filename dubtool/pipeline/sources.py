@@ -1,4 +1,4 @@
-"""Stage ``references``: which of the video's own frames each output frame's lower face is drawn
+"""Stage ``sources``: which of the video's own frames each output frame's lower face is drawn
 from.
 
 An open mouth must come from a frame where the mouth was open (teeth, tongue, the dark inside)
@@ -10,9 +10,9 @@ frames.
 
 The dub's reference frame (the anchor) is preferred: another frame replaces it only where its
 mouth is nearer the target by ``anchor_preference`` or more, as for a wide-open mouth drawn
-from a closed reference. Every source's landmarks err a little differently (a detector's), and each
-switch of source carries its error into the mouth's shape; one reference for most frames keeps
-the opening as steady as one reference alone, and the others bring what it cannot show.
+from a closed source. Every source's landmarks err a little differently (a detector's), and each
+switch of source carries its error into the mouth's shape; one source for most frames keeps
+the opening as steady as one source alone, and the others bring what it cannot show.
 
 In the speech's pauses, where the targets are the video's closed mouth, neither holds: no
 source is preferred, and a source more open than the target pays for all of its opening. The
@@ -20,14 +20,14 @@ warp presses the lips of an open source together, but FaceMesh (and a viewer) st
 mouth parted by its dark inside: with the anchor kept through a 1.2 s pause, the dub's lips
 measured 0.050 eye distances apart where the targets were 0.011.
 
-The candidates are at most ``DEFAULT_REFERENCES`` frames spread over the video's mouth shapes
+The candidates are at most ``DEFAULT_SOURCES`` frames spread over the video's mouth shapes
 (farthest-point sampling among at most ``SHAPE_FRAMES`` frames spread evenly over the video),
 and, when the speech pauses, the frame whose mouth is most closed: this bounds the work, the
 memory and the cache whatever the video's length.
 ``exclude_frames`` keeps every candidate that many frames or more away from the frame it would
 be pasted on: the reconstruction protocol's rule, so that no ground-truth mouth is copied.
 
-The weights, costs and fades are the model's (``ReferenceSettings``, the ``inference.references``
+The weights, costs and fades are the model's (``SourceSettings``, the ``inference.sources``
 section of its config.json).
 """
 
@@ -45,8 +45,8 @@ from dubtool.face.indices import (
     inner_lip_opening,
     interocular,
 )
-from dubtool.nets.config import ReferenceSettings
-from dubtool.options import DEFAULT_REFERENCES
+from dubtool.nets.config import SourceSettings
+from dubtool.options import DEFAULT_SOURCES
 
 SHAPE_FRAMES = 4096     # the candidates are chosen among at most this many frames
 TARGET_CHUNK = 256      # output frames whose costs are computed at once (a part's pose
@@ -54,7 +54,7 @@ TARGET_CHUNK = 256      # output frames whose costs are computed at once (a part
 
 
 @dataclass
-class ReferencePlan:
+class SourcePlan:
     """For every output frame o: ``source[o]``, the source frame its lower face is drawn from
     (the best path), and ``outgoing[o]``, the one it replaced a few frames before, still
     showing with weight ``outgoing_weight[o]`` (a cross-fade in progress; elsewhere equal to
@@ -71,12 +71,12 @@ class ReferencePlan:
         return np.unique(np.concatenate([self.source, self.outgoing]))
 
     def save(self, folder: Path) -> None:
-        np.savez(folder / "references.npz", source=self.source, outgoing=self.outgoing,
+        np.savez(folder / "sources.npz", source=self.source, outgoing=self.outgoing,
                  outgoing_weight=self.outgoing_weight, pool=self.pool)
 
     @classmethod
-    def load(cls, folder: Path) -> ReferencePlan:
-        with np.load(folder / "references.npz", allow_pickle=False) as data:
+    def load(cls, folder: Path) -> SourcePlan:
+        with np.load(folder / "sources.npz", allow_pickle=False) as data:
             return cls(data["source"], data["outgoing"], data["outgoing_weight"], data["pool"])
 
 
@@ -151,12 +151,12 @@ def cross_fades(path: np.ndarray, fade: int) -> tuple[np.ndarray, np.ndarray]:
     return outgoing, weight
 
 
-def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np.ndarray,
+def choose_sources(track_points: np.ndarray, detected: np.ndarray, target: np.ndarray,
                       plan: np.ndarray, *, anchor: int, exclude_frames: int = 0,
-                      forced: int | None = None, pool_size: int = DEFAULT_REFERENCES,
-                      settings: ReferenceSettings | None = None,
-                      closing: np.ndarray | None = None) -> ReferencePlan:
-    """The reference plan of a dub.
+                      forced: int | None = None, pool_size: int = DEFAULT_SOURCES,
+                      settings: SourceSettings | None = None,
+                      closing: np.ndarray | None = None) -> SourcePlan:
+    """The source plan of a dub.
 
     track_points (F, 131, 2) source landmarks (pixels; any array-like, e.g. the track's
     DiskArray); detected (F,) which have a face;
@@ -165,25 +165,25 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
     candidates always include (the dub's single reference, ``run.pick_reference_frame``: every
     output frame it is allowed for has a candidate); ``pool_size``: how many candidates at
     most (1: the anchor alone); ``settings``: the costs and the fades (default
-    ``ReferenceSettings()``; its ``anchor_preference``: the cost, in shape units, every other
+    ``SourceSettings()``; its ``anchor_preference``: the cost, in shape units, every other
     candidate pays on every frame it serves). ``forced``: one frame for every output frame
     (``--reference-frame``). Output frames without an allowed candidate take the candidate
     farthest in time. ``closing`` (O,): the frames whose mouth is closed for a pause (1) or
     fading into one (``complete.closing_weight``): from 0.5 on, priced as a pause.
     """
-    settings = settings or ReferenceSettings()
+    settings = settings or SourceSettings()
     paused = np.zeros(len(plan), bool) if closing is None else np.asarray(closing) >= 0.5
     frames = len(plan)
     if forced is not None:
         same = np.full(frames, forced, np.int64)
-        return ReferencePlan(same, same.copy(), np.zeros(frames, np.float32), same[:1])
+        return SourcePlan(same, same.copy(), np.zeros(frames, np.float32), same[:1])
     faces = np.nonzero(detected)[0]
     if len(faces) == 0:
         zeros = np.zeros(frames, np.int64)
-        return ReferencePlan(zeros, zeros.copy(), np.zeros(frames, np.float32), zeros[:1])
-    if pool_size == 1 or len(faces) == 1:  # one reference: nothing to choose
+        return SourcePlan(zeros, zeros.copy(), np.zeros(frames, np.float32), zeros[:1])
+    if pool_size == 1 or len(faces) == 1:  # one source: nothing to choose
         same = np.full(frames, anchor, np.int64)
-        return ReferencePlan(same, same.copy(), np.zeros(frames, np.float32), same[:1])
+        return SourcePlan(same, same.copy(), np.zeros(frames, np.float32), same[:1])
     # The pool is spread over at most SHAPE_FRAMES frames (evenly over the video, the anchor
     # among them): what this holds stays the same however long the video.
     if len(faces) > SHAPE_FRAMES:
@@ -232,4 +232,4 @@ def choose_references(track_points: np.ndarray, detected: np.ndarray, target: np
         # A fade carries the last source on a few frames: not onto frames it is too near.
         near = np.abs(plan - outgoing) < exclude_frames
         outgoing[near], weight[near] = path[near], 0.0
-    return ReferencePlan(path, outgoing, weight, pool)
+    return SourcePlan(path, outgoing, weight, pool)
