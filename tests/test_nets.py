@@ -349,16 +349,6 @@ def test_a_config_without_inference_settings_gets_the_defaults(tmp_path: Path) -
     assert ModelConfig.from_dict(partial.to_dict()) == partial
 
 
-def test_the_former_references_section_reads_as_sources() -> None:
-    """Model folders saved before the rename name the native renderer's source settings
-    ``inference.references``: the same settings as ``inference.sources``."""
-    old = ModelConfig.named("cpu-128").to_dict()
-    section = {"switch_cost": 0.5}
-    before = ModelConfig.from_dict({**old, "inference": {"references": section}})
-    after = ModelConfig.from_dict({**old, "inference": {"sources": section}})
-    assert before == after and before.inference.sources.switch_cost == 0.5
-
-
 @pytest.mark.parametrize(("inference", "named"), [
     ({"adapt": {"steps": -1}}, "inference.adapt.steps must be at least 1"),
     ({"adapt": {"learning_rate": 0}}, "inference.adapt.learning_rate must be above 0"),

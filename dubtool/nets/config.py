@@ -38,8 +38,6 @@ SPEECH_CHANNELS = {"mel": N_MELS, "whisper": STATE_DIM}
 SPEECH_TIMING = {"mel": NORMALISED_MEL, "whisper": ENCODER_STATES}
 # Model folders written before the speech features could be chosen name them so.
 LEGACY_COMPLETION_FIELDS = {"mel_bins": "speech_channels", "mel_window": "speech_window"}
-# Model folders written before the native renderer's source frames were so named.
-LEGACY_INFERENCE_FIELDS = {"references": "sources"}
 
 
 @dataclass(frozen=True)
@@ -337,9 +335,6 @@ class ModelConfig:
             if "completion" in data and isinstance(data["completion"], dict):
                 data = {**data, "completion": {LEGACY_COMPLETION_FIELDS.get(k, k): v
                                                for k, v in data["completion"].items()}}
-            if "inference" in data and isinstance(data["inference"], dict):
-                data = {**data, "inference": {LEGACY_INFERENCE_FIELDS.get(k, k): v
-                                              for k, v in data["inference"].items()}}
             return _build(cls, data, "")
         except TypeError as exc:
             raise ModelError(f"invalid model config: {exc}") from exc
