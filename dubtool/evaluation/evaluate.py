@@ -31,7 +31,7 @@ from dubtool.face.indices import (
     mouth_opening,
     select_points,
 )
-from dubtool.face.mask import lower_face_mask
+from dubtool.face.mask import DIFFUSED_TOP, lower_face_mask
 from dubtool.face.warp import warp_face
 from dubtool.media.audio import decode_speech, mel_spectrogram, pauses, voice_activity
 from dubtool.media.frames import VideoWriter, read_frames
@@ -136,7 +136,7 @@ class StaticMouth:
 
 
 def _lower_half(frame: np.ndarray, track: FaceTrack, i: int) -> np.ndarray:
-    return track.box(i).crop(frame, EVAL_CROP)[EVAL_CROP // 2:]
+    return track.box(i).crop(frame, EVAL_CROP)[int(DIFFUSED_TOP * EVAL_CROP):]
 
 
 def _mouth(frame: np.ndarray, track: FaceTrack, i: int) -> np.ndarray:

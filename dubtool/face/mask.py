@@ -12,7 +12,15 @@ from dubtool.face.indices import JAW, NOSE, ORDER
 
 _LOWER_FACE = [ORDER.index(i) for i in (*JAW, *NOSE[5:])]  # jaw line and the nose base
 MASK_SIZE = 128
-MASK_TOP = 0.42  # the mask is 0 above this fraction of the crop's height
+# Where the lower face begins, in fractions of the face crop's height: every such boundary is
+# here. The paste mask is 0 above MASK_TOP; the diffusion model redraws the rows below
+# DIFFUSED_TOP of its latent (and eval's lower-half scores read those rows); the detail the
+# diffusion renderer's autoencoder loses is added back from DETAIL_FROM, ramping in over
+# DETAIL_RAMP.
+MASK_TOP = 0.42
+DIFFUSED_TOP = 0.5
+DETAIL_FROM = 0.4
+DETAIL_RAMP = 0.1
 
 
 def lower_face_mask(points: list[np.ndarray], size: int, dilate: float = 0.04,

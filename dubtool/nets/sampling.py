@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
+from dubtool.face.mask import DIFFUSED_TOP
 from dubtool.nets.config import DiffusionConfig
 from dubtool.nets.denoiser import Conditioning, Denoiser
 
@@ -66,7 +67,7 @@ def make_scheduler(config: DiffusionConfig) -> ListedDDIMScheduler:
 def lower_half_mask(size: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(1, 1, size, size): 1 on the lower half of the rows (diffused), 0 on the upper half."""
     mask = torch.zeros(1, 1, size, size, device=device)
-    mask[:, :, size // 2:] = 1.0
+    mask[:, :, int(DIFFUSED_TOP * size):] = 1.0
     return mask
 
 

@@ -24,7 +24,7 @@ import torch
 from dubtool.arrays import DiskArray
 from dubtool.devices import sampling_precision
 from dubtool.errors import ModelError
-from dubtool.face.mask import lower_face_mask, match_colour
+from dubtool.face.mask import DETAIL_FROM, DETAIL_RAMP, lower_face_mask, match_colour
 from dubtool.face.warp import warp_face
 from dubtool.hashing import code_digest, fingerprint
 from dubtool.nets.io import LoadedModel
@@ -140,8 +140,8 @@ class LowerFaceGenerator:
         self.scheduler = make_scheduler(model.config.diffusion)
         self.reference_crop = np.asarray(crops[reference_frame])
         size = crops.shape[1]
-        rows = torch.clamp((torch.arange(size, dtype=torch.float32) - 0.4 * size) / (0.1 * size),
-                           0, 1)
+        rows = torch.clamp((torch.arange(size, dtype=torch.float32) - DETAIL_FROM * size)
+                           / (DETAIL_RAMP * size), 0, 1)
         self._detail_rows = rows.to(device)[:, None]
         self.reference_points = reference_points
         with torch.inference_mode(), self._autocast():
