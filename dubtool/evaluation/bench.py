@@ -70,8 +70,7 @@ def bench_run(kind: str, stages: Sequence[StageRecord], wall_seconds: float, fra
     return BenchRun(kind, wall_seconds, wall_seconds / max(video_seconds, 1e-9), seconds,
                     {k: 1000 * v / frames for k, v in seconds.items()},
                     {r.stage: r.status for r in stages},
-                    {r.stage: round(r.cpu_seconds / r.seconds, 2) if r.seconds > 0 else 0.0
-                     for r in stages},
+                    {r.stage: round(r.cores, 2) for r in stages},
                     {r.stage: r.core_busy for r in stages},
                     wall_seconds / max(floor_seconds, 1e-9))
 

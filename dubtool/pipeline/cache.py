@@ -101,6 +101,11 @@ class StageRecord:
     def of(cls, stage: str, status: str, span: Span) -> StageRecord:
         return cls(stage, status, span.seconds, span.cpu_seconds, span.core_busy)
 
+    @property
+    def cores(self) -> float:
+        """Cores the stage kept busy on average (CPU time over wall time)."""
+        return self.cpu_seconds / self.seconds if self.seconds > 0 else 0.0
+
 
 class RunCache:
     """One run folder. Use as a context manager: entering takes the run's lock."""

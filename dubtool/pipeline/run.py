@@ -26,6 +26,7 @@ from dubtool.pipeline.progress import StageProgress
 if TYPE_CHECKING:  # the model stages need torch: `dubtool landmarks` runs without it
     import torch
 
+    from dubtool.arrays import DiskArray
     from dubtool.nets.io import LoadedModel
     from dubtool.pipeline.adapt import Adaptation
     from dubtool.pipeline.complete import Completion
@@ -179,9 +180,9 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
         # The speech encoder needs the speech alone: it runs on the other core while the
         # video is tracked (both release the GIL).
         speech_fp = fingerprint("speech", code_digest(speech_stage), inputs.speech_digest)
-        speech = Background(lambda: cache.run_stage(
+        speech = Background(lambda: speech_stage.load(cache.run_stage(
             "speech", speech_fp, lambda out: speech_stage.encode_file(inputs.speech, out),
-            force=force))
+            force=force)))
     try:
         return _after_speech(cache, inputs, model, model_digest, renderer, speech, speech_fp,
                              loop=loop, face=face, reference_frame=reference_frame,
@@ -193,7 +194,8 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
 
 
 def _after_speech(cache: RunCache, inputs: Inputs, model: LoadedModel, model_digest: str,
-                  renderer: Renderer, speech: Background[Path] | None, speech_fp: str | None,
+                  renderer: Renderer, speech: Background[DiskArray] | None,
+                  speech_fp: str | None,
                   *, loop: str, face: FaceChoice, reference_frame: int | None,
                   reconstruction_gap: float | None, adapt: bool, seed: int,
                   device: torch.device, force: bool, progress: StageProgress | None
@@ -201,7 +203,6 @@ def _after_speech(cache: RunCache, inputs: Inputs, model: LoadedModel, model_dig
     """``run_dub_stages`` but the speech stage, which ``speech`` runs beside them."""
     from dubtool.pipeline import adapt as adapt_stage
     from dubtool.pipeline import complete as complete_stage
-    from dubtool.pipeline import speech as speech_stage
     from dubtool.pipeline.complete import Completion
     from dubtool.pipeline.renderers import RenderJob
 
@@ -229,7 +230,7 @@ def _after_speech(cache: RunCache, inputs: Inputs, model: LoadedModel, model_dig
     forced = reference_frame is not None
     if reference_frame is None:
         reference_frame = pick_reference_frame(track, plan, exclude)
-    states = None if speech is None else speech_stage.load(speech.result())
+    states = None if speech is None else speech.result()
     complete_fp = fingerprint("complete", code_digest(complete_stage), front.extract_fp,
                               front.landmarks_fp, model_digest, adapt_fp, speech_fp, exclude,
                               reference_frame if exclude else None, asdict(inference.complete))

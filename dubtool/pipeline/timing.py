@@ -39,11 +39,6 @@ class Span:
     cpu_seconds: float             # this process's and its finished subprocesses' CPU time
     core_busy: tuple[float, ...]   # per core, the busy share of the span (0-1); () if unknown
 
-    @property
-    def cores(self) -> float:
-        """Cores this process kept busy on average (cpu / wall)."""
-        return self.cpu_seconds / self.seconds if self.seconds > 0 else 0.0
-
 
 class Stopwatch:
     """Started when made; ``span()``: what passed since."""
