@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from fractions import Fraction
@@ -18,6 +19,7 @@ from dubtool.evaluation.metrics import opening_correlation
 from dubtool.face.indices import CONTENT_SLICE, ORDER, inner_lip_opening
 from dubtool.media.audio import load_speech, mel_energy, mel_spectrogram, normalise_mel
 from dubtool.media.probe import probe_video
+from dubtool.nets.completions import CompletionNet, build_completion
 from dubtool.nets.config import AdaptSettings
 from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.pipeline import adapt as adapt_stage
@@ -62,22 +64,32 @@ def _talking_video(folder: Path) -> tuple[Path, np.ndarray]:
     return talking, np.roll(loud, 2)
 
 
-def test_adaptation_teaches_the_completion_the_videos_own_lips(espeak: str,
-                                                               tmp_path: Path) -> None:
+def _completion(kind: str) -> CompletionNet:
+    """The tiny test model's completion, or a linear one hearing the same mel (untrained:
+    the references' mouth)."""
+    config = tiny_config().completion
+    if kind == "linear":
+        config = dataclasses.replace(config, kind="linear", speech_pool=4)
+    return build_completion(config)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "linear"])
+def test_adaptation_teaches_the_completion_the_videos_own_lips(espeak: str, tmp_path: Path,
+                                                               kind: str) -> None:
     talking, loud = _talking_video(tmp_path)
     video = probe_video(talking)
     track = _track(video.frame_count, np.random.default_rng(0))
     top, bottom = ORDER.index(13), ORDER.index(14)
     track.points[:, bottom, 1] = track.points[:, top, 1] + 2 + 20 * loud
     torch.manual_seed(0)
-    completion = LandmarkCompletion(tiny_config().completion).eval()
+    completion = _completion(kind).eval()
     plan = np.arange(video.frame_count)
     points = track.crop_points()
     refs = reference_frames(track.detected, completion.config.references)
     mel = normalise_mel(mel_spectrogram(load_speech(talking)))
     real = inner_lip_opening(points)
 
-    def correlation(net: LandmarkCompletion) -> float:
+    def correlation(net: CompletionNet) -> float:
         lips = points.copy()
         lips[:, CONTENT_SLICE] = predict_content(net, points, points[refs], plan,
                                                  mel, FPS)
@@ -88,7 +100,9 @@ def test_adaptation_teaches_the_completion_the_videos_own_lips(espeak: str,
     result = adapt_stage.adapt(completion, video, track, plan, tmp_path,
                                tiny_config().training, settings)
     assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's draws are its own
-    assert result.adapted and result.loss_after < result.loss_before and result.steps == 60
+    # A linear completion is fitted in one solve, the transformer in the settings' steps.
+    steps = 1 if kind == "linear" else 60
+    assert result.adapted and result.loss_after < result.loss_before and result.steps == steps
     assert result.seconds == pytest.approx(video.frame_count / 25)
     adapted = adapt_stage.adapted_completion(completion, tmp_path)
     assert adapted is not completion and not adapted.training

@@ -261,3 +261,23 @@ def test_facemesh_that_cannot_start_gives_stderr_back(monkeypatch) -> None:
     finally:
         os.dup2(saved, 2)  # (for the other tests, should it fail)
         os.close(saved)
+
+
+def test_lips_pushed_through_each_other_meet_and_others_stay() -> None:
+    from dubtool.face.indices import INNER_LIP_PAIRS, lips_apart
+
+    rng = np.random.default_rng(0)
+    content = rng.uniform(0.3, 0.7, (4, 57, 2)).astype(np.float32)
+    (upper, lower) = INNER_LIP_PAIRS[0]
+    content[0, upper, 1], content[0, lower, 1] = 0.60, 0.50   # inside out by 0.1
+    content[1, upper, 1], content[1, lower, 1] = 0.50, 0.60   # open: left alone
+    out = lips_apart(content)
+    assert out[0, upper, 1] == pytest.approx(0.55) and out[0, lower, 1] == pytest.approx(0.55)
+    assert out[1, upper, 1] == pytest.approx(0.50) and out[1, lower, 1] == pytest.approx(0.60)
+    for a, b in INNER_LIP_PAIRS:
+        assert (out[..., b, 1] >= out[..., a, 1] - 1e-7).all()
+    others = np.ones(57, bool)
+    others[[i for pair in INNER_LIP_PAIRS for i in pair]] = False
+    assert np.array_equal(out[:, others], content[:, others])
+    assert np.array_equal(out[..., 0], content[..., 0])  # only heights move
+    assert content[0, upper, 1] == pytest.approx(0.60)  # the input is not changed

@@ -47,14 +47,16 @@ def test_configs_folder_holds_the_two_configs() -> None:
 
 # Measured with the shipped model on face_2s.mp4 (2 s, 50 frames of a training person; CPU,
 # defaults: the native renderer, one reference), no reference within 0.6 s of its frame (35
-# frames scored): LMD 0.0183 (static mouth 0.0312), completion opening correlation 0.811,
-# articulation 0.788; the dub's own opening correlation 0.789 (static 0.004), sharpness 0.986
-# (static 0.471). The bounds leave room for float differences between machines and fail on a
-# model that stops following the mouth (the previous release's completion moved a third as wide
-# as a real mouth) or a renderer that blurs it (the 128 px diffusion renderer: 0.66 on the
+# frames scored): LMD 0.0253 (static mouth 0.0310), completion opening correlation 0.324,
+# articulation 0.609; the dub's own opening correlation 0.447 (static 0.095), sharpness 1.010
+# (static 0.469). (The previous release's transformer completion, which had learned this
+# person by heart, scored 0.811 and 0.789 here; the linear one follows the people it never saw
+# better: README, Results.) The bounds leave room for float differences between machines and
+# fail on a model that stops following the mouth (a still mouth: 0.095, and no completion
+# correlation) or a renderer that blurs it (the 128 px diffusion renderer: 0.66 on the
 # validation people).
-REGRESSION_BOUNDS = {"lmd": 0.025, "completion_opening_correlation": 0.6,
-                     "completion_articulation": (0.7, 1.3), "opening_correlation": 0.6,
+REGRESSION_BOUNDS = {"lmd": 0.028, "completion_opening_correlation": 0.2,
+                     "completion_articulation": (0.45, 1.3), "opening_correlation": 0.3,
                      "sharpness": 0.75}
 
 

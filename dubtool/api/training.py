@@ -100,6 +100,10 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
 
         return train_dubber(model_config, data, autoencoder, out, steps, end2end=end2end,
                             completion=completion, init=init, refine=refine, **common)
+    if part == "completion" and model_config.completion.kind == "linear":
+        from dubtool.training.linear import fit_completion
+
+        return fit_completion(model_config, data, out, into=into)
     if part == "completion":
         from dubtool.training.dubber import train_completion
 
@@ -114,16 +118,16 @@ def offsets(data: str | Path, completion: str | Path, *, device: str = "auto"):
     beside it) and write ``data``/offsets.json, which training then applies (shifts the
     confident offsets, leaves out clips it cannot trust). Returns (offsets, path)."""
     from dubtool.devices import resolve_device
+    from dubtool.nets.completions import build_completion
     from dubtool.nets.config import ModelConfig
     from dubtool.nets.io import load_weights
-    from dubtool.nets.landmark_completion import LandmarkCompletion
     from dubtool.pipeline.clips import PreparedData
     from dubtool.training.offsets import measure_offsets, save_offsets
 
     weights = Path(completion)
     config = ModelConfig.load(weights.parent / "config.json")
     dev = resolve_device(device)
-    module = LandmarkCompletion(config.completion).to(dev)
+    module = build_completion(config.completion).to(dev)
     load_weights(module, weights)
     train = PreparedData(data, "train", ignore_offsets=True)
     measured = measure_offsets(module, train.clips, dev)

@@ -90,6 +90,21 @@ LIP_GAP_PAIRS = tuple((CONTENT.index(a), CONTENT.index(b)) for a, b in (
     (13, 14), (82, 87), (312, 317), (81, 178), (311, 402), (80, 88), (310, 318),
     (0, 17), (37, 84), (267, 314)))
 
+INNER_LIP_PAIRS = LIP_GAP_PAIRS[:7]
+
+
+def lips_apart(content: np.ndarray) -> np.ndarray:
+    """(..., 57, 2) lip/jaw points with no inner lower-lip point above its upper twin: where
+    a prediction pushed the lips through each other, both meet at their middle height (a
+    closed mouth, not one inside out; y grows downwards). A copy."""
+    out = np.array(content, dtype=np.float32, copy=True)
+    upper, lower = (list(side) for side in zip(*INNER_LIP_PAIRS, strict=True))
+    overlap = np.maximum(out[..., upper, 1] - out[..., lower, 1], 0.0) / 2
+    out[..., upper, 1] -= overlap
+    out[..., lower, 1] += overlap
+    return out
+
+
 _EYE_CORNERS = (ORDER.index(33), ORDER.index(263))
 _INNER_GAP = (ORDER.index(13), ORDER.index(14))
 _LIP_GAPS = ((ORDER.index(13), ORDER.index(14)), (ORDER.index(0), ORDER.index(17)))

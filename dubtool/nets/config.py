@@ -36,6 +36,8 @@ CONFIGS_DIR = MODELS_DIR / "configs"
 # CompletionConfig.speech_features: each front end's channels and timing.
 SPEECH_CHANNELS = {"mel": N_MELS, "whisper": STATE_DIM}
 SPEECH_TIMING = {"mel": NORMALISED_MEL, "whisper": ENCODER_STATES}
+# CompletionConfig.kind: the landmark completion's network (``nets.completions``).
+COMPLETION_KINDS = ("transformer", "linear")
 # Model folders written before the speech features could be chosen name them so.
 LEGACY_COMPLETION_FIELDS = {"mel_bins": "speech_channels", "mel_window": "speech_window"}
 
@@ -64,8 +66,11 @@ class AutoencoderConfig:
 
 @dataclass(frozen=True)
 class CompletionConfig:
-    """Audio -> lip/jaw landmarks transformer (paper III-B)."""
+    """Audio -> lip/jaw landmarks (paper III-B): a transformer, or a linear map of the speech
+    encoder's states fitted by ridge regression (``kind`` "linear": of the fields below it
+    reads ``window``, ``references`` and the speech and point counts only)."""
 
+    kind: str = "transformer"
     frames: int = 5          # L successive frames predicted together in joint training
     window: int = 25         # frames the completion sees at once on its own and at inference
     references: int = 5      # N reference full-face landmark sets
@@ -153,6 +158,10 @@ class TrainingConfig:
     # The completion's reference landmark sets lie at least this many seconds from the frames
     # it learns to draw (where the clip allows), as at inference.
     completion_reference_gap: float = 0.0
+    # A linear completion's ridge penalties per unit of frame weight: on its standardised
+    # speech inputs, and on its pose inputs (crop units)
+    completion_speech_ridge: float = 3.0
+    completion_pose_ridge: float = 1e-5
     kl_weight: float = 1e-6
     grad_clip: float = 1.0
     mixed_precision: str = "no"  # "no", "bf16" (CUDA or CPU) or "fp16" (CUDA only)
@@ -200,11 +209,14 @@ class AdaptSettings(_Settings):
     section: ClassVar[str] = "inference.adapt"
     checks: ClassVar[dict[str, tuple[Any, str]]] = {
         "steps": _AT_LEAST_1, "learning_rate": _POSITIVE, "batch": _AT_LEAST_1,
-        "min_seconds": _NOT_NEGATIVE, "max_seconds": _POSITIVE}
+        "ridge": _POSITIVE, "min_seconds": _NOT_NEGATIVE, "max_seconds": _POSITIVE}
 
     steps: int = 50
     learning_rate: float = 1e-4
     batch: int = 16            # windows of CompletionConfig.window frames per step
+    # A linear completion is fitted again in one solve instead, pulled towards its trained
+    # weights by this penalty per frame learned from (``LinearCompletion.fit``)
+    ridge: float = 3.0
     min_seconds: float = 8.0   # of frames with a face to learn from, or it is skipped
     max_seconds: float = 300.0  # the first this many seconds of the video are learned from at most
 
@@ -310,6 +322,13 @@ class ModelConfig:
         elif self.completion.speech_channels != features:
             problems.append(f"completion.speech_channels must be {features}, the "
                             f"{self.completion.speech_features} front end's")
+        if self.completion.kind not in COMPLETION_KINDS:
+            problems.append("completion.kind must be one of " + ", ".join(COMPLETION_KINDS))
+        elif self.completion.kind == "linear" and (
+                self.completion.speech_pool < 1
+                or self.completion.speech_window % self.completion.speech_pool):
+            problems.append("a linear completion needs completion.speech_pool >= 1 dividing "
+                            "completion.speech_window")
         if self.completion.window < self.completion.frames:
             problems.append("completion.window must be at least completion.frames")
         if self.training.mixed_precision not in MIXED_PRECISIONS:

@@ -10,12 +10,12 @@ from torch import nn
 
 from dubtool.face.indices import POSE_SLICE
 from dubtool.nets.appearance import AppearanceEncoder
+from dubtool.nets.completions import CompletionNet, build_completion
 from dubtool.nets.config import ModelConfig
 from dubtool.nets.denoiser import Conditioning, Denoiser
-from dubtool.nets.landmark_completion import LandmarkCompletion
 
 
-def complete_landmarks(completion: LandmarkCompletion, points: torch.Tensor,
+def complete_landmarks(completion: CompletionNet, points: torch.Tensor,
                        references: torch.Tensor, speech: torch.Tensor) -> torch.Tensor:
     """Target full-face landmarks: the frames' pose points with lip/jaw from the speech.
 
@@ -30,7 +30,7 @@ class DubbingModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.completion = LandmarkCompletion(config.completion)
+        self.completion = build_completion(config.completion)
         self.appearance = AppearanceEncoder(config.denoiser)
         self.denoiser = Denoiser(config.denoiser)
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from dubtool.errors import ModelError
 from dubtool.hashing import file_digest
+from dubtool.nets.completions import CompletionNet, build_completion
 from dubtool.nets.config import MODELS_DIR, ModelConfig
-from dubtool.nets.landmark_completion import LandmarkCompletion
 
 if TYPE_CHECKING:  # diffusers takes seconds to import: only the diffusion path loads it
     from dubtool.nets.autoencoder import FaceAutoencoder
@@ -94,7 +94,7 @@ class LoadedModel:
     config: ModelConfig
     autoencoder: FaceAutoencoder | None
     dubber: DubbingModel | None
-    completion: LandmarkCompletion | None = None
+    completion: CompletionNet | None = None
 
     def __post_init__(self) -> None:
         if self.completion is None and self.dubber is not None:
@@ -175,7 +175,7 @@ def load_model(name_or_path: str | Path, need_dubber: bool = True,
         if not (folder / DUBBER_FILE).exists():
             raise ModelError("has no trained dubbing model (dubber.safetensors): train one "
                              "with 'dubtool train dubber'", folder)
-        completion = LandmarkCompletion(config.completion)
+        completion = build_completion(config.completion)
         load_weights(completion, folder / DUBBER_FILE, prefix="completion.")
         return LoadedModel(folder, config, None, None, completion.eval())
     from dubtool.nets.autoencoder import FaceAutoencoder

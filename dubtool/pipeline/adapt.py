@@ -30,12 +30,19 @@ import torch
 from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE
 from dubtool.media.audio import decode_speech, mel_spectrogram, normalise_mel
 from dubtool.media.probe import VideoInfo
+from dubtool.nets.completions import CompletionNet
 from dubtool.nets.config import AdaptSettings, CompletionConfig, TrainingConfig
 from dubtool.nets.io import load_weights, save_weights
-from dubtool.nets.landmark_completion import LandmarkCompletion
+from dubtool.nets.linear_completion import LinearCompletion
 from dubtool.nets.losses import completion_losses
 from dubtool.pipeline import speech
-from dubtool.pipeline.clips import Clip, PreparedData, dubber_batch, sample_seeds
+from dubtool.pipeline.clips import (
+    Clip,
+    PreparedData,
+    dubber_batch,
+    regression_rows,
+    sample_seeds,
+)
 from dubtool.pipeline.landmarks import FaceTrack
 from dubtool.pipeline.plan import far_from_plan
 
@@ -75,7 +82,7 @@ def longest_run(usable: np.ndarray) -> int:
     return int((stops - starts).max()) if len(starts) else 0
 
 
-def adapt(completion: LandmarkCompletion, video: VideoInfo, track: FaceTrack, plan: np.ndarray,
+def adapt(completion: CompletionNet, video: VideoInfo, track: FaceTrack, plan: np.ndarray,
           folder: Path, training: TrainingConfig, settings: AdaptSettings, *,
           exclude_frames: int = 0, seed: int = 0,
           device: torch.device | str = "cpu") -> Adaptation:
@@ -98,13 +105,16 @@ def adapt(completion: LandmarkCompletion, video: VideoInfo, track: FaceTrack, pl
                          f"{longest_run(usable)})")
     else:
         clip = _video_clip(video, track, usable, folder, completion.config)
-        result = _train(completion, clip, folder, training, settings, seed, device)
+        if isinstance(completion, LinearCompletion):
+            result = _fit(completion, clip, folder, settings)
+        else:
+            result = _train(completion, clip, folder, training, settings, seed, device)
         result.seconds = seconds
     (folder / INFO_FILE).write_text(json.dumps(vars(result)))
     return result
 
 
-def adapted_completion(completion: LandmarkCompletion, folder: Path) -> LandmarkCompletion:
+def adapted_completion(completion: CompletionNet, folder: Path) -> CompletionNet:
     """The completion the ``adapt`` stage in ``folder`` made (``completion`` if it skipped)."""
     if not (folder / WEIGHTS_FILE).is_file():
         return completion
@@ -136,7 +146,24 @@ def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: 
                 track.crop_points(slice(0, last)), usable[:last], features)
 
 
-def _train(completion: LandmarkCompletion, clip: Clip, folder: Path, training: TrainingConfig,
+def _fit(completion: LinearCompletion, clip: Clip, folder: Path,
+         settings: AdaptSettings) -> Adaptation:
+    """A linear completion fitted again on the clip's frames in one solve, pulled towards
+    its trained weights by ``settings.ridge`` (the losses: mean squared lip/jaw error)."""
+    net = copy.deepcopy(completion)
+    rows = regression_rows(net, clip, np.nonzero(clip.detected)[0])
+
+    def loss() -> float:
+        return float(np.mean((net.predicted_offsets(rows.speech, rows.moved) - rows.offsets) ** 2))
+
+    before = loss()
+    net.fit(rows.speech, rows.moved, rows.offsets, np.ones(len(rows.offsets)), settings.ridge,
+            settings.ridge, prior=True)
+    save_weights(net, folder / WEIGHTS_FILE)
+    return Adaptation(True, steps=1, loss_before=before, loss_after=loss())
+
+
+def _train(completion: CompletionNet, clip: Clip, folder: Path, training: TrainingConfig,
            settings: AdaptSettings, seed: int, device: torch.device | str) -> Adaptation:
     config = completion.config
     net = copy.deepcopy(completion).train()

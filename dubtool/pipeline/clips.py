@@ -22,9 +22,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from dubtool.errors import InputNotFound
-from dubtool.face.indices import mirror_points
+from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE, mirror_points
 from dubtool.face.warp import warp_face
 from dubtool.media.audio import (
     MEL_WINDOW,
@@ -35,6 +36,7 @@ from dubtool.media.audio import (
     normalise_mel,
 )
 from dubtool.nets.config import CompletionConfig
+from dubtool.nets.linear_completion import LinearCompletion
 from dubtool.pipeline.crops import load_crops
 from dubtool.pipeline.plan import gap_frames
 
@@ -416,3 +418,43 @@ def dubber_batch(data: PreparedData, seeds: Sequence[int], frames: int, referenc
     if images:  # one reference picture per sample: (B, 3, S, S)
         batch["reference_image"] = batch["reference_image"][:, 0]
     return batch
+
+
+# -- rows of a linear completion's regression ----------------------------------------------
+
+
+@dataclass
+class RegressionRows:
+    """R frames as a linear completion's regression sees them (``LinearCompletion.fit``):
+    speech (R, Ds) pooled windows, moved (R, 148) the pose's offset from the clip's mean pose,
+    offsets (R, 57, 2) the lip/jaw points' offset from the clip's mean lip/jaw."""
+
+    speech: np.ndarray
+    moved: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[RegressionRows]) -> RegressionRows:
+        return cls(*(np.concatenate([getattr(p, name) for p in parts])
+                     for name in ("speech", "moved", "offsets")))
+
+
+def regression_rows(completion: LinearCompletion, clip: Clip, frames: np.ndarray,
+                    chunk: int = 256) -> RegressionRows:
+    """The rows of ``clip``'s ``frames`` (indices of frames with a face), the means taken over
+    those frames (a person's mean mouth and pose, as a completion's many references give
+    it). The windows are pooled ``chunk`` frames at a time: memory stays flat in the clip's
+    length."""
+    config = completion.config
+    width, timing = config.speech_window, config.speech_timing
+    points = clip.points[frames]
+    pose, content = points[:, POSE_SLICE], points[:, CONTENT_SLICE]
+    speech = []
+    for start in range(0, len(frames), chunk):
+        windows = np.stack([feature_window(clip.features, int(i) - clip.offset, clip.fps,
+                                           width, timing)
+                            for i in frames[start:start + chunk]])
+        speech.append(completion.pooled_speech(torch.from_numpy(windows)).numpy())
+    return RegressionRows(np.concatenate(speech).astype(np.float64),
+                          (pose - pose.mean(axis=0)).reshape(len(frames), -1).astype(np.float64),
+                          (content - content.mean(axis=0)).astype(np.float64))

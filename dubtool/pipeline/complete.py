@@ -34,6 +34,7 @@ from dubtool.face.indices import (
     NUM_POSE,
     POSE_SLICE,
     inner_lip_opening,
+    lips_apart,
 )
 from dubtool.media.audio import (
     MelNormalisation,
@@ -42,8 +43,8 @@ from dubtool.media.audio import (
     pauses,
     voice_activity,
 )
+from dubtool.nets.completions import CompletionNet
 from dubtool.nets.config import CompleteSettings
-from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.pipeline.landmarks import CropPoints, FaceTrack, PointSource, map_points
 from dubtool.pipeline.plan import far_from_plan
 
@@ -125,7 +126,7 @@ def window_starts(frames: int, window: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def predict_content(completion: LandmarkCompletion, points: PointSource | CropPoints,
+def predict_content(completion: CompletionNet, points: PointSource | CropPoints,
                     references: np.ndarray,
                     plan: np.ndarray, features: np.ndarray | DiskArray, fps: Fraction | float,
                     device: torch.device | str = "cpu", windows_per_batch: int = 32,
@@ -239,7 +240,7 @@ def close_pauses(content: np.ndarray, closed: np.ndarray, weight: np.ndarray) ->
     return (weight * closed[None] + (1 - weight) * content).astype(np.float32)
 
 
-def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
+def complete(completion: CompletionNet, track: FaceTrack, plan: np.ndarray,
              mel: np.ndarray | DiskArray, fps: Fraction, folder: Path,
              settings: CompleteSettings, device: torch.device | str = "cpu", *,
              states: np.ndarray | DiskArray | None = None, exclude_frames: int = 0,
@@ -289,7 +290,8 @@ def complete(completion: LandmarkCompletion, track: FaceTrack, plan: np.ndarray,
             part = gaussian_filter1d(part, sigma, axis=0, mode="nearest")
         content = articulate(part, settings.articulation_gain, mean_frames)
         frames = points[plan[start:stop]]
-        frames[:, CONTENT_SLICE] = close_pauses(content[start - low:stop - low], closed,
-                                                weight[start:stop])
+        # A linear completion, or the articulation, can push the lips through each other.
+        frames[:, CONTENT_SLICE] = lips_apart(close_pauses(content[start - low:stop - low],
+                                                           closed, weight[start:stop]))
         target[start:stop] = frames
     return Completion.load(folder)

@@ -20,6 +20,7 @@ from dubtool.errors import ModelError
 from dubtool.evaluation import metrics
 from dubtool.face.indices import CONTENT_SLICE, inner_lip_opening
 from dubtool.nets.autoencoder import FaceAutoencoder
+from dubtool.nets.completions import CompletionNet, build_completion
 from dubtool.nets.config import AutoencoderConfig, ModelConfig, TrainingConfig
 from dubtool.nets.dubber import DubbingModel, complete_landmarks
 from dubtool.nets.io import (
@@ -31,7 +32,6 @@ from dubtool.nets.io import (
     save_weights,
     with_completion,
 )
-from dubtool.nets.landmark_completion import LandmarkCompletion
 from dubtool.nets.losses import completion_losses
 from dubtool.nets.sampling import lower_half_mask, make_scheduler, start_timestep
 from dubtool.pipeline.clips import Clip, PreparedData, dubber_batch, sample_seeds
@@ -51,7 +51,7 @@ from dubtool.training.loop import (
 
 COMPLETION_FILE = "completion.safetensors"
 
-def completed_landmarks(completion: LandmarkCompletion, batch: dict[str, torch.Tensor],
+def completed_landmarks(completion: CompletionNet, batch: dict[str, torch.Tensor],
                         config: TrainingConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The target landmarks predicted from the speech (B, L, 131, 2), and the completion's
     losses against the detected lip/jaw points (``completion_losses``)."""
@@ -220,9 +220,12 @@ def _autoencoder_sizes(config: AutoencoderConfig) -> tuple:
 
 
 VALIDATION_GAP_SECONDS = 1.0  # between the frames a validation scores and its references
+# Frames a validation leaves after that gap for the references to come from (a completion
+# that wants more, a linear one's fifty, draws them from these again)
+VALIDATION_REFERENCE_FRAMES = 5
 
 
-def clip_openings(completion: LandmarkCompletion, clip: Clip, max_frames: int | None = None,
+def clip_openings(completion: CompletionNet, clip: Clip, max_frames: int | None = None,
                   device: torch.device | str = "cpu", gap_seconds: float = 0.0
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(S,) the inner-lip opening the completion predicts from ``clip``'s own sound, as the
@@ -231,14 +234,15 @@ def clip_openings(completion: LandmarkCompletion, clip: Clip, max_frames: int | 
 
     The completion's reference landmarks are drawn from the whole clip, or, with
     ``gap_seconds`` (a validation), from frames at least that far after every scored frame,
-    as in the reconstruction protocol: S then leaves that gap and the references at the clip's
-    end, and is 0 when the clip has no face there."""
+    as in the reconstruction protocol: S then leaves that gap and VALIDATION_REFERENCE_FRAMES
+    frames at the clip's end, and is 0 when the clip has no face there."""
     count = completion.config.references
     frames = min(len(clip.points), max_frames or len(clip.points))
     allowed = clip.detected.astype(bool)
     if gap_seconds > 0:
         gap = gap_frames(gap_seconds, clip.fps)
-        frames = max(0, min(frames, len(clip.points) - gap - count + 1))
+        reserved = min(count, VALIDATION_REFERENCE_FRAMES)
+        frames = max(0, min(frames, len(clip.points) - gap - reserved + 1))
         allowed = allowed & far_from_plan(len(clip.points), np.arange(frames), gap)
         if frames == 0 or not allowed.any():
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
@@ -252,7 +256,7 @@ def clip_openings(completion: LandmarkCompletion, clip: Clip, max_frames: int | 
     return inner_lip_opening(predicted), real
 
 
-def opening_scores(completion: LandmarkCompletion, data: PreparedData,
+def opening_scores(completion: CompletionNet, data: PreparedData,
                    device: torch.device | str = "cpu", max_frames: int = 500,
                    processes: Processes | None = None,
                    gap_seconds: float = VALIDATION_GAP_SECONDS) -> dict[str, float]:
@@ -293,7 +297,7 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
         heldout = PreparedData(data_dir, "heldout", hearing=config.completion)
         run = RunFolder(run_dir, config, resume, processes.main)
         torch.manual_seed(seed)
-        completion = LandmarkCompletion(config.completion).to(dev)
+        completion = build_completion(config.completion).to(dev)
         if init is not None and not resume:
             load_weights(completion, init)
         optimizer = torch.optim.AdamW(completion.parameters(),

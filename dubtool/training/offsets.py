@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dubtool.evaluation.metrics import opening_correlation
-from dubtool.nets.landmark_completion import LandmarkCompletion
+from dubtool.nets.completions import CompletionNet
 from dubtool.pipeline.clips import OFFSETS_FILE, Clip
 from dubtool.training.dubber import clip_openings
 
@@ -58,7 +58,7 @@ def lag_curve(predicted: np.ndarray, real: np.ndarray, max_lag: int = MAX_LAG
     return curve
 
 
-def clip_offset(completion: LandmarkCompletion, clip: Clip, device: torch.device | str = "cpu"
+def clip_offset(completion: CompletionNet, clip: Clip, device: torch.device | str = "cpu"
                 ) -> ClipOffset:
     """The lag at which ``clip``'s real inner-lip opening best follows the one the completion
     predicts from the clip's own sound."""
@@ -69,7 +69,7 @@ def clip_offset(completion: LandmarkCompletion, clip: Clip, device: torch.device
     return ClipOffset(clip.name, len(clip.points), int(lag), float(curve[lag]), float(curve[0]))
 
 
-def measure_offsets(completion: LandmarkCompletion, clips: list[Clip],
+def measure_offsets(completion: CompletionNet, clips: list[Clip],
                     device: torch.device | str = "cpu") -> list[ClipOffset]:
     return [clip_offset(completion, clip, device) for clip in clips]
 
