@@ -220,9 +220,11 @@ def _autoencoder_sizes(config: AutoencoderConfig) -> tuple:
 
 
 VALIDATION_GAP_SECONDS = 1.0  # between the frames a validation scores and its references
-# Frames a validation leaves after that gap for the references to come from (a completion
-# that wants more, a linear one's fifty, draws them from these again)
-VALIDATION_REFERENCE_FRAMES = 5
+# Seconds a validation leaves after that gap for the references to come from (half of what
+# follows the gap in a shorter clip): spread over them, as the pipeline spreads its
+# references over every frame clear of the output (a linear completion's mouth is the mean
+# of its fifty)
+VALIDATION_REFERENCE_SECONDS = 1.0
 
 
 def clip_openings(completion: CompletionNet, clip: Clip, max_frames: int | None = None,
@@ -234,15 +236,16 @@ def clip_openings(completion: CompletionNet, clip: Clip, max_frames: int | None 
 
     The completion's reference landmarks are drawn from the whole clip, or, with
     ``gap_seconds`` (a validation), from frames at least that far after every scored frame,
-    as in the reconstruction protocol: S then leaves that gap and VALIDATION_REFERENCE_FRAMES
-    frames at the clip's end, and is 0 when the clip has no face there."""
+    as in the reconstruction protocol: S then leaves that gap and VALIDATION_REFERENCE_SECONDS
+    at the clip's end, and is 0 when the clip has no face there."""
     count = completion.config.references
     frames = min(len(clip.points), max_frames or len(clip.points))
     allowed = clip.detected.astype(bool)
     if gap_seconds > 0:
         gap = gap_frames(gap_seconds, clip.fps)
-        reserved = min(count, VALIDATION_REFERENCE_FRAMES)
-        frames = max(0, min(frames, len(clip.points) - gap - reserved + 1))
+        after = len(clip.points) - gap
+        reserved = min(gap_frames(VALIDATION_REFERENCE_SECONDS, clip.fps), after // 2)
+        frames = max(0, min(frames, after - reserved))
         allowed = allowed & far_from_plan(len(clip.points), np.arange(frames), gap)
         if frames == 0 or not allowed.any():
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
