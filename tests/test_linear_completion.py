@@ -125,3 +125,20 @@ def test_train_completion_fits_a_linear_one_into_a_whole_model(
     assert dubbed.adaptation.adapted and dubbed.adaptation.steps == 1
     assert dubbed.adaptation.loss_after < dubbed.adaptation.loss_before
     assert (tmp_path / "dub.mp4").stat().st_size > 0
+
+
+def test_a_model_folder_from_before_the_kinds_loads_its_transformer(tmp_path: Path) -> None:
+    """A config.json written before ``completion.kind`` existed is a transformer's, and its
+    weights load into one; the shipped model says linear."""
+    from test_nets import save_tiny_model
+
+    from dubtool.nets.io import load_model
+    from dubtool.nets.landmark_completion import LandmarkCompletion
+
+    folder = save_tiny_model(tmp_path / "old")
+    config = json.loads((folder / "config.json").read_text())
+    del config["completion"]["kind"]
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = load_model(folder, completion_only=True).completion
+    assert isinstance(loaded, LandmarkCompletion) and loaded.config.kind == "transformer"
+    assert ModelConfig.named("cpu-128").completion.kind == "linear"

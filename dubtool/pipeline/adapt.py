@@ -2,9 +2,11 @@
 
 Trained on some fifty people, the completion moves an unseen person's lips only loosely with
 the speech, and a speaker it trained on for 15 minutes far better. The video to dub holds the
-person's own speech in sync with their own lips: ``steps`` steps of training on windows of it
-(sampled and augmented as ``dubtool train completion`` does, with the same losses) teach the
-completion this person before it hears the new speech. Skipped, and the completion left as it
+person's own speech in sync with their own lips, which teach the completion this person before
+it hears the new speech: a linear completion is fitted again on every usable frame in one
+ridge solve, pulled towards its trained weights (``ridge``); a transformer takes ``steps``
+steps of training on windows of it (sampled and augmented as ``dubtool train completion``
+does, with the same losses). Skipped, and the completion left as it
 is, when the video has no sound, fewer than ``min_seconds`` of frames with a face in the
 part that was tracked (a few seconds are learned by heart rather than generalised from), or
 no run of successive frames with a face as long as the completion's window.
