@@ -50,22 +50,24 @@ class LinearCompletion(nn.Module):
         runs = speech.reshape(*shape[:-1], shape[-1] // pool, pool).mean(-1)
         return runs.flatten(-2)
 
-    def inputs(self, pose: torch.Tensor, references: torch.Tensor,
-               speech: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pose (B, L, 74, 2), references (B, N, 131, 2), speech (B, L, C, W) -> the
-        regression's inputs: the standardised pooled speech (B, L, Ds) and the pose's offset
-        from the references' mean pose (B, L, 148)."""
-        reference_pose = references[:, :, POSE_SLICE].mean(dim=1, keepdim=True)
-        heard = (self.pooled_speech(speech) - self.speech_mean) / self.speech_scale
-        return heard, (pose - reference_pose).flatten(2)
+    def standardised(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(..., Ds) pooled speech -> the same, standardised as fitted."""
+        return (pooled - self.speech_mean) / self.speech_scale
+
+    def _offsets(self, heard: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+        """(..., Ds) standardised speech, (..., 148) moved pose -> (..., 114) lip/jaw offsets
+        in crop units."""
+        return (self.speech(heard) + self.pose(moved)) * OFFSET_UNIT
 
     def forward(self, pose: torch.Tensor, references: torch.Tensor,
                 speech: torch.Tensor) -> torch.Tensor:
         """Lip and jaw points of L frames: pose (B, L, 74, 2), references (B, N, 131, 2),
         speech (B, L, speech_channels, speech_window) -> (B, L, 57, 2), as
-        ``LandmarkCompletion``."""
-        heard, moved = self.inputs(pose, references, speech)
-        offsets = (self.speech(heard) + self.pose(moved)) * OFFSET_UNIT
+        ``LandmarkCompletion``: the references' mean lip/jaw plus the offsets of the
+        standardised pooled speech and of the pose's offset from the references' mean pose."""
+        reference_pose = references[:, :, POSE_SLICE].mean(dim=1, keepdim=True)
+        offsets = self._offsets(self.standardised(self.pooled_speech(speech)),
+                                (pose - reference_pose).flatten(2))
         reference_mouth = references[:, :, CONTENT_SLICE].mean(dim=1, keepdim=True)
         return reference_mouth + offsets.view(*pose.shape[:2], self.config.content_points, 2)
 
@@ -73,10 +75,9 @@ class LinearCompletion(nn.Module):
     def predicted_offsets(self, speech: np.ndarray, moved: np.ndarray) -> np.ndarray:
         """(R, 57, 2) the lip/jaw offsets from the mean mouth of R rows as ``fit`` takes
         them."""
-        heard = torch.from_numpy(((speech - self.speech_mean.numpy()) / self.speech_scale.numpy()
-                                  ).astype(np.float32))
-        offsets = self.speech(heard) + self.pose(torch.from_numpy(moved.astype(np.float32)))
-        return (offsets * OFFSET_UNIT).view(len(speech), -1, 2).numpy()
+        heard = self.standardised(torch.from_numpy(speech)).float()
+        offsets = self._offsets(heard, torch.from_numpy(moved).float())
+        return offsets.view(len(speech), -1, 2).numpy()
 
     @torch.no_grad()
     def fit(self, speech: np.ndarray, moved: np.ndarray, offsets: np.ndarray,
@@ -97,7 +98,7 @@ class LinearCompletion(nn.Module):
             scale = np.sqrt(np.average((speech - mean) ** 2, axis=0, weights=weights)) + 1e-6
             self.speech_mean.copy_(torch.from_numpy(mean))
             self.speech_scale.copy_(torch.from_numpy(scale))
-        heard = (speech - self.speech_mean.double().numpy()) / self.speech_scale.double().numpy()
+        heard = self.standardised(torch.from_numpy(speech).double()).numpy()
         design = np.concatenate([heard, moved], axis=1)
         target = offsets.reshape(len(offsets), -1) / OFFSET_UNIT
         current = np.concatenate([self.speech.weight.double().numpy(),
