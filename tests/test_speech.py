@@ -282,3 +282,32 @@ def test_a_pooled_speech_path_reads_the_window_linearly() -> None:
     out = completion(torch.rand(2, 7, 74, 2), torch.rand(2, 5, 131, 2),
                      torch.randn(2, 7, 384, 30))
     assert out.shape == (2, 7, 57, 2)
+
+
+@needs_weights
+def test_the_videos_own_sound_is_encoded_for_the_adapt_stage(tmp_path: Path) -> None:
+    from conftest import make_video
+
+    from dubtool.overlap import Background
+    from dubtool.pipeline import speech as speech_stage
+    from dubtool.pipeline.run import Inputs, _video_sound
+
+    video = make_video(tmp_path / "video.mp4", seconds=3.0)
+    other = make_video(tmp_path / "other.mp4", seconds=2.0)
+    silent = make_video(tmp_path / "silent.mp4", seconds=3.0, audio=False)
+    speech = Background(lambda: "the speech's states")
+
+    def sound(video: Path, speech_file: Path, min_seconds: float = 1.0):
+        inputs = Inputs.of(video, speech_file)
+        with inputs.open_cache(tmp_path / "cache") as cache:
+            return _video_sound(cache, inputs, speech, 2.0, min_seconds, False), cache.records
+
+    states, records = sound(video, other)
+    expected = speech_stage.encode_file(video, tmp_path, 2.0)
+    assert [r.stage for r in records] == ["sound"] and np.array_equal(states[:], expected[:])
+    assert sound(video, other)[1][0].status == "cached"
+    # The video is the speech: the speech's states serve.
+    assert sound(video, video)[0] == "the speech's states"
+    # No sound, or too short to adapt on: none made.
+    assert sound(silent, other) == (None, [])
+    assert sound(video, other, min_seconds=5.0) == (None, [])

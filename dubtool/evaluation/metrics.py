@@ -45,8 +45,8 @@ Definitions (also printed in reports):
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import uniform_filter1d
 
+from dubtool.arrays import mean_in_time
 from dubtool.face.indices import CONTENT_SLICE, interocular
 from dubtool.media.audio import SAMPLE_RATE
 
@@ -151,7 +151,7 @@ def _detrended(series: np.ndarray, fps: float) -> np.ndarray:
     if bad.any():
         x[bad] = np.interp(np.nonzero(bad)[0], np.nonzero(~bad)[0], x[~bad])
     width = max(3, round(fps * SYNC_DETREND_S) | 1)
-    return x - uniform_filter1d(x, width, mode="nearest")
+    return x - mean_in_time(x, width)
 
 
 def sync_curve(opening: np.ndarray, envelope: np.ndarray, fps: float,

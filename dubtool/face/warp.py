@@ -52,16 +52,20 @@ def thin_plate_map(from_points: np.ndarray, to_points: np.ndarray, size: int,
     rhs[:n] = source
     weights = np.linalg.solve(system, rhs)
     cells = min(grid, size)
+    spread = _interpolation(cells, size).astype(np.float32)  # float32: 1e-4 px at 512 px
+    # Only the lattice rows that rows from ``from_row`` down are interpolated from (the
+    # others have weight 0 there): the lower face, about half the lattice.
+    first = int(np.argmax(spread[from_row] > 0))
     # The lattice spans the first to the last pixel centre, so that linear interpolation
     # from it reaches the crop's edges exactly.
     axis = np.linspace(0.5 / size, 1 - 0.5 / size, cells)
-    lattice = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
+    lattice = np.stack(np.meshgrid(axis, axis[first:]), axis=-1).reshape(-1, 2)
     kernel = _radial(_squared_distances(lattice, target))
     mapped = kernel @ weights[:n] + np.concatenate([np.ones((len(lattice), 1)), lattice], 1) \
         @ weights[n:]
-    mapped = (mapped.reshape(cells, cells, 2) * (source_size or size) - 0.5).astype(np.float32)
-    spread = _interpolation(cells, size).astype(np.float32)  # float32: 1e-4 px at 512 px
-    map_x, map_y = (spread[from_row:] @ mapped[..., c] @ spread.T for c in (0, 1))
+    mapped = (mapped.reshape(cells - first, cells, 2) * (source_size or size) - 0.5
+              ).astype(np.float32)
+    map_x, map_y = (spread[from_row:, first:] @ mapped[..., c] @ spread.T for c in (0, 1))
     return map_x, map_y
 
 

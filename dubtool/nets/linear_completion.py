@@ -112,10 +112,11 @@ class LinearCompletion(nn.Module):
         target_mean = weights @ target / total
         centred = design - design_mean
         gram = (centred * weights[:, None]).T @ centred
-        penalty = np.concatenate([np.full(heard.shape[1], speech_ridge),
-                                  np.full(moved.shape[1], pose_ridge)]) * total
-        solution = np.linalg.solve(gram + np.diag(penalty),
-                                   (centred * weights[:, None]).T @ (target - target_mean))
+        # The penalty added on the diagonal in place: a diagonal matrix of 2,452 would be
+        # 48 MB to build (0.1 s of a 1 s adaptation).
+        gram[np.diag_indices_from(gram)] += np.concatenate(
+            [np.full(heard.shape[1], speech_ridge), np.full(moved.shape[1], pose_ridge)]) * total
+        solution = np.linalg.solve(gram, (centred * weights[:, None]).T @ (target - target_mean))
         new_bias = target_mean - design_mean @ solution
         if prior:
             solution, new_bias = current + solution, bias + new_bias

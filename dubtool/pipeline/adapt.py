@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dubtool.arrays import DiskArray
 from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE
 from dubtool.media.audio import decode_speech, mel_spectrogram, normalise_mel
 from dubtool.media.probe import VideoInfo
@@ -84,13 +86,22 @@ def longest_run(usable: np.ndarray) -> int:
     return int((stops - starts).max()) if len(starts) else 0
 
 
+def sound_seconds(config: CompletionConfig, settings: AdaptSettings) -> float:
+    """How much of the video's own sound the stage can hear at most: its ``max_seconds`` and
+    the reach of the last frame's speech window past them."""
+    reach = config.speech_window + abs(config.speech_lead)
+    return settings.max_seconds + reach / config.speech_timing.rate
+
+
 def adapt(completion: CompletionNet, video: VideoInfo, track: FaceTrack, plan: np.ndarray,
           folder: Path, training: TrainingConfig, settings: AdaptSettings, *,
-          exclude_frames: int = 0, seed: int = 0,
-          device: torch.device | str = "cpu") -> Adaptation:
+          exclude_frames: int = 0, seed: int = 0, device: torch.device | str = "cpu",
+          sound: DiskArray | None = None) -> Adaptation:
     """Fine-tune a copy of ``completion`` on the video's own sound and face track, as
     ``settings`` say; writes INFO_FILE (an ``Adaptation``) and, when adapted, the weights to
-    ``folder``."""
+    ``folder``. ``sound``: the speech encoder's states of the video's own sound (its first
+    ``sound_seconds`` at least; ``pipeline.speech.encode_file``), when already made; else
+    the stage makes those it needs."""
     usable = learnable_frames(track, plan, exclude_frames, video.fps, settings.max_seconds)
     seconds = float(usable.sum() / video.fps)
     result = Adaptation(False, seconds)
@@ -106,7 +117,7 @@ def adapt(completion: CompletionNet, video: VideoInfo, track: FaceTrack, plan: n
                          f"never {completion.config.window} successive ones (at most "
                          f"{longest_run(usable)})")
     else:
-        clip = _video_clip(video, track, usable, folder, completion.config)
+        clip = _video_clip(video, track, usable, folder, completion.config, sound)
         if isinstance(completion, LinearCompletion):
             result = _fit(completion, clip, folder, settings)
         else:
@@ -126,9 +137,10 @@ def adapted_completion(completion: CompletionNet, folder: Path) -> CompletionNet
 
 
 def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: Path,
-                config: CompletionConfig) -> Clip:
+                config: CompletionConfig, sound: DiskArray | None) -> Clip:
     """The video's first tracked frames as a training clip: its points, ``usable`` as the
-    frames with a face, the features of its own sound that ``config`` hears."""
+    frames with a face, the features of its own sound that ``config`` hears (of ``sound``,
+    when given)."""
     last = int(np.nonzero(usable)[0].max()) + 1
     timing = config.speech_timing
     # Only the sound the windows hear (the last frame's window reaches half a window past
@@ -137,9 +149,12 @@ def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: 
     reach = config.speech_window + abs(config.speech_lead)
     seconds = last / float(video.fps) + reach / timing.rate
     if config.speech_features == "whisper":
-        states = speech.encode_file(video.path, folder, seconds)
-        features = states[:].astype(np.float32)
-        states.path.unlink()
+        if sound is None:
+            states = speech.encode_file(video.path, folder, seconds)
+            features = states[:].astype(np.float32)
+            states.path.unlink()
+        else:
+            features = sound[:, :math.ceil(seconds * timing.rate)].astype(np.float32)
     else:
         samples = decode_speech(video.path, folder / SOUND_FILE, seconds)
         features = normalise_mel(mel_spectrogram(samples))

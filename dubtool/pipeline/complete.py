@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter1d, uniform_filter1d
 
-from dubtool.arrays import DiskArray
+from dubtool.arrays import DiskArray, gaussian_in_time, gaussian_reach, mean_in_time
 from dubtool.face.indices import (
     CONTENT_SLICE,
     LIPS_SLICE,
@@ -223,7 +222,7 @@ def articulate(content: np.ndarray, gain: float, frames: int) -> np.ndarray:
     out = content.astype(np.float32, copy=True)
     lips = out[:, LIPS_IN_CONTENT, 1]
     height = lips - lips.mean(axis=1, keepdims=True)
-    local = uniform_filter1d(height, max(1, frames), axis=0, mode="nearest")
+    local = mean_in_time(height, max(1, frames))
     out[:, LIPS_IN_CONTENT, 1] = lips + (gain - 1.0) * (height - local)
     return out
 
@@ -280,14 +279,14 @@ def complete(completion: CompletionNet, track: FaceTrack, plan: np.ndarray,
     # Each part is smoothed with enough of its neighbours to equal smoothing all at once.
     sigma = settings.smooth_seconds * float(fps)
     mean_frames = articulation_frames(fps, settings.articulation_seconds)
-    # gaussian_filter1d's reach (truncate=4), then the local mean's.
-    halo = int(4.0 * sigma + 0.5) + 1 + mean_frames // 2
+    # The smoothing's reach, then the local mean's.
+    halo = gaussian_reach(sigma) + 1 + mean_frames // 2
     for start in range(0, len(plan), OUTPUT_CHUNK):
         stop = min(start + OUTPUT_CHUNK, len(plan))
         low, high = max(0, start - halo), min(len(plan), stop + halo)
         part = np.asarray(predicted[low:high])
         if sigma > 0:  # (0: not smoothed)
-            part = gaussian_filter1d(part, sigma, axis=0, mode="nearest")
+            part = gaussian_in_time(part, sigma)
         content = articulate(part, settings.articulation_gain, mean_frames)
         frames = points[plan[start:stop]]
         # A linear completion, or the articulation, can push the lips through each other.

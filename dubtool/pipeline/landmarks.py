@@ -15,9 +15,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
 
-from dubtool.arrays import DiskArray
+from dubtool.arrays import DiskArray, gaussian_in_time, gaussian_reach
 from dubtool.face.choose import FacePicker
 from dubtool.face.crop import CropBox, box_arrays, face_box
 from dubtool.face.detect import Detector
@@ -150,7 +149,7 @@ def _fill_gaps(series: np.ndarray, valid: np.ndarray, times: np.ndarray) -> np.n
 def _smooth(series: np.ndarray, sigma_frames: float) -> np.ndarray:
     if sigma_frames < 0.3 or len(series) < 2:
         return series
-    return gaussian_filter1d(series, sigma_frames, axis=0, mode="nearest")
+    return gaussian_in_time(series, sigma_frames)
 
 
 def _filled_points(points: PointSource, detected: np.ndarray, known: np.ndarray, lo: int,
@@ -190,7 +189,7 @@ def smooth_track(points: PointSource, detected: np.ndarray, fps: Fraction | floa
     fps = float(fps)
     known = np.nonzero(detected)[0]
     pose_sigma, content_sigma = POSE_SIGMA_S * fps, CONTENT_SIGMA_S * fps
-    halo = int(4.0 * max(pose_sigma, content_sigma) + 0.5) + 1  # gaussian_filter1d's reach
+    halo = gaussian_reach(max(pose_sigma, content_sigma)) + 1
     raw_boxes = np.empty((frames, 3), np.float64)
     for start in range(0, frames, SMOOTH_CHUNK):
         stop = min(start + SMOOTH_CHUNK, frames)

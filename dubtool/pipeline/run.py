@@ -12,7 +12,7 @@ from dubtool.errors import InvalidMedia, UsageError
 from dubtool.face.detect import make_detector
 from dubtool.face.indices import mouth_opening
 from dubtool.hashing import code_digest, file_digest, fingerprint
-from dubtool.media.probe import check_readable
+from dubtool.media.probe import check_readable, probe_video
 from dubtool.options import FaceChoice
 from dubtool.overlap import Background
 from dubtool.pipeline import extract as extract_stage
@@ -172,35 +172,65 @@ def run_dub_stages(cache: RunCache, inputs: Inputs, model: LoadedModel, model_di
     """
     import torch
 
+    from dubtool.pipeline import adapt as adapt_stage
     from dubtool.pipeline import speech as speech_stage
 
     device = device or torch.device("cpu")
-    speech, speech_fp = None, None
-    if model.completion.config.speech_features == "whisper":
+    speech, speech_fp, sound = None, None, None
+    config = model.completion.config
+    if config.speech_features == "whisper":
         # The speech encoder needs the speech alone: it runs on the other core while the
         # video is tracked (both release the GIL).
         speech_fp = fingerprint("speech", code_digest(speech_stage), inputs.speech_digest)
         speech = Background(lambda: speech_stage.load(cache.run_stage(
             "speech", speech_fp, lambda out: speech_stage.encode_file(inputs.speech, out),
             force=force)))
+        if adapt:
+            # So does the video's own sound, which the adapt stage learns from; after the
+            # speech, and it is the speech's states when the video is the speech.
+            settings = model.config.inference.adapt
+            seconds = adapt_stage.sound_seconds(config, settings)
+            sound = Background(lambda: _video_sound(cache, inputs, speech, seconds,
+                                                    settings.min_seconds, force))
     try:
         return _after_speech(cache, inputs, model, model_digest, renderer, speech, speech_fp,
-                             loop=loop, face=face, reference_frame=reference_frame,
+                             sound, loop=loop, face=face, reference_frame=reference_frame,
                              reconstruction_gap=reconstruction_gap, adapt=adapt, seed=seed,
                              device=device, force=force, progress=progress)
     finally:
-        if speech is not None:
-            speech.wait()  # never left writing into the cache after the run has ended
+        for job in (speech, sound):
+            if job is not None:
+                job.wait()  # never left writing into the cache after the run has ended
+
+
+def _video_sound(cache: RunCache, inputs: Inputs, speech: Background[DiskArray],
+                 seconds: float, min_seconds: float, force: bool) -> DiskArray | None:
+    """Stage ``sound``: the speech encoder's states of the video's own sound, its first
+    ``seconds`` (None: it has none, or lasts less than ``min_seconds``, too short to adapt
+    on: the adapt stage will skip)."""
+    from dubtool.pipeline import speech as speech_stage
+
+    states = speech.result()
+    if inputs.video_digest == inputs.speech_digest:
+        return states
+    video = probe_video(inputs.video)
+    if not video.has_audio or video.duration < min_seconds:
+        return None
+    fp = fingerprint("sound", code_digest(speech_stage), inputs.video_digest, seconds)
+    return speech_stage.load(cache.run_stage(
+        "sound", fp, lambda out: speech_stage.encode_file(inputs.video, out, seconds),
+        force=force))
 
 
 def _after_speech(cache: RunCache, inputs: Inputs, model: LoadedModel, model_digest: str,
                   renderer: Renderer, speech: Background[DiskArray] | None,
-                  speech_fp: str | None,
+                  speech_fp: str | None, sound: Background[DiskArray | None] | None,
                   *, loop: str, face: FaceChoice, reference_frame: int | None,
                   reconstruction_gap: float | None, adapt: bool, seed: int,
                   device: torch.device, force: bool, progress: StageProgress | None
                   ) -> DubStages:
-    """``run_dub_stages`` but the speech stage, which ``speech`` runs beside them."""
+    """``run_dub_stages`` but the speech and sound stages, which ``speech`` and ``sound`` run
+    beside them."""
     from dubtool.pipeline import adapt as adapt_stage
     from dubtool.pipeline import complete as complete_stage
     from dubtool.pipeline.complete import Completion
@@ -223,7 +253,8 @@ def _after_speech(cache: RunCache, inputs: Inputs, model: LoadedModel, model_dig
             "adapt", adapt_fp,
             lambda out: adapt_stage.adapt(model.completion, video, track, plan, out,
                                           model.config.training, inference.adapt,
-                                          exclude_frames=exclude, seed=seed, device=device),
+                                          exclude_frames=exclude, seed=seed, device=device,
+                                          sound=None if sound is None else sound.result()),
             force=force)
         adaptation = adapt_stage.Adaptation.load(folder)
         completion_model = adapt_stage.adapted_completion(model.completion, folder)
