@@ -99,3 +99,23 @@ def mean_in_time(series: np.ndarray, size: int) -> np.ndarray:
     // 2`` before it, the end values repeated past the ends (scipy.ndimage's
     uniform_filter1d(axis=0, mode="nearest"))."""
     return _filtered_in_time(series, np.full(size, 1.0 / size), size // 2)
+
+
+class BlockRows:
+    """Single rows of ``array`` (a DiskArray, or any array) read ``block`` rows at a time
+    around the one asked for: for a caller walking through them in order, forwards or back
+    (each read of a DiskArray maps its file: 0.3 ms, a frame's worth of the blend's time)."""
+
+    def __init__(self, array: DiskArray | np.ndarray, block: int = 256) -> None:
+        self.array, self.block = array, block
+        self.start, self.rows = 0, np.asarray(array[0:0])
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if not self.start <= index < self.start + len(self.rows):
+            self.start = max(0, index - self.block // 2)
+            self.rows = np.asarray(self.array[self.start:self.start + self.block])
+        return self.rows[index - self.start]

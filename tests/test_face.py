@@ -281,3 +281,49 @@ def test_lips_pushed_through_each_other_meet_and_others_stay() -> None:
     assert np.array_equal(out[:, others], content[:, others])
     assert np.array_equal(out[..., 0], content[..., 0])  # only heights move
     assert content[0, upper, 1] == pytest.approx(0.60)  # the input is not changed
+
+
+@pytest.mark.parametrize("tag", ["", "bt709"])
+def test_a_yuv_frames_face_box_is_the_rgb_ffmpeg_decodes_and_pastes_back(
+        face_clip: Path, tmp_path: Path, tag: str) -> None:
+    """The blend's yuv420p frames: the box in RGB as ffmpeg decodes the video (its colour
+    matrix from the stream's tag), and a paste that leaves every sample outside the mask
+    exactly as it was."""
+    from conftest import ffmpeg
+
+    from dubtool.face.pixels import RgbFrames, YuvFrames, colour_matrices, frame_pixels
+
+    clip = face_clip
+    if tag:
+        clip = tmp_path / "tagged.mp4"
+        ffmpeg("-i", str(face_clip), "-frames:v", "3", "-colorspace", tag, "-color_primaries",
+               tag, "-color_trc", tag, str(clip))
+    info = probe_video(clip)
+    assert info.colour_space == tag or (not tag and info.colour_space in ("", "unknown"))
+    rgb = next(iter(read_frames(info))).copy()
+    yuv = next(iter(read_frames(info, pixel_format="yuv420p"))).copy()
+    pixels = frame_pixels(info.width, info.height, info.colour_space)
+    assert isinstance(pixels, YuvFrames) and pixels.pixel_format == "yuv420p"
+    assert isinstance(frame_pixels(33, 20, ""), RgbFrames)
+    to_yuv, to_rgb = colour_matrices(tag)
+    assert np.allclose(to_rgb[:, :3] @ to_yuv[:, :3], np.eye(3))
+    for box in (CropBox(31, 40, 150), CropBox(-21, 181, 101)):  # inside; past two edges
+        mine = pixels.box_rgb(yuv, box).astype(int)
+        assert mine.shape == (box.size, box.size, 3)
+        # ffmpeg's RGB is about a grey level darker (it truncates); the same matrix.
+        assert np.abs(mine - box.crop(rgb, box.size)).mean() < 2.0
+        mask = np.zeros((box.size, box.size), np.float32)
+        mask[30:70, 20:80] = 1.0
+        face = np.full((box.size, box.size, 3), (200, 40, 40), np.uint8)
+        out = pixels.paste(yuv, box, face, mask)
+        changed = out != yuv
+        y = changed[:info.width * info.height].reshape(info.height, info.width)
+        rows, cols = np.nonzero(y)
+        assert changed.any() and out is not yuv
+        # Luma changes only under the mask (in frame coordinates), chroma by whole 2x2 blocks.
+        assert rows.min() >= box.y0 + 30 and rows.max() < box.y0 + 70
+        assert cols.min() >= max(box.x0 + 20, 0) and cols.max() < box.x0 + 80
+        # The pasted colour, read back, is the face's.
+        back = pixels.box_rgb(out, box)[40:60, 30:70].reshape(-1, 3).mean(axis=0)
+        assert np.abs(back - (200, 40, 40)).max() < 4
+    assert np.array_equal(pixels.paste(yuv, CropBox(900, 900, 50), face, mask), yuv)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import ffmpeg, make_tone, make_video
 
-from dubtool.arrays import DiskArray, gaussian_in_time, mean_in_time
+from dubtool.arrays import BlockRows, DiskArray, gaussian_in_time, mean_in_time
 from dubtool.errors import InputNotFound, InvalidMedia, OutputError
 from dubtool.media import audio
 from dubtool.media.audio import (
@@ -341,9 +341,9 @@ def test_frames_in_any_order_decode_only_what_is_used_with_a_small_scratch(
     counts: list[int | None] = []
     real_read = frames_module.read_frames
 
-    def counting(info, frames=None):
+    def counting(info, frames=None, **options):
         counts.append(frames)
-        return real_read(info, frames)
+        return real_read(info, frames, **options)
 
     monkeypatch.setattr(frames_module, "read_frames", counting)
     order = frame_plan(50, 130, "pingpong")  # forward, back, forward
@@ -364,6 +364,12 @@ def test_frames_in_any_order_decode_only_what_is_used_with_a_small_scratch(
     looped = np.stack([f.copy() for f in read_frames_in_order(info, frame_plan(50, 120, "loop"),
                                                              scratch)])
     assert np.array_equal(looped, decoded[frame_plan(50, 120, "loop")])  # loops: exact
+    # In the decoder's yuv420p (the blend's frames): the way back as JPEGs too.
+    yuv = np.stack([f.copy() for f in read_frames(info, pixel_format="yuv420p")])
+    back = np.stack([f.copy() for f in read_frames_in_order(info, order, scratch, "yuv420p")])
+    assert back.shape == (len(order), 256 * 256 * 3 // 2)
+    assert np.array_equal(back[forward], yuv)
+    assert np.abs(back.astype(int) - yuv[order]).mean() < 2 and not scratch.exists()
 
 
 def _cover_art_first(video: Path, out: Path) -> Path:
@@ -432,3 +438,33 @@ def test_filters_in_time_equal_scipys(shape: tuple[int, ...]) -> None:
         np.testing.assert_allclose(mean_in_time(series, size),
                                    uniform_filter1d(series, size, axis=0, mode="nearest"),
                                    atol=1e-6)
+
+
+def test_yuv420p_frames_pass_through_the_encoder_as_they_came(face_clip: Path,
+                                                              tmp_path: Path) -> None:
+    """The blend's frames: the decoder's yuv420p written back unchanged (but for x264's
+    own loss), where an RGB round trip darkens every pixel; odd sides have no yuv420p."""
+    info = probe_video(face_clip)
+    yuv = np.stack([f.copy() for f in read_frames(info, 10, pixel_format="yuv420p")])
+    with VideoWriter(tmp_path / "yuv.mp4", info.width, info.height, info.fps,
+                     pixel_format="yuv420p", crf=0) as writer:
+        for frame in yuv:
+            writer.write(frame)
+    again = np.stack(list(read_frames(probe_video(tmp_path / "yuv.mp4"), pixel_format="yuv420p")))
+    assert np.array_equal(again, yuv)  # CRF 0: lossless
+    with pytest.raises(ValueError, match="even sides"):
+        VideoWriter(tmp_path / "odd.mp4", 33, 21, Fraction(25), pixel_format="yuv420p")
+    with pytest.raises(ValueError, match=r"expected \(384,\)"), VideoWriter(
+            tmp_path / "shape.mp4", 16, 16, Fraction(25), pixel_format="yuv420p") as writer:
+        writer.write(np.zeros((16, 16, 3), np.uint8))  # an RGB frame
+
+
+def test_block_rows_read_any_order_as_the_array(tmp_path: Path) -> None:
+    values = np.random.default_rng(0).normal(size=(700, 3, 2)).astype(np.float32)
+    array = DiskArray.create(tmp_path / "a.npy", values.shape, np.float32)
+    array[:] = values
+    rows = BlockRows(array, block=64)
+    order = [*range(0, 300), *range(650, 200, -1), 699, 0, 350]  # forwards, back, jumps
+    assert len(rows) == 700
+    for i in order:
+        assert np.array_equal(rows[i], values[i])

@@ -33,6 +33,7 @@ from dubtool.media.probe import VideoInfo, start_tool
 from dubtool.overlap import ahead
 
 READ_AHEAD = 3  # frames decoded ahead of the caller (18 MB at 1080p)
+PIXEL_FORMATS = ("rgb24", "yuv420p")
 
 
 def _frame_pipe_bytes() -> int:
@@ -54,9 +55,12 @@ def _tail(log) -> str:
 
 
 def read_frames(info: VideoInfo, frames: int | None = None,
-                select: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+                select: Sequence[int] | None = None,
+                pixel_format: str = "rgb24") -> Iterator[np.ndarray]:
     """Yield exactly ``frames`` (default ``info.frame_count``, at most that) frames from the
-    start, of shape (height, width, 3), uint8 RGB; with ``select`` (increasing frame indices
+    start, of shape (height, width, 3), uint8 RGB (``pixel_format`` "yuv420p", for a video
+    with even sides: the flat (width * height * 3 / 2,) I420 buffer, ``face.pixels``); with
+    ``select`` (increasing frame indices
     within the video), exactly those frames: ffmpeg still decodes up to the last of them but
     converts and pipes only them, several times faster than reading every frame.
 
@@ -74,7 +78,7 @@ def read_frames(info: VideoInfo, frames: int | None = None,
     # The stream probe chose, by its absolute index: the first video stream may be cover art.
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", info.path, "-map", f"0:{info.stream}", *picks,
            "-fps_mode", "passthrough", "-frames:v", str(count),
-           "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
+           "-f", "rawvideo", "-pix_fmt", pixel_format, "pipe:1"]
     with tempfile.TemporaryFile() as log:
         proc = start_tool(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                           pipesize=FRAME_PIPE_BYTES)
@@ -83,7 +87,8 @@ def read_frames(info: VideoInfo, frames: int | None = None,
         try:
             # Read a few frames ahead in a thread: a pipe holds 64 KB, so without it ffmpeg
             # would wait for the caller to take each frame before decoding the next.
-            for last in ahead(_piped_frames(proc.stdout, count, (info.height, info.width, 3)),
+            for last in ahead(_piped_frames(proc.stdout, count,
+                                            frame_shape(info.width, info.height, pixel_format)),
                               depth=READ_AHEAD):
                 produced += 1
                 yield last
@@ -96,6 +101,16 @@ def read_frames(info: VideoInfo, frames: int | None = None,
             raise InvalidMedia(f"no frame could be decoded ({_tail(log)})", info.path)
         for _ in range(count - produced):
             yield last
+
+
+def frame_shape(width: int, height: int, pixel_format: str) -> tuple[int, ...]:
+    """The shape of a ``pixel_format`` frame (``PIXEL_FORMATS``)."""
+    if pixel_format == "rgb24":
+        return height, width, 3
+    if pixel_format == "yuv420p" and width % 2 == 0 and height % 2 == 0:
+        return (width * height * 3 // 2,)
+    raise ValueError(f"no {pixel_format} frames of {width}x{height}: the formats are "
+                     f"{', '.join(PIXEL_FORMATS)} (yuv420p: even sides)")
 
 
 def _piped_frames(pipe, count: int, shape: tuple[int, int, int]) -> Iterator[np.ndarray]:
@@ -111,8 +126,10 @@ def _piped_frames(pipe, count: int, shape: tuple[int, int, int]) -> Iterator[np.
 SCRATCH_JPEG_QUALITY = 95
 
 
-def read_frames_in_order(info: VideoInfo, order: np.ndarray, scratch: Path) -> Iterator[np.ndarray]:
-    """Yield frame ``order[i]`` for every i, decoding only the frames up to ``max(order)``.
+def read_frames_in_order(info: VideoInfo, order: np.ndarray, scratch: Path,
+                         pixel_format: str = "rgb24") -> Iterator[np.ndarray]:
+    """Yield frame ``order[i]`` for every i, decoding only the frames up to ``max(order)``,
+    in ``read_frames``' ``pixel_format``.
 
     Forward runs come straight from the decoder, which restarts when the order goes back to
     frame 0 (a loop, ping-pong's turn at the start). Frames wanted again going backwards
@@ -126,6 +143,19 @@ def read_frames_in_order(info: VideoInfo, order: np.ndarray, scratch: Path) -> I
     steps = np.diff(order)
     backwards = bool(np.any((steps < 0) & (order[1:] != 0)))
     offsets: list[tuple[int, int]] = []  # (start, length) of each kept frame's JPEG
+    frame_shape(info.width, info.height, pixel_format)  # a ValueError before any work
+    if pixel_format == "rgb24":
+        def to_bgr(f: np.ndarray) -> np.ndarray:
+            return cv2.cvtColor(f, cv2.COLOR_RGB2BGR)
+
+        def from_bgr(f: np.ndarray) -> np.ndarray:
+            return cv2.cvtColor(f, cv2.COLOR_BGR2RGB)
+    else:
+        def to_bgr(f: np.ndarray) -> np.ndarray:
+            return cv2.cvtColor(f.reshape(-1, info.width), cv2.COLOR_YUV2BGR_I420)
+
+        def from_bgr(f: np.ndarray) -> np.ndarray:
+            return cv2.cvtColor(f, cv2.COLOR_BGR2YUV_I420).reshape(-1)
     store = open(scratch, "w+b") if backwards else None  # noqa: SIM115 (closed below)
     frames, current, frame = None, -1, None
     try:
@@ -133,18 +163,18 @@ def read_frames_in_order(info: VideoInfo, order: np.ndarray, scratch: Path) -> I
             if frames is None or (wanted < current and wanted == 0):
                 if frames is not None:
                     frames.close()
-                frames, current = read_frames(info, count), -1
+                frames, current = read_frames(info, count, pixel_format=pixel_format), -1
             if wanted < current:
                 start, length = offsets[wanted]
                 store.seek(start)
                 data = np.frombuffer(store.read(length), np.uint8)
-                yield cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                yield from_bgr(cv2.imdecode(data, cv2.IMREAD_COLOR))
                 continue
             while current < wanted:
                 frame = next(frames)
                 current += 1
                 if store is not None and current == len(offsets):
-                    _keep_jpeg(store, frame, offsets, scratch)
+                    _keep_jpeg(store, to_bgr(frame), offsets, scratch)
             yield frame
     finally:
         if frames is not None:
@@ -155,8 +185,8 @@ def read_frames_in_order(info: VideoInfo, order: np.ndarray, scratch: Path) -> I
 
 
 def _keep_jpeg(store, frame: np.ndarray, offsets: list[tuple[int, int]], path: Path) -> None:
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR),
-                            [cv2.IMWRITE_JPEG_QUALITY, SCRATCH_JPEG_QUALITY])
+    """Append the BGR ``frame`` to ``store`` as a JPEG."""
+    ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, SCRATCH_JPEG_QUALITY])
     if not ok:
         raise OutputError("could not compress a frame into the scratch file", path)
     store.seek(0, os.SEEK_END)
@@ -293,11 +323,13 @@ class VideoWriter:
 
     def __init__(self, output: str | Path, width: int, height: int, fps: Fraction,
                  audio: str | Path | None = None, crf: int = 18, preset: str = "veryfast",
-                 audio_seconds: float | None = None) -> None:
+                 audio_seconds: float | None = None, pixel_format: str = "rgb24") -> None:
         """``audio_seconds``: keep only the audio's first seconds (the speech cut to a shorter
-        video); None keeps it all. ``crf`` and ``preset``: H.264's (VP9 takes ``crf`` + 6)."""
+        video); None keeps it all. ``crf`` and ``preset``: H.264's (VP9 takes ``crf`` + 6).
+        ``pixel_format``: the frames' (``read_frames``)."""
         self.output = Path(output)
         self.width, self.height = width, height
+        self.shape = frame_shape(width, height, pixel_format)
         suffix = self.output.suffix.lower() or DEFAULT_CONTAINER
         if suffix not in CONTAINERS:
             raise OutputError(f"cannot write a {suffix} video: the output's extension must "
@@ -306,7 +338,7 @@ class VideoWriter:
         self.partial = partial_path(self.output)
         _remove_dead_partials(self.output.parent)
         cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y",
-               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+               "-f", "rawvideo", "-pix_fmt", pixel_format, "-s", f"{width}x{height}",
                "-r", f"{fps.numerator}/{fps.denominator}", "-i", "pipe:0"]
         if audio is not None:
             if audio_seconds is not None:
@@ -325,9 +357,9 @@ class VideoWriter:
         self.frames_written = 0
 
     def write(self, frame: np.ndarray) -> None:
-        if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
+        if frame.shape != self.shape or frame.dtype != np.uint8:
             raise ValueError(f"frame of shape {frame.shape} {frame.dtype}, expected "
-                             f"({self.height}, {self.width}, 3) uint8")
+                             f"{self.shape} uint8")
         try:
             self._proc.stdin.write(np.ascontiguousarray(frame))
         except BrokenPipeError:

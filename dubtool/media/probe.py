@@ -47,6 +47,7 @@ class VideoInfo:
     variable_frame_rate: bool
     audio: tuple[AudioInfo, ...]
     stream: int = 0
+    colour_space: str = ""  # ffprobe's color_space ("bt709", ...; "" unknown)
 
     @property
     def has_audio(self) -> bool:
@@ -196,7 +197,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     if is_image:
         return VideoInfo(str(path), width, height, STILL_IMAGE_FPS, 1, 1 / float(STILL_IMAGE_FPS),
                          rotation, stream.get("codec_name", "?"), True, False, audio,
-                         int(stream.get("index", 0)))
+                         int(stream.get("index", 0)), stream.get("color_space", ""))
 
     avg = _fraction(stream.get("avg_frame_rate"))
     real = _fraction(stream.get("r_frame_rate"))
@@ -216,7 +217,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise InvalidMedia("video stream holds no frames", path)
     return VideoInfo(str(path), width, height, fps, frame_count, frame_count / float(fps),
                      rotation, stream.get("codec_name", "?"), False, variable, audio,
-                     int(stream.get("index", 0)))
+                     int(stream.get("index", 0)), stream.get("color_space", ""))
 
 
 def _count_frames(path: Path, stream: dict) -> int:

@@ -15,10 +15,11 @@ from dubtool.pipeline.progress import StageProgress
 
 
 class LowerFaces(Protocol):
-    def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Output frame ``o``'s new lower face in the face box of its source frame ``frame``:
-        (S, S, 3) uint8 and its mask (S, S) float32 in [0, 1], any S (the paste scales them to
-        the box). Called in increasing ``o``, for the frames with a face only."""
+    def lower_face(self, o: int, original: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Output frame ``o``'s new lower face in the face box of its source frame, whose
+        pixels are ``original`` ((B, B, 3) uint8 RGB, at the box's own size B): (S, S, 3)
+        uint8 RGB and its mask (S, S) float32 in [0, 1], any S (the paste scales them to the
+        box). Called in increasing ``o``, for the frames with a face only."""
         ...
 
 

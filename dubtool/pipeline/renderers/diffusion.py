@@ -88,7 +88,7 @@ class DiffusionFaces:
         self.track, self.target, self.plan, self.crops = track, target, plan, crops
         self.generated, self.next = generated, 0
 
-    def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def lower_face(self, o: int, original: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         while self.next <= o:  # frames without a face have crops too: skip them
             crop = next(self.generated)
             self.next += 1

@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dubtool.arrays import BlockRows
 from dubtool.face.indices import CONTENT_SLICE
 from dubtool.face.mask import MASK_TOP, lower_face_mask, match_colour
 from dubtool.face.warp import warp_face
@@ -154,7 +155,9 @@ class NativeFaces:
     def __init__(self, track: FaceTrack, target: np.ndarray, plan: np.ndarray,
                  sources: SourcePlan, crops: dict[int, np.ndarray],
                  max_size: int) -> None:
-        self.track, self.target, self.plan = track, target, plan
+        # The points of a frame at a time, read by blocks (track and targets on disk).
+        self.track = dataclasses.replace(track, points=BlockRows(track.points))
+        self.target, self.plan = BlockRows(target), plan
         self.sources, self.crops, self.max_size = sources, crops, max_size
         self.crop_points = {r: track.crop_points(r) for r in crops}
 
@@ -162,11 +165,11 @@ class NativeFaces:
         return warp_face(self.crops[source], self.crop_points[source], self.target[o],
                          size, NATIVE_INTERPOLATION, from_row)
 
-    def lower_face(self, o: int, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def lower_face(self, o: int, original: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         source = int(self.plan[o])
-        box = self.track.box(source)
-        size = native_size(box.size, self.max_size)
-        original = box.crop(frame, size)
+        size = native_size(len(original), self.max_size)
+        if size != len(original):  # a box larger than max_size: drawn at that size
+            original = cv2.resize(original, (size, size), interpolation=cv2.INTER_AREA)
         # Only the rows the mask reaches are drawn; above them the frame stays.
         top = max(0, int(MASK_TOP * size) - 1)
         refs = self.sources
