@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -390,9 +391,11 @@ def _print_clips(reports: list, output: Path, part: str | None) -> None:
 @app.command("train")
 def train_cmd(
     part: Annotated[str, typer.Argument(help="autoencoder (first), completion (optional "
-                    "pre-training of the landmark completion) or dubber.")],
-    config: Annotated[str, typer.Option("--config", help="cpu-128, paper-256 or a config.json "
-                      "path.")] = "cpu-128",
+                    "pre-training of the landmark completion), dubber, or sync (the lip-sync "
+                    "expert that dubtool eval scores with).")],
+    config: Annotated[str | None, typer.Option("--config", help="cpu-128 (default), paper-256 "
+                      "or a config.json path; for sync a sync expert config.json (default: "
+                      "the shipped expert's settings).")] = None,
     data: Annotated[Path, typer.Option("--data", help="Folder made by 'dubtool prepare'.")]
     = Path("dataset"),
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, log, "
@@ -413,7 +416,8 @@ def train_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's "
                       "checkpoint.")] = False,
-    epoch_steps: Annotated[int, typer.Option(help="Steps between validations.")] = 200,
+    epoch_steps: Annotated[int, typer.Option(help="Steps between validations (for sync: of "
+                           "each member).")] = 200,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
     decay_steps: Annotated[int, typer.Option(help="Let the learning rate fall linearly to 0 "
                            "over the run's last N steps (0: constant).")] = 0,
@@ -433,8 +437,8 @@ def train_cmd(
 ) -> None:
     """Train the autoencoder, or the landmark completion + denoiser on top of it. Data parallel
     when started by 'accelerate launch' or 'torchrun' (see README, Training at scale)."""
-    if part not in ("autoencoder", "completion", "dubber"):
-        raise typer.BadParameter("autoencoder, completion or dubber", param_hint="PART")
+    if part not in ("autoencoder", "completion", "dubber", "sync"):
+        raise typer.BadParameter("autoencoder, completion, dubber or sync", param_hint="PART")
     # accelerate launch and torchrun set RANK: the other processes show no progress or result.
     main = os.environ.get("RANK", "0") == "0"
     bars = Progress(TextColumn("train {task.fields[part]}"), BarColumn(), MofNCompleteColumn(),
@@ -453,7 +457,7 @@ def train_cmd(
             device=device, resume=resume, epoch_steps=epoch_steps,
             checkpoint_every=checkpoint_every, decay_steps=decay_steps, refine=refine,
             seed=seed, into=into, mixed_precision=mixed_precision, grad_accum=grad_accum,
-            progress=progress))
+            command=shlex.join(["dubtool", *sys.argv[1:]]), progress=progress))
     if not main:
         return
     table = Table(show_header=False, box=None, pad_edge=False)

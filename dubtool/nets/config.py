@@ -354,7 +354,7 @@ class ModelConfig:
             if "completion" in data and isinstance(data["completion"], dict):
                 data = {**data, "completion": {LEGACY_COMPLETION_FIELDS.get(k, k): v
                                                for k, v in data["completion"].items()}}
-            return _build(cls, data, "")
+            return build_dataclass(cls, data, "")
         except TypeError as exc:
             raise ModelError(f"invalid model config: {exc}") from exc
 
@@ -394,7 +394,7 @@ def _section(f: dataclasses.Field) -> type | None:
     return factory if dataclasses.is_dataclass(factory) else None  # type: ignore[return-value]
 
 
-def _build(kind: type, value: Any, path: str) -> Any:
+def build_dataclass(kind: type, value: Any, path: str) -> Any:
     """A ``kind`` dataclass from its dict ``value`` (JSON lists as tuples), its sections
     (``_section``) built the same way; ``path`` names it in errors ("" for the top)."""
     where = path or kind.__name__
@@ -408,7 +408,7 @@ def _build(kind: type, value: Any, path: str) -> Any:
     for key, item in value.items():
         section = _section(names[key])
         if section is not None:
-            kwargs[key] = _build(section, item, f"{path}.{key}" if path else key)
+            kwargs[key] = build_dataclass(section, item, f"{path}.{key}" if path else key)
         else:
             kwargs[key] = tuple(item) if isinstance(item, list) else item
     return kind(**kwargs)
