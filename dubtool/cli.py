@@ -30,6 +30,7 @@ from dubtool.errors import EXIT_BATCH_FAILURES, EXIT_INTERRUPTED, DubtoolError, 
 from dubtool.options import (
     DEFAULT_RENDERER,
     DEFAULT_SOURCES,
+    DEFAULT_SYNC_EXPERT,
     DETECTORS,
     LOOP_MODES,
     describe,
@@ -515,6 +516,8 @@ def eval_cmd(
                              "it are not scored).")] = api.RECONSTRUCTION_GAP_SECONDS,
     adapt: AdaptOption = True,
     cache_dir: CacheDir = None,
+    sync_expert: Annotated[str, typer.Option(help="The lip-sync expert (model name or folder) "
+                           "that scores each variant's lips.")] = DEFAULT_SYNC_EXPERT,
 ) -> None:
     """Quality against ground truth: the model beside the original and a static mouth."""
     paths = list(clips or [])
@@ -532,12 +535,14 @@ def eval_cmd(
                                             seconds=seconds, renderer=renderer,
                                             sources=sources,
                                             reference_gap=reference_gap, adapt=adapt,
-                                            cache_dir=cache_dir, progress=progress))
+                                            cache_dir=cache_dir, sync_expert=sync_expert,
+                                            progress=progress))
     from dubtool.evaluation.evaluate import VARIANTS
 
     # The terminal shows the main metrics; the report (-o) holds them all.
     shown = [m for m in ("opening_correlation", "articulation", "completion_opening_correlation",
-                         "lmd", "psnr", "identity") if m in result.summary["model"]]
+                         "sync_expert", "lmd", "psnr", "identity")
+             if m in result.summary["model"]]
     names = {"opening_correlation": "opening corr", "completion_opening_correlation":
              "completion corr"}
     table = Table("variant", *(names.get(m, m) for m in shown),
@@ -552,7 +557,8 @@ def eval_cmd(
     out.print(table)
     out.print("opening corr: correlation of the dub's inner-lip opening with the real mouth's "
               "(1 = in step); articulation: how wide it opens against the real mouth (1 = as "
-              "wide); lmd: lip/jaw landmark distance / eye distance (lower is better); the "
+              "wide); sync_expert: the lip-sync expert's pairwise accuracy (0.5 = chance, as a "
+              "still mouth); lmd: lip/jaw landmark distance / eye distance (lower is better); the "
               "report (-o) has every metric and its definition")
     if "identity" not in shown:
         out.print(result.settings["identity"])
