@@ -190,3 +190,50 @@ def test_the_eval_metric_scores_only_runs_long_enough(tmp_path: Path) -> None:
     assert scores.windows == first.stop - first.start - TINY.span + 1
     np.testing.assert_allclose(scores.cosines,
                                expert.score(content[first], speech[first]).cosines)
+
+
+def test_the_frozen_expert_loss_trains_the_completion_and_not_the_expert() -> None:
+    """``TrainingConfig.completion_sync_weight``: minus the expert's in-sync cosine of the
+    predicted lips joins a transformer completion's loss; its gradient reaches the completion,
+    the expert stays frozen, and it reads each frame's speech as ``frame_speech`` does."""
+    from test_nets import tiny_config
+
+    from dubtool.media.audio import feature_window
+    from dubtool.nets.completions import build_completion
+    from dubtool.nets.config import CompletionConfig, TrainingConfig
+    from dubtool.training.dubber import completed_landmarks
+
+    hearing = CompletionConfig(frames=3, window=8, references=2, d_model=32, layers=1, heads=2,
+                               ff_dim=64, dropout=0.0, speech_features="whisper",
+                               speech_channels=STATE_DIM, speech_window=6, speech_lead=5)
+    torch.manual_seed(0)
+    completion = build_completion(hearing)
+    expert = frozen_expert(TINY)
+    expert.check_hearing(hearing)
+    with pytest.raises(ModelError, match="window >= 7"):
+        expert.check_hearing(tiny_config().completion)
+    # The middle of a completion's window of states is the frame's speech for the expert.
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(STATE_DIM, 80)).astype(np.float32)
+    windows = np.stack([feature_window(states, f, FPS, 6, hearing.speech_timing)
+                        for f in range(30)])
+    np.testing.assert_allclose(expert.window_speech(torch.from_numpy(windows)).numpy(),
+                               frame_speech(states, 30, FPS, TINY), atol=1e-6)
+    batch = {"points": torch.rand(2, 8, NUM_POINTS, 2),
+             "references": torch.rand(2, 2, NUM_POINTS, 2),
+             "speech": torch.randn(2, 8, STATE_DIM, 6)}
+    training = TrainingConfig(completion_sync_weight=0.5)
+    _, losses = completed_landmarks(completion, batch, training, expert)
+    _, plain = completed_landmarks(completion, batch, training)
+    assert "sync" not in plain and -1 <= losses["sync"].item() <= 1
+    torch.testing.assert_close(losses["total"], plain["total"] + 0.5 * losses["sync"])
+    losses["sync"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in completion.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in expert.parameters())
+    assert not expert.training
+
+
+def frozen_expert(config: SyncExpertConfig) -> SyncExpert:
+    """A random expert frozen as ``load_sync_expert`` leaves one."""
+    torch.manual_seed(2)
+    return SyncExpert(config).eval().requires_grad_(False)

@@ -19,7 +19,7 @@ from dubtool.errors import ModelError
 from dubtool.face.indices import NUM_CONTENT, NUM_POINTS, NUM_POSE, ORDER
 from dubtool.media.audio import MEL_WINDOW, N_MELS, NORMALISED_MEL, FeatureTiming
 from dubtool.nets.speech_encoder import ENCODER_STATES, STATE_DIM
-from dubtool.options import MIXED_PRECISIONS
+from dubtool.options import DEFAULT_SYNC_EXPERT, MIXED_PRECISIONS
 
 
 def _models_dir() -> Path:
@@ -162,6 +162,12 @@ class TrainingConfig:
     # speech inputs, and on its pose inputs (crop units)
     completion_speech_ridge: float = 3.0
     completion_pose_ridge: float = 1e-5
+    # > 0: a transformer completion's loss also has minus this times the mean in-sync cosine
+    # of the frozen lip-sync expert (``completion_sync_expert``: a model folder, or a shipped
+    # one's name) over its predicted lips and the speech. Needs a completion that hears the
+    # speech encoder's states with the expert's lead, in windows at least the expert's.
+    completion_sync_weight: float = 0.0
+    completion_sync_expert: str = DEFAULT_SYNC_EXPERT
     kl_weight: float = 1e-6
     grad_clip: float = 1.0
     mixed_precision: str = "no"  # "no", "bf16" (CUDA or CPU) or "fp16" (CUDA only)

@@ -37,7 +37,7 @@ from torch import nn
 from dubtool.errors import ModelError
 from dubtool.face.indices import CONTENT_SLICE, MIRROR, NUM_CONTENT, NUM_POSE
 from dubtool.media.audio import feature_window
-from dubtool.nets.config import build_dataclass
+from dubtool.nets.config import CompletionConfig, build_dataclass
 from dubtool.nets.io import CONFIG_FILE, load_weights, resolve_model_folder, save_weights
 from dubtool.nets.speech_encoder import ENCODER_STATES, STATE_DIM
 
@@ -284,6 +284,35 @@ class SyncExpert(nn.Module):
             total = total + torch.stack([(motion * heard[:, s:s + count]).sum(-1)
                                          for s in range(2 * shifts + 1)], dim=-1)
         return total / len(chosen)
+
+    def in_sync_loss(self, points: torch.Tensor, speech: torch.Tensor) -> torch.Tensor:
+        """Minus the members' mean in-sync cosine over every window of B sequences: points
+        (B, L, P, 2) lip/jaw points (any unit), speech (B, L, C) raw per-frame states, L >=
+        ``window``. A training loss for lips predicted from the speech (the expert frozen)."""
+        total = 0
+        for k in range(len(self.members)):
+            motion, heard = self.embed(points, speech, k)
+            total = total + (motion * heard).sum(-1).mean()
+        return -total / len(self.members)
+
+    def check_hearing(self, hearing: CompletionConfig) -> None:
+        """ModelError unless a completion of ``hearing`` hears what this expert does (the
+        speech encoder's states, with its lead) in windows it can score."""
+        config = self.config
+        if (hearing.speech_features != "whisper" or hearing.speech_lead != config.speech_lead
+                or hearing.speech_window < config.speech_steps
+                or hearing.window < config.window):
+            raise ModelError(
+                "the sync expert's loss needs a completion hearing the speech encoder's states "
+                f"(speech_features whisper) with speech_lead {config.speech_lead}, "
+                f"speech_window >= {config.speech_steps} and window >= {config.window} frames")
+
+    def window_speech(self, speech: torch.Tensor) -> torch.Tensor:
+        """(..., C, W) a completion's windows of speech states (``check_hearing``) -> (..., C)
+        each frame's states as ``frame_speech`` takes them: the middle ``speech_steps``."""
+        steps = self.config.speech_steps
+        first = speech.shape[-1] // 2 - steps // 2  # both windows centred as feature_window
+        return speech[..., first:first + steps].mean(dim=-1)
 
     @torch.no_grad()
     def score(self, points: np.ndarray, speech: np.ndarray, member: int | None = None
