@@ -304,4 +304,6 @@ Per validation person:
   shorter runs are not scored.
 - It learned from the points of the face tracker that prepared the data (smoothed over
   time); FaceMesh's raw points of a rendered frame are noisier.
+- A still mouth that follows the head (eval's static variant) is not the still control
+  above: the head's motion is normalised like a mouth's, and it scores off chance.
 """
