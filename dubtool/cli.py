@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from dubtool.errors import EXIT_BATCH_FAILURES, EXIT_INTERRUPTED, DubtoolError, 
 from dubtool.options import (
     DEFAULT_RENDERER,
     DEFAULT_SOURCES,
+    DEFAULT_SYNC_EXPERT,
     DETECTORS,
     LOOP_MODES,
     describe,
@@ -390,9 +392,11 @@ def _print_clips(reports: list, output: Path, part: str | None) -> None:
 @app.command("train")
 def train_cmd(
     part: Annotated[str, typer.Argument(help="autoencoder (first), completion (optional "
-                    "pre-training of the landmark completion) or dubber.")],
-    config: Annotated[str, typer.Option("--config", help="cpu-128, paper-256 or a config.json "
-                      "path.")] = "cpu-128",
+                    "pre-training of the landmark completion), dubber, or sync (the lip-sync "
+                    "expert that dubtool eval scores with).")],
+    config: Annotated[str | None, typer.Option("--config", help="cpu-128 (default), paper-256 "
+                      "or a config.json path; for sync a sync expert config.json (default: "
+                      "the shipped expert's settings).")] = None,
     data: Annotated[Path, typer.Option("--data", help="Folder made by 'dubtool prepare'.")]
     = Path("dataset"),
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, log, "
@@ -413,7 +417,8 @@ def train_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's "
                       "checkpoint.")] = False,
-    epoch_steps: Annotated[int, typer.Option(help="Steps between validations.")] = 200,
+    epoch_steps: Annotated[int, typer.Option(help="Steps between validations (for sync: of "
+                           "each member).")] = 200,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
     decay_steps: Annotated[int, typer.Option(help="Let the learning rate fall linearly to 0 "
                            "over the run's last N steps (0: constant).")] = 0,
@@ -433,8 +438,8 @@ def train_cmd(
 ) -> None:
     """Train the autoencoder, or the landmark completion + denoiser on top of it. Data parallel
     when started by 'accelerate launch' or 'torchrun' (see README, Training at scale)."""
-    if part not in ("autoencoder", "completion", "dubber"):
-        raise typer.BadParameter("autoencoder, completion or dubber", param_hint="PART")
+    if part not in ("autoencoder", "completion", "dubber", "sync"):
+        raise typer.BadParameter("autoencoder, completion, dubber or sync", param_hint="PART")
     # accelerate launch and torchrun set RANK: the other processes show no progress or result.
     main = os.environ.get("RANK", "0") == "0"
     bars = Progress(TextColumn("train {task.fields[part]}"), BarColumn(), MofNCompleteColumn(),
@@ -453,7 +458,7 @@ def train_cmd(
             device=device, resume=resume, epoch_steps=epoch_steps,
             checkpoint_every=checkpoint_every, decay_steps=decay_steps, refine=refine,
             seed=seed, into=into, mixed_precision=mixed_precision, grad_accum=grad_accum,
-            progress=progress))
+            command=shlex.join(["dubtool", *sys.argv[1:]]), progress=progress))
     if not main:
         return
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -511,6 +516,8 @@ def eval_cmd(
                              "it are not scored).")] = api.RECONSTRUCTION_GAP_SECONDS,
     adapt: AdaptOption = True,
     cache_dir: CacheDir = None,
+    sync_expert: Annotated[str, typer.Option(help="The lip-sync expert (model name or folder) "
+                           "that scores each variant's lips.")] = DEFAULT_SYNC_EXPERT,
 ) -> None:
     """Quality against ground truth: the model beside the original and a static mouth."""
     paths = list(clips or [])
@@ -528,12 +535,14 @@ def eval_cmd(
                                             seconds=seconds, renderer=renderer,
                                             sources=sources,
                                             reference_gap=reference_gap, adapt=adapt,
-                                            cache_dir=cache_dir, progress=progress))
+                                            cache_dir=cache_dir, sync_expert=sync_expert,
+                                            progress=progress))
     from dubtool.evaluation.evaluate import VARIANTS
 
     # The terminal shows the main metrics; the report (-o) holds them all.
     shown = [m for m in ("opening_correlation", "articulation", "completion_opening_correlation",
-                         "lmd", "psnr", "identity") if m in result.summary["model"]]
+                         "sync_expert", "lmd", "psnr", "identity")
+             if m in result.summary["model"]]
     names = {"opening_correlation": "opening corr", "completion_opening_correlation":
              "completion corr"}
     table = Table("variant", *(names.get(m, m) for m in shown),
@@ -548,7 +557,8 @@ def eval_cmd(
     out.print(table)
     out.print("opening corr: correlation of the dub's inner-lip opening with the real mouth's "
               "(1 = in step); articulation: how wide it opens against the real mouth (1 = as "
-              "wide); lmd: lip/jaw landmark distance / eye distance (lower is better); the "
+              "wide); sync_expert: the lip-sync expert's pairwise accuracy (0.5 = chance, as a "
+              "still mouth); lmd: lip/jaw landmark distance / eye distance (lower is better); the "
               "report (-o) has every metric and its definition")
     if "identity" not in shown:
         out.print(result.settings["identity"])

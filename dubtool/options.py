@@ -19,6 +19,7 @@ DEFAULT_SOURCES = 48  # frames the native renderer may draw from (pipeline/sourc
 MIXED_PRECISIONS = ("no", "bf16", "fp16")  # training's --mixed-precision and the configs'
 MAX_SEED = 2**32 - 1  # numpy's generators take at most this; torch's seeds derive from it
 DEFAULT_MODEL = "dubtool-cpu-128"  # a shipped model (models/)
+DEFAULT_SYNC_EXPERT = "sync-expert"  # the lip-sync expert dubtool eval scores with (models/)
 # The reconstruction protocol (eval): no reference from within this many seconds of its frame.
 RECONSTRUCTION_GAP_SECONDS = 2.0
 # What a folder of inputs may hold (batch takes images as one-frame videos; prepare videos).

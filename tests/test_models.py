@@ -75,3 +75,22 @@ def test_shipped_model_follows_a_real_mouth(face_clip: Path, tmp_path: Path) -> 
     assert low < model["completion_articulation"] < high
     assert model["opening_correlation"] > REGRESSION_BOUNDS["opening_correlation"]
     assert model["sharpness"] > REGRESSION_BOUNDS["sharpness"] > static["sharpness"]
+
+
+def test_the_shipped_sync_expert_loads_and_is_documented() -> None:
+    """models/sync-expert: the defaults' expert in float16 safetensors, frozen when loaded,
+    with a card quoting its validation and controls."""
+    from dubtool.nets.sync_expert import SyncExpertConfig, load_sync_expert
+    from dubtool.options import DEFAULT_SYNC_EXPERT
+
+    folder = MODELS_DIR / DEFAULT_SYNC_EXPERT
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "MODEL_CARD.md", "config.json", "sync_expert.safetensors"]
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 8 * 2**20
+    expert = load_sync_expert(DEFAULT_SYNC_EXPERT)
+    assert expert.config == SyncExpertConfig() and not expert.training
+    assert float(expert.speech_scale.min()) > 0
+    card = (folder / "MODEL_CARD.md").read_text()
+    for words in ("dubtool train sync", "still mouth", "held-out", "Per validation person",
+                  "Limits"):
+        assert words in card

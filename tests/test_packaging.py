@@ -14,7 +14,10 @@ SHIPPED = ["dubtool/models/configs/cpu-128.json", "dubtool/models/configs/paper-
            "dubtool/models/dubtool-cpu-128/config.json",
            "dubtool/models/dubtool-cpu-128/autoencoder.safetensors",
            "dubtool/models/dubtool-cpu-128/dubber.safetensors",
-           "dubtool/models/dubtool-cpu-128/MODEL_CARD.md", "dubtool/data/may_5s.mp4"]
+           "dubtool/models/dubtool-cpu-128/MODEL_CARD.md",
+           "dubtool/models/sync-expert/config.json",
+           "dubtool/models/sync-expert/sync_expert.safetensors",
+           "dubtool/models/sync-expert/MODEL_CARD.md", "dubtool/data/may_5s.mp4"]
 
 
 def test_wheel_ships_the_model_configs_and_bench_clip(tmp_path: Path) -> None:

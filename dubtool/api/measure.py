@@ -12,6 +12,7 @@ from dubtool.options import (
     DEFAULT_MODEL,
     DEFAULT_RENDERER,
     DEFAULT_SOURCES,
+    DEFAULT_SYNC_EXPERT,
     RECONSTRUCTION_GAP_SECONDS,
     check_range,
 )
@@ -36,6 +37,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
              renderer: str = DEFAULT_RENDERER, sources: int = DEFAULT_SOURCES,
              reference_gap: float = RECONSTRUCTION_GAP_SECONDS, adapt: bool = True,
              cache_dir: str | Path | None = None,
+             sync_expert: str | Path | None = DEFAULT_SYNC_EXPERT,
              progress: StageProgress | None = None) -> EvalReport:
     """Reconstruction protocol over ``clips``: each is dubbed from its own speech (loop "cut")
     into ``work_dir`` and compared with the original, beside the original and static-mouth
@@ -43,12 +45,15 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
     to them) and compared. No reference, of the dub or of the static mouth, comes from within
     ``reference_gap`` seconds of the frame it is pasted on (drawn from the whole clip); frames
     for which the static mouth's reference is that near are left out of every variant's
-    scores; nor does the adaptation (``adapt``) learn from such frames. Writes ``report``
-    (.json or .md) and strip images into ``work_dir``."""
+    scores; nor does the adaptation (``adapt``) learn from such frames. ``sync_expert``: the
+    lip-sync expert's model folder (or shipped name) that scores each variant's lips
+    (sync_expert, sync_expert_cosine; None: not scored). Writes ``report`` (.json or .md) and
+    strip images into ``work_dir``."""
     from dubtool.evaluation.evaluate import evaluate_clip, summarise
     from dubtool.evaluation.identity import NOT_INSTALLED, load_identity_model
     from dubtool.evaluation.report import write_plots, write_report, write_strips
     from dubtool.media.probe import probe_video
+    from dubtool.nets.sync_expert import load_sync_expert
     from dubtool.pipeline.dubber import Dubber, check_dub_options
     from dubtool.pipeline.run import Inputs, run_front
 
@@ -69,6 +74,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
                                     sources=sources, steps=steps, strength=strength,
                                     seed=seed)
     identity = load_identity_model()
+    expert = load_sync_expert(sync_expert) if sync_expert is not None else None
     pause_seconds = dubber.model.config.inference.complete.pause_seconds  # the dubs' pauses
     results = []
     for n, clip in enumerate(clips):
@@ -85,7 +91,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
         results.append(evaluate_clip(clip, dubbed.output, track, dubbed.reference_frame,
                                      dubbed.landmarks, identity, speech=speech,
                                      reference_gap=reference_gap,
-                                     pause_seconds=pause_seconds))
+                                     pause_seconds=pause_seconds, sync_expert=expert))
     if progress is not None:
         progress("eval", len(clips), len(clips))
     settings = {"model": str(dubber.model.folder), "steps": dubber.settings.steps,
@@ -93,6 +99,7 @@ def evaluate(clips: Sequence[str | Path], *, model: str | Path = DEFAULT_MODEL,
                 "device": str(dubber.device), "seconds": seconds, "renderer": renderer,
                 "sources": sources,
                 "reference_gap": reference_gap, "adapt": adapt,
+                "sync_expert": str(sync_expert) if expert is not None else "not scored",
                 "identity": "dlib face recognition ResNet" if identity else NOT_INSTALLED}
     summary = summarise(results)
     files = write_strips(work / "strips", results) if strips else []

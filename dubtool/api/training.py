@@ -58,24 +58,42 @@ def merge_shards(shards: Sequence[str | Path], output: str | Path, *,
     return merge(list(shards), output, validation_fraction)
 
 
-def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
+DEFAULT_CONFIG = "cpu-128"
+
+
+def train(part: str, config: str | Path | None, data: str | Path, out: str | Path, *,
           steps: int, autoencoder: str | Path | None = None,
           completion: str | Path | None = None, init: str | Path | None = None,
           end2end: bool = True, device: str = "auto", resume: bool = False, epoch_steps: int = 200,
           checkpoint_every: int = 50, decay_steps: int = 0, refine: float = 0.0,
           seed: int = 0, into: str | Path | None = None, mixed_precision: str | None = None,
-          grad_accum: int = 1, progress: TrainProgress | None = None) -> TrainResult:
+          grad_accum: int = 1, command: str = "",
+          progress: TrainProgress | None = None) -> TrainResult:
     """Train ``part``: "autoencoder" first; optionally "completion" (the landmark completion
     alone, fast; ``into``: a model folder that RUN/model then copies with this completion);
     then "dubber" on top of the trained autoencoder (and completion). In this process, or data
     parallel in each process that ``accelerate launch`` or ``torchrun`` started (the config's
     batch sizes are per process); ``mixed_precision``: no, bf16 or fp16 (None: the config's);
-    ``grad_accum``: batches whose gradients each step sums."""
+    ``grad_accum``: batches whose gradients each step sums. ``config``: a model config's name
+    or path (None: cpu-128). Or "sync": the lip-sync expert (``training.sync``; ``config``: a
+    sync expert config.json, None: the defaults), ``steps`` a member, validated every
+    ``epoch_steps``, on this process's device; ``command``: the command line its model card
+    quotes."""
     # torch and diffusers are imported only by the commands that need them: start-up stays fast.
     from dubtool.nets.config import ModelConfig
 
     check_range("--steps", steps, at_least=1)
     check_range("--epoch-steps", epoch_steps, at_least=1)
+    if part == "sync":
+        check_seed(seed)
+        check_device(device)
+        from dubtool.nets.sync_expert import SyncExpertConfig
+        from dubtool.training.sync import train_sync_expert
+
+        expert_config = SyncExpertConfig() if config is None else SyncExpertConfig.load(config)
+        return train_sync_expert(expert_config, data, out, steps, device=device,
+                                 epoch_steps=epoch_steps, seed=seed, command=command,
+                                 progress=progress)
     check_range("--checkpoint-every", checkpoint_every, at_least=1)
     check_range("--decay-steps", decay_steps, at_least=0)
     check_range("--refine", refine, at_least=0, at_most=1)
@@ -83,7 +101,7 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
     check_device(device)
     check_choice("--mixed-precision", mixed_precision, MIXED_PRECISIONS)
     check_range("--grad-accum", grad_accum, at_least=1)
-    model_config = ModelConfig.named(config)
+    model_config = ModelConfig.named(DEFAULT_CONFIG if config is None else config)
     common = {"device": device, "resume": resume, "epoch_steps": epoch_steps,
               "checkpoint_every": checkpoint_every, "decay_steps": decay_steps, "seed": seed,
               "mixed_precision": mixed_precision, "grad_accum": grad_accum,
@@ -109,7 +127,7 @@ def train(part: str, config: str | Path, data: str | Path, out: str | Path, *,
 
         return train_completion(model_config, data, out, steps, init=completion, into=into,
                                 **common)
-    raise ValueError(f"unknown part {part!r}: autoencoder, completion or dubber")
+    raise ValueError(f"unknown part {part!r}: autoencoder, completion, dubber or sync")
 
 
 def offsets(data: str | Path, completion: str | Path, *, device: str = "auto"):

@@ -11,6 +11,7 @@ A model that does not beat ``static`` on LMD and sync is not working.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -37,6 +38,8 @@ from dubtool.media.audio import decode_speech, mel_spectrogram, pauses, voice_ac
 from dubtool.media.frames import VideoWriter, read_frames
 from dubtool.media.probe import probe_video
 from dubtool.nets.config import CompleteSettings
+from dubtool.nets.speech_encoder import encode_speech
+from dubtool.nets.sync_expert import SyncExpert, SyncScores, frame_speech
 from dubtool.pipeline.landmarks import FaceTrack
 from dubtool.pipeline.plan import gap_frames
 
@@ -44,7 +47,7 @@ VARIANTS = ("model", "original", "static")
 METRICS = ("opening_correlation", "articulation", "completion_opening_correlation",
            "completion_articulation", "lmd", "lmd_lips", "lmd_jaw", "psnr", "ssim",
            "sharpness", "psnr_native", "ssim_native",
-           "sync_offset", "sync_confidence", "stability")
+           "sync_offset", "sync_confidence", "sync_expert", "sync_expert_cosine", "stability")
 OPTIONAL_METRICS = ("identity",)  # only with the optional extra installed
 EVAL_CROP = 128
 
@@ -175,6 +178,9 @@ class _Variant:
         self.found = np.zeros(frames, bool)
         self.inner = np.full(frames, np.nan, np.float32)  # inner-lip opening (nan: no face)
         self.mouth = np.full(frames, np.nan, np.float32)  # mouth opening, for the sync score
+        # lip/jaw points in the track's crop box (the units the sync expert learned in)
+        self.content = np.full((frames, CONTENT_SLICE.stop - CONTENT_SLICE.start, 2), np.nan,
+                               np.float32)
         self.scores: dict[str, list[float]] = {name: [] for name in (
             "psnr", "ssim", "lmd", "lmd_lips", "lmd_jaw", "sharpness", "psnr_native",
             "ssim_native")}
@@ -196,6 +202,8 @@ class _Variant:
                 self.points[i] = points
             self.inner[i] = inner_lip_opening(points[None])[0]
             self.mouth[i] = mouth_opening(points[None])[0]
+            box = track.box(i)
+            self.content[i] = (points[CONTENT_SLICE] - (box.x0, box.y0)) / max(box.size, 1)
         if self.faces[i]:
             half, real_half = _lower_half(frame, track, i), _lower_half(original, track, i)
             self.scores["psnr"].append(metrics.psnr(half, real_half))
@@ -224,11 +232,15 @@ class _Variant:
             self.tiles[i] = tiles[i].crop(frame, tile_side)
 
     def results(self, reference: _Variant, envelope: np.ndarray, fps: float,
-                landmarks: np.ndarray | None, original_ids: np.ndarray | None
+                landmarks: np.ndarray | None, original_ids: np.ndarray | None,
+                expert: SyncExpert | None = None, speech: np.ndarray | None = None
                 ) -> tuple[dict[str, float], np.ndarray]:
-        """Every metric, and the inner-lip opening series (nan where not scored)."""
+        """Every metric, and the inner-lip opening series (nan where not scored); the sync
+        expert's with ``expert`` and ``speech``, its (F, C) per-frame states."""
         frames = len(self.found)
         offset, _, confidence = metrics.sync_score(self.mouth, envelope, fps)
+        expert_scores = (expert_sync(expert, self.content, self.found & self.faces, speech)
+                         if expert is not None and speech is not None else None)
         opening = np.where(self.found & self.faces, self.inner, np.nan)
         real_opening = np.where(reference.found & self.faces, reference.inner, np.nan)
         completion = {"completion_opening_correlation": math.nan,
@@ -254,6 +266,8 @@ class _Variant:
             "lmd_lips": mean("lmd_lips"), "lmd_jaw": mean("lmd_jaw"),
             "psnr": mean("psnr"), "ssim": mean("ssim"), "lmd": mean("lmd"),
             "sync_offset": float(offset), "sync_confidence": confidence,
+            "sync_expert": expert_scores.accuracy if expert_scores else math.nan,
+            "sync_expert_cosine": expert_scores.in_sync if expert_scores else math.nan,
             "stability": change(self) / max(change(reference), 1e-6),
             "sharpness": mean("sharpness"), "psnr_native": mean("psnr_native"),
             "ssim_native": mean("ssim_native"),
@@ -261,6 +275,24 @@ class _Variant:
         if original_ids is not None:
             results["identity"] = identity_distance(np.stack(self.ids), original_ids)
         return results, opening
+
+
+def runs_of(usable: np.ndarray, length: int) -> Iterator[slice]:
+    """The runs of consecutive True frames of ``usable`` (F,) at least ``length`` long."""
+    edges = np.diff(np.concatenate([[0], usable.astype(np.int8), [0]]))
+    for start, stop in zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0], strict=True):
+        if stop - start >= length:
+            yield slice(int(start), int(stop))
+
+
+def expert_sync(expert: SyncExpert, content: np.ndarray, usable: np.ndarray,
+                speech: np.ndarray) -> SyncScores:
+    """The sync expert's scores of the windows of every run of ``usable`` frames long enough
+    for a window and all its shifts (``SyncExpertConfig.span``), pooled: content (F, 57, 2)
+    lip/jaw points, speech (F', C) per-frame states (F' >= F). No windows (NaN accuracy) when
+    no run is that long: a short run is not scored, rather than scored as chance."""
+    return SyncScores.join([expert.score(content[run], speech[run])
+                            for run in runs_of(usable, expert.config.span)], expert.config)
 
 
 def strip_picks(frames: int, scored: np.ndarray | None = None, count: int = 4) -> np.ndarray:
@@ -309,13 +341,16 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
                   reference_frame: int, landmarks: np.ndarray | None = None,
                   identity: IdentityModel | None = None, speech: str | Path | None = None,
                   reference_gap: float = 0.0,
-                  pause_seconds: float = CompleteSettings().pause_seconds) -> ClipEvaluation:
+                  pause_seconds: float = CompleteSettings().pause_seconds,
+                  sync_expert: SyncExpert | None = None) -> ClipEvaluation:
     """Measure a clip's dub (made from the clip's own ``speech``, default the clip's, with
     loop 'cut') and the two reference variants over the dub's frames. ``track`` is the
     clip's face track, ``reference_frame`` the dub's, ``landmarks`` the dub's target
     landmarks (for the completion_* metrics). Frames within ``reference_gap`` seconds of the
     reference frame are not scored (see ``scored_frames``). ``pause_seconds``: the silences
     marked as pauses in the series (the dubbing model's ``inference.complete``).
+    ``sync_expert``: scores each variant's lip/jaw motion against the speech encoder's states
+    of the speech (``expert_sync``; without it sync_expert* are NaN).
 
     The frames are read a frame at a time, twice: the clip beside the dub (the static mouth
     written to an H.264 file as it goes, to be encoded like the dub), then the clip beside
@@ -370,13 +405,16 @@ def evaluate_clip(clip: str | Path, dubbed: str | Path, track: FaceTrack,
         samples = decode_speech(speech if speech is not None else clip, sound)
         envelope = metrics.speech_envelope(samples, fps, frames)
         mel = mel_spectrogram(samples)
+        heard = (frame_speech(encode_speech(samples), frames, fps, sync_expert.config)
+                 if sync_expert is not None else None)
     finally:
         sound.unlink(missing_ok=True)
     original_ids = np.stack(original.ids) if original.ids else None
     results, series = {}, {}
     for name in VARIANTS:
         results[name], series[name] = variants[name].results(
-            original, envelope, fps, landmarks if name == "model" else None, original_ids)
+            original, envelope, fps, landmarks if name == "model" else None, original_ids,
+            sync_expert, heard)
     series["energy"] = mel.mean(axis=0)
     series["paused"] = pauses(voice_activity(mel, info.fps, frames), info.fps, pause_seconds)
     # (a frame may be picked more than once: fewer scored frames than tiles)

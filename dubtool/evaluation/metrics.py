@@ -35,6 +35,14 @@ Definitions (also printed in reports):
   LSE-C but not it (SyncNet cannot be installed here); higher is better. It needs no real mouth,
   but it rewards a mouth driven by the voice's loudness: a dub can beat the real footage on it, so
   it is only a check, not a measure of lip sync.
+- sync expert (no reference; sync_expert, sync_expert_cosine): the lip-sync expert
+  (models/sync-expert, its MODEL_CARD.md) scores 1.5 s windows of the variant's 57 lip/jaw
+  FaceMesh points against the speech encoder's states of the clip's speech, in sync and
+  shifted by 5 to 15 frames either way. sync_expert: the share of (window, shift) pairs in
+  which the in-sync speech scores higher (0.5 = chance, as a still mouth scores; real footage
+  of its validation people 0.9); sync_expert_cosine: the mean in-sync cosine. Only scored
+  frames with a face, in runs long enough for a window and every shift (67 frames at 25 fps);
+  none: no value.
 - stability: mean absolute frame-to-frame change of the mouth region, relative to the
   original's (1.0 = as steady as the original; higher = flicker).
 - identity (with the optional dlib extra): distance between dlib's face recognition

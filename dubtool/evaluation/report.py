@@ -14,7 +14,7 @@ from dubtool.media.audio import MEL_STEPS_PER_SECOND
 from dubtool.pipeline.cache import write_json_atomic, write_text_atomic
 
 LOWER_IS_BETTER = {"lmd", "lmd_lips", "lmd_jaw", "stability"}
-PER_CLIP = ("opening_correlation", "articulation", "lmd", "psnr", "sharpness")
+PER_CLIP = ("opening_correlation", "articulation", "sync_expert", "lmd", "psnr", "sharpness")
 
 
 def _fmt(value: float) -> str:

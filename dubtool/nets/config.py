@@ -19,7 +19,7 @@ from dubtool.errors import ModelError
 from dubtool.face.indices import NUM_CONTENT, NUM_POINTS, NUM_POSE, ORDER
 from dubtool.media.audio import MEL_WINDOW, N_MELS, NORMALISED_MEL, FeatureTiming
 from dubtool.nets.speech_encoder import ENCODER_STATES, STATE_DIM
-from dubtool.options import MIXED_PRECISIONS
+from dubtool.options import DEFAULT_SYNC_EXPERT, MIXED_PRECISIONS
 
 
 def _models_dir() -> Path:
@@ -162,6 +162,12 @@ class TrainingConfig:
     # speech inputs, and on its pose inputs (crop units)
     completion_speech_ridge: float = 3.0
     completion_pose_ridge: float = 1e-5
+    # > 0: a transformer completion's loss also has minus this times the mean in-sync cosine
+    # of the frozen lip-sync expert (``completion_sync_expert``: a model folder, or a shipped
+    # one's name) over its predicted lips and the speech. Needs a completion that hears the
+    # speech encoder's states with the expert's lead, in windows at least the expert's.
+    completion_sync_weight: float = 0.0
+    completion_sync_expert: str = DEFAULT_SYNC_EXPERT
     kl_weight: float = 1e-6
     grad_clip: float = 1.0
     mixed_precision: str = "no"  # "no", "bf16" (CUDA or CPU) or "fp16" (CUDA only)
@@ -354,7 +360,7 @@ class ModelConfig:
             if "completion" in data and isinstance(data["completion"], dict):
                 data = {**data, "completion": {LEGACY_COMPLETION_FIELDS.get(k, k): v
                                                for k, v in data["completion"].items()}}
-            return _build(cls, data, "")
+            return build_dataclass(cls, data, "")
         except TypeError as exc:
             raise ModelError(f"invalid model config: {exc}") from exc
 
@@ -394,7 +400,7 @@ def _section(f: dataclasses.Field) -> type | None:
     return factory if dataclasses.is_dataclass(factory) else None  # type: ignore[return-value]
 
 
-def _build(kind: type, value: Any, path: str) -> Any:
+def build_dataclass(kind: type, value: Any, path: str) -> Any:
     """A ``kind`` dataclass from its dict ``value`` (JSON lists as tuples), its sections
     (``_section``) built the same way; ``path`` names it in errors ("" for the top)."""
     where = path or kind.__name__
@@ -408,7 +414,7 @@ def _build(kind: type, value: Any, path: str) -> Any:
     for key, item in value.items():
         section = _section(names[key])
         if section is not None:
-            kwargs[key] = _build(section, item, f"{path}.{key}" if path else key)
+            kwargs[key] = build_dataclass(section, item, f"{path}.{key}" if path else key)
         else:
             kwargs[key] = tuple(item) if isinstance(item, list) else item
     return kind(**kwargs)

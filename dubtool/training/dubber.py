@@ -34,6 +34,7 @@ from dubtool.nets.io import (
 )
 from dubtool.nets.losses import completion_losses
 from dubtool.nets.sampling import lower_half_mask, make_scheduler, start_timestep
+from dubtool.nets.sync_expert import SyncExpert, load_sync_expert
 from dubtool.pipeline.clips import Clip, PreparedData, dubber_batch, sample_seeds
 from dubtool.pipeline.complete import predict_content, reference_frames
 from dubtool.pipeline.plan import far_from_plan, gap_frames
@@ -52,13 +53,20 @@ from dubtool.training.loop import (
 COMPLETION_FILE = "completion.safetensors"
 
 def completed_landmarks(completion: CompletionNet, batch: dict[str, torch.Tensor],
-                        config: TrainingConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        config: TrainingConfig, expert: SyncExpert | None = None
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The target landmarks predicted from the speech (B, L, 131, 2), and the completion's
-    losses against the detected lip/jaw points (``completion_losses``)."""
+    losses against the detected lip/jaw points (``completion_losses``); with ``expert`` (a
+    frozen sync expert), also ``sync``, its ``in_sync_loss`` of the predicted lips, added to
+    the total times ``config.completion_sync_weight``."""
     target = batch["points"]
     predicted = complete_landmarks(completion, target, batch["references"], batch["speech"])
     losses = completion_losses(predicted[:, :, CONTENT_SLICE], target[:, :, CONTENT_SLICE],
                                config)
+    if expert is not None:
+        losses["sync"] = expert.in_sync_loss(predicted[:, :, CONTENT_SLICE],
+                                             expert.window_speech(batch["speech"]))
+        losses["total"] = losses["total"] + config.completion_sync_weight * losses["sync"]
     return predicted, losses
 
 
@@ -308,6 +316,10 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
         state = (run.load({"completion": completion}, optimizer) if resume
                  else TrainState(0, np.random.default_rng(seed)))
         c, batch_size = config.completion, config.training.completion_batch_size
+        expert = None
+        if config.training.completion_sync_weight > 0:
+            expert = load_sync_expert(config.training.completion_sync_expert).to(dev)
+            expert.check_hearing(c)
 
         def landmarks(data: PreparedData, seeds: list[int], rng: np.random.Generator,
                       augment: bool) -> dict:
@@ -320,7 +332,7 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
             rng = np.random.default_rng([4321, k])
             batch = landmarks(val, sample_seeds(rng, batch_size), rng, False)
             return {name: float(v) for name, v in
-                    completed_landmarks(completion, batch, config.training)[1].items()}
+                    completed_landmarks(completion, batch, config.training, expert)[1].items()}
 
         def validate() -> dict[str, float]:
             with evaluating(completion):
@@ -335,7 +347,7 @@ def train_completion(config: ModelConfig, data_dir: str | Path, run_dir: str | P
         def step_losses(rng: np.random.Generator) -> dict[str, torch.Tensor]:
             seeds = sample_seeds(rng, batch_size, (processes.rank, processes.count))
             return completed_landmarks(completion, landmarks(train, seeds, rng, True),
-                                       config.training)[1]
+                                       config.training, expert)[1]
 
         seconds, validation = optimise(
             run, {"completion": completion}, optimizer, state, steps, step_losses, validate,

@@ -35,6 +35,7 @@ from dubtool.devices import Processes, autocast
 from dubtool.errors import InputNotFound, InvalidMedia, OutputError
 from dubtool.nets.config import ModelConfig
 from dubtool.nets.io import load_weights, save_weights
+from dubtool.nets.sync_expert import SyncExpertConfig
 from dubtool.pipeline.clips import PreparedData
 
 CHECKPOINT = "checkpoint"
@@ -55,8 +56,8 @@ class RunFolder:
     """A run's folder; ``writes`` False (the processes but the main one of a multi-process
     run) checks and reads it alike but leaves the writing to the main process."""
 
-    def __init__(self, folder: str | Path, config: ModelConfig, resume: bool,
-                 writes: bool = True) -> None:
+    def __init__(self, folder: str | Path, config: ModelConfig | SyncExpertConfig,
+                 resume: bool, writes: bool = True) -> None:
         self.folder = Path(folder)
         self.checkpoint = self.folder / CHECKPOINT
         self.writes = writes
