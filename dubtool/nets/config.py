@@ -274,15 +274,17 @@ class NativeSettings(_Settings):
 
     section: ClassVar[str] = "inference.native"
     checks: ClassVar[dict[str, tuple[Any, str]]] = {
-        "max_size": _AT_LEAST_2, "detail_frames": _AT_LEAST_1,
+        "max_size": _AT_LEAST_2, "detail_frames": _AT_LEAST_1, "detail_samples": _AT_LEAST_1,
         "detail_tolerance": _FRACTION, "max_sharpening": _NOT_NEGATIVE}
 
     # The largest side drawn at: a larger face box is drawn at this size and scaled up
     # (measured: ms/frame and sharpness in the README's speed table).
     max_size: int = 512
-    # A source crop's detail is matched to the median over the frames with a face among the
-    # video's first this many.
+    # A source crop's detail is matched to the median over detail_samples frames with a
+    # face spread over the video's first detail_frames (every fifth: the median moves little,
+    # and the frames between are neither converted nor piped).
     detail_frames: int = 250
+    detail_samples: int = 50
     detail_tolerance: float = 0.9  # sources with this share of that detail stay as they are
     max_sharpening: float = 1.5    # the unsharp mask's largest amount
 

@@ -112,31 +112,28 @@ def match_detail(face: np.ndarray, points: np.ndarray, detail: float,
 
 
 def write_source_crops(video: VideoInfo, track: FaceTrack, frames: np.ndarray,
-                          folder: Path, settings: NativeSettings) -> None:
+                       folder: Path, settings: NativeSettings) -> None:
     """The face crop of each of ``frames`` at its own size (at most ``settings.max_size``),
-    its detail matched (``match_detail``) to the median over the video's first
-    ``settings.detail_frames``. Frames
-    past those are read by themselves (``read_frames(select=)``): a source far into a long
-    video costs its decoding only."""
-    wanted = sorted({int(f) for f in frames if track.detected[int(f)]})
+    its detail matched (``match_detail``) to the median over ``settings.detail_samples``
+    frames with a face spread evenly over the video's first ``settings.detail_frames``.
+    Those and the sources are read in one pass of ffmpeg that converts and pipes only them
+    (``read_frames(select=)``): a source far into a long video costs its decoding only."""
+    wanted = {int(f) for f in frames if track.detected[int(f)]}
+    if not wanted:
+        np.savez(folder / "source_crops.npz")
+        return
+    first = min(settings.detail_frames, track.frames)
+    spread = np.linspace(0, first - 1, min(first, settings.detail_samples))
+    measured = {int(i) for i in np.round(spread) if track.detected[int(i)]}
+    picks = sorted(wanted | measured)
     crops, details = {}, []
-
-    def crop(i: int, frame: np.ndarray) -> np.ndarray:
+    for i, frame in zip(picks, read_frames(video, select=picks), strict=True):
         box = track.box(i)
-        return box.crop(frame, native_size(box.size, settings.max_size))
-
-    if wanted:
-        first = min(settings.detail_frames, track.frames)
-        for i, frame in enumerate(read_frames(video, first)):
-            if track.detected[i]:
-                face = crop(i, frame)
-                details.append(mouth_detail(face, track.crop_points(i)))
-                if i in wanted:
-                    crops[i] = face
-        later = [i for i in wanted if i >= first]
-        if later:
-            for i, frame in zip(later, read_frames(video, select=later), strict=True):
-                crops[i] = crop(i, frame)
+        face = box.crop(frame, native_size(box.size, settings.max_size))
+        if i in measured:
+            details.append(mouth_detail(face, track.crop_points(i)))
+        if i in wanted:
+            crops[i] = face
     typical = float(np.median(details)) if details else 0.0
     np.savez(folder / "source_crops.npz", **{
         f"frame{i}": match_detail(face, track.crop_points(i), typical, settings)
