@@ -327,37 +327,3 @@ def test_a_yuv_frames_face_box_is_the_rgb_ffmpeg_decodes_and_pastes_back(
         back = pixels.box_rgb(out, box)[40:60, 30:70].reshape(-1, 3).mean(axis=0)
         assert np.abs(back - (200, 40, 40)).max() < 4
     assert np.array_equal(pixels.paste(yuv, CropBox(900, 900, 50), face, mask), yuv)
-
-
-def test_facemesh_tracks_a_lone_face_by_the_one_face_graph_until_a_second_comes(
-        face_clip: Path, tmp_path: Path, monkeypatch) -> None:
-    """After ONE_FACE_FRAMES frames of one face, the cheaper one-face graph tracks it (the
-    same points), and the graph for several faces, shown every ONE_FACE_FRAMES-th frame,
-    takes over once a second face comes (here from frame 40)."""
-    from conftest import ffmpeg
-
-    from dubtool.face import detect
-
-    video = tmp_path / "second_face.mp4"
-    ffmpeg("-i", str(face_clip), "-filter_complex",
-           "[0:v]split[a][b];[b]scale=128:128,pad=256:256:64:64,"
-           "drawbox=x=0:y=0:w=256:h=256:color=black:t=fill:enable='lt(n,40)'[s];[s][a]hstack",
-           "-an", str(video))
-    frames = [f.copy() for f in read_frames(probe_video(video))]
-    monkeypatch.setattr(detect, "ONE_FACE_FRAMES", 10)
-    with FaceMeshDetector() as adaptive:
-        found, lone = [], []
-        for frame in frames:
-            found.append(adaptive.detect_all(frame))
-            lone.append(adaptive._one is not None)
-    assert not any(lone[:9]) and all(lone[9:40])  # the one-face graph after 10 lone frames
-    assert not lone[-1]  # the second face took the several-face graph back
-    monkeypatch.setattr(detect, "ONE_FACE_FRAMES", 10_000)
-    with FaceMeshDetector() as many:
-        reference = [many.detect_all(f) for f in frames]
-    counts = [len(f) for f in found]
-    assert counts[:40] == [1] * 40 and 2 in counts[40:51] and counts[-1] == 2
-    # The lone face's points, from either graph, agree (FaceMesh's own jitter aside).
-    right = [np.abs(a[0] - b[0])[:, :2].mean() for a, b in zip(found[:40], reference[:40],
-                                                                strict=True)]
-    assert max(right) < 2.0

