@@ -374,14 +374,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise ModelError("config not found", path) from exc
-        except ValueError as exc:
-            raise ModelError(f"config is not valid JSON ({exc})", path) from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_config(path))
 
     @classmethod
     def named(cls, name_or_path: str | Path) -> ModelConfig:
@@ -400,6 +393,17 @@ def _section(f: dataclasses.Field) -> type | None:
     """The dataclass a field holds when it is a nested section (its default_factory is one)."""
     factory = f.default_factory
     return factory if dataclasses.is_dataclass(factory) else None  # type: ignore[return-value]
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A config.json's contents; ModelError naming the file if it is missing or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelError("config not found", path) from exc
+    except ValueError as exc:
+        raise ModelError(f"config is not valid JSON ({exc})", path) from exc
 
 
 def build_dataclass(kind: type, value: Any, path: str) -> Any:

@@ -37,7 +37,7 @@ from torch import nn
 from dubtool.errors import ModelError
 from dubtool.face.indices import CONTENT_SLICE, MIRROR, NUM_CONTENT, NUM_POSE
 from dubtool.media.audio import feature_window
-from dubtool.nets.config import CompletionConfig, build_dataclass
+from dubtool.nets.config import CompletionConfig, build_dataclass, read_config
 from dubtool.nets.io import CONFIG_FILE, load_weights, resolve_model_folder, save_weights
 from dubtool.nets.speech_encoder import ENCODER_STATES, STATE_DIM
 
@@ -117,14 +117,7 @@ class SyncExpertConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> SyncExpertConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise ModelError("config not found", path) from exc
-        except ValueError as exc:
-            raise ModelError(f"config is not valid JSON ({exc})", path) from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_config(path))
 
 
 def normalised_points(points: torch.Tensor) -> torch.Tensor:
