@@ -64,6 +64,12 @@ class DiskArray:
         self._map("r+")[index] = values
 
 
+def true_runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, stops) of the runs of consecutive True values of the (F,) bool ``flags``."""
+    edges = np.diff(np.concatenate([[0], np.asarray(flags).astype(np.int8), [0]]))
+    return np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+
+
 def _filtered_in_time(series: np.ndarray, weights: np.ndarray, before: int) -> np.ndarray:
     """``series`` (T, ...) filtered along time: out[t] = sum_k weights[k] series[t - before +
     k], the first and last values repeated past the ends; computed in float64, returned in

@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dubtool.arrays import true_runs
 from dubtool.evaluation import metrics
 from dubtool.evaluation.identity import IDENTITY_FRAMES, IdentityModel, identity_distance
 from dubtool.face.crop import CropBox
@@ -279,8 +280,7 @@ class _Variant:
 
 def runs_of(usable: np.ndarray, length: int) -> Iterator[slice]:
     """The runs of consecutive True frames of ``usable`` (F,) at least ``length`` long."""
-    edges = np.diff(np.concatenate([[0], usable.astype(np.int8), [0]]))
-    for start, stop in zip(np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0], strict=True):
+    for start, stop in zip(*true_runs(usable), strict=True):
         if stop - start >= length:
             yield slice(int(start), int(stop))
 

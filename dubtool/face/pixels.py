@@ -105,7 +105,7 @@ class YuvFrames:
 
     def box_rgb(self, frame: np.ndarray, box: CropBox) -> np.ndarray:
         """The box's pixels (size, size, 3) uint8 RGB, the frame's edge repeated where the box
-        reaches past it (as ``CropBox.crop``)."""
+        reaches past it (``CropBox.crop`` of the region turned into RGB)."""
         region = self._region(box)
         if region is None:
             raise ValueError(f"crop box {box} lies outside the {self.width}x{self.height} frame")
@@ -116,13 +116,7 @@ class YuvFrames:
                   for c in (u, v)]
         rgb = cv2.transform(cv2.merge([np.ascontiguousarray(y[y0:y1, x0:x1]), *chroma]),
                             self.to_rgb)
-        # From the widened region to the box: cut, then repeat the edges past the frame.
-        inside = rgb[max(box.y0, 0) - y0:min(box.y0 + box.size, self.height) - y0,
-                     max(box.x0, 0) - x0:min(box.x0 + box.size, self.width) - x0]
-        pads = (max(-box.y0, 0), max(box.y0 + box.size - self.height, 0),
-                max(-box.x0, 0), max(box.x0 + box.size - self.width, 0))
-        return cv2.copyMakeBorder(inside, *pads, cv2.BORDER_REPLICATE) if any(pads) else \
-            np.ascontiguousarray(inside)
+        return _in_region(box, x0, y0).crop(rgb, box.size)
 
     def paste(self, frame: np.ndarray, box: CropBox, face: np.ndarray,
               mask: np.ndarray) -> np.ndarray:
@@ -138,14 +132,11 @@ class YuvFrames:
             mask = cv2.resize(mask.astype(np.float32), (box.size, box.size),
                               interpolation=cv2.INTER_LINEAR)
         x0, y0, x1, y1 = region
-        # The face and mask on the widened region (mask 0 outside the box).
-        canvas = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
-        weight = np.zeros((y1 - y0, x1 - x0), np.float32)
-        fy0, fx0 = max(box.y0, 0), max(box.x0, 0)
-        fy1, fx1 = min(box.y0 + box.size, self.height), min(box.x0 + box.size, self.width)
-        part = (slice(fy0 - box.y0, fy1 - box.y0), slice(fx0 - box.x0, fx1 - box.x0))
-        canvas[fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0] = face[part]
-        weight[fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0] = np.clip(mask[part], 0.0, 1.0)
+        # The face and mask on the region (mask 0 outside the box).
+        inside = _in_region(box, x0, y0)
+        canvas = inside.paste(np.zeros((y1 - y0, x1 - x0, 3), np.uint8), face)
+        weight = inside.paste(np.zeros((y1 - y0, x1 - x0), np.float32),
+                              np.clip(mask, 0.0, 1.0).astype(np.float32))
         new = cv2.transform(canvas, self.to_yuv)
         y, u, v = self.planes(out)
         half = ((x1 - x0) // 2, (y1 - y0) // 2)
@@ -160,3 +151,8 @@ class YuvFrames:
                 np.ascontiguousarray(channel), np.ascontiguousarray(plane[r0:r1, c0:c1]),
                 w, 1.0 - w)
         return out
+
+
+def _in_region(box: CropBox, x0: int, y0: int) -> CropBox:
+    """``box`` in the coordinates of a region of the frame whose top-left pixel is (x0, y0)."""
+    return CropBox(box.x0 - x0, box.y0 - y0, box.size)

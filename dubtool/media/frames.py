@@ -113,7 +113,7 @@ def frame_shape(width: int, height: int, pixel_format: str) -> tuple[int, ...]:
                      f"{', '.join(PIXEL_FORMATS)} (yuv420p: even sides)")
 
 
-def _piped_frames(pipe, count: int, shape: tuple[int, int, int]) -> Iterator[np.ndarray]:
+def _piped_frames(pipe, count: int, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
     """Up to ``count`` frames of ``shape`` uint8 from ``pipe``, each a new writable array;
     fewer when the pipe ends."""
     for _ in range(count):

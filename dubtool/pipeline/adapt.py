@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dubtool.arrays import DiskArray
+from dubtool.arrays import DiskArray, true_runs
 from dubtool.face.indices import CONTENT_SLICE, POSE_SLICE
 from dubtool.media.audio import decode_speech, mel_spectrogram, normalise_mel
 from dubtool.media.probe import VideoInfo
@@ -81,16 +81,20 @@ def learnable_frames(track: FaceTrack, plan: np.ndarray, exclude_frames: int,
 
 def longest_run(usable: np.ndarray) -> int:
     """The most successive True values in the (F,) bool ``usable``."""
-    edges = np.diff(np.concatenate([[0], usable.astype(np.int8), [0]]))
-    starts, stops = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+    starts, stops = true_runs(usable)
     return int((stops - starts).max()) if len(starts) else 0
+
+
+def _reach_seconds(config: CompletionConfig) -> float:
+    """Seconds of sound past a frame that its speech window may read (a whole window and the
+    lead: a margin over the half window it reaches)."""
+    return (config.speech_window + abs(config.speech_lead)) / config.speech_timing.rate
 
 
 def sound_seconds(config: CompletionConfig, settings: AdaptSettings) -> float:
     """How much of the video's own sound the stage can hear at most: its ``max_seconds`` and
     the reach of the last frame's speech window past them."""
-    reach = config.speech_window + abs(config.speech_lead)
-    return settings.max_seconds + reach / config.speech_timing.rate
+    return settings.max_seconds + _reach_seconds(config)
 
 
 def adapt(completion: CompletionNet, video: VideoInfo, track: FaceTrack, plan: np.ndarray,
@@ -146,8 +150,7 @@ def _video_clip(video: VideoInfo, track: FaceTrack, usable: np.ndarray, folder: 
     # Only the sound the windows hear (the last frame's window reaches half a window past
     # its end): ffmpeg stops there, and the features read the file block by block (five
     # minutes of sound whole in memory would be 19 MB).
-    reach = config.speech_window + abs(config.speech_lead)
-    seconds = last / float(video.fps) + reach / timing.rate
+    seconds = last / float(video.fps) + _reach_seconds(config)
     if config.speech_features == "whisper":
         if sound is None:
             states = speech.encode_file(video.path, folder, seconds)
